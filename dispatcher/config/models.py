@@ -1,0 +1,240 @@
+"""The validated shape of config/: campaigns, their targets, and the sections that write to them.
+
+Models are frozen: a loaded catalog is shared by API threads and worker threads.
+Fax numbers are normalised to E.164 during validation; the region used to read national
+formats ("031 352 55 95") comes from the validation context (the section's country for a
+section file, the target's own country for a campaign file).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+Channel = Literal["email", "fax"]
+CHANNELS: tuple[Channel, ...] = ("email", "fax")
+
+Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
+CountryCode = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+EnvVarName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {value!r} (use an IANA name such as 'Europe/Zurich')") from exc
+    return value
+
+
+def normalise_fax(raw: str, region: str | None) -> str:
+    """Return ``raw`` as E.164, reading national formats with ``region`` (ISO 3166 alpha-2)."""
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"fax number {raw!r} cannot be read: {exc}") from exc
+    if not phonenumbers.is_valid_number(number):
+        where = f" (read as a {region} number)" if region and not raw.strip().startswith("+") else ""
+        raise ValueError(f"fax number {raw!r} is not a valid number{where}")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+class Target(_Frozen):
+    """An official who receives letters: a head of state, a minister, an embassy."""
+
+    id: Slug
+    name: str = Field(min_length=1)
+    title: str | None = None
+    organisation: str | None = None
+    address: list[str] = Field(default_factory=list)
+    country: CountryCode
+    #: per letter language; the letter falls back to the campaign default language's salutation
+    salutation: dict[LanguageCode, str] = Field(min_length=1)
+    #: languages the target prefers to be addressed in, most preferred first
+    languages: list[LanguageCode] = Field(min_length=1)
+    timezone: str
+    email: EmailStr | None = None
+    fax: str | None = None
+    phone: str | None = None
+    twitter: list[str] = Field(default_factory=list)
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _check_timezone(v)))
+
+    @field_validator("fax")
+    @classmethod
+    def _fax_e164(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        region = (info.context or {}).get("region") or info.data.get("country")
+        return normalise_fax(value, region)
+
+    def address_for(self, channel: Channel) -> str | None:
+        return self.email if channel == "email" else self.fax
+
+
+class Campaign(_Frozen):
+    """An Urgent Action: a case, its targets, its model letter languages and deadline."""
+
+    id: Slug
+    title: str
+    ai_index: str
+    issued: date
+    #: last day to act, inclusive, in the section's timezone; a section may set its own
+    deadline: date
+    status: Literal["open", "closed"] = "open"
+    closed_reason: str | None = None
+    #: languages the case asks supporters to write in (the UA's "preferred languages")
+    preferred_languages: list[LanguageCode] = Field(min_length=1)
+    #: languages the model letter exists in (templates/<template_set>/<lang>/)
+    letter_languages: list[LanguageCode] = Field(min_length=1)
+    default_language: LanguageCode
+    #: a campaign whose targets are real offices used as example data: never sent live
+    sandbox_only: bool = False
+    #: which templates/ folder holds the letters; defaults to the campaign id
+    template_set: Slug | None = None
+    targets: dict[str, Target] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Campaign:
+        if self.default_language not in self.letter_languages:
+            raise ValueError(
+                f"default_language {self.default_language!r} is not one of "
+                f"letter_languages {self.letter_languages}"
+            )
+        if self.deadline < self.issued:
+            raise ValueError(f"deadline {self.deadline} is before issued {self.issued}")
+        for key, target in self.targets.items():
+            if key != target.id:
+                raise ValueError(f"targets.{key}: id {target.id!r} differs from its key")
+        return self
+
+    @property
+    def templates(self) -> str:
+        return self.template_set or self.id
+
+
+class Route(_Frozen):
+    """One target a section writes to, and through which channels."""
+
+    target: Slug
+    channels: list[Channel] = Field(min_length=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique(cls, value: list[Channel]) -> list[Channel]:
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return value
+
+
+class Participation(_Frozen):
+    """How one section takes part in one campaign."""
+
+    #: the section's own published deadline, when it differs from the campaign's
+    deadline: date | None = None
+    writes: list[Route] = Field(default_factory=list)
+    #: section-local targets (``[targets]`` of the section file), e.g. the embassy in its country
+    copies_to: list[Route] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something_to_send(self) -> Participation:
+        if not self.writes and not self.copies_to:
+            raise ValueError("writes and copies_to are both empty: appeals would send nothing")
+        return self
+
+
+class Sender(_Frozen):
+    """Who the letters come from: 'Jane Doe via Amnesty USA' <appeals@...>."""
+
+    name: str = Field(min_length=1)
+    address: EmailStr
+    #: envelope sender (bounces); must be on the section's own domain
+    envelope: EmailStr | None = None
+    #: shown on fax cover pages as the reply contact
+    reply_contact: str | None = None
+
+    @model_validator(mode="after")
+    def _same_domain(self) -> Sender:
+        if self.envelope is not None:
+            ours = self.address.rsplit("@", 1)[1].lower()
+            theirs = self.envelope.rsplit("@", 1)[1].lower()
+            if ours != theirs and not theirs.endswith("." + ours):
+                raise ValueError(f"envelope {self.envelope!r} is not on the sender's domain {ours!r}")
+        return self
+
+    @property
+    def envelope_sender(self) -> str:
+        return str(self.envelope or self.address)
+
+    @property
+    def domain(self) -> str:
+        return str(self.address).rsplit("@", 1)[1]
+
+
+class SmtpRelay(_Frozen):
+    host: str = Field(min_length=1)
+    port: int = Field(587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username_env: EnvVarName | None = None
+    password_env: EnvVarName | None = None
+    #: connections kept open to this relay per worker process
+    pool_size: int = Field(4, ge=1, le=64)
+    #: a connection is closed and replaced after this many messages
+    max_messages_per_connection: int = Field(100, ge=1)
+    #: seconds an unused connection stays open
+    idle_timeout: float = Field(30.0, gt=0)
+    #: seconds for connect and for each SMTP command
+    timeout: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials_pair(self) -> SmtpRelay:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("username_env and password_env go together")
+        return self
+
+
+_SECTION_CODE = re.compile(r"^[a-z]{2,8}$")
+
+
+class Section(_Frozen):
+    """A national office: its identity, relay, intake key and the campaigns it takes part in."""
+
+    code: str
+    name: str = Field(min_length=1)
+    country: CountryCode
+    timezone: str
+    #: languages its web form may post appeals in
+    languages: list[LanguageCode] = Field(min_length=1)
+    #: name of the environment variable holding the HMAC intake key (never the key itself)
+    intake_key_env: EnvVarName
+    sender: Sender
+    smtp: SmtpRelay
+    targets: dict[str, Target] = Field(default_factory=dict)
+    campaigns: dict[str, Participation] = Field(default_factory=dict)
+
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _check_timezone(v)))
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        if not _SECTION_CODE.match(value):
+            raise ValueError("a section code is 2 to 8 lower-case letters, e.g. 'ch' or 'us'")
+        return value

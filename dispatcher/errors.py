@@ -1,0 +1,180 @@
+"""One error hierarchy for the whole service.
+
+Three families hang off :class:`DispatchError`:
+
+* :class:`ConfigError` — the configuration cannot be used; always names file and key.
+* :class:`IntakeError` — an appeal is refused; carries the HTTP status and a machine code so
+  the API and the in-process Python intake refuse identically.
+* :class:`DeliveryError` — a send did not succeed; carries the outcome class from DESIGN.md
+  and, like aiosmtplib's ``SMTPResponseException``, the remote code and text, so the ledger
+  and the log record what the other side actually said.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class DispatchError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}"
+
+
+class ConfigError(DispatchError):
+    """One or more problems in the configuration, each naming its file and key."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --------------------------------------------------------------------------- intake
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    loc: tuple[str | int, ...]
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"field": ".".join(str(p) for p in self.loc), "message": self.message}
+
+
+class IntakeError(DispatchError):
+    """An appeal refused at intake. ``status`` is what the HTTP API answers."""
+
+    status: int = 422
+    code: str = "invalid_appeal"
+
+    def __init__(self, message: str, **extra: Any):
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+class AuthenticationFailed(IntakeError):
+    status = 401
+    code = "invalid_signature"
+
+
+class SignatureReplayed(AuthenticationFailed):
+    code = "replayed_signature"
+
+
+class SignatureExpired(AuthenticationFailed):
+    code = "stale_signature"
+
+
+class ValidationFailed(IntakeError):
+    status = 422
+    code = "invalid_appeal"
+
+    def __init__(self, problems: list[FieldProblem], message: str | None = None):
+        self.problems = problems
+        msg = message or "; ".join(f"{'.'.join(map(str, p.loc))}: {p.message}" for p in problems)
+        super().__init__(msg, fields=[p.as_dict() for p in problems])
+
+
+class BodyTooLarge(IntakeError):
+    status = 413
+    code = "body_too_large"
+
+
+class DuplicateAppeal(IntakeError):
+    status = 409
+    code = "duplicate_appeal"
+
+    def __init__(self, appeal_id: str):
+        super().__init__(
+            "this supporter has already signed this campaign through this section",
+            appeal_id=appeal_id,
+        )
+        self.appeal_id = appeal_id
+
+
+class CampaignClosed(IntakeError):
+    status = 410
+    code = "campaign_closed"
+
+
+class NotFound(IntakeError):
+    status = 404
+    code = "not_found"
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+class Outcome(StrEnum):
+    """The outcome classes of DESIGN.md, plus success."""
+
+    SENT = "sent"
+    TRANSIENT = "transient"
+    DEFERRED = "deferred"
+    PERMANENT = "permanent"
+    OPERATIONAL = "operational"
+
+
+class DeliveryError(DispatchError):
+    """A send that did not succeed, with what the remote side said."""
+
+    outcome: Outcome = Outcome.TRANSIENT
+
+    def __init__(self, message: str, *, code: int | str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        #: seconds the remote side asked us to wait (HTTP Retry-After, greylisting hints)
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.message}" if self.code is not None else self.message
+
+
+class TransientError(DeliveryError):
+    """Try again later: 4xx, busy line, connection reset."""
+
+    outcome = Outcome.TRANSIENT
+
+
+class BlipError(TransientError):
+    """A transient error worth retrying within seconds, in-process (connection reset, timeout)."""
+
+
+class DeferredError(DeliveryError):
+    """Not now, by our own policy (budget used up, outside office hours); not a failure."""
+
+    outcome = Outcome.DEFERRED
+
+
+class PermanentError(DeliveryError):
+    """Will never succeed as it is: unknown address, invalid number, document rejected."""
+
+    outcome = Outcome.PERMANENT
+
+
+class OperationalError(DeliveryError):
+    """Our side is broken (credentials, funds, relay refuses us): pause, alert, fail nothing."""
+
+    outcome = Outcome.OPERATIONAL
+
+
+class HeaderInjection(PermanentError):
+    """Supporter input that would have become a header holds control characters or '=?'."""

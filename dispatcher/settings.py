@@ -1,0 +1,114 @@
+"""Runtime settings, read from the environment once per process.
+
+Everything has an embedded default so that ``dispatcher dev`` runs on a bare checkout:
+SQLite under ``var/``, Redis at 127.0.0.1:6379, sandbox mode. Secrets (intake keys, SMTP
+passwords) are never here: config/ names the environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from dispatcher.errors import ConfigError, ConfigProblem
+
+Mode = Literal["sandbox", "live"]
+
+
+def project_root() -> Path:
+    """The checkout holding config/ and templates/: the package's parent, else the cwd."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "config").is_dir() and (here / "templates").is_dir():
+        return here
+    return Path.cwd()
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError([ConfigProblem("environment", name, f"expected a boolean, got {raw!r}")])
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError([ConfigProblem("environment", name, f"expected an integer, got {raw!r}")]) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_dir: Path
+    templates_dir: Path
+    var_dir: Path
+    database_url: str
+    redis_url: str
+    #: prefix of every Redis key (dramatiq's namespace); tests use their own
+    redis_namespace: str = "dispatcher"
+    mode: Mode = "sandbox"
+    #: where sandbox mode delivers every email, whatever the target's address
+    sandbox_smtp_host: str = "127.0.0.1"
+    sandbox_smtp_port: int = 2525
+    #: add <id>-DEMO copies of every campaign, issued today (see Catalog.with_demo_copies)
+    demo_campaigns: bool = False
+    #: days supporters' personal data is kept after their appeal's last letter is final
+    pii_retention_days: int = 30
+    #: longest personal message accepted, in characters
+    max_message_chars: int = 2000
+    #: largest request body the intake API reads
+    max_body_bytes: int = 64 * 1024
+    #: key for the one-way supporter reference used in logs and for duplicate detection
+    pepper: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        root = project_root()
+        var_dir = Path(os.environ.get("DISPATCH_VAR_DIR", root / "var"))
+        mode = os.environ.get("DISPATCH_MODE", "sandbox").strip().lower()
+        if mode not in ("sandbox", "live"):
+            raise ConfigError(
+                [ConfigProblem("environment", "DISPATCH_MODE", f"must be 'sandbox' or 'live', got {mode!r}")]
+            )
+        sandbox = os.environ.get("DISPATCH_SANDBOX_SMTP", "127.0.0.1:2525")
+        host, _, port = sandbox.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(
+                [ConfigProblem("environment", "DISPATCH_SANDBOX_SMTP", f"expected host:port, got {sandbox!r}")]
+            )
+        return cls(
+            config_dir=Path(os.environ.get("DISPATCH_CONFIG_DIR", root / "config")),
+            templates_dir=Path(os.environ.get("DISPATCH_TEMPLATES_DIR", root / "templates")),
+            var_dir=var_dir,
+            database_url=os.environ.get("DATABASE_URL", f"sqlite:///{var_dir / 'ledger.sqlite3'}"),
+            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_namespace=os.environ.get("DISPATCH_REDIS_NAMESPACE", "dispatcher"),
+            mode=mode,  # type: ignore[arg-type]
+            sandbox_smtp_host=host,
+            sandbox_smtp_port=int(port),
+            demo_campaigns=_env_bool("DISPATCH_DEMO_CAMPAIGNS", False),
+            pii_retention_days=_env_int("DISPATCH_PII_RETENTION_DAYS", 30),
+            max_message_chars=_env_int("DISPATCH_MAX_MESSAGE_CHARS", 2000),
+            pepper=os.environ.get("DISPATCH_PEPPER", ""),
+        )
+
+    def but(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def sandbox_mail_dir(self) -> Path:
+        return self.var_dir / "sandbox" / "mail"
+
+    @property
+    def live(self) -> bool:
+        return self.mode == "live"
