@@ -101,9 +101,9 @@ class DuplicateAppeal(IntakeError):
     status = 409
     code = "duplicate_appeal"
 
-    def __init__(self, appeal_id: str):
+    def __init__(self, appeal_id: str, message: str | None = None):
         super().__init__(
-            "this supporter has already signed this campaign through this section",
+            message or "this supporter has already signed this campaign through this section",
             appeal_id=appeal_id,
         )
         self.appeal_id = appeal_id

@@ -68,6 +68,10 @@ class Settings:
     max_message_chars: int = 2000
     #: largest request body the intake API reads
     max_body_bytes: int = 64 * 1024
+    #: delay before a letter's second try after a transient failure (doubles each try)
+    retry_base_seconds: float = 60.0
+    #: tries in all before a transient failure becomes final
+    retry_max_attempts: int = 10
     #: key for the one-way supporter reference used in logs and for duplicate detection
     pepper: str = field(default="", repr=False)
 
@@ -99,6 +103,8 @@ class Settings:
             demo_campaigns=_env_bool("DISPATCH_DEMO_CAMPAIGNS", False),
             pii_retention_days=_env_int("DISPATCH_PII_RETENTION_DAYS", 30),
             max_message_chars=_env_int("DISPATCH_MAX_MESSAGE_CHARS", 2000),
+            retry_base_seconds=float(_env_int("DISPATCH_RETRY_BASE_SECONDS", 60)),
+            retry_max_attempts=_env_int("DISPATCH_RETRY_MAX_ATTEMPTS", 10),
             pepper=os.environ.get("DISPATCH_PEPPER", ""),
         )
 

@@ -1,0 +1,162 @@
+"""Wiring: builds the service's parts from Settings, for the CLI, dev mode, tests and web apps."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+from dispatcher.config.catalog import Catalog
+from dispatcher.config.loader import load_catalog
+from dispatcher.intake.service import IntakeService
+from dispatcher.ledger.models import utcnow
+from dispatcher.ledger.store import Ledger
+from dispatcher.render.letters import Renderer
+from dispatcher.settings import Settings
+
+
+def load_configured_catalog(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Catalog:
+    catalog = load_catalog(settings.config_dir, settings.templates_dir)
+    if settings.demo_campaigns:
+        catalog = catalog.with_demo_copies(clock().date())
+    return catalog
+
+
+@dataclass
+class Service:
+    """The parts of one process. Built lazily: the API never opens an SMTP pool, the worker
+    never builds the FastAPI app."""
+
+    settings: Settings
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    clock: Callable[[], datetime] = utcnow
+    catalog_override: Catalog | None = None
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return self.catalog_override or load_configured_catalog(self.settings, self.clock)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        if self.settings.database_url.startswith("sqlite:///"):
+            path = self.settings.database_url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return Ledger(self.settings.database_url)
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.settings.templates_dir)
+
+    @cached_property
+    def broker(self) -> Any:
+        from dispatcher.queue.broker import make_broker
+
+        return make_broker(self.settings)
+
+    @cached_property
+    def enqueuer(self) -> Any:
+        from dispatcher.queue.actors import Enqueuer
+
+        return Enqueuer(self.broker)
+
+    @cached_property
+    def intake(self) -> IntakeService:
+        return IntakeService(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            enqueuer=self.enqueuer,
+            choose_language=self.renderer.choose_language,
+            clock=self.clock,
+            environ=self.environ,
+        )
+
+    def health(self) -> dict[str, str]:
+        from sqlalchemy import text
+
+        out: dict[str, str] = {}
+        try:
+            with self.ledger.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            out["ledger"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            out["ledger"] = f"error: {type(exc).__name__}"
+        try:
+            self.broker.client.ping()
+            out["queue"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - intake still works without the queue (outbox)
+            out["queue"] = f"unavailable ({type(exc).__name__}); appeals are kept in the ledger"
+        out["mode"] = self.settings.mode
+        return {k: v for k, v in out.items()}
+
+    def api(self) -> Any:
+        from dispatcher.intake.api import create_app
+
+        return create_app(self.intake, health=self.health)
+
+    def reconciler(self, **config: Any) -> Any:
+        from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig
+
+        return Reconciler(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            enqueuer=self.enqueuer,
+            config=ReconcilerConfig(**config),
+            clock=self.clock,
+        )
+
+    def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
+        """A dramatiq worker consuming deliveries in this process (not yet started)."""
+        import dramatiq
+
+        from dispatcher.channels.email.channel import EmailChannel
+        from dispatcher.queue.actors import declare_deliver
+        from dispatcher.queue.deliver import DeliveryProcessor
+        from dispatcher.queue.loop import LoopThread
+
+        loop = LoopThread()
+        email = EmailChannel(self.settings, self.environ)
+        processor = DeliveryProcessor(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            renderer=self.renderer,
+            email=email,
+            loop=loop,
+            worker_id=f"{socket.gethostname()}:{os.getpid()}:{id(loop) % 10_000}",
+            clock=self.clock,
+            **processor_options,
+        )
+        declare_deliver(self.broker, processor)
+        worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
+        return WorkerHandle(worker, loop, email, processor)
+
+
+@dataclass
+class WorkerHandle:
+    worker: Any
+    loop: Any
+    email: Any
+    processor: Any
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self, timeout_ms: int = 30_000) -> None:
+        """Finish in-flight letters, hand unstarted messages back to Redis, close connections."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.worker.stop(timeout=timeout_ms)
+        try:
+            self.loop.run(self.email.aclose(), timeout=10)
+        finally:
+            self.loop.stop()

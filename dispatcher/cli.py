@@ -1,0 +1,196 @@
+"""The ``dispatcher`` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Settings
+
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error[/red] {problem}")
+        sys.exit(2)
+
+
+def _service(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+    from dispatcher.app import Service
+
+    return Service(settings or _settings())
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@click.group()
+def main() -> None:
+    """Appeal dispatch service: signed appeals in, letters to officials out."""
+    from dispatcher.logging import configure
+
+    configure(os.environ.get("DISPATCH_LOG_LEVEL", "INFO"))
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@main.group()
+def config() -> None:
+    """Check the configuration in config/."""
+
+
+@config.command("check")
+@click.option("--env/--no-env", "check_env", default=False, help="Also check that the secrets it names are set.")
+def config_check(check_env: bool) -> None:
+    """Validate every campaign and section file; report each problem with file and key."""
+    from dispatcher.config.loader import check_environment, load_catalog
+
+    settings = _settings()
+    try:
+        catalog = load_catalog(settings.config_dir, settings.templates_dir)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error[/red] {problem}", highlight=False)
+        err.print(f"{len(exc.problems)} problem(s) in {settings.config_dir}")
+        sys.exit(1)
+    problems = check_environment(catalog, os.environ, live=settings.live) if check_env else []
+    for problem in problems:
+        err.print(f"[red]error[/red] {problem}", highlight=False)
+    out = Console()
+    out.print(
+        f"{len(catalog.campaigns)} campaign(s), {len(catalog.sections)} section(s) in {settings.config_dir}: "
+        + ("[green]ok[/green]" if not problems else f"[red]{len(problems)} problem(s)[/red]")
+    )
+    for section in catalog.sections.values():
+        for campaign_id in section.campaigns:
+            routes = ", ".join(f"{r.target.id}/{r.channel}" for r in catalog.routes(campaign_id, section.code))
+            out.print(f"  {section.code:>3} {campaign_id}: {routes}", highlight=False)
+    sys.exit(1 if problems else 0)
+
+
+# ---------------------------------------------------------------------------- signing
+
+
+@main.command()
+@click.option("--section", "section_code", required=True, help="Section code, e.g. us.")
+@click.option("--timestamp", type=int, default=None, help="Unix seconds to sign with (default: now).")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+def sign(section_code: str, timestamp: int | None, file: str) -> None:
+    """Print the Dispatch-Signature header value for the body in FILE ('-' for stdin)."""
+    from dispatcher.config.loader import load_catalog
+    from dispatcher.dev import dev_keys
+    from dispatcher.intake.signature import sign as make
+
+    settings = _settings()
+    catalog = load_catalog(settings.config_dir)
+    if section_code not in catalog.sections:
+        err.print(f"unknown section {section_code!r} (known: {', '.join(sorted(catalog.sections))})")
+        sys.exit(2)
+    env = catalog.section(section_code).intake_key_env
+    key = os.environ.get(env) or dev_keys(settings).get(env)
+    if not key:
+        err.print(f"the intake key of section {section_code!r} is read from ${env}, which is not set")
+        sys.exit(2)
+    body = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    click.echo(make(key.encode(), body, timestamp))
+
+
+# ---------------------------------------------------------------------------- ledger
+
+
+@main.group()
+def ledger() -> None:
+    """The delivery ledger."""
+
+
+@ledger.command("migrate")
+def ledger_migrate() -> None:
+    """Create or upgrade the ledger's tables (DATABASE_URL)."""
+    service = _service()
+    service.ledger.migrate()
+    Console().print(f"ledger at {service.ledger.engine.url.render_as_string(hide_password=True)} is up to date")
+
+
+@ledger.command("show")
+@click.argument("appeal_id")
+def ledger_show(appeal_id: str) -> None:
+    """Show an appeal's deliveries and every attempt."""
+    from rich.table import Table
+
+    service = _service()
+    view = service.ledger.appeal_view(appeal_id)
+    if view is None:
+        err.print(f"no appeal {appeal_id!r}")
+        sys.exit(1)
+    table = Table(title=f"{view['appeal_id']} · {view['campaign']} · {view['section']}")
+    for col in ("delivery", "target", "channel", "lang", "state", "tries", "last"):
+        table.add_column(col)
+    for d in view["deliveries"]:
+        last = " ".join(str(x) for x in (d["last_outcome"], d["last_code"], d["last_text"]) if x)
+        table.add_row(d["id"], d["target"], d["channel"], d["language"], d["state"], str(d["attempts"]), last)
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+def api(host: str, port: int) -> None:
+    """Run the intake API."""
+    import uvicorn
+
+    uvicorn.run(_service().api(), host=host, port=port, log_level="warning")
+
+
+@main.command()
+@click.option("--threads", default=8, show_default=True, help="Letters sent at once by this process.")
+def worker(threads: int) -> None:
+    """Run a worker that sends letters. SIGTERM finishes in-flight letters first."""
+    handle = _service().worker(threads=threads)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    handle.start()
+    stop.wait()
+    handle.stop()
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between ticks.")
+def reconcile(interval: float) -> None:
+    """Run the reconciler: releases due letters to the queue, takes back stale claims."""
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    _service().reconciler(interval=interval).run(stop)
+
+
+@main.command()
+@click.option("--port", default=8080, show_default=True, help="API port.")
+@click.option("--smtp-port", default=2525, show_default=True, help="Sandbox SMTP port (0: any free port).")
+def dev(port: int, smtp_port: int) -> None:
+    """Run the whole service locally on embedded defaults (sandbox mode)."""
+    from dispatcher.dev import run_dev
+
+    sys.exit(run_dev(api_port=port, smtp_port=smtp_port))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

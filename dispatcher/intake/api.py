@@ -1,0 +1,77 @@
+"""The intake HTTP API: the public contract of DESIGN.md.
+
+POST /v1/appeals reads the raw body itself (the signature covers the exact bytes), so FastAPI's
+own body parsing is not used for it. Every refusal is an IntakeError rendered as
+``{"error": {"code", "message", ...}}`` with its status; no input can produce a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
+from dispatcher.intake.service import IntakeService
+from dispatcher.intake.signature import HEADER
+from dispatcher.logging import get_logger
+
+log = get_logger("dispatcher.api")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body is {declared} bytes; at most {limit} are accepted")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(service: IntakeService, *, health: Any = None) -> FastAPI:
+    """``health`` is an optional callable returning a dict of component states for /healthz."""
+    app = FastAPI(
+        title="Appeal dispatch service",
+        version="1",
+        description="Signed appeals in; letters to officials out. See the README for the signing scheme.",
+    )
+
+    @app.exception_handler(IntakeError)
+    async def _intake_error(_request: Request, exc: IntakeError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.post("/v1/appeals", status_code=202)
+    async def post_appeal(request: Request) -> JSONResponse:
+        raw = await _read_limited(request, service.settings.max_body_bytes)
+        # The ledger and the queue client are synchronous: keep them off the event loop.
+        accepted = await run_in_threadpool(service.submit_signed, raw, request.headers.get(HEADER))
+        return JSONResponse(accepted.body(), status_code=202)
+
+    @app.get("/v1/appeals/{appeal_id}")
+    async def get_appeal(appeal_id: str) -> JSONResponse:
+        view = await run_in_threadpool(service.ledger.appeal_view, appeal_id)
+        if view is None:
+            raise NotFound(f"no appeal {appeal_id!r}")
+        return JSONResponse(view)
+
+    @app.get("/v1/campaigns/{campaign_id}/counters")
+    async def counters(campaign_id: str) -> JSONResponse:
+        if campaign_id not in service.catalog.campaigns:
+            raise NotFound(f"no campaign {campaign_id!r}")
+        return JSONResponse(await run_in_threadpool(service.ledger.counters, campaign_id))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        components: dict[str, Any] = await run_in_threadpool(health) if health else {}
+        # Only the ledger is vital: without the queue appeals are still accepted (the outbox).
+        ok = components.get("ledger", "ok") == "ok"
+        return JSONResponse({"status": "ok" if ok else "degraded", **components}, status_code=200 if ok else 503)
+
+    return app

@@ -1,0 +1,136 @@
+"""The appeal a web form posts, and the translation of validation errors into field problems."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
+
+from dispatcher.channels.email.headers import unsafe_header_reason
+from dispatcher.errors import FieldProblem, ValidationFailed
+
+LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
+
+
+def _no_control(value: str, *, allow_newlines: bool) -> str:
+    for ch in value:
+        if allow_newlines and ch in "\r\n\t":
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cs") or ch in "\u2028\u2029":
+            raise ValueError(f"contains the control character U+{ord(ch):04X}")
+    return value
+
+
+class SupporterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    email: EmailStr
+    city: str | None = Field(None, max_length=100)
+    country: str | None = Field(None, pattern=r"^[A-Za-z]{2}$")
+    #: other languages the supporter can write in (the appeal's ``language`` is the first)
+    languages: list[LanguageCode] = Field(default_factory=list, max_length=8)
+
+    @field_validator("name", "email", mode="before")
+    @classmethod
+    def _header_safe(cls, value: Any) -> Any:
+        # Both end up in From / Reply-To headers: refuse what could inject or spoof there.
+        if isinstance(value, str):
+            reason = unsafe_header_reason(value)
+            if reason is not None:
+                raise ValueError(f"{reason}; it would end up in a mail header")
+        return value
+
+    @field_validator("city")
+    @classmethod
+    def _city(cls, value: str | None) -> str | None:
+        return None if value is None else _no_control(value, allow_newlines=False)
+
+    @field_validator("country")
+    @classmethod
+    def _country(cls, value: str | None) -> str | None:
+        return None if value is None else value.upper()
+
+
+class AppealIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    campaign: str = Field(min_length=1, max_length=64)
+    section: str = Field(min_length=1, max_length=8)
+    language: LanguageCode
+    supporter: SupporterIn
+    message: str | None = None
+    client_ref: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+
+    @field_validator("message")
+    @classmethod
+    def _message(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        return _no_control(value, allow_newlines=True) or None
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field of an appeal (check the spelling)",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "list_type": "must be a list",
+}
+
+
+def _pattern_message(loc: tuple[Any, ...]) -> str | None:
+    leaf = loc[-1] if loc else None
+    parent = loc[-2] if len(loc) >= 2 else None
+    if leaf == "language" or parent == "languages":
+        return "must be a lower-case ISO 639 language code such as 'en' or 'ru'"
+    if leaf == "country":
+        return "must be a two-letter ISO 3166 country code such as 'US'"
+    if leaf == "client_ref":
+        return "must be printable ASCII without spaces"
+    return None
+
+
+def problems_from(exc: ValidationError) -> list[FieldProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        if kind in _MESSAGES:
+            msg = _MESSAGES[kind]
+        elif kind == "value_error":
+            msg = str(err["msg"]).removeprefix("Value error, ")
+        elif kind == "string_pattern_mismatch":
+            msg = _pattern_message(loc) or str(err["msg"])
+        else:
+            msg = str(err["msg"])
+        problems.append(FieldProblem(loc, msg))
+    return problems
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body into a JSON object, refusing anything else with a 422."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationFailed([FieldProblem(("body",), "is not valid UTF-8")]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationFailed(
+            [FieldProblem(("body",), f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]
+        ) from None
+    if not isinstance(data, dict):
+        raise ValidationFailed([FieldProblem(("body",), "must be a JSON object")])
+    return data
+
+
+def validate_appeal(data: dict[str, Any]) -> AppealIn:
+    try:
+        return AppealIn.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(problems_from(exc)) from None

@@ -1,0 +1,349 @@
+"""Intake: one signed (or in-process) appeal in, an appeal and its planned deliveries out.
+
+The HTTP API and the Python function for web apps both end here, so both refuse the same
+input with the same errors. The appeal and its deliveries are written in one transaction (the
+ledger is the outbox); only after the commit are the deliveries offered to the queue, and a
+queue that is down loses nothing: the reconciler sends what is still planned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from dispatcher.config.catalog import Catalog, PlannedRoute
+from dispatcher.config.models import Campaign, Target
+from dispatcher.errors import (
+    CampaignClosed,
+    DuplicateAppeal,
+    FieldProblem,
+    IntakeError,
+    SignatureReplayed,
+    ValidationFailed,
+)
+from dispatcher.intake import signature as sig
+from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
+from dispatcher.ledger.models import Appeal, Delivery, State, UsedSignature, utcnow
+from dispatcher.ledger.store import Ledger, new_id
+from dispatcher.logging import get_logger
+from dispatcher.settings import Settings
+
+log = get_logger("dispatcher.intake")
+
+Clock = Callable[[], datetime]
+
+
+class SectionNotConfigured(IntakeError):
+    status = 503
+    code = "section_not_configured"
+
+
+@dataclass(frozen=True)
+class PlannedDelivery:
+    id: str
+    target: str
+    target_name: str
+    channel: str
+    language: str
+    state: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    appeal_id: str
+    campaign: str
+    section: str
+    deliveries: list[PlannedDelivery]
+    #: True when this was a retry of an appeal already accepted (same section and client_ref)
+    replayed: bool = False
+    queued: bool = field(default=False, compare=False)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "appeal_id": self.appeal_id,
+            "campaign": self.campaign,
+            "section": self.section,
+            "replayed": self.replayed,
+            "status_url": f"/v1/appeals/{self.appeal_id}",
+            "deliveries": [
+                {
+                    "id": d.id,
+                    "target": d.target,
+                    "target_name": d.target_name,
+                    "channel": d.channel,
+                    "language": d.language,
+                    "state": d.state,
+                }
+                for d in self.deliveries
+            ],
+        }
+
+
+class Enqueue(Protocol):
+    """What intake needs of the queue: send these delivery ids (raises when the queue is down)."""
+
+    def send(self, delivery_ids: list[str]) -> list[str]: ...
+
+
+#: (campaign, target, appeal language, other languages the supporter writes) -> letter language
+LanguageChooser = Callable[[Campaign, Target, str, Sequence[str]], str]
+
+
+class IntakeService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Catalog,
+        ledger: Ledger,
+        enqueuer: Enqueue | None,
+        choose_language: LanguageChooser,
+        clock: Clock = utcnow,
+        environ: Mapping[str, str] | None = None,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.ledger = ledger
+        self.enqueuer = enqueuer
+        self.choose_language = choose_language
+        self.clock = clock
+        self.environ = os.environ if environ is None else environ
+        self._pepper = (settings.pepper or "appeal-dispatcher").encode()
+
+    # ------------------------------------------------------------------ entry points
+
+    def submit_signed(self, raw: bytes, header: str | None) -> Accepted:
+        """The HTTP path: verify ``Dispatch-Signature`` over the raw body, then submit."""
+        sig.parse(header)  # a missing or malformed header is a 401 before the body is even read
+        # The key depends on the section named in the body, so the body is parsed first; nothing
+        # beyond its section is looked at before the signature is verified.
+        data = parse_body(raw)
+        code = data.get("section")
+        if not isinstance(code, str) or code not in self.catalog.sections:
+            known = ", ".join(sorted(self.catalog.sections))
+            raise ValidationFailed([FieldProblem(("section",), f"unknown section {code!r} (known: {known})")])
+        matched = sig.verify(self.intake_key(code), raw, header, self.clock().timestamp())
+        return self.submit(data, signature=matched)
+
+    def submit(self, payload: Mapping[str, Any] | AppealIn, *, signature: str | None = None) -> Accepted:
+        """The in-process path (and the end of the HTTP path): validate, record, enqueue."""
+        appeal = payload if isinstance(payload, AppealIn) else validate_appeal(dict(payload))
+        now = self.clock()
+        routes = self._check_against_catalog(appeal, now)
+        accepted = self._record(appeal, routes, signature, now)
+        if not accepted.replayed:
+            self._offer_to_queue(accepted, now)
+        return accepted
+
+    # ------------------------------------------------------------------ steps
+
+    def intake_key(self, section: str) -> bytes:
+        env = self.catalog.section(section).intake_key_env
+        value = self.environ.get(env, "")
+        if not value:
+            # Our misconfiguration, not the caller's: a 503 tells the form to retry later.
+            log.error("intake.key_missing", section=section, env=env)
+            raise SectionNotConfigured(f"section {section!r} has no intake key configured on this server")
+        return value.encode()
+
+    def _check_against_catalog(self, appeal: AppealIn, now: datetime) -> list[PlannedRoute]:
+        problems: list[FieldProblem] = []
+        campaign = self.catalog.campaigns.get(appeal.campaign)
+        section = self.catalog.sections.get(appeal.section)
+        if campaign is None:
+            known = ", ".join(sorted(c for c in self.catalog.campaigns))
+            problems.append(FieldProblem(("campaign",), f"unknown campaign {appeal.campaign!r} (open: {known})"))
+        if section is None:
+            known = ", ".join(sorted(self.catalog.sections))
+            problems.append(FieldProblem(("section",), f"unknown section {appeal.section!r} (known: {known})"))
+        if campaign is not None and section is not None and campaign.id not in section.campaigns:
+            problems.append(
+                FieldProblem(("campaign",), f"section {section.code!r} does not take part in campaign {campaign.id!r}")
+            )
+        if section is not None and appeal.language not in section.languages:
+            problems.append(
+                FieldProblem(
+                    ("language",),
+                    f"{appeal.language!r} is not a language of section {section.code!r}'s form "
+                    f"(accepted: {', '.join(section.languages)})",
+                )
+            )
+        if appeal.message is not None and len(appeal.message) > self.settings.max_message_chars:
+            problems.append(
+                FieldProblem(
+                    ("message",),
+                    f"is {len(appeal.message)} characters long; at most {self.settings.max_message_chars} are accepted",
+                )
+            )
+        if problems:
+            raise ValidationFailed(problems)
+        assert campaign is not None and section is not None
+        if campaign.status == "closed":
+            reason = f": {campaign.closed_reason}" if campaign.closed_reason else ""
+            raise CampaignClosed(f"campaign {campaign.id!r} is closed{reason}", campaign=campaign.id)
+        deadline = self.catalog.deadline_at(campaign.id, section.code)
+        if now >= deadline:
+            raise CampaignClosed(
+                f"campaign {campaign.id!r} ended for section {section.code!r} on "
+                # the last day as the section published it, in its own time zone
+                f"{(deadline - timedelta(seconds=1)).astimezone(ZoneInfo(section.timezone)).date().isoformat()}",
+                campaign=campaign.id,
+                deadline=deadline.isoformat(),
+            )
+        return self.catalog.routes(campaign.id, section.code)
+
+    def supporter_ref(self, email: str) -> str:
+        return hmac.new(self._pepper, email.strip().lower().encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _record(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> Accepted:
+        campaign = self.catalog.campaign(appeal.campaign)
+        section = self.catalog.section(appeal.section)
+        ref = self.supporter_ref(appeal.supporter.email)
+        extra_langs = [lang for lang in appeal.supporter.languages if lang != appeal.language]
+        try:
+            with self.ledger.session() as session:
+                if signature is not None:
+                    if session.get(UsedSignature, signature) is not None:
+                        raise SignatureReplayed("this signature was already used; sign every request afresh")
+                    session.add(UsedSignature(signature=signature, section=section.code, seen_at=now))
+                existing = self._existing(session, appeal, ref)
+                if existing is not None:
+                    return existing
+                appeal_id = new_id("ap")
+                session.add(
+                    Appeal(
+                        id=appeal_id,
+                        campaign=campaign.id,
+                        section=section.code,
+                        language=appeal.language,
+                        client_ref=appeal.client_ref,
+                        supporter_ref=ref,
+                        created_at=now,
+                        supporter_name=appeal.supporter.name,
+                        supporter_email=str(appeal.supporter.email),
+                        supporter_city=appeal.supporter.city,
+                        supporter_country=appeal.supporter.country,
+                        supporter_languages=" ".join(extra_langs) or None,
+                        message=appeal.message,
+                    )
+                )
+                session.flush()  # the appeal row first: PostgreSQL checks the foreign key per statement
+                planned = []
+                for route in routes:
+                    delivery_id = new_id("dl")
+                    language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
+                    session.add(
+                        Delivery(
+                            id=delivery_id,
+                            appeal_id=appeal_id,
+                            campaign=campaign.id,
+                            section=section.code,
+                            target=route.target.id,
+                            channel=route.channel,
+                            recipient=route.target.address_for(route.channel),
+                            language=language,
+                            state=State.PLANNED,
+                            attempts=0,
+                            next_attempt_at=now,
+                            message_id=f"<{delivery_id}@{section.sender.domain}>",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    planned.append(
+                        PlannedDelivery(delivery_id, route.target.id, route.target.name, route.channel, language, State.PLANNED)
+                    )
+        except IntegrityError:
+            # A concurrent request won the race for the same signature, client_ref or supporter.
+            with self.ledger.session() as session:
+                if signature is not None and session.get(UsedSignature, signature) is not None:
+                    raise SignatureReplayed("this signature was already used; sign every request afresh") from None
+                existing = self._existing(session, appeal, ref)
+            if existing is not None:
+                return existing
+            raise
+        log.info(
+            "appeal.accepted",
+            appeal=appeal_id,
+            campaign=campaign.id,
+            section=section.code,
+            supporter_ref=ref,
+            deliveries=len(planned),
+        )
+        for d in planned:
+            log.info(
+                "delivery.planned",
+                delivery=d.id,
+                appeal=appeal_id,
+                campaign=campaign.id,
+                section=section.code,
+                target=d.target,
+                channel=d.channel,
+                language=d.language,
+            )
+        return Accepted(appeal_id, campaign.id, section.code, planned)
+
+    def _existing(self, session: Any, appeal: AppealIn, ref: str) -> Accepted | None:
+        """An idempotent retry (same client_ref) returns the original; another appeal by the same
+        supporter to the same campaign through the same section is a 409."""
+        if appeal.client_ref is not None:
+            prior = session.scalars(
+                select(Appeal).where(Appeal.section == appeal.section, Appeal.client_ref == appeal.client_ref)
+            ).one_or_none()
+            if prior is not None:
+                if prior.campaign != appeal.campaign or prior.supporter_ref != ref:
+                    raise DuplicateAppeal(
+                        prior.id, f"client_ref {appeal.client_ref!r} was already used for another appeal"
+                    )
+                return self._as_accepted(session, prior, replayed=True)
+        prior_id = session.scalars(
+            select(Appeal.id).where(
+                Appeal.campaign == appeal.campaign, Appeal.section == appeal.section, Appeal.supporter_ref == ref
+            )
+        ).one_or_none()
+        if prior_id is not None:
+            raise DuplicateAppeal(prior_id)
+        return None
+
+    def _as_accepted(self, session: Any, prior: Appeal, *, replayed: bool) -> Accepted:
+        rows = session.scalars(select(Delivery).where(Delivery.appeal_id == prior.id).order_by(Delivery.target)).all()
+        deliveries = [
+            PlannedDelivery(
+                d.id,
+                d.target,
+                self.catalog.target(d.campaign, d.section, d.target).name,
+                d.channel,
+                d.language,
+                d.state,
+            )
+            for d in rows
+        ]
+        return Accepted(prior.id, prior.campaign, prior.section, deliveries, replayed=replayed)
+
+    def _offer_to_queue(self, accepted: Accepted, now: datetime) -> None:
+        if self.enqueuer is None:
+            return
+        ids = [d.id for d in accepted.deliveries]
+        try:
+            sent = self.enqueuer.send(ids)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: the outbox keeps the rows
+            log.warning(
+                "appeal.enqueue_deferred",
+                appeal=accepted.appeal_id,
+                error=type(exc).__name__,
+                note="queue unavailable; the reconciler will send these deliveries later",
+            )
+            return
+        self.ledger.mark_queued(sent, now)
+        for delivery_id in sent:
+            log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
+

@@ -1,0 +1,159 @@
+"""Ledger tables: appeals, deliveries (one per appeal × target × channel), attempts.
+
+The ledger is the source of truth and the outbox: intake writes an appeal and its planned
+deliveries in one transaction; everything that later happens to a letter is a state change
+on its delivery row plus one attempt row per try.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite has no time zones and returns naive values)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use aware UTC datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class State(StrEnum):
+    PLANNED = "planned"  # in the ledger, waiting to be released to the queue
+    QUEUED = "queued"  # a message for it is on the queue
+    SENDING = "sending"  # claimed by a worker
+    SENT = "sent"  # accepted by the relay / gateway
+    DELIVERED = "delivered"  # confirmed by the gateway (fax)
+    FAILED = "failed"
+    EXPIRED = "expired"  # the campaign deadline passed first
+    CANCELLED = "cancelled"  # the campaign was closed
+
+
+WAITING = (State.PLANNED, State.QUEUED)
+FINAL = (State.SENT, State.DELIVERED, State.FAILED, State.EXPIRED, State.CANCELLED)
+LETTER_OUT = (State.SENT, State.DELIVERED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Appeal(Base):
+    __tablename__ = "appeals"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(64))
+    section: Mapped[str] = mapped_column(String(8))
+    language: Mapped[str] = mapped_column(String(3))
+    client_ref: Mapped[str | None] = mapped_column(String(128))
+    #: keyed hash of the supporter's email: finds duplicates and names the supporter in logs
+    supporter_ref: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Personal data below: set to NULL by the retention purge.
+    supporter_name: Mapped[str | None] = mapped_column(String(200))
+    supporter_email: Mapped[str | None] = mapped_column(String(320))
+    supporter_city: Mapped[str | None] = mapped_column(String(100))
+    supporter_country: Mapped[str | None] = mapped_column(String(2))
+    #: space-separated language codes the supporter declared besides the appeal's language
+    supporter_languages: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    pii_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("campaign", "section", "supporter_ref", name="uq_appeal_supporter"),
+        UniqueConstraint("section", "client_ref", name="uq_appeal_client_ref"),
+        Index("ix_appeal_campaign_section", "campaign", "section"),
+    )
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    appeal_id: Mapped[str] = mapped_column(ForeignKey("appeals.id", ondelete="CASCADE"))
+    campaign: Mapped[str] = mapped_column(String(64))
+    section: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    #: the target's real address (email or E.164 fax) at planning time; sandbox mode
+    #: still routes the letter to a local sink
+    recipient: Mapped[str] = mapped_column(String(320))
+    language: Mapped[str] = mapped_column(String(3))
+    state: Mapped[str] = mapped_column(String(16), default=State.PLANNED)
+    #: tries that count towards the retry cap (deferrals and operational pauses do not)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: the stable key every send carries (email Message-ID, gateway tag)
+    message_id: Mapped[str] = mapped_column(String(255))
+    claimed_by: Mapped[str | None] = mapped_column(String(80))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_outcome: Mapped[str | None] = mapped_column(String(16))
+    last_code: Mapped[str | None] = mapped_column(String(16))
+    last_text: Mapped[str | None] = mapped_column(Text)
+    remote_id: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (
+        UniqueConstraint("appeal_id", "target", "channel", name="uq_delivery_route"),
+        Index("ix_delivery_due", "state", "next_attempt_at"),
+        Index("ix_delivery_appeal", "appeal_id"),
+        Index("ix_delivery_campaign_state", "campaign", "section", "state"),
+    )
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[float] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(80))
+
+
+class UsedSignature(Base):
+    """Intake signatures already accepted: a second use inside the skew window is a replay."""
+
+    __tablename__ = "used_signatures"
+
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    section: Mapped[str] = mapped_column(String(8))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,447 @@
+"""Ledger operations. The worker's hot path (claim, finish) uses Core statements, not the ORM:
+two small statements per letter instead of object loading and flushing.
+
+Every state change is a compare-and-set on the row's current state, so a redelivered queue
+message, a second worker or a reconciler racing a worker can never move a letter twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from dispatcher.ledger.models import (
+    FINAL,
+    LETTER_OUT,
+    WAITING,
+    Appeal,
+    Attempt,
+    Delivery,
+    State,
+    UsedSignature,
+)
+
+D = Delivery.__table__
+A = Attempt.__table__
+AP = Appeal.__table__
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # Several worker threads and an API share one file: WAL lets readers run beside the
+        # writer, busy_timeout makes writers queue instead of failing with "database is locked".
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_engine(url, poolclass=NullPool)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds while it sends one letter."""
+
+    id: str
+    appeal_id: str
+    campaign: str
+    section: str
+    target: str
+    channel: str
+    recipient: str
+    language: str
+    message_id: str
+    attempt: int
+    queued_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SupporterData:
+    name: str
+    email: str
+    city: str | None
+    country: str | None
+    languages: tuple[str, ...]
+    message: str | None
+    supporter_ref: str
+
+
+class Ledger:
+    def __init__(self, url: str, engine: Engine | None = None):
+        self.url = url
+        self.engine = engine or make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def migrate(self) -> None:
+        from dispatcher.ledger.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ the worker's path
+
+    def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
+        """Take a waiting, due delivery for sending; None if it is not ours to send."""
+        with self.engine.begin() as conn:
+            took = conn.execute(
+                update(D)
+                .where(
+                    D.c.id == delivery_id,
+                    D.c.state.in_(WAITING),
+                    D.c.next_attempt_at <= now,
+                )
+                .values(
+                    state=State.SENDING,
+                    claimed_by=worker,
+                    claimed_at=now,
+                    attempts=D.c.attempts + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if took != 1:
+                return None
+            row = conn.execute(select(D).where(D.c.id == delivery_id)).one()
+        return Claim(
+            id=row.id,
+            appeal_id=row.appeal_id,
+            campaign=row.campaign,
+            section=row.section,
+            target=row.target,
+            channel=row.channel,
+            recipient=row.recipient,
+            language=row.language,
+            message_id=row.message_id,
+            attempt=row.attempts,
+            queued_at=row.queued_at,
+        )
+
+    def state_of(self, delivery_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(D.c.state).where(D.c.id == delivery_id)).scalar_one_or_none()
+
+    def supporter(self, appeal_id: str) -> SupporterData | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    AP.c.supporter_name,
+                    AP.c.supporter_email,
+                    AP.c.supporter_city,
+                    AP.c.supporter_country,
+                    AP.c.supporter_languages,
+                    AP.c.message,
+                    AP.c.supporter_ref,
+                ).where(AP.c.id == appeal_id)
+            ).one_or_none()
+        if row is None or row.supporter_name is None or row.supporter_email is None:
+            return None
+        return SupporterData(
+            name=row.supporter_name,
+            email=row.supporter_email,
+            city=row.supporter_city,
+            country=row.supporter_country,
+            languages=tuple((row.supporter_languages or "").split()),
+            message=row.message,
+            supporter_ref=row.supporter_ref,
+        )
+
+    def finish(
+        self,
+        claim: Claim,
+        *,
+        worker: str,
+        state: State,
+        outcome: str,
+        started_at: datetime,
+        now: datetime,
+        code: int | str | None = None,
+        text: str | None = None,
+        next_attempt_at: datetime | None = None,
+        remote_id: str | None = None,
+        counts_as_try: bool = True,
+    ) -> bool:
+        """Record one attempt and move the delivery out of 'sending'.
+
+        Returns False when the claim was no longer ours (a reconciler took it back after the
+        claim went stale); the attempt is still recorded, because it happened.
+        """
+        values: dict[str, Any] = {
+            "state": state,
+            "claimed_by": None,
+            "claimed_at": None,
+            "updated_at": now,
+            "last_outcome": outcome,
+            "last_code": None if code is None else str(code),
+            "last_text": text,
+        }
+        if state in (State.SENT, State.DELIVERED):
+            values["sent_at"] = now
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+        if remote_id is not None:
+            values["remote_id"] = remote_id
+        if not counts_as_try:
+            values["attempts"] = D.c.attempts - 1
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(A).values(
+                    delivery_id=claim.id,
+                    number=claim.attempt,
+                    started_at=started_at,
+                    duration_ms=(now - started_at).total_seconds() * 1000.0,
+                    outcome=outcome,
+                    code=values["last_code"],
+                    text=text,
+                    worker=worker,
+                )
+            )
+            moved = conn.execute(
+                update(D)
+                .where(D.c.id == claim.id, D.c.state == State.SENDING, D.c.claimed_by == worker)
+                .values(**values)
+            ).rowcount
+        return moved == 1
+
+    # ------------------------------------------------------------------ the outbox
+
+    def mark_queued(self, ids: Sequence[str], now: datetime) -> int:
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(D)
+                .where(D.c.id.in_(list(ids)), D.c.state == State.PLANNED)
+                .values(state=State.QUEUED, queued_at=func.coalesce(D.c.queued_at, now), updated_at=now)
+            ).rowcount
+
+    def due(self, now: datetime, *, fresh_grace: timedelta, requeue_after: timedelta, limit: int) -> list[str]:
+        """Deliveries to (re)send to the queue now.
+
+        * planned and due — retries whose backoff ran out, and new appeals whose immediate
+          enqueue failed (Redis down); new rows get ``fresh_grace`` so that intake's own
+          enqueue is not doubled;
+        * queued for longer than ``requeue_after`` without being claimed — their message was
+          lost (Redis restarted without its data, a message expired). A second message for the
+          same delivery is harmless: the claim lets only one through.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(D.c.id)
+                .where(
+                    or_(
+                        and_(
+                            D.c.state == State.PLANNED,
+                            D.c.next_attempt_at <= now,
+                            or_(D.c.attempts > 0, D.c.updated_at <= now - fresh_grace),
+                        ),
+                        and_(D.c.state == State.QUEUED, D.c.updated_at <= now - requeue_after),
+                    )
+                )
+                .order_by(D.c.next_attempt_at)
+                .limit(limit)
+            ).all()
+        return [r.id for r in rows]
+
+    def touch_queued(self, ids: Sequence[str], now: datetime) -> None:
+        """Restart the requeue clock of deliveries whose message was just sent again."""
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(D)
+                .where(D.c.id.in_(list(ids)), D.c.state == State.QUEUED)
+                .values(updated_at=now)
+            )
+
+    def release_stale_claims(self, now: datetime, older_than: timedelta) -> list[str]:
+        """Claims whose worker died mid-send go back to planned.
+
+        For email this is the one place a letter may repeat: the worker may have died after
+        the relay accepted DATA and before it recorded that. The repeat carries the same
+        Message-ID, so a deduplicating relay or mail client drops it.
+        """
+        cutoff = now - older_than
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(D.c.id, D.c.attempts, D.c.claimed_by, D.c.claimed_at).where(
+                    D.c.state == State.SENDING, D.c.claimed_at <= cutoff
+                )
+            ).all()
+            released = []
+            for row in rows:
+                moved = conn.execute(
+                    update(D)
+                    .where(D.c.id == row.id, D.c.state == State.SENDING, D.c.claimed_by == row.claimed_by)
+                    .values(
+                        state=State.PLANNED,
+                        claimed_by=None,
+                        claimed_at=None,
+                        next_attempt_at=now,
+                        updated_at=now,
+                        last_outcome="transient",
+                        last_text=f"claim by {row.claimed_by} went stale; released for another try",
+                    )
+                ).rowcount
+                if moved:
+                    conn.execute(
+                        insert(A).values(
+                            delivery_id=row.id,
+                            number=row.attempts,
+                            started_at=row.claimed_at,
+                            duration_ms=(now - row.claimed_at).total_seconds() * 1000.0,
+                            outcome="transient",
+                            code=None,
+                            text="worker stopped answering mid-send (stale claim)",
+                            worker=row.claimed_by,
+                        )
+                    )
+                    released.append(row.id)
+        return released
+
+    def expire_waiting(self, campaign: str, section: str, deadline: datetime, now: datetime) -> int:
+        if now < deadline:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(D)
+                .where(D.c.campaign == campaign, D.c.section == section, D.c.state.in_(WAITING))
+                .values(
+                    state=State.EXPIRED,
+                    updated_at=now,
+                    last_outcome="expired",
+                    last_text=f"campaign deadline {deadline.isoformat()} passed before sending",
+                )
+            ).rowcount
+
+    # ------------------------------------------------------------------ retention
+
+    def purge_personal_data(self, now: datetime, retention: timedelta) -> int:
+        """Blank supporters' personal data once every letter of their appeal is final and
+        the retention period has passed since the appeal."""
+        cutoff = now - retention
+        unfinished = select(D.c.appeal_id).where(D.c.state.not_in(FINAL)).scalar_subquery()
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(AP)
+                .where(AP.c.pii_purged_at.is_(None), AP.c.created_at <= cutoff, AP.c.id.not_in(unfinished))
+                .values(
+                    supporter_name=None,
+                    supporter_email=None,
+                    supporter_city=None,
+                    supporter_country=None,
+                    supporter_languages=None,
+                    message=None,
+                    pii_purged_at=now,
+                )
+            ).rowcount
+
+    def forget_signatures(self, older_than: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(UsedSignature).where(UsedSignature.seen_at < older_than)).rowcount
+
+    # ------------------------------------------------------------------ reading
+
+    def appeal_view(self, appeal_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            appeal = conn.execute(
+                select(AP.c.id, AP.c.campaign, AP.c.section, AP.c.language, AP.c.created_at, AP.c.client_ref).where(
+                    AP.c.id == appeal_id
+                )
+            ).one_or_none()
+            if appeal is None:
+                return None
+            rows = conn.execute(select(D).where(D.c.appeal_id == appeal_id).order_by(D.c.target, D.c.channel)).all()
+        return {
+            "appeal_id": appeal.id,
+            "campaign": appeal.campaign,
+            "section": appeal.section,
+            "language": appeal.language,
+            "client_ref": appeal.client_ref,
+            "created_at": appeal.created_at.isoformat(),
+            "deliveries": [delivery_view(r) for r in rows],
+        }
+
+    def counters(self, campaign: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            appeals = conn.execute(
+                select(AP.c.section, func.count()).where(AP.c.campaign == campaign).group_by(AP.c.section)
+            ).all()
+            letters = conn.execute(
+                select(D.c.section, func.count())
+                .where(D.c.campaign == campaign, D.c.state.in_(LETTER_OUT))
+                .group_by(D.c.section)
+            ).all()
+        by_section: dict[str, dict[str, int]] = {}
+        for section, n in appeals:
+            by_section.setdefault(section, {"appeals": 0, "letters_delivered": 0})["appeals"] = n
+        for section, n in letters:
+            by_section.setdefault(section, {"appeals": 0, "letters_delivered": 0})["letters_delivered"] = n
+        return {
+            "campaign": campaign,
+            "appeals": sum(v["appeals"] for v in by_section.values()),
+            "letters_delivered": sum(v["letters_delivered"] for v in by_section.values()),
+            "by_section": dict(sorted(by_section.items())),
+        }
+
+    def attempts_of(self, delivery_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(A).where(A.c.delivery_id == delivery_id).order_by(A.c.id)).all()
+        return [
+            {
+                "number": r.number,
+                "started_at": r.started_at.isoformat(),
+                "duration_ms": round(r.duration_ms, 1),
+                "outcome": r.outcome,
+                "code": r.code,
+                "text": r.text,
+            }
+            for r in rows
+        ]
+
+
+def delivery_view(r: Any) -> dict[str, Any]:
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "id": r.id,
+        "target": r.target,
+        "channel": r.channel,
+        "language": r.language,
+        "state": r.state,
+        "attempts": r.attempts,
+        "next_attempt_at": iso(r.next_attempt_at) if r.state in WAITING else None,
+        "sent_at": iso(r.sent_at),
+        "last_outcome": r.last_outcome,
+        "last_code": r.last_code,
+        "last_text": r.last_text,
+    }
