@@ -2,7 +2,7 @@
 
 Models are frozen: a loaded catalog is shared by API threads and worker threads.
 Fax numbers are normalised to E.164 during validation; the region used to read national
-formats ("031 352 55 95") comes from the validation context (the section's country for a
+formats (Swiss "031 ..." numbers) comes from the validation context (the section's country for a
 section file, the target's own country for a campaign file).
 """
 
