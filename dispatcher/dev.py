@@ -9,8 +9,10 @@ var/dev-keys.env (mode 0600), so the printed example works as pasted.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import secrets
 import shutil
 import subprocess
@@ -99,6 +101,7 @@ def _start_private_redis(settings: Settings, stack: ExitStack) -> str:
             "--maxmemory-policy", "noeviction",
         ],
         stdout=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - nothing else runs in the child before exec
     )
 
     def _stop() -> None:
@@ -133,6 +136,19 @@ def example_body(catalog: Catalog) -> tuple[str, dict[str, Any]]:
         "message": "Please act now: people's lives are at risk.",
         "client_ref": "dev-example-1",
     }
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when dev mode dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
@@ -179,9 +195,10 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
         example.parent.mkdir(parents=True, exist_ok=True)
         example.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
         base = f"http://127.0.0.1:{api_port}"
-        console.print(
+        # Plain print: the curl line must survive copy and paste unwrapped.
+        print(  # noqa: T201
             f"""
-[bold]Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)[/bold]
+Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   API          {base}   (docs {base}/docs, health {base}/healthz)
   counters     {base}/v1/campaigns/{body['campaign']}/counters
   queue        {settings.redis_url.split('@')[-1]}  ({redis_note})
@@ -195,8 +212,11 @@ Try it (signs the example body and posts it):
     --data-binary @{example}
 then open {base}/v1/appeals/<appeal_id> and look in {settings.sandbox_mail_dir}/
 """,
-            highlight=False,
+            flush=True,
         )
         server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=api_port, log_level="warning"))
+        # uvicorn re-raises the signal that stopped it; with the default SIGTERM action that would
+        # kill us before the ExitStack stops the worker and the private Redis.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         server.run()
     return 0

@@ -42,24 +42,44 @@ def redact_personal_data(_logger: Any, _method: str, event: MutableMapping[str, 
 _configured = False
 
 
+#: chatty libraries: their INFO lines are per connection or per migration step
+QUIET_LOGGERS = ("mail.log", "alembic", "aiosmtpd", "uvicorn.access")
+
+
 def configure(level: str = "INFO", stream: Any = None) -> None:
-    """JSON lines on stdout (or ``stream``); idempotent."""
+    """JSON lines on stdout (or ``stream``) for our events and for stdlib loggers; idempotent."""
     global _configured
     if _configured:
         return
     _configured = True
-    logging.basicConfig(level=level, stream=stream or sys.stderr, format="%(message)s")
+    out = stream or sys.stdout
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_personal_data,
+    ]
+    # Records from dramatiq, uvicorn and friends come out as the same JSON lines as ours.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_personal_data,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
 

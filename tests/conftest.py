@@ -22,12 +22,10 @@ from dispatcher.config.loader import load_catalog
 from dispatcher.intake.signature import sign
 from dispatcher.settings import Settings
 from tests.support.services import (
-    PostgresCluster,
     PostgresDatabase,
     RedisServer,
     free_port,
     postgres_admin_url,
-    postgres_answers,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,14 +38,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def pg_admin() -> Iterator[str]:
-    """The PostgreSQL server the tests create their databases on: the machine's, else a private one."""
-    admin = postgres_admin_url()
-    if postgres_answers(admin):
-        yield admin
-        return
-    with PostgresCluster() as cluster:
-        yield cluster.admin_url
+def pg_admin() -> str:
+    """The PostgreSQL server the tests create their databases on: the machine's, else a private
+    cluster started once for the whole run."""
+    return postgres_admin_url()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import jinja2
+
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.email.message import build_message
 from dispatcher.config.catalog import Catalog
@@ -20,7 +22,7 @@ from dispatcher.ledger.models import State, utcnow
 from dispatcher.ledger.store import Claim, Ledger, SupporterData
 from dispatcher.logging import get_logger
 from dispatcher.queue.loop import LoopThread
-from dispatcher.render.letters import LetterRequest, Renderer, Supporter
+from dispatcher.render.letters import LetterRequest, Renderer, Supporter, TemplateMissing
 from dispatcher.retry import RetryPolicy
 from dispatcher.settings import Settings
 
@@ -157,6 +159,9 @@ class DeliveryProcessor:
             return self._operational(now, exc)
         except DeliveryError as exc:  # permanent
             return Result(State.FAILED, exc.outcome, code=exc.code, text=exc.message)
+        except (TemplateMissing, jinja2.TemplateError) as exc:
+            # A deployment fault (a letter template missing or broken), not the letter's: pause it.
+            return self._operational(now, OperationalError(f"letter cannot be rendered: {type(exc).__name__}: {exc}"))
 
     def _send_email(self, claim: Claim, supporter: SupporterData) -> Result:
         campaign = self.catalog.campaign(claim.campaign)
