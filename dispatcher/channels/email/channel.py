@@ -1,0 +1,179 @@
+"""The email channel: picks the relay, sends through a pool, retries blips in-process.
+
+Sandbox mode (the default) sends every letter to the local sandbox server, whatever the
+section's relay and whatever the target's address; it refuses a sandbox host that is not a
+loopback address, so a mistyped setting cannot turn the sandbox into a real relay. Live mode
+uses the section's relay with the credentials from the environment variables it names.
+
+A channel, like its pools, belongs to one event loop (the worker runs one loop thread per
+process); using it from a second loop is refused rather than left to fail obscurely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import time
+from collections.abc import Mapping
+from email.message import EmailMessage
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from dispatcher.channels.base import SendResult
+from dispatcher.channels.email.pool import SmtpPool
+from dispatcher.config.models import Section, SmtpRelay
+from dispatcher.errors import BlipError, OperationalError, TransientError
+from dispatcher.logging import get_logger
+from dispatcher.settings import Settings
+
+log = get_logger(__name__)
+
+# Postfix "2.0.0 Ok: queued as 4XyZ1", Exim "OK id=1rAbCd-000123-Ef", Sendmail
+# "2.0.0 3AB12cd4 Message accepted for delivery" (not recognised: too ambiguous).
+_REMOTE_ID = re.compile(r"\b(?:queued as|id=)\s*([A-Za-z0-9][A-Za-z0-9._-]*)", re.IGNORECASE)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback IP literal or the name localhost; other names are not resolved,
+    because what a name resolves to when checked need not be where we later connect."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        blip_attempts: int = 3,
+        blip_wait: float = 0.25,
+        blip_deadline: float = 5.0,
+    ) -> None:
+        """``blip_*``: in-process retries of BlipError, ``blip_attempts`` tries in all, the
+        first waits about ``blip_wait`` seconds and doubling, none started after
+        ``blip_deadline`` seconds."""
+        self.settings = settings
+        self._environ = environ
+        self._blip_attempts = blip_attempts
+        self._blip_wait = blip_wait
+        self._blip_deadline = blip_deadline
+        # Keyed by the relay's whole config: sections sharing a relay share its connections.
+        self._pools: dict[SmtpRelay, SmtpPool] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def pools(self) -> Mapping[SmtpRelay, SmtpPool]:
+        """The pools opened so far (read-only view, for stats and tests)."""
+        return dict(self._pools)
+
+    def relay_for(self, section: Section) -> SmtpRelay:
+        """The relay a letter of ``section`` goes through in the current mode."""
+        if not self.settings.live:
+            host = self.settings.sandbox_smtp_host
+            if not is_loopback_host(host):
+                raise OperationalError(
+                    f"sandbox SMTP host {host!r} is not a loopback address; sandbox mode only "
+                    "ever sends to a local sandbox server"
+                )
+            return SmtpRelay(host=host, port=self.settings.sandbox_smtp_port, tls="none")
+        return section.smtp
+
+    async def send(self, message: EmailMessage, *, section: Section, recipient: str) -> SendResult:
+        """Send ``message`` to ``recipient`` from the section's envelope sender.
+
+        Raises DeliveryError subclasses only (see classify.py); a blip that outlasts the quick
+        retries is raised as TransientError, for the ledger to retry later.
+        """
+        pool = self._pool_for(section)
+        started = time.perf_counter()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(BlipError),
+            stop=stop_after_attempt(self._blip_attempts) | stop_before_delay(self._blip_deadline),
+            wait=wait_exponential_jitter(
+                multiplier=self._blip_wait, max=self._blip_deadline / 2, jitter=self._blip_wait
+            ),
+            before_sleep=_log_blip,
+            reraise=True,
+        )
+        tries = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tries += 1
+                    code, text = await pool.send(message, section.sender.envelope_sender, [recipient])
+        except BlipError as exc:
+            raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
+        duration_ms = (time.perf_counter() - started) * 1000
+        log.debug(
+            "email.sent",
+            relay=f"{pool.host}:{pool.port}",
+            delivery=message.get("X-Dispatch-Delivery"),
+            code=code,
+            duration_ms=round(duration_ms, 1),
+        )
+        match = _REMOTE_ID.search(text)
+        return SendResult(
+            code=code,
+            text=text,
+            remote_id=match.group(1) if match else None,
+            duration_ms=duration_ms,
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        pools, self._pools = list(self._pools.values()), {}
+        await asyncio.gather(*(pool.aclose() for pool in pools))
+
+    def _pool_for(self, section: Section) -> SmtpPool:
+        if self._closed:
+            raise RuntimeError("the email channel is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an EmailChannel is bound to the event loop it first sent on")
+        relay = self.relay_for(section)
+        pool = self._pools.get(relay)
+        if pool is None:
+            if self.settings.live:
+                username, password = self._credentials(relay)
+                pool = SmtpPool.for_relay(relay, username=username, password=password)
+            else:
+                # No DNS lookup of our own name for a local sandbox connection.
+                pool = SmtpPool.for_relay(relay, local_hostname="localhost")
+            self._pools[relay] = pool
+        return pool
+
+    def _credentials(self, relay: SmtpRelay) -> tuple[str | None, str | None]:
+        if relay.username_env is None or relay.password_env is None:
+            return None, None
+        values = []
+        for name in (relay.username_env, relay.password_env):
+            value = self._environ.get(name)
+            if not value:
+                # Name the variable, never a value.
+                raise OperationalError(f"SMTP credentials for {relay.host}: environment variable {name} is not set")
+            values.append(value)
+        return values[0], values[1]
+
+
+def _log_blip(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.info("email.blip_retry", attempt=state.attempt_number, error=str(error))

@@ -1,0 +1,302 @@
+"""The SMTP pool against a real server (aiosmtpd on loopback): reuse, recycling, reconnects,
+and classification of what the server actually answers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from email.message import EmailMessage
+
+import pytest
+
+from dispatcher.channels.email.pool import SmtpPool
+from dispatcher.errors import BlipError, OperationalError, PermanentError, TransientError
+from tests.support.smtp import DROP, SmtpTestServer
+
+SENDER = "bounces@aiusa.example.org"
+TARGET = "ambassador@embassy.example.org"
+
+
+def letter(n: int = 1) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "appeals@aiusa.example.org"
+    msg["To"] = TARGET
+    msg["Subject"] = f"letter {n}"
+    msg["Message-ID"] = f"<d-{n}@aiusa.example.org>"
+    msg.set_content(f"letter number {n}\n")
+    return msg
+
+
+@pytest.fixture
+def server() -> Iterator[SmtpTestServer]:
+    with SmtpTestServer() as smtp:
+        yield smtp
+
+
+def make_pool(smtp: SmtpTestServer, **options: object) -> SmtpPool:
+    options.setdefault("tls", "none")
+    options.setdefault("local_hostname", "localhost")
+    options.setdefault("timeout", 5.0)
+    return SmtpPool(smtp.host, smtp.port, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def pool(server: SmtpTestServer) -> AsyncIterator[SmtpPool]:
+    p = make_pool(server)
+    yield p
+    await p.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------- reuse and recycling
+
+
+async def test_one_connection_carries_many_messages(server: SmtpTestServer, pool: SmtpPool) -> None:
+    for n in range(10):
+        code, text = await pool.send(letter(n), SENDER, [TARGET])
+        assert (code, text) == (250, f"2.0.0 Ok: queued as TEST{n + 1:04d}")
+    assert server.connections == 1
+    assert pool.stats.connections_opened == 1
+    assert pool.stats.messages_sent == 10
+    received = server.messages
+    assert [m.message["Subject"] for m in received] == [f"letter {n}" for n in range(10)]
+    assert {(m.mail_from, m.rcpt_tos) for m in received} == {(SENDER, (TARGET,))}
+
+
+async def test_concurrent_senders_share_at_most_size_connections(server: SmtpTestServer) -> None:
+    pool = make_pool(server, size=3)
+    try:
+        results = await asyncio.gather(*(pool.send(letter(n), SENDER, [TARGET]) for n in range(30)))
+    finally:
+        await pool.aclose()
+    assert all(code == 250 for code, _ in results)
+    assert len(server.messages) == 30
+    assert 1 <= server.connections <= 3
+    assert pool.stats.connections_opened == server.connections
+
+
+async def test_connection_recycled_after_max_messages(server: SmtpTestServer) -> None:
+    pool = make_pool(server, max_messages_per_connection=3)
+    for n in range(7):
+        await pool.send(letter(n), SENDER, [TARGET])
+    await pool.aclose()
+    assert server.connections == 3  # 3 + 3 + 1
+    assert pool.stats.connections_opened == pool.stats.connections_closed == 3
+    assert server.commands.count("QUIT") == 3  # retired politely, not dropped
+    assert len(server.messages) == 7
+
+
+async def test_idle_connection_closed_after_idle_timeout(server: SmtpTestServer) -> None:
+    pool = make_pool(server, idle_timeout=0.1)
+    try:
+        await pool.send(letter(1), SENDER, [TARGET])
+        assert server.open_connections == 1
+        await server.until(lambda: server.open_connections == 0)
+        assert pool.idle_connections == 0
+        assert "QUIT" in server.commands
+        await pool.send(letter(2), SENDER, [TARGET])
+    finally:
+        await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_aclose_quits_idle_connections_and_refuses_new_sends(server: SmtpTestServer) -> None:
+    pool = make_pool(server)
+    await pool.send(letter(), SENDER, [TARGET])
+    await pool.aclose()
+    assert server.commands[-1] == "QUIT"
+    await server.until(lambda: server.open_connections == 0)
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.send(letter(), SENDER, [TARGET])
+
+
+# ---------------------------------------------------------------------------- reconnecting
+
+
+async def test_reconnects_after_the_server_dropped_an_idle_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+    await pool.send(letter(1), SENDER, [TARGET])
+    server.drop_connections()
+    await asyncio.sleep(0.02)  # let the client see the EOF: found dead at checkout
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert server.connections == 2
+    assert len(server.messages) == 2
+    assert pool.stats.stale_retries == 0
+
+
+async def test_connection_found_dead_at_mail_from_is_retried_on_a_fresh_one(
+    server: SmtpTestServer, pool: SmtpPool
+) -> None:
+    await pool.send(letter(1), SENDER, [TARGET])
+    server.script_mail([DROP])  # the reused connection dies just as MAIL FROM goes out
+    code, _ = await pool.send(letter(2), SENDER, [TARGET])
+    assert code == 250
+    assert pool.stats.stale_retries == 1
+    assert server.connections == 2
+    assert [m.message["Subject"] for m in server.messages] == ["letter 1", "letter 2"]
+
+
+async def test_fresh_connection_dying_is_a_blip_not_a_silent_retry(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_mail([DROP])
+    with pytest.raises(BlipError):
+        await pool.send(letter(), SENDER, [TARGET])
+    assert pool.stats.stale_retries == 0
+    assert server.messages == []
+
+
+async def test_disconnect_after_data_is_a_blip_and_the_connection_is_dropped(
+    server: SmtpTestServer, pool: SmtpPool
+) -> None:
+    server.script_data([DROP])
+    with pytest.raises(BlipError, match="DATA"):
+        await pool.send(letter(1), SENDER, [TARGET])
+    assert pool.stats.connections_closed == 1
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert server.connections == 2
+
+
+async def test_connection_refused_is_a_blip() -> None:
+    pool = SmtpPool("127.0.0.1", free_port(), tls="none", local_hostname="localhost", timeout=2.0)
+    with pytest.raises(BlipError):
+        await pool.send(letter(), SENDER, [TARGET])
+    assert pool.stats.connections_opened == 0
+    await pool.aclose()
+
+
+# ---------------------------------------------------------------------------- refusals, through the server
+
+
+async def test_greylisted_twice_then_accepted_on_the_same_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_rcpt([(450, "4.7.1 Greylisted, try again in 300 seconds")] * 2)
+    for _ in range(2):
+        with pytest.raises(TransientError) as info:
+            await pool.send(letter(), SENDER, [TARGET])
+        assert type(info.value) is TransientError
+        assert info.value.code == 450
+        assert info.value.message == "4.7.1 Greylisted, try again in 300 seconds"
+        assert info.value.retry_after == 300.0
+    code, _ = await pool.send(letter(), SENDER, [TARGET])
+    assert code == 250
+    assert server.connections == 1
+    assert server.commands.count("RSET") == 2
+
+
+async def test_unknown_user_is_permanent_and_the_connection_stays_usable(
+    server: SmtpTestServer, pool: SmtpPool
+) -> None:
+    server.script_rcpt([(550, "5.1.1 <nobody@embassy.example.org>: Recipient address rejected")])
+    with pytest.raises(PermanentError) as info:
+        await pool.send(letter(1), SENDER, ["nobody@embassy.example.org"])
+    assert info.value.code == 550
+    assert info.value.message.startswith("5.1.1 ")
+    assert server.commands[-1] == "RSET"
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert server.connections == 1
+    assert [m.message["Subject"] for m in server.messages] == ["letter 2"]
+
+
+async def test_421_is_transient_and_drops_the_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_rcpt([(421, "4.3.2 Service shutting down, closing transmission channel")])
+    with pytest.raises(TransientError) as info:
+        await pool.send(letter(1), SENDER, [TARGET])
+    assert type(info.value) is TransientError
+    assert info.value.code == 421
+    assert pool.stats.connections_closed == 1
+    assert pool.idle_connections == 0
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert server.connections == 2
+
+
+async def test_sender_refused_is_operational(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_mail([(550, "5.7.1 Sender address not owned by user")])
+    with pytest.raises(OperationalError) as info:
+        await pool.send(letter(), SENDER, [TARGET])
+    assert info.value.code == 550
+
+
+async def test_content_refused_at_data_is_permanent(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_data([(554, "5.6.0 Message content rejected")])
+    with pytest.raises(PermanentError) as info:
+        await pool.send(letter(), SENDER, [TARGET])
+    assert (info.value.code, info.value.message) == (554, "5.6.0 Message content rejected")
+    assert server.messages == []
+    await pool.send(letter(), SENDER, [TARGET])
+    assert server.connections == 1
+
+
+async def test_one_refused_recipient_aborts_the_whole_transaction(server: SmtpTestServer, pool: SmtpPool) -> None:
+    server.script_rcpt([(250, "2.1.5 Ok"), (550, "5.1.1 Unknown user")])
+    with pytest.raises(PermanentError):
+        await pool.send(letter(), SENDER, [TARGET, "nobody@embassy.example.org"])
+    assert "DATA" not in server.commands
+    assert server.commands[-1] == "RSET"
+
+
+async def test_bad_addresses_are_refused_before_any_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+    with pytest.raises(PermanentError):
+        await pool.send(letter(), SENDER, ["victim@example.org> NOTIFY=NEVER"])
+    with pytest.raises(PermanentError, match="ASCII"):
+        await pool.send(letter(), SENDER, ["président@élysée.example.org"])
+    with pytest.raises(OperationalError):
+        await pool.send(letter(), "bounces@aiusa.example.org\r\nRSET", [TARGET])
+    assert server.connections == 0
+
+
+async def test_bcc_is_not_transmitted(server: SmtpTestServer, pool: SmtpPool) -> None:
+    msg = letter()
+    msg["Bcc"] = "hidden@example.org"
+    await pool.send(msg, SENDER, [TARGET])
+    assert b"hidden@example.org" not in server.messages[0].data
+
+
+# ---------------------------------------------------------------------------- authentication and TLS
+
+
+async def test_login_with_credentials() -> None:
+    with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
+        pool = make_pool(smtp, username="relay-user", password="s3cret")
+        await pool.send(letter(), SENDER, [TARGET])
+        await pool.send(letter(), SENDER, [TARGET])
+        await pool.aclose()
+        assert [m.login for m in smtp.messages] == ["relay-user", "relay-user"]
+        assert smtp.commands.count("AUTH") == 1  # once per connection, not per message
+
+
+async def test_bad_credentials_are_operational() -> None:
+    with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
+        pool = make_pool(smtp, username="relay-user", password="wrong")
+        with pytest.raises(OperationalError) as info:
+            await pool.send(letter(), SENDER, [TARGET])
+        await pool.aclose()
+        assert info.value.code == 535
+        assert "5.7.8" in info.value.message
+        assert "wrong" not in str(info.value)
+
+
+async def test_missing_login_is_operational() -> None:
+    with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
+        pool = make_pool(smtp)
+        with pytest.raises(OperationalError) as info:
+            await pool.send(letter(), SENDER, [TARGET])
+        await pool.aclose()
+        assert info.value.code == 530
+
+
+async def test_starttls_required_but_not_offered_is_operational(server: SmtpTestServer) -> None:
+    pool = make_pool(server, tls="starttls")
+    with pytest.raises(OperationalError, match="STARTTLS"):
+        await pool.send(letter(), SENDER, [TARGET])
+    await pool.aclose()
+    assert server.messages == []
+
+
+async def test_implicit_tls_to_a_plain_server_is_operational(server: SmtpTestServer) -> None:
+    pool = make_pool(server, tls="implicit")
+    with pytest.raises(OperationalError, match="TLS"):
+        await pool.send(letter(), SENDER, [TARGET])
+    await pool.aclose()
