@@ -165,3 +165,46 @@ def test_appeal_accepted_while_redis_is_down_is_delivered_once_it_is_back(
                 wait_for(lambda: set(email_states(client, appeal_id).values()) == {"sent"}, timeout=30)
         assert len(smtp.messages) == len(email_targets(catalog, "UA-002-19", "us"))
         service.ledger.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_worker_dying_after_sending_gets_its_message_requeued_and_nothing_is_resent(
+    client, environ, catalog, smtp, service
+):
+    """The real redelivery path: a worker takes a message, sends and records the letter, then dies
+    without acknowledging. Redis hands the message to another worker once the dead one's
+    heartbeat times out; the ledger claim makes that a no-op."""
+    from dispatcher.app import Service
+    from dispatcher.queue.actors import QUEUE
+
+    # the dying worker: another process's broker connection and processor, same ledger and Redis
+    dying = Service(service.settings, environ=environ)
+    dying_handle = dying.worker(threads=1)
+    consumer = dying.broker.consume(QUEUE, prefetch=10, timeout=500)
+
+    r = signed_post(client, environ, catalog, appeal_body())
+    email_id = next(d["id"] for d in r.json()["deliveries"] if d["channel"] == "email")
+    taken = []
+    for message in consumer:
+        if message is None:
+            continue
+        taken.append(message.args[0])
+        if message.args[0] == email_id:
+            break
+    # the dying worker sends with the real processor, records "sent", and never acks
+    dying_handle.processor(email_id)
+    assert len(smtp.messages) == 1
+    dying_handle.loop.run(dying_handle.email.aclose())
+    dying_handle.loop.stop()
+    del consumer  # it dies: no more heartbeats, its messages stay unacknowledged
+
+    # The live worker treats a 1.5 s silence as death and runs maintenance on every command.
+    service.broker.heartbeat_timeout = 1_500
+    service.broker.maintenance_chance = 1_000_000
+    with capture_logs() as logs, Running(service):
+        wait_for(
+            lambda: any(e["event"] == "delivery.skipped" and e["delivery"] == email_id for e in logs),
+            timeout=20,
+        )
+    assert len(smtp.messages) == 1
+    assert [a["outcome"] for a in service.ledger.attempts_of(email_id)] == ["sent"]
