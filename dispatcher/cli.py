@@ -7,9 +7,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from dispatcher.app import Service
 
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
@@ -26,7 +30,7 @@ def _settings() -> Settings:
         sys.exit(2)
 
 
-def _service(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+def _service(settings: Settings | None = None) -> Service:
     from dispatcher.app import Service
 
     return Service(settings or _settings())

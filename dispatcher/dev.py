@@ -12,9 +12,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -89,19 +89,26 @@ def _start_private_redis(settings: Settings, stack: ExitStack) -> str:
     port = _free_port()
     data = settings.var_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(  # noqa: S603 - our own argv
+    proc = subprocess.Popen(
         [
             binary,
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(data),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
         ],
         stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - nothing else runs in the child before exec
+        preexec_fn=_die_with_parent,
     )
 
     def _stop() -> None:
@@ -123,9 +130,11 @@ def _start_private_redis(settings: Settings, stack: ExitStack) -> str:
 def example_body(catalog: Catalog) -> tuple[str, dict[str, Any]]:
     demo = "UA-002-19-DEMO" if "UA-002-19-DEMO" in catalog.campaigns else next(iter(catalog.campaigns))
     section = next(
-        (s for s in catalog.sections.values() if demo in s.campaigns and any(
-            r.channel == "email" for r in catalog.routes(demo, s.code)
-        )),
+        (
+            s
+            for s in catalog.sections.values()
+            if demo in s.campaigns and any(r.channel == "email" for r in catalog.routes(demo, s.code))
+        ),
         next(iter(catalog.sections.values())),
     )
     return section.code, {
@@ -196,12 +205,12 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
         example.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
         base = f"http://127.0.0.1:{api_port}"
         # Plain print: the curl line must survive copy and paste unwrapped.
-        print(  # noqa: T201
+        print(
             f"""
 Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   API          {base}   (docs {base}/docs, health {base}/healthz)
-  counters     {base}/v1/campaigns/{body['campaign']}/counters
-  queue        {settings.redis_url.split('@')[-1]}  ({redis_note})
+  counters     {base}/v1/campaigns/{body["campaign"]}/counters
+  queue        {settings.redis_url.split("@")[-1]}  ({redis_note})
   ledger       {settings.database_url}
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
   intake keys  environment, else {_keys_file(settings)}

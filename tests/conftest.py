@@ -122,7 +122,9 @@ class Running:
     def __init__(self, service: Service, *, threads: int = 4, interval: float = 0.1):
         self.service = service
         self.handle = service.worker(threads=threads)
-        self.reconciler = service.reconciler(interval=interval, fresh_grace=timedelta(seconds=0.5), housekeeping_every=0.5)
+        self.reconciler = service.reconciler(
+            interval=interval, fresh_grace=timedelta(seconds=0.5), housekeeping_every=0.5
+        )
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.reconciler.run, args=(self.stop_event,), daemon=True)
 
@@ -159,7 +161,12 @@ def appeal_body(**overrides: Any) -> dict[str, Any]:
         "campaign": "UA-002-19-DEMO",
         "section": "us",
         "language": "en",
-        "supporter": {"name": "Jane Doe", "email": f"jane.{uuid.uuid4().hex[:8]}@example.org", "city": "Boston", "country": "US"},
+        "supporter": {
+            "name": "Jane Doe",
+            "email": f"jane.{uuid.uuid4().hex[:8]}@example.org",
+            "city": "Boston",
+            "country": "US",
+        },
         "message": "Please act now.",
         "client_ref": f"form-{uuid.uuid4().hex[:12]}",
     }
@@ -172,11 +179,20 @@ def appeal_body(**overrides: Any) -> dict[str, Any]:
 
 
 def signed_post(
-    client: TestClient, environ: dict[str, str], catalog: Any, body: Any, *, section: str | None = None,
-    key: str | None = None, timestamp: int | None = None, raw: bytes | None = None,
+    client: TestClient,
+    environ: dict[str, str],
+    catalog: Any,
+    body: Any,
+    *,
+    section: str | None = None,
+    key: str | None = None,
+    timestamp: int | None = None,
+    raw: bytes | None = None,
 ) -> Any:
     data = raw if raw is not None else json.dumps(body).encode()
     code = section or (body.get("section") if isinstance(body, dict) else "us")
     secret = key if key is not None else environ[catalog.section(code).intake_key_env]
     header = sign(secret.encode(), data, timestamp)
-    return client.post("/v1/appeals", content=data, headers={"Dispatch-Signature": header, "Content-Type": "application/json"})
+    return client.post(
+        "/v1/appeals", content=data, headers={"Dispatch-Signature": header, "Content-Type": "application/json"}
+    )

@@ -42,7 +42,9 @@ def test_us_appeal_reaches_every_email_target(client, environ, catalog, smtp, ru
         [received] = [m for m in smtp.messages if target.email in m.rcpt_tos]
         msg = received.message
         assert getaddresses([msg["To"]]) == [(target.name, target.email)]
-        assert msg["From"].addresses[0] == Address(f"Jane Doe via {section.sender.name}", addr_spec=section.sender.address)
+        assert msg["From"].addresses[0] == Address(
+            f"Jane Doe via {section.sender.name}", addr_spec=section.sender.address
+        )
         assert msg["Reply-To"].addresses[0].addr_spec == body["supporter"]["email"]
         assert received.mail_from == section.sender.envelope_sender
         assert msg["Content-Language"] == "en"

@@ -95,10 +95,6 @@ class Catalog:
                 part = section.campaigns.get(cid)
                 if part is None:
                     continue
-                demo_part = part.model_copy(
-                    update={"deadline": part.deadline + shift if part.deadline else None}
-                )
-                sections[code] = section.model_copy(
-                    update={"campaigns": {**section.campaigns, demo_id: demo_part}}
-                )
+                demo_part = part.model_copy(update={"deadline": part.deadline + shift if part.deadline else None})
+                sections[code] = section.model_copy(update={"campaigns": {**section.campaigns, demo_id: demo_part}})
         return Catalog(self.root, campaigns, sections, dict(self.sources))

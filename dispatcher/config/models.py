@@ -116,8 +116,7 @@ class Campaign(_Frozen):
     def _consistent(self) -> Campaign:
         if self.default_language not in self.letter_languages:
             raise ValueError(
-                f"default_language {self.default_language!r} is not one of "
-                f"letter_languages {self.letter_languages}"
+                f"default_language {self.default_language!r} is not one of letter_languages {self.letter_languages}"
             )
         if self.deadline < self.issued:
             raise ValueError(f"deadline {self.deadline} is before issued {self.issued}")

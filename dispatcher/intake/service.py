@@ -260,7 +260,9 @@ class IntakeService:
                         )
                     )
                     planned.append(
-                        PlannedDelivery(delivery_id, route.target.id, route.target.name, route.channel, language, State.PLANNED)
+                        PlannedDelivery(
+                            delivery_id, route.target.id, route.target.name, route.channel, language, State.PLANNED
+                        )
                     )
         except IntegrityError:
             # A concurrent request won the race for the same signature, client_ref or supporter.
@@ -346,4 +348,3 @@ class IntakeService:
         self.ledger.mark_queued(sent, now)
         for delivery_id in sent:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
-

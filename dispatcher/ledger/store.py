@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, and_, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -29,9 +29,10 @@ from dispatcher.ledger.models import (
     UsedSignature,
 )
 
-D = Delivery.__table__
-A = Attempt.__table__
-AP = Appeal.__table__
+# Core handles on the mapped tables, for the hot-path statements.
+D = cast(Table, Delivery.__table__)
+A = cast(Table, Attempt.__table__)
+AP = cast(Table, Appeal.__table__)
 
 
 def new_id(prefix: str) -> str:
@@ -276,11 +277,7 @@ class Ledger:
         if not ids:
             return
         with self.engine.begin() as conn:
-            conn.execute(
-                update(D)
-                .where(D.c.id.in_(list(ids)), D.c.state == State.QUEUED)
-                .values(updated_at=now)
-            )
+            conn.execute(update(D).where(D.c.id.in_(list(ids)), D.c.state == State.QUEUED).values(updated_at=now))
 
     def release_stale_claims(self, now: datetime, older_than: timedelta) -> list[str]:
         """Claims whose worker died mid-send go back to planned.

@@ -23,7 +23,6 @@ TIME_LIMIT_MS = 10 * 60 * 1000
 
 def declare_deliver(broker: Broker, process: Callable[[str], None]) -> dramatiq.Actor:
     return dramatiq.actor(
-        process,
         broker=broker,
         actor_name=ACTOR,
         queue_name=QUEUE,
@@ -31,7 +30,7 @@ def declare_deliver(broker: Broker, process: Callable[[str], None]) -> dramatiq.
         min_backoff=1_000,
         max_backoff=30_000,
         time_limit=TIME_LIMIT_MS,
-    )
+    )(process)
 
 
 class Enqueuer:

@@ -88,7 +88,7 @@ class DeliveryProcessor:
         started = time.perf_counter()
         try:
             result = self._attempt(claim, now)
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave the letter claimed forever
+        except Exception as exc:
             log.exception("delivery.internal_error", **context)
             result = self._transient(claim, now, TransientError(f"internal error: {type(exc).__name__}"))
         finished = self.clock()
@@ -134,10 +134,13 @@ class DeliveryProcessor:
         section = self.catalog.sections.get(claim.section)
         if campaign is None or section is None or claim.campaign not in section.campaigns:
             return self._operational(
-                now, OperationalError(f"campaign {claim.campaign!r} / section {claim.section!r} is no longer configured")
+                now,
+                OperationalError(f"campaign {claim.campaign!r} / section {claim.section!r} is no longer configured"),
             )
         if campaign.status == "closed":
-            return Result(State.CANCELLED, "cancelled", text=f"campaign closed: {campaign.closed_reason or 'no reason given'}")
+            return Result(
+                State.CANCELLED, "cancelled", text=f"campaign closed: {campaign.closed_reason or 'no reason given'}"
+            )
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             return Result(State.EXPIRED, "expired", text=f"campaign deadline {deadline.isoformat()} passed")
