@@ -72,6 +72,14 @@ class Settings:
     retry_base_seconds: float = 60.0
     #: tries in all before a transient failure becomes final
     retry_max_attempts: int = 10
+    #: how long a fax waits when another fax to the same number is in flight
+    fax_line_wait_seconds: float = 60.0
+    #: wait between tries on a fax line that answers without a fax tone
+    fax_no_tone_interval_seconds: float = 3600.0
+    #: Telnyx's webhook public key (base64 Ed25519), for /v1/webhooks/fax/telnyx
+    telnyx_public_key: str = ""
+    #: the secret Sinch callbacks carry in their URL, for /v1/webhooks/fax/sinch
+    sinch_callback_token: str = field(default="", repr=False)
     #: key for the one-way supporter reference used in logs and for duplicate detection
     pepper: str = field(default="", repr=False)
 
@@ -105,6 +113,10 @@ class Settings:
             max_message_chars=_env_int("DISPATCH_MAX_MESSAGE_CHARS", 2000),
             retry_base_seconds=float(_env_int("DISPATCH_RETRY_BASE_SECONDS", 60)),
             retry_max_attempts=_env_int("DISPATCH_RETRY_MAX_ATTEMPTS", 10),
+            fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
+            fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
+            telnyx_public_key=os.environ.get("DISPATCH_TELNYX_PUBLIC_KEY", ""),
+            sinch_callback_token=os.environ.get("DISPATCH_SINCH_CALLBACK_TOKEN", ""),
             pepper=os.environ.get("DISPATCH_PEPPER", ""),
         )
 

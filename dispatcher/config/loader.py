@@ -54,7 +54,7 @@ class _Layout:
 
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
-_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "targets", "campaigns"))
+_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "targets", "campaigns"))
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,9 @@ def check_environment(catalog: Catalog, environ: Mapping[str, str], *, live: boo
                 needed.append(("smtp.username_env", section.smtp.username_env, "the relay user name"))
             if section.smtp.password_env:
                 needed.append(("smtp.password_env", section.smtp.password_env, "the relay password"))
+            if section.fax is not None:
+                for key, env in section.fax.secret_envs():
+                    needed.append((f"fax.{key}", env, f"the {section.fax.gateway} credentials"))
         for key, var, what in needed:
             value = environ.get(var)
             if value is None or not value.strip():

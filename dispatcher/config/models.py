@@ -210,6 +210,43 @@ class SmtpRelay(_Frozen):
         return self
 
 
+class FaxConfig(_Frozen):
+    """A section's fax gateway for live mode (sandbox mode always uses the local fax lab)."""
+
+    gateway: Literal["telnyx", "sinch"]
+    #: caller id, E.164 after normalisation with the section's country
+    from_number: str | None = None
+    #: the header line some machines print ("TSI"): ASCII, at most 20 characters
+    station_id: str | None = Field(None, max_length=20, pattern=r"^[ -~]*$")
+    #: override of the gateway's API address (a regional endpoint)
+    base_url: str | None = None
+    # Telnyx
+    api_key_env: EnvVarName | None = None
+    connection_id: str | None = None
+    # Sinch
+    project_id: str | None = None
+    key_id_env: EnvVarName | None = None
+    key_secret_env: EnvVarName | None = None
+
+    @field_validator("from_number")
+    @classmethod
+    def _from_e164(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else normalise_fax(value, (info.context or {}).get("region"))
+
+    @model_validator(mode="after")
+    def _gateway_settings(self) -> FaxConfig:
+        needed = {"telnyx": ("api_key_env", "connection_id"), "sinch": ("project_id", "key_id_env", "key_secret_env")}
+        missing = [key for key in needed[self.gateway] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"gateway {self.gateway!r} needs {', '.join(missing)}")
+        return self
+
+    def secret_envs(self) -> list[tuple[str, str]]:
+        """(key, environment variable) for each secret this gateway reads."""
+        keys = ("api_key_env",) if self.gateway == "telnyx" else ("key_id_env", "key_secret_env")
+        return [(key, getattr(self, key)) for key in keys]
+
+
 _SECTION_CODE = re.compile(r"^[a-z]{2,8}$")
 
 
@@ -226,6 +263,7 @@ class Section(_Frozen):
     intake_key_env: EnvVarName
     sender: Sender
     smtp: SmtpRelay
+    fax: FaxConfig | None = None
     targets: dict[str, Target] = Field(default_factory=dict)
     campaigns: dict[str, Participation] = Field(default_factory=dict)
 

@@ -122,6 +122,10 @@ class Delivery(Base):
     last_code: Mapped[str | None] = mapped_column(String(16))
     last_text: Mapped[str | None] = mapped_column(Text)
     remote_id: Mapped[str | None] = mapped_column(String(128))
+    # Fax facts for operators: which gateway carried the letter, its pages and line time.
+    gateway: Mapped[str | None] = mapped_column(String(32))
+    pages: Mapped[int | None] = mapped_column(Integer)
+    line_seconds: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         UniqueConstraint("appeal_id", "target", "channel", name="uq_delivery_route"),
@@ -143,6 +147,9 @@ class Attempt(Base):
     code: Mapped[str | None] = mapped_column(String(16))
     text: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(80))
+    #: the gateway's id of the fax (or the relay's queue id) this try produced
+    remote_id: Mapped[str | None] = mapped_column(String(128))
+    pages: Mapped[int | None] = mapped_column(Integer)
 
 
 class UsedSignature(Base):
@@ -153,6 +160,17 @@ class UsedSignature(Base):
     signature: Mapped[str] = mapped_column(String(64), primary_key=True)
     section: Mapped[str] = mapped_column(String(8))
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class FlaggedNumber(Base):
+    """A fax number that answers but is no fax machine: letters to it wait for an operator."""
+
+    __tablename__ = "flagged_numbers"
+
+    number: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    delivery_id: Mapped[str | None] = mapped_column(String(40))
+    flagged_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 def utcnow() -> datetime:

@@ -25,6 +25,7 @@ from dispatcher.ledger.models import (
     Appeal,
     Attempt,
     Delivery,
+    FlaggedNumber,
     State,
     UsedSignature,
 )
@@ -33,6 +34,7 @@ from dispatcher.ledger.models import (
 D = cast(Table, Delivery.__table__)
 A = cast(Table, Attempt.__table__)
 AP = cast(Table, Appeal.__table__)
+FN = cast(Table, FlaggedNumber.__table__)
 
 
 def new_id(prefix: str) -> str:
@@ -189,6 +191,9 @@ class Ledger:
         next_attempt_at: datetime | None = None,
         remote_id: str | None = None,
         counts_as_try: bool = True,
+        gateway: str | None = None,
+        pages: int | None = None,
+        line_seconds: float | None = None,
     ) -> bool:
         """Record one attempt and move the delivery out of 'sending'.
 
@@ -208,8 +213,13 @@ class Ledger:
             values["sent_at"] = now
         if next_attempt_at is not None:
             values["next_attempt_at"] = next_attempt_at
-        if remote_id is not None:
-            values["remote_id"] = remote_id
+        for key, value in (("remote_id", remote_id), ("gateway", gateway), ("pages", pages)):
+            if value is not None:
+                values[key] = value
+        if line_seconds is not None:
+            values["line_seconds"] = line_seconds
+        if state == State.DELIVERED:
+            values["delivered_at"] = now
         if not counts_as_try:
             values["attempts"] = D.c.attempts - 1
         with self.engine.begin() as conn:
@@ -223,6 +233,8 @@ class Ledger:
                     code=values["last_code"],
                     text=text,
                     worker=worker,
+                    remote_id=remote_id,
+                    pages=pages,
                 )
             )
             moved = conn.execute(
@@ -231,6 +243,87 @@ class Ledger:
                 .values(**values)
             ).rowcount
         return moved == 1
+
+    # ------------------------------------------------------------------ gateway reports
+
+    def fax_of(self, delivery_id: str) -> Any | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(D.c.id, D.c.state, D.c.remote_id, D.c.recipient, D.c.attempts, D.c.campaign, D.c.section).where(
+                    D.c.id == delivery_id, D.c.channel == "fax"
+                )
+            ).one_or_none()
+
+    def settle_fax(
+        self,
+        delivery_id: str,
+        remote_id: str,
+        *,
+        state: State,
+        outcome: str,
+        now: datetime,
+        code: int | str | None = None,
+        text: str | None = None,
+        next_attempt_at: datetime | None = None,
+        pages: int | None = None,
+        line_seconds: float | None = None,
+    ) -> bool:
+        """Apply a gateway's final word on a fax it accepted earlier.
+
+        Only a delivery still ``sent`` with this very fax as its remote id moves, so a duplicate
+        webhook, a late one for an older try, or one arriving after another final one changes
+        nothing. The try's attempt row gets the final outcome.
+        """
+        values: dict[str, Any] = {
+            "state": state,
+            "updated_at": now,
+            "last_outcome": outcome,
+            "last_code": None if code is None else str(code),
+            "last_text": text,
+        }
+        if state == State.DELIVERED:
+            values["delivered_at"] = now
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+        if pages is not None:
+            values["pages"] = pages
+        if line_seconds is not None:
+            values["line_seconds"] = line_seconds
+        with self.engine.begin() as conn:
+            moved = conn.execute(
+                update(D)
+                .where(D.c.id == delivery_id, D.c.state == State.SENT, D.c.remote_id == remote_id)
+                .values(**values)
+            ).rowcount
+            if moved:
+                conn.execute(
+                    update(A)
+                    .where(A.c.delivery_id == delivery_id, A.c.remote_id == remote_id)
+                    .values(outcome=outcome, code=values["last_code"], text=text, pages=pages)
+                )
+        return moved == 1
+
+    def flag_number(self, number: str, reason: str, delivery_id: str | None, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(select(FN.c.number).where(FN.c.number == number)).first()
+            if exists is None:
+                conn.execute(insert(FN).values(number=number, reason=reason, delivery_id=delivery_id, flagged_at=now))
+
+    def flagged(self, number: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(FN.c.reason).where(FN.c.number == number)).scalar_one_or_none()
+
+    def flagged_numbers(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(FN).order_by(FN.c.flagged_at)).all()
+        return [
+            {"number": r.number, "reason": r.reason, "delivery": r.delivery_id, "flagged_at": r.flagged_at.isoformat()}
+            for r in rows
+        ]
+
+    def unflag_number(self, number: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(FN).where(FN.c.number == number)).rowcount == 1
 
     # ------------------------------------------------------------------ the outbox
 
@@ -420,6 +513,8 @@ class Ledger:
                 "outcome": r.outcome,
                 "code": r.code,
                 "text": r.text,
+                "remote_id": r.remote_id,
+                "pages": r.pages,
             }
             for r in rows
         ]
@@ -441,4 +536,9 @@ def delivery_view(r: Any) -> dict[str, Any]:
         "last_outcome": r.last_outcome,
         "last_code": r.last_code,
         "last_text": r.last_text,
+        **(
+            {"gateway": r.gateway, "remote_id": r.remote_id, "pages": r.pages, "line_seconds": r.line_seconds}
+            if r.channel == "fax"
+            else {}
+        ),
     }

@@ -1,0 +1,110 @@
+"""Gateway status reports (webhooks) applied to the ledger.
+
+A report moves a letter only if it is final and about the fax the letter is currently waiting
+on; everything else is logged and dropped. So duplicates, reports about an older try, and
+events arriving out of order (``fax.sending.started`` after ``fax.delivered``) leave the right
+final state. A failure is classified by the same rules as a failure during sending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from dispatcher.channels.fax.base import FaxReport, FaxStatus, TransientError
+from dispatcher.channels.fax.lines import FaxLines
+from dispatcher.config.catalog import Catalog
+from dispatcher.ledger.models import State, utcnow
+from dispatcher.ledger.store import Ledger
+from dispatcher.logging import get_logger
+from dispatcher.queue.outcomes import Outcomes
+
+log = get_logger("dispatcher.fax.status")
+
+
+class FaxStatusApplier:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        ledger: Ledger,
+        outcomes: Outcomes,
+        lines: FaxLines | None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.catalog = catalog
+        self.ledger = ledger
+        self.outcomes = outcomes
+        self.lines = lines
+        self.clock = clock
+
+    def apply(self, report: FaxReport) -> str:
+        """Apply one report; returns what happened ("applied", "ignored: ...") for the log and tests."""
+        context = {"gateway": report.gateway, "remote_id": report.remote_id, "status": report.raw_status or report.status}
+        if report.tag is None:
+            log.warning("fax.report_ignored", **context, why="no tag")
+            return "ignored: no tag"
+        row = self.ledger.fax_of(report.tag)
+        if row is None:
+            log.warning("fax.report_ignored", **context, delivery=report.tag, why="unknown delivery")
+            return "ignored: unknown delivery"
+        context["delivery"] = row.id
+        if row.remote_id != report.remote_id:
+            log.info("fax.report_ignored", **context, why="about an earlier try")
+            return "ignored: earlier try"
+        if not report.final:
+            log.info("fax.progress", **context)
+            return "ignored: not final"
+        if row.state != State.SENT:
+            log.info("fax.report_ignored", **context, why=f"delivery already {row.state}")
+            return f"ignored: already {row.state}"
+        now = self.clock()
+        if report.status is FaxStatus.DELIVERED:
+            moved = self.ledger.settle_fax(
+                row.id,
+                report.remote_id,
+                state=State.DELIVERED,
+                outcome="sent",
+                now=now,
+                text="delivered",
+                pages=report.pages,
+                line_seconds=report.duration_s,
+            )
+            flag = False
+            next_at = None
+            state = State.DELIVERED
+        else:
+            error = report.failure.error() if report.failure else TransientError("failed without a reason")
+            deadline = self.catalog.deadline_at(row.campaign, row.section)
+            result = self.outcomes.of_error(error, attempt=row.attempts, now=now, deadline=deadline)
+            moved = self.ledger.settle_fax(
+                row.id,
+                report.remote_id,
+                state=result.state,
+                outcome=result.outcome,
+                now=now,
+                code=result.code,
+                text=result.text,
+                next_attempt_at=result.next_attempt_at,
+                pages=report.pages,
+                line_seconds=report.duration_s,
+            )
+            flag, next_at, state = result.flag_number, result.next_attempt_at, result.state
+        if not moved:
+            return "ignored: raced"
+        if flag:
+            self.ledger.flag_number(row.recipient, "no fax tone", row.id, now)
+            log.error("fax.number_flagged", **context)
+        if self.lines is not None:
+            self.lines.give_back(row.recipient, row.id)
+        log.info(
+            "delivery.delivered" if state == State.DELIVERED else (
+                "delivery.failed" if state == State.FAILED else "delivery.retry_scheduled"
+            ),
+            **context,
+            pages=report.pages,
+            line_seconds=report.duration_s,
+            next_attempt_at=next_at.isoformat() if next_at else None,
+            reason=None if report.failure is None else report.failure.text,
+        )
+        return "applied"

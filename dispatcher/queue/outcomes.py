@@ -1,0 +1,91 @@
+"""From a classified error to the letter's next state: one set of rules for the worker (errors
+raised while sending) and for gateway webhooks (failures reported after a fax was accepted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from dispatcher.channels.fax.base import NoFaxToneError
+from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
+from dispatcher.ledger.models import State
+from dispatcher.retry import RetryPolicy
+
+
+@dataclass(frozen=True)
+class Result:
+    state: State
+    outcome: str
+    code: int | str | None = None
+    text: str | None = None
+    next_attempt_at: datetime | None = None
+    remote_id: str | None = None
+    counts_as_try: bool = True
+    gateway: str | None = None
+    pages: int | None = None
+    line_seconds: float | None = None
+    #: the number answered with no fax tone too often: flag it for an operator
+    flag_number: bool = False
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    retry: RetryPolicy
+    #: tries in all on a line that answers without a fax tone, before the number is flagged
+    no_tone_attempts: int = 3
+    #: wait between those tries: the line may be a fax machine switched to voice for the day
+    no_tone_interval_seconds: float = 3600.0
+
+    def of_error(self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime) -> Result:
+        if isinstance(exc, NoFaxToneError):
+            return self._no_tone(exc, attempt, now, deadline)
+        if isinstance(exc, DeferredError):
+            wait = exc.retry_after if exc.retry_after is not None else 60.0
+            return Result(
+                State.PLANNED,
+                Outcome.DEFERRED,
+                code=exc.code,
+                text=exc.message,
+                next_attempt_at=now + timedelta(seconds=wait),
+                counts_as_try=False,
+            )
+        if isinstance(exc, TransientError):
+            return self.transient(exc, attempt=attempt, now=now, deadline=deadline)
+        if isinstance(exc, OperationalError):
+            return self.operational(exc, now=now)
+        return Result(State.FAILED, exc.outcome, code=exc.code, text=exc.message)
+
+    def transient(self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime) -> Result:
+        due = self.retry.next_try(attempt, now, deadline, exc.retry_after)
+        if due is None:
+            why = "the campaign deadline" if attempt < self.retry.max_attempts else f"{attempt} tries"
+            return Result(
+                State.FAILED,
+                Outcome.TRANSIENT,
+                code=exc.code,
+                text=f"gave up after transient failures (limit: {why}): {exc.message}",
+            )
+        return Result(State.PLANNED, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
+
+    def operational(self, exc: DeliveryError, *, now: datetime) -> Result:
+        # Our side is broken: the letter waits, it does not fail and the try does not count.
+        return Result(
+            State.PLANNED,
+            Outcome.OPERATIONAL,
+            code=exc.code,
+            text=exc.message,
+            next_attempt_at=now + timedelta(seconds=self.retry.operational_pause_seconds),
+            counts_as_try=False,
+        )
+
+    def _no_tone(self, exc: NoFaxToneError, attempt: int, now: datetime, deadline: datetime) -> Result:
+        due = now + timedelta(seconds=self.no_tone_interval_seconds)
+        if attempt >= self.no_tone_attempts or due >= deadline:
+            return Result(
+                State.FAILED,
+                Outcome.TRANSIENT,
+                code=exc.code,
+                text=f"no fax machine answered in {attempt} tries; number flagged for an operator ({exc.message})",
+                flag_number=True,
+            )
+        return Result(State.PLANNED, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
