@@ -20,6 +20,11 @@ REQUIREMENTS=(
   "redis-server|bin|redis-server"
   "postgresql|glob|/usr/lib/postgresql/*/bin/initdb"
   "libspandsp2|lib|libspandsp.so.2"
+  # fax documents: WeasyPrint's text layout, and a font that covers Cyrillic
+  "libpango-1.0-0|lib|libpango-1.0.so.0"
+  "libpangoft2-1.0-0|lib|libpangoft2-1.0.so.0"
+  "libharfbuzz-subset0|lib|libharfbuzz-subset.so.0"
+  "fonts-dejavu-core|glob|/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 )
 
 me="ensure-system-deps"
