@@ -77,6 +77,43 @@ class Service:
             environ=self.environ,
         )
 
+    @cached_property
+    def fax_lines(self) -> Any:
+        from dispatcher.channels.fax.lines import FaxLines
+
+        return FaxLines(self.broker.client, self.settings.redis_namespace)
+
+    @cached_property
+    def outcomes(self) -> Any:
+        from dispatcher.queue.outcomes import Outcomes
+        from dispatcher.retry import RetryPolicy
+
+        return Outcomes(
+            RetryPolicy(base_seconds=self.settings.retry_base_seconds, max_attempts=self.settings.retry_max_attempts),
+            no_tone_interval_seconds=self.settings.fax_no_tone_interval_seconds,
+        )
+
+    @cached_property
+    def fax_status(self) -> Any:
+        from dispatcher.queue.faxstatus import FaxStatusApplier
+
+        return FaxStatusApplier(
+            catalog=self.catalog, ledger=self.ledger, outcomes=self.outcomes, lines=self.fax_lines, clock=self.clock
+        )
+
+    @cached_property
+    def fax_webhooks(self) -> Any:
+        from dispatcher.channels.fax.channel import FaxChannel
+        from dispatcher.channels.fax.webhooks import FaxWebhooks
+
+        return FaxWebhooks(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            apply=self.fax_status.apply,
+            channel=FaxChannel(self.settings, self.environ),
+        )
+
     def health(self) -> dict[str, str]:
         from sqlalchemy import text
 
@@ -98,7 +135,7 @@ class Service:
     def api(self) -> Any:
         from dispatcher.intake.api import create_app
 
-        return create_app(self.intake, health=self.health)
+        return create_app(self.intake, health=self.health, fax_webhooks=self.fax_webhooks)
 
     def reconciler(self, **config: Any) -> Any:
         from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig
@@ -117,18 +154,25 @@ class Service:
         import dramatiq
 
         from dispatcher.channels.email.channel import EmailChannel
+        from dispatcher.channels.fax.channel import FaxChannel
         from dispatcher.queue.actors import declare_deliver
         from dispatcher.queue.deliver import DeliveryProcessor
         from dispatcher.queue.loop import LoopThread
+        from dispatcher.render.fax import FaxRenderer
 
         loop = LoopThread()
         email = EmailChannel(self.settings, self.environ)
+        fax = FaxChannel(self.settings, self.environ)
         processor = DeliveryProcessor(
             settings=self.settings,
             catalog=self.catalog,
             ledger=self.ledger,
             renderer=self.renderer,
             email=email,
+            fax=fax,
+            fax_renderer=FaxRenderer(self.renderer),
+            lines=self.fax_lines,
+            outcomes=self.outcomes,
             loop=loop,
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{id(loop) % 10_000}",
             clock=self.clock,
@@ -136,7 +180,7 @@ class Service:
         )
         declare_deliver(self.broker, processor)
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
-        return WorkerHandle(worker, loop, email, processor)
+        return WorkerHandle(worker, loop, email, processor, fax)
 
 
 @dataclass
@@ -145,6 +189,7 @@ class WorkerHandle:
     loop: Any
     email: Any
     processor: Any
+    fax: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -158,5 +203,7 @@ class WorkerHandle:
         self.worker.stop(timeout=timeout_ms)
         try:
             self.loop.run(self.email.aclose(), timeout=10)
+            if self.fax is not None:
+                self.loop.run(self.fax.aclose(), timeout=10)
         finally:
             self.loop.stop()

@@ -76,6 +76,8 @@ class Settings:
     fax_line_wait_seconds: float = 60.0
     #: wait between tries on a fax line that answers without a fax tone
     fax_no_tone_interval_seconds: float = 3600.0
+    #: this API's address as gateways reach it (their webhooks), e.g. https://dispatch.example.org
+    public_url: str = ""
     #: Telnyx's webhook public key (base64 Ed25519), for /v1/webhooks/fax/telnyx
     telnyx_public_key: str = ""
     #: the secret Sinch callbacks carry in their URL, for /v1/webhooks/fax/sinch
@@ -115,6 +117,7 @@ class Settings:
             retry_max_attempts=_env_int("DISPATCH_RETRY_MAX_ATTEMPTS", 10),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
             fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
+            public_url=os.environ.get("DISPATCH_PUBLIC_URL", "").rstrip("/"),
             telnyx_public_key=os.environ.get("DISPATCH_TELNYX_PUBLIC_KEY", ""),
             sinch_callback_token=os.environ.get("DISPATCH_SINCH_CALLBACK_TOKEN", ""),
             pepper=os.environ.get("DISPATCH_PEPPER", ""),

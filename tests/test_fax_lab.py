@@ -339,6 +339,7 @@ async def test_the_converters_white_is_zero_tiff_arrives_intact(lab: FaxLab, pag
     # The PDF converter writes PhotometricInterpretation WhiteIsZero, as fax TIFFs usually are;
     # our own test TIFFs are BlackIsZero. Both must arrive pixel for pixel.
     from dispatcher.render import faxraster
+
     report = await lab.send(job(faxraster.write_fax_tiff(pages), NORMAL))
     assert report.status is FaxStatus.DELIVERED and report.pages == 3
     with Image.open(lab.path_of(report.remote_id) / "received.tiff") as received:

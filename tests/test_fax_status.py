@@ -47,7 +47,14 @@ def fax_sent_via_gateway(service, remote_id: str) -> tuple[str, str]:
     claim = service.ledger.claim(delivery.id, "w1", now)
     assert claim is not None
     service.ledger.finish(
-        claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now, remote_id=remote_id, gateway="testgw"
+        claim,
+        worker="w1",
+        state=State.SENT,
+        outcome="sent",
+        started_at=now,
+        now=now,
+        remote_id=remote_id,
+        gateway="testgw",
     )
     return delivery.id, claim.recipient
 
@@ -78,7 +85,9 @@ def test_delivered_report_settles_the_letter_with_its_fax_facts(service, lines):
     lines.take(number, delivery_id)
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.QUEUED)) == "ignored: not final"
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.DELIVERED, pages=3)) == "applied"
-    view = next(d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id)
+    view = next(
+        d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+    )
     assert view["state"] == "delivered"
     assert view["pages"] == 3 and view["line_seconds"] == 120.0
     assert lines.holder(number) is None  # the line is free for the next fax
@@ -143,7 +152,9 @@ def test_no_fax_tone_on_the_last_try_flags_the_number(service, lines):
         claim = service.ledger.claim(delivery_id, "w1", datetime.now(UTC) + timedelta(days=1))
         assert claim is not None and claim.attempt == n
         now = datetime.now(UTC)
-        service.ledger.finish(claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now, remote_id=f"fx-5.{n}")
+        service.ledger.finish(
+            claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now, remote_id=f"fx-5.{n}"
+        )
         applier.apply(report(delivery_id, f"fx-5.{n}", FaxStatus.FAILED, failure=silent))
     view = _view(service, delivery_id)
     assert view["state"] == "failed"
@@ -161,4 +172,6 @@ def _appeal_of(service, delivery_id: str) -> str:
 
 
 def _view(service, delivery_id: str) -> dict:
-    return next(d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id)
+    return next(
+        d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+    )

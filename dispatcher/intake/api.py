@@ -21,6 +21,11 @@ from dispatcher.logging import get_logger
 log = get_logger("dispatcher.api")
 
 
+class SandboxWebhook(IntakeError):
+    status = 409
+    code = "sandbox_mode"
+
+
 async def _read_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -35,8 +40,9 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: IntakeService, *, health: Any = None) -> FastAPI:
-    """``health`` is an optional callable returning a dict of component states for /healthz."""
+def create_app(service: IntakeService, *, health: Any = None, fax_webhooks: Any = None) -> FastAPI:
+    """``health`` is an optional callable returning a dict of component states for /healthz;
+    ``fax_webhooks`` (a FaxWebhooks) enables the gateways' status webhooks."""
     app = FastAPI(
         title="Appeal dispatch service",
         version="1",
@@ -66,6 +72,19 @@ def create_app(service: IntakeService, *, health: Any = None) -> FastAPI:
         if campaign_id not in service.catalog.campaigns:
             raise NotFound(f"no campaign {campaign_id!r}")
         return JSONResponse(await run_in_threadpool(service.ledger.counters, campaign_id))
+
+    @app.post("/v1/webhooks/fax/{gateway}")
+    async def fax_webhook(gateway: str, request: Request) -> JSONResponse:
+        if fax_webhooks is None or gateway not in ("telnyx", "sinch"):
+            raise NotFound(f"no fax webhook for {gateway!r}")
+        if not service.settings.live:
+            raise SandboxWebhook("sandbox mode sends faxes through the fax lab; gateway webhooks are not accepted")
+        raw = await _read_limited(request, service.settings.max_body_bytes)
+        if gateway == "telnyx":
+            result = await fax_webhooks.telnyx(raw, request.headers)
+        else:
+            result = await fax_webhooks.sinch(raw, request.headers, request.query_params)
+        return JSONResponse({"result": result})
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -9,38 +9,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.email.message import build_message
+from dispatcher.channels.fax.base import FaxJob, FaxReport, FaxStatus
+from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
-from dispatcher.errors import DeliveryError, OperationalError, Outcome, TransientError
+from dispatcher.config.models import Section, Target
+from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
 from dispatcher.ledger.models import State, utcnow
 from dispatcher.ledger.store import Claim, Ledger, SupporterData
 from dispatcher.logging import get_logger
 from dispatcher.queue.loop import LoopThread
+from dispatcher.queue.outcomes import Outcomes, Result
 from dispatcher.render.letters import LetterRequest, Renderer, Supporter, TemplateMissing
-from dispatcher.retry import RetryPolicy
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.delivery")
 
 #: a send that takes longer than this is abandoned and retried (the SMTP pool has its own timeouts)
 SEND_TIMEOUT_SECONDS = 120.0
+#: a fax lab call is simulated in well under a second; a gateway create call is one HTTP request
+FAX_TIMEOUT_SECONDS = 300.0
 
-
-@dataclass(frozen=True)
-class Result:
-    state: State
-    outcome: str
-    code: int | str | None = None
-    text: str | None = None
-    next_attempt_at: datetime | None = None
-    remote_id: str | None = None
-    counts_as_try: bool = True
+EVENTS = {
+    State.SENT: "delivery.sent",
+    State.DELIVERED: "delivery.delivered",
+    State.FAILED: "delivery.failed",
+    State.EXPIRED: "delivery.expired",
+    State.CANCELLED: "delivery.cancelled",
+}
 
 
 class DeliveryProcessor:
@@ -54,7 +58,10 @@ class DeliveryProcessor:
         email: EmailChannel,
         loop: LoopThread,
         worker_id: str,
-        retry: RetryPolicy | None = None,
+        fax: Any = None,
+        fax_renderer: Any = None,
+        lines: FaxLines | None = None,
+        outcomes: Outcomes,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.settings = settings
@@ -62,11 +69,12 @@ class DeliveryProcessor:
         self.ledger = ledger
         self.renderer = renderer
         self.email = email
+        self.fax = fax
+        self.fax_renderer = fax_renderer
+        self.lines = lines
         self.loop = loop
         self.worker_id = worker_id
-        self.retry = retry or RetryPolicy(
-            base_seconds=settings.retry_base_seconds, max_attempts=settings.retry_max_attempts
-        )
+        self.outcomes = outcomes
         self.clock = clock
 
     def __call__(self, delivery_id: str) -> None:
@@ -90,10 +98,13 @@ class DeliveryProcessor:
             result = self._attempt(claim, now)
         except Exception as exc:
             log.exception("delivery.internal_error", **context)
-            result = self._transient(claim, now, TransientError(f"internal error: {type(exc).__name__}"))
-        finished = self.clock()
-        if finished < now:
-            finished = now
+            result = self.outcomes.transient(
+                TransientError(f"internal error: {type(exc).__name__}"),
+                attempt=claim.attempt,
+                now=now,
+                deadline=self.catalog.deadline_at(claim.campaign, claim.section),
+            )
+        finished = max(self.clock(), now)
         self.ledger.finish(
             claim,
             worker=self.worker_id,
@@ -106,24 +117,28 @@ class DeliveryProcessor:
             next_attempt_at=result.next_attempt_at,
             remote_id=result.remote_id,
             counts_as_try=result.counts_as_try,
+            gateway=result.gateway,
+            pages=result.pages,
+            line_seconds=result.line_seconds,
         )
-        event = {
-            State.SENT: "delivery.sent",
-            State.FAILED: "delivery.failed",
-            State.EXPIRED: "delivery.expired",
-            State.CANCELLED: "delivery.cancelled",
-        }.get(result.state, "delivery.retry_scheduled")
+        if result.flag_number:
+            self.ledger.flag_number(claim.recipient, result.text or "no fax tone", claim.id, finished)
+            log.error("fax.number_flagged", **context, reason=result.text)
         level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
         level(
-            event,
+            EVENTS.get(result.state, "delivery.retry_scheduled"),
             **context,
             outcome=result.outcome,
             code=result.code,
-            reason=result.text if result.state != State.SENT else None,
+            reason=result.text if result.state not in (State.SENT, State.DELIVERED) else None,
             next_attempt_at=result.next_attempt_at.isoformat() if result.next_attempt_at else None,
+            remote_id=result.remote_id,
+            gateway=result.gateway,
+            pages=result.pages,
+            line_seconds=result.line_seconds,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
             queued_to_sent_ms=round((finished - claim.queued_at).total_seconds() * 1000, 1)
-            if claim.queued_at and result.state == State.SENT
+            if claim.queued_at and result.state in (State.SENT, State.DELIVERED)
             else None,
         )
 
@@ -133,9 +148,9 @@ class DeliveryProcessor:
         campaign = self.catalog.campaigns.get(claim.campaign)
         section = self.catalog.sections.get(claim.section)
         if campaign is None or section is None or claim.campaign not in section.campaigns:
-            return self._operational(
-                now,
+            return self.outcomes.operational(
                 OperationalError(f"campaign {claim.campaign!r} / section {claim.section!r} is no longer configured"),
+                now=now,
             )
         if campaign.status == "closed":
             return Result(
@@ -145,42 +160,42 @@ class DeliveryProcessor:
         if now >= deadline:
             return Result(State.EXPIRED, "expired", text=f"campaign deadline {deadline.isoformat()} passed")
         if self.settings.live and campaign.sandbox_only:
-            return self._operational(
-                now, OperationalError(f"campaign {campaign.id!r} is sandbox-only: its targets are example data")
+            return self.outcomes.operational(
+                OperationalError(f"campaign {campaign.id!r} is sandbox-only: its targets are example data"), now=now
             )
         supporter = self.ledger.supporter(claim.appeal_id)
         if supporter is None:
             return Result(State.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
+        target = self.catalog.target(claim.campaign, claim.section, claim.target)
+        request = LetterRequest(
+            campaign=campaign,
+            section=section,
+            target=target,
+            language=claim.language,
+            supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
+            message=supporter.message,
+            # the day it is where the letter arrives
+            date=now.astimezone(ZoneInfo(target.timezone)).date(),
+        )
         try:
             if claim.channel == "email":
-                return self._send_email(claim, supporter)
+                return self._send_email(claim, section, target, supporter, request)
+            if claim.channel == "fax" and self.fax is not None:
+                return self._send_fax(claim, section, request, now, deadline)
             # Not the letter's fault: it waits for a worker that has the channel, like any pause.
             raise OperationalError(f"no {claim.channel} channel is available in this worker")
-        except TransientError as exc:
-            return self._transient(claim, now, exc, deadline)
-        except OperationalError as exc:
-            return self._operational(now, exc)
-        except DeliveryError as exc:  # permanent
-            return Result(State.FAILED, exc.outcome, code=exc.code, text=exc.message)
+        except DeliveryError as exc:
+            return self.outcomes.of_error(exc, attempt=claim.attempt, now=now, deadline=deadline)
         except (TemplateMissing, jinja2.TemplateError) as exc:
             # A deployment fault (a letter template missing or broken), not the letter's: pause it.
-            return self._operational(now, OperationalError(f"letter cannot be rendered: {type(exc).__name__}: {exc}"))
-
-    def _send_email(self, claim: Claim, supporter: SupporterData) -> Result:
-        campaign = self.catalog.campaign(claim.campaign)
-        section = self.catalog.section(claim.section)
-        target = self.catalog.target(claim.campaign, claim.section, claim.target)
-        rendered = self.renderer.render_email(
-            LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=target,
-                language=claim.language,
-                supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
-                message=supporter.message,
-                date=self.clock().date(),
+            return self.outcomes.operational(
+                OperationalError(f"letter cannot be rendered: {type(exc).__name__}: {exc}"), now=now
             )
-        )
+
+    def _send_email(
+        self, claim: Claim, section: Section, target: Target, supporter: SupporterData, request: LetterRequest
+    ) -> Result:
+        rendered = self.renderer.render_email(request)
         message = build_message(
             delivery_id=claim.id,
             section=section,
@@ -201,30 +216,62 @@ class DeliveryProcessor:
         )
         return Result(State.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
 
-    # ------------------------------------------------------------------ outcomes
-
-    def _transient(self, claim: Claim, now: datetime, exc: DeliveryError, deadline: datetime | None = None) -> Result:
-        if deadline is None:
-            deadline = self.catalog.deadline_at(claim.campaign, claim.section)
-        due = self.retry.next_try(claim.attempt, now, deadline, exc.retry_after)
-        if due is None:
-            why = "deadline" if claim.attempt < self.retry.max_attempts else f"{claim.attempt} tries"
-            return Result(
-                State.FAILED,
-                Outcome.TRANSIENT,
-                code=exc.code,
-                text=f"gave up (transient failures until {why}): {exc.message}",
-            )
-        return Result(State.PLANNED, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
-
-    def _operational(self, now: datetime, exc: DeliveryError) -> Result:
-        # Our side is broken: the letter waits, it does not fail and the try does not count.
-        due = now + timedelta(seconds=self.retry.operational_pause_seconds)
-        return Result(
-            State.PLANNED,
-            Outcome.OPERATIONAL,
-            code=exc.code,
-            text=exc.message,
-            next_attempt_at=due,
-            counts_as_try=False,
+    def _fax_result(self, report: FaxReport, claim: Claim, now: datetime, deadline: datetime) -> Result:
+        if report.status is FaxStatus.DELIVERED:
+            result = Result(State.DELIVERED, Outcome.SENT, text="delivered")
+        elif report.status is FaxStatus.FAILED:
+            error = report.failure.error() if report.failure else TransientError("failed without a reason")
+            result = self.outcomes.of_error(error, attempt=claim.attempt, now=now, deadline=deadline)
+        else:
+            result = Result(State.SENT, Outcome.SENT, code=report.raw_status, text=f"accepted by {report.gateway}")
+        return replace(
+            result,
+            remote_id=report.remote_id,
+            gateway=report.gateway,
+            pages=report.pages,
+            line_seconds=report.duration_s,
         )
+
+    def _send_fax(
+        self,
+        claim: Claim,
+        section: Section,
+        request: LetterRequest,
+        now: datetime,
+        deadline: datetime,
+    ) -> Result:
+        flagged = self.ledger.flagged(claim.recipient)
+        if flagged is not None:
+            raise OperationalError(f"number flagged for an operator ({flagged}); clear it to resume")
+        assert self.lines is not None and self.fax_renderer is not None
+        if not self.lines.take(claim.recipient, claim.id):
+            raise DeferredError(
+                "another fax to this number is in flight", retry_after=self.settings.fax_line_wait_seconds
+            )
+        keep_line = False
+        try:
+            if claim.attempt > 1:
+                # No gateway has an idempotency key: an earlier try's fax may exist although its
+                # answer was lost or its worker died. Adopt it rather than fax the letter twice.
+                earlier = self.loop.run(self.fax.find_by_tag(claim.id, section=section), timeout=FAX_TIMEOUT_SECONDS)
+                if earlier is not None and earlier.status is not FaxStatus.FAILED:
+                    keep_line = not earlier.final
+                    return self._fax_result(earlier, claim, now, deadline)
+            document = self.fax_renderer.render(request, sent_at=now)
+            fax_settings = section.fax
+            job = FaxJob(
+                tag=claim.id,
+                to_number=claim.recipient,
+                pdf=document.pdf,
+                tiff=document.tiff,
+                pages=document.pages,
+                from_number=fax_settings.from_number if fax_settings else None,
+                station_id=fax_settings.station_id if fax_settings else None,
+            )
+            report = self.loop.run(self.fax.send(job, section=section), timeout=FAX_TIMEOUT_SECONDS)
+            # Accepted by a gateway that calls later: the line stays ours until its final webhook.
+            keep_line = not report.final
+            return self._fax_result(report, claim, now, deadline)
+        finally:
+            if not keep_line:
+                self.lines.give_back(claim.recipient, claim.id)

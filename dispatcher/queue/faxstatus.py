@@ -40,7 +40,11 @@ class FaxStatusApplier:
 
     def apply(self, report: FaxReport) -> str:
         """Apply one report; returns what happened ("applied", "ignored: ...") for the log and tests."""
-        context = {"gateway": report.gateway, "remote_id": report.remote_id, "status": report.raw_status or report.status}
+        context = {
+            "gateway": report.gateway,
+            "remote_id": report.remote_id,
+            "status": report.raw_status or report.status,
+        }
         if report.tag is None:
             log.warning("fax.report_ignored", **context, why="no tag")
             return "ignored: no tag"
@@ -98,9 +102,9 @@ class FaxStatusApplier:
         if self.lines is not None:
             self.lines.give_back(row.recipient, row.id)
         log.info(
-            "delivery.delivered" if state == State.DELIVERED else (
-                "delivery.failed" if state == State.FAILED else "delivery.retry_scheduled"
-            ),
+            "delivery.delivered"
+            if state == State.DELIVERED
+            else ("delivery.failed" if state == State.FAILED else "delivery.retry_scheduled"),
             **context,
             pages=report.pages,
             line_seconds=report.duration_s,

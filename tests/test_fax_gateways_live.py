@@ -1,0 +1,266 @@
+"""Live mode against local servers that follow Telnyx's and Sinch's documented APIs: the worker
+sends through the real adapters, and the providers' status webhooks reach our real HTTP server
+and settle the letters. Only loopback addresses and a test campaign with fictional numbers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dispatcher.app import Service
+from tests.conftest import ROOT, Running, make_settings, wait_for
+from tests.support.fax_providers import SinchServer, TelnyxServer
+from tests.support.services import free_port
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+CAMPAIGN = """
+[campaign]
+id = "TEST-LIVE"
+title = "A test campaign with fictional targets"
+ai_index = "TEST 00/0000/2026"
+issued = 2026-01-01
+deadline = 2099-12-31
+preferred_languages = ["en"]
+letter_languages = ["en", "ru", "de", "fr"]
+default_language = "en"
+template_set = "UA-002-19"
+
+[targets.minister]
+name = "A. Minister"
+title = "Minister of Examples"
+address = ["1 Example Street", "London"]
+country = "GB"
+timezone = "Europe/London"
+languages = ["en"]
+fax = "+44 20 7946 0100"
+
+[targets.minister.salutation]
+en = "Dear Minister,"
+"""
+
+SECTION = """
+[section]
+code = "zz"
+name = "Test Section"
+country = "GB"
+timezone = "Europe/London"
+languages = ["en"]
+intake_key_env = "DISPATCH_INTAKE_KEY_ZZ"
+
+[sender]
+name = "Test Section"
+address = "ua@zz.dispatch.example"
+
+[smtp]
+host = "127.0.0.1"
+
+[fax]
+gateway = "{gateway}"
+from_number = "020 7946 0000"
+base_url = "{base_url}"
+api_key_env = "TEST_TELNYX_KEY"
+connection_id = "conn-test"
+project_id = "proj-test"
+key_id_env = "TEST_SINCH_KEY_ID"
+key_secret_env = "TEST_SINCH_SECRET"
+
+[campaigns.TEST-LIVE]
+
+[[campaigns.TEST-LIVE.writes]]
+target = "minister"
+channels = ["fax"]
+"""
+
+
+def write_config(tmp_path: Path, gateway: str, base_url: str) -> Path:
+    config = tmp_path / "config"
+    (config / "campaigns").mkdir(parents=True)
+    (config / "sections").mkdir()
+    (config / "campaigns" / "TEST-LIVE.toml").write_text(CAMPAIGN)
+    (config / "sections" / "zz.toml").write_text(SECTION.format(gateway=gateway, base_url=base_url))
+    return config
+
+
+class LiveApi:
+    """Our API as a real HTTP server on a loopback port, so providers can call it back."""
+
+    def __init__(self, service: Service, port: int):
+        self.server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> LiveApi:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def live_service(tmp_path, database_url, redis_server, provider, gateway: str, **extra) -> tuple[Service, LiveApi]:
+    port = free_port()
+    settings = make_settings(
+        tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=free_port(), **extra
+    ).but(
+        mode="live",
+        demo_campaigns=False,
+        config_dir=write_config(tmp_path, gateway, provider.base_url),
+        templates_dir=ROOT / "templates",
+        public_url=f"http://127.0.0.1:{port}",
+    )
+    environ = {
+        "DISPATCH_INTAKE_KEY_ZZ": "k",
+        "TEST_TELNYX_KEY": "KEY_test",
+        "TEST_SINCH_KEY_ID": "key-id",
+        "TEST_SINCH_SECRET": "key-secret",
+    }
+    service = Service(settings, environ=environ)
+    service.ledger.migrate()
+    return service, LiveApi(service, port)
+
+
+def submit(service: Service) -> str:
+    accepted = service.intake.submit(
+        {
+            "campaign": "TEST-LIVE",
+            "section": "zz",
+            "language": "en",
+            "supporter": {"name": "Jane Doe", "email": f"jane{time.monotonic_ns()}@example.org", "country": "GB"},
+        }
+    )
+    return accepted.deliveries[0].id
+
+
+def delivery(service: Service, delivery_id: str) -> dict:
+    row = service.ledger.fax_of(delivery_id)
+    assert row is not None
+    return {"state": row.state, "remote_id": row.remote_id}
+
+
+@pytest.fixture
+def telnyx() -> Iterator[TelnyxServer]:
+    with TelnyxServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sinch() -> Iterator[SinchServer]:
+    with SinchServer() as server:
+        yield server
+
+
+def test_telnyx_fax_is_sent_then_settled_by_its_signed_webhook(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        fax_id = delivery(service, delivery_id)["remote_id"]
+        [fax] = telnyx.faxes.values()
+        assert fax["id"] == fax_id and fax["to"] == "+442079460100" and fax["from"] == "+442079460000"
+        assert fax["webhook_url"] == f"{api.url}/v1/webhooks/fax/telnyx"
+
+        # out of order: a progress event after the fax is delivered changes nothing
+        telnyx.complete(fax_id, "delivered", page_count=3, call_duration_secs=95)
+        assert telnyx.send_webhook(fax_id, "fax.delivered").json() == {"result": "applied"}
+        assert telnyx.send_webhook(fax_id, "fax.sending.started").json()["result"].startswith("ignored")
+        assert telnyx.send_webhook(fax_id, "fax.delivered").json()["result"].startswith("ignored")  # duplicate
+        view = next(d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"])
+        assert view["state"] == "delivered" and view["pages"] == 3 and view["line_seconds"] == 95
+        # the line is free again for the next fax to that number
+        assert service.fax_lines.holder("+442079460100") is None
+
+
+def test_telnyx_webhooks_that_fail_verification_are_refused(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        fax_id = delivery(service, delivery_id)["remote_id"]
+        telnyx.complete(fax_id, "delivered", page_count=2, call_duration_secs=60)
+        url = f"{api.url}/v1/webhooks/fax/telnyx"
+        body = telnyx.event_body(fax_id, "fax.delivered")
+        now = int(time.time())
+
+        wrong_key = httpx.post(url, content=body, headers=telnyx.sign(body, now, Ed25519PrivateKey.generate()))
+        stale = httpx.post(url, content=body, headers=telnyx.sign(body, now - 301))
+        reserialised = json.dumps(json.loads(body), indent=1).encode()
+        tampered = httpx.post(url, content=reserialised, headers=telnyx.sign(body, now))
+        for response in (wrong_key, stale, tampered):
+            assert response.status_code == 401, response.text
+        assert stale.json()["error"]["code"] == "stale_signature"
+        assert delivery(service, delivery_id)["state"] == "sent"
+
+        assert httpx.post(url, content=body, headers=telnyx.sign(body, now)).json() == {"result": "applied"}
+        assert delivery(service, delivery_id)["state"] == "delivered"
+
+
+def test_telnyx_busy_failure_by_webhook_is_retried_with_a_new_fax(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        first = delivery(service, delivery_id)["remote_id"]
+        telnyx.complete(first, "failed", failure_reason="user_busy")
+        assert telnyx.send_webhook(first, "fax.failed").json() == {"result": "applied"}
+        # the reconciler releases the retry; the worker finds the failed fax by tag and sends anew
+        wait_for(lambda: delivery(service, delivery_id)["remote_id"] not in (first, None), timeout=30)
+        assert len(telnyx.faxes) == 2
+        attempts = service.ledger.attempts_of(delivery_id)
+        assert [a["outcome"] for a in attempts] == ["transient", "sent"]
+        assert attempts[0]["code"] == "user_busy"
+
+
+def test_telnyx_500_after_create_results_in_exactly_one_fax(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    telnyx.fail_next("create", 500, after_create=True)
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+    assert len(telnyx.faxes) == 1
+    assert delivery(service, delivery_id)["remote_id"] == next(iter(telnyx.faxes))
+
+
+def test_sinch_callback_is_confirmed_with_sinch_before_it_counts(tmp_path, database_url, redis_server, sinch):
+    service, api = live_service(tmp_path, database_url, redis_server, sinch, "sinch", sinch_callback_token="cb-secret")
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        fax_id = delivery(service, delivery_id)["remote_id"]
+        assert sinch.callback_urls[fax_id].startswith("http://dispatch:cb-secret@127.0.0.1")
+        # a callback claiming failure while Sinch says the fax is still in progress: believed nothing
+        assert sinch.send_callback(fax_id, status="FAILURE").json()["result"] == "ignored: not final"
+        assert delivery(service, delivery_id)["state"] == "sent"
+        # wrong credentials are refused
+        wrong = httpx.post(f"{api.url}/v1/webhooks/fax/sinch", json={"fax": {"id": fax_id}}, auth=("dispatch", "nope"))
+        assert wrong.status_code == 401
+        sinch.complete(fax_id, "COMPLETED", pages=2)
+        assert sinch.send_callback(fax_id).json() == {"result": "applied"}
+        assert delivery(service, delivery_id)["state"] == "delivered"
+
+
+def _appeal(service: Service, delivery_id: str) -> str:
+    from sqlalchemy import select
+
+    from dispatcher.ledger.models import Delivery
+
+    with service.ledger.session() as s:
+        return s.scalar(select(Delivery.appeal_id).where(Delivery.id == delivery_id))
