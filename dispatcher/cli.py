@@ -152,6 +152,41 @@ def ledger_show(appeal_id: str) -> None:
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- fax
+
+
+@main.group()
+def fax() -> None:
+    """Fax lines that need an operator."""
+
+
+@fax.command("flagged")
+def fax_flagged() -> None:
+    """List numbers that answered without a fax tone; letters to them wait."""
+    from rich.table import Table
+
+    rows = _service().ledger.flagged_numbers()
+    if not rows:
+        Console().print("no flagged numbers")
+        return
+    table = Table(title="flagged fax numbers")
+    for col in ("number", "flagged at", "last delivery", "reason"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["number"], row["flagged_at"], row["delivery"] or "", row["reason"])
+    Console().print(table)
+
+
+@fax.command("unflag")
+@click.argument("number")
+def fax_unflag(number: str) -> None:
+    """Clear NUMBER (E.164) after checking it by hand; its waiting letters go out again."""
+    if not _service().ledger.unflag_number(number):
+        err.print(f"{number} is not flagged")
+        sys.exit(1)
+    Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
+
+
 # ---------------------------------------------------------------------------- processes
 
 

@@ -1,0 +1,894 @@
+"""End-to-end throughput of the dispatcher, against a same-run baseline.
+
+What one repetition does (see docs/benchmarks.md for the reasoning):
+
+1. **baseline** — a bare aiosmtplib loop: render each letter (Renderer), build it
+   (build_message) and send it over ONE reused SMTP connection to the sink. No ledger, no
+   queue, no threads: the practical ceiling for one process on this machine.
+2. **pipeline** — the real path: a private redis-server, a fresh ledger (SQLite in a temp dir,
+   or a fresh PostgreSQL database), ``dispatcher worker --threads N`` subprocesses and a
+   ``dispatcher reconcile`` subprocess, all in sandbox mode pointed at the sink. The bench
+   process pushes ``deliveries / 5`` appeals through ``Service.intake.submit`` as fast as it
+   can, then polls the ledger until every delivery is ``sent``. Worker log level WARNING.
+3. **pipeline, INFO logging** — the same once more with ``DISPATCH_LOG_LEVEL=INFO`` (the
+   production default), to show what logging costs (only with ``--info-run``: it adds a
+   minute, and the default run stays under two).
+
+The SMTP sink (bench/smtp_sink.py) runs in a process of its own and counts messages and
+duplicate Message-IDs. Everything listens on 127.0.0.1 only; every wait is bounded.
+
+    .venv/bin/python bench/throughput.py [--deliveries 5000] [--workers 1] [--threads 8]
+        [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S]
+
+Figures go to stdout (a table) and, one JSON line per invocation, to
+bench/results/throughput.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiosmtplib  # noqa: E402
+import redis  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sqlalchemy import select, text  # noqa: E402
+
+from dispatcher.app import Service  # noqa: E402
+from dispatcher.channels.email.message import build_message  # noqa: E402
+from dispatcher.config.loader import load_catalog  # noqa: E402
+from dispatcher.ledger.models import Delivery  # noqa: E402
+from dispatcher.logging import configure as configure_logging  # noqa: E402
+from dispatcher.render.letters import LetterRequest, Renderer, Supporter  # noqa: E402
+from dispatcher.settings import Settings  # noqa: E402
+from tests.support.services import PostgresDatabase, RedisServer, free_port, wait_for_port  # noqa: E402
+
+CONFIG_DIR = BENCH / "config"
+TEMPLATES_DIR = ROOT / "templates"
+RESULTS = BENCH / "results" / "throughput.jsonl"
+CAMPAIGN = "BENCH"
+SECTION = "bench"
+KEY_ENV = "DISPATCH_INTAKE_KEY_BENCH"
+PYTHON = sys.executable
+DISPATCHER = str(Path(sys.executable).with_name("dispatcher"))
+MESSAGE = (
+    "I am writing as a member of my local group. Please release everyone detained for who they are,\n"
+    "and make sure their families are told where they are held.\n\nThank you for reading this letter."
+)
+
+# Not a terminal (a log file, CI): wide enough that the table's rows stay on one line.
+console = Console(width=None if sys.stdout.isatty() else 130)
+err = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    err.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included, its children not)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        raw = fh.read()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return [p.decode(errors="replace") for p in fh.read().split(b"\0") if p]
+
+
+def proc_children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
+                kids += [int(x) for x in fh.read().split()]
+    return kids
+
+
+def find_worker_pid(root_pid: int) -> int:
+    """The pid of the Python process running ``dispatcher worker``: ``root_pid`` itself when it
+    was exec'd directly (console script, setpriv), else the descendant that is (a wrapper such
+    as py-spy or a shell in between)."""
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop(0)
+        with contextlib.suppress(OSError):
+            argv = proc_cmdline(pid)
+            exe = os.readlink(f"/proc/{pid}/exe")
+            if "python" in Path(exe).name and "worker" in argv and any(a.endswith("dispatcher") for a in argv):
+                return pid
+        todo += proc_children(pid)
+    raise RuntimeError(f"no dispatcher worker process under pid {root_pid}")
+
+
+def die_with_parent() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` (it execs: the pid stays the worker's own)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and sys.platform.startswith("linux") else []
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"[yellow]pid {proc.pid} did not stop within {timeout:.0f} s: killed[/yellow]")
+        proc.kill()
+        proc.wait()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class Sink:
+    """bench/smtp_sink.py in its own process, on a free loopback port."""
+
+    def __init__(self, workdir: Path, name: str):
+        self.port = free_port()
+        self.status_path = workdir / f"{name}.status.json"
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Sink:
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    *die_with_parent(),
+                    PYTHON,
+                    str(BENCH / "smtp_sink.py"),
+                    "--port",
+                    str(self.port),
+                    "--status",
+                    str(self.status_path),
+                    "--max-seconds",
+                    "1800",
+                    "--parent",
+                    str(os.getpid()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while not self.status_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SMTP sink did not start:\n{tail(self.log_path)}")
+            time.sleep(0.05)
+        wait_for_port("127.0.0.1", self.port, timeout=10)
+        return self
+
+    def status(self) -> dict[str, Any]:
+        for _ in range(20):
+            with contextlib.suppress(OSError, ValueError):
+                return dict(json.loads(self.status_path.read_text()))
+            time.sleep(0.01)
+        raise RuntimeError("cannot read the sink's status")
+
+    def wait_for(self, messages: int, timeout: float = 10.0) -> dict[str, Any]:
+        """The status once at least ``messages`` were counted (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status["messages"] >= messages or time.monotonic() > deadline:
+                return status
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+@contextlib.contextmanager
+def fresh_database(database_url: str | None, workdir: Path, name: str) -> Iterator[str]:
+    """A SQLAlchemy URL of an empty database: a SQLite file in ``workdir`` by default, else a
+    new database on the PostgreSQL server that ``database_url`` names, dropped afterwards."""
+    if database_url is None:
+        yield f"sqlite:///{workdir / f'{name}.sqlite3'}"
+        return
+    if not database_url.startswith("postgresql"):
+        raise SystemExit("--database-url: only postgresql URLs (a server the bench creates a database on)")
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(database_url).set(drivername="postgresql", database="postgres")
+    with PostgresDatabase(admin.render_as_string(hide_password=False), prefix="dispatch_bench") as db:
+        yield db.url
+
+
+# --------------------------------------------------------------------------- appeals and letters
+
+
+def appeal_payload(i: int, run: str) -> dict[str, Any]:
+    return {
+        "campaign": CAMPAIGN,
+        "section": SECTION,
+        "language": "en",
+        "supporter": {
+            "name": f"Supporter {i} Example",
+            "email": f"supporter-{run}-{i}@example.net",
+            "city": "Springfield",
+            "country": "US",
+        },
+        "message": MESSAGE,
+        "client_ref": f"bench-{run}-{i}",
+    }
+
+
+@dataclass
+class Baseline:
+    messages: int
+    seconds: float
+    render_seconds: float
+    cpu_seconds: float
+    sink: dict[str, Any]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def smtp_only_rate(self) -> float:
+        return self.messages / max(self.seconds - self.render_seconds, 1e-9)
+
+
+def run_baseline(n: int, sink: Sink) -> Baseline:
+    """Render, build and send ``n`` letters one after another over one SMTP connection."""
+    catalog = load_catalog(CONFIG_DIR, TEMPLATES_DIR)
+    renderer = Renderer(TEMPLATES_DIR)
+    campaign = catalog.campaign(CAMPAIGN)
+    section = catalog.section(SECTION)
+    routes = catalog.routes(CAMPAIGN, SECTION)
+    envelope = section.sender.envelope_sender
+
+    async def loop() -> tuple[float, float]:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, local_hostname="localhost", start_tls=False)
+        await smtp.connect()
+        render_s = 0.0
+        started = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            target = routes[i % len(routes)].target
+            payload = appeal_payload(i // len(routes), "baseline")
+            person = payload["supporter"]
+            rendered = renderer.render_email(
+                LetterRequest(
+                    campaign=campaign,
+                    section=section,
+                    target=target,
+                    language="en",
+                    supporter=Supporter(person["name"], person["email"], person["city"], person["country"]),
+                    message=payload["message"],
+                    date=datetime.now(UTC).date(),
+                )
+            )
+            message = build_message(
+                delivery_id=f"dl_{uuid.uuid4().hex}",
+                section=section,
+                to_name=target.name,
+                to_address=str(target.email),
+                supporter_name=person["name"],
+                supporter_email=person["email"],
+                subject=rendered.subject,
+                text=rendered.text,
+                html=rendered.html,
+                language=rendered.language,
+                date=datetime.now(UTC),
+            )
+            render_s += time.perf_counter() - t0
+            await smtp.send_message(message, sender=envelope, recipients=[str(target.email)])
+        elapsed = time.perf_counter() - started
+        await smtp.quit()
+        return elapsed, render_s
+
+    cpu_before = proc_cpu_seconds(os.getpid())
+    elapsed, render_s = asyncio.run(loop())
+    cpu = proc_cpu_seconds(os.getpid()) - cpu_before
+    return Baseline(n, elapsed, render_s, cpu, sink.wait_for(n))
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Pipeline:
+    log_level: str
+    workers: int
+    threads: int
+    appeals: int
+    deliveries: int
+    intake_seconds: float
+    e2e_seconds: float
+    drain_seconds: float
+    states: dict[str, int]
+    latency_ms: list[float]
+    queued_at_missing: int
+    worker_hwm_kb: list[int]
+    cpu_s: dict[str, float]
+    sink: dict[str, Any]
+    profile: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return self.states.get("sent", 0)
+
+    @property
+    def intake_rate(self) -> float:
+        return self.appeals / self.intake_seconds
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.sent / self.e2e_seconds
+
+
+def child_env(settings: Settings, key: str, log_level: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "DATABASE_URL", "REDIS_URL"))}
+    env.update(
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.redis_url,
+        DISPATCH_REDIS_NAMESPACE=settings.redis_namespace,
+        DISPATCH_CONFIG_DIR=str(settings.config_dir),
+        DISPATCH_TEMPLATES_DIR=str(settings.templates_dir),
+        DISPATCH_VAR_DIR=str(settings.var_dir),
+        DISPATCH_SANDBOX_SMTP=f"{settings.sandbox_smtp_host}:{settings.sandbox_smtp_port}",
+        DISPATCH_MODE="sandbox",
+        DISPATCH_LOG_LEVEL=log_level,
+        DISPATCH_PEPPER=settings.pepper,
+        **{KEY_ENV: key},
+    )
+    return env
+
+
+def check_alive(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+    for proc, path in zip(procs, logs, strict=True):
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker pid {proc.pid} exited with {proc.returncode}:\n{tail(path)}")
+
+
+def wait_for_consumers(
+    client: redis.Redis, namespace: str, count: int, procs: list[subprocess.Popen[bytes]], logs: list[Path]
+) -> None:
+    """Until ``count`` dramatiq consumers have polled Redis (each registers a heartbeat)."""
+    deadline = time.monotonic() + 60
+    while client.zcard(f"{namespace}:__heartbeats__") < count:
+        check_alive(procs, logs)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the workers did not start polling the queue within 60 s")
+        time.sleep(0.05)
+
+
+def ledger_figures(service: Service) -> tuple[dict[str, int], list[float], int, datetime | None, datetime | None]:
+    """Deliveries by state; for the sent ones: latencies (ms), how many lack queued_at, the
+    first queued_at and the last sent_at."""
+    with service.ledger.engine.connect() as conn:
+        by_state = conn.execute(text("SELECT state, count(*) FROM deliveries GROUP BY state")).all()
+    states = {str(state): int(n) for state, n in by_state}
+    d = Delivery.__table__
+    with service.ledger.engine.connect() as conn:
+        rows = conn.execute(select(d.c.queued_at, d.c.created_at, d.c.sent_at).where(d.c.state == "sent")).all()
+    latency: list[float] = []
+    missing = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    for queued_at, created_at, sent_at in rows:
+        if queued_at is None:
+            # Intake stamps queued_at only after its enqueue returns; a worker that claimed
+            # the letter before that leaves it NULL. created_at is the same instant (intake's
+            # `now`), so the latency is still known.
+            missing += 1
+            queued_at = created_at
+        latency.append((sent_at - queued_at).total_seconds() * 1000)
+        first = queued_at if first is None or queued_at < first else first
+        last = sent_at if last is None or sent_at > last else last
+    return states, latency, missing, first, last
+
+
+def run_pipeline(
+    *,
+    appeals: int,
+    workers: int,
+    threads: int,
+    log_level: str,
+    database_url: str,
+    redis_server: RedisServer,
+    workdir: Path,
+    sink: Sink,
+    profile: bool,
+    timeout: float,
+    pace: float = 0.0,
+) -> Pipeline:
+    run = secrets.token_hex(3)
+    key = secrets.token_hex(16)
+    settings = Settings(
+        config_dir=CONFIG_DIR,
+        templates_dir=TEMPLATES_DIR,
+        var_dir=workdir / f"var-{run}",
+        database_url=database_url,
+        redis_url=redis_server.url,
+        redis_namespace=f"bench-{run}",
+        mode="sandbox",
+        sandbox_smtp_host="127.0.0.1",
+        sandbox_smtp_port=sink.port,
+        pepper=secrets.token_hex(8),
+    )
+    service = Service(settings, environ={KEY_ENV: key})
+    service.ledger.migrate()
+    env = child_env(settings, key, log_level)
+    procs: list[subprocess.Popen[bytes]] = []
+    worker_logs: list[Path] = []
+    spies: list[tuple[subprocess.Popen[bytes], Path]] = []
+    reconciler: subprocess.Popen[bytes] | None = None
+    notes: list[str] = []
+    try:
+        for w in range(workers):
+            worker_logs.append(workdir / f"worker-{run}-{w}.log")
+            with open(worker_logs[-1], "wb") as logf:
+                procs.append(
+                    subprocess.Popen(
+                        [*die_with_parent(), DISPATCHER, "worker", "--threads", str(threads)],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        cwd=workdir,
+                    )
+                )
+        client = redis.Redis.from_url(settings.redis_url)
+        wait_for_consumers(client, settings.redis_namespace, workers, procs, worker_logs)
+        worker_pids = [find_worker_pid(p.pid) for p in procs]
+        with open(workdir / f"reconciler-{run}.log", "wb") as logf:
+            reconciler = subprocess.Popen(
+                [*die_with_parent(), DISPATCHER, "reconcile", "--interval", "1"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        if profile:
+            for pid in worker_pids:
+                out = workdir / f"profile-{run}-{pid}.txt"
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).with_name("py-spy")),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--gil",  # only the GIL holder: the worker's Python CPU time
+                        "--rate",
+                        "100",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(out),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(workdir / f"py-spy-{pid}.log", "wb"),  # noqa: SIM115 - closed with the process
+                )
+                spies.append((spy, out))
+            time.sleep(1.0)  # py-spy attaches
+
+        cpu_before = {pid: proc_cpu_seconds(pid) for pid in [*worker_pids, os.getpid()]}
+        if redis_server.pid:
+            cpu_before[redis_server.pid] = proc_cpu_seconds(redis_server.pid)
+        sink_cpu_before = sink.status()["cpu_s"]
+
+        # ---- intake: as fast as one thread can
+        intake = service.intake
+        payloads = [appeal_payload(i, run) for i in range(appeals)]
+        t0 = datetime.now(UTC)
+        started = time.perf_counter()
+        expected = 0
+        for i, payload in enumerate(payloads):
+            if pace:
+                # a steady arrival rate instead of a burst: latency without a backlog
+                delay = started + i / pace - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            expected += len(intake.submit(payload).deliveries)
+        intake_s = time.perf_counter() - started
+        intake_cpu = proc_cpu_seconds(os.getpid()) - cpu_before[os.getpid()]
+
+        # ---- wait until every delivery is sent (bounded; gives up early without progress)
+        deadline = time.monotonic() + timeout
+        last_progress, last_count = time.monotonic(), -1
+        while True:
+            with service.ledger.engine.connect() as conn:
+                done = conn.execute(text("SELECT count(*) FROM deliveries WHERE state = 'sent'")).scalar_one()
+            if done >= expected:
+                break
+            if done != last_count:
+                last_progress, last_count = time.monotonic(), done
+            now = time.monotonic()
+            if now > deadline or now - last_progress > 60:
+                notes.append(f"gave up waiting: {done}/{expected} sent")
+                log(f"[red]gave up waiting: {done}/{expected} sent[/red]")
+                break
+            check_alive(procs, worker_logs)
+            time.sleep(0.2)
+        drained = time.perf_counter()
+
+        # ---- read the processes before stopping them
+        hwm = [int(proc_status(pid)["VmHWM"].split()[0]) for pid in worker_pids]
+        cpu = {
+            "workers": sum(proc_cpu_seconds(pid) - cpu_before[pid] for pid in worker_pids),
+            "intake": intake_cpu,
+        }
+        if redis_server.pid:
+            cpu["redis"] = proc_cpu_seconds(redis_server.pid) - cpu_before[redis_server.pid]
+        sink_status = sink.wait_for(expected, timeout=5)
+        cpu["sink"] = sink_status["cpu_s"] - sink_cpu_before
+        if reconciler.poll() is None:
+            cpu["reconciler"] = proc_cpu_seconds(reconciler.pid)
+        states, latency, missing, first_queued, last_sent = ledger_figures(service)
+    finally:
+        for spy, _ in spies:
+            stop_process(spy, signal.SIGINT, timeout=60)
+        for proc in procs:
+            stop_process(proc)
+        if reconciler is not None:
+            stop_process(reconciler)
+        service.ledger.dispose()
+        with contextlib.suppress(Exception):
+            service.broker.close()
+
+    for proc in procs:
+        if proc.returncode not in (0, -signal.SIGTERM):
+            notes.append(f"worker exited with {proc.returncode}")
+    # first enqueue -> last sent_at, both from the ledger (queued_at is intake's clock at submit)
+    e2e_s = (last_sent - (first_queued or t0)).total_seconds() if last_sent else float("nan")
+    profile_summary = None
+    if spies:
+        from stack_summary import summarise
+
+        profile_summary = summarise([out for _, out in spies])
+    return Pipeline(
+        log_level=log_level,
+        workers=workers,
+        threads=threads,
+        appeals=appeals,
+        deliveries=expected,
+        intake_seconds=intake_s,
+        e2e_seconds=e2e_s,
+        drain_seconds=drained - started,
+        states=states,
+        latency_ms=latency,
+        queued_at_missing=missing,
+        worker_hwm_kb=hwm,
+        cpu_s={k: round(v, 2) for k, v in cpu.items()},
+        sink=sink_status,
+        profile=profile_summary,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- one repetition
+
+
+def one_repetition(args: argparse.Namespace, redis_server: RedisServer, workdir: Path, index: int) -> dict[str, Any]:
+    appeals = args.deliveries // 5
+    n = appeals * 5
+    out: dict[str, Any] = {}
+
+    log(f"baseline: {n} letters over one SMTP connection")
+    with Sink(workdir, f"sink-baseline-{secrets.token_hex(2)}") as sink:
+        base = run_baseline(n, sink)
+    out["baseline"] = {
+        "messages": base.messages,
+        "seconds": round(base.seconds, 3),
+        "rate": round(base.rate, 1),
+        "render_share": round(base.render_seconds / base.seconds, 3),
+        "smtp_only_rate": round(base.smtp_only_rate, 1),
+        "cpu_ms_per_letter": round(base.cpu_seconds * 1000 / n, 3),
+        "sink_cpu_ms_per_letter": round(base.sink["cpu_s"] * 1000 / n, 3),
+        "sink_messages": base.sink["messages"],
+        "sink_duplicates": base.sink["duplicates"],
+    }
+    log(f"baseline: {base.rate:.0f} letters/s")
+
+    levels = [("WARNING", "pipeline", False)]
+    if args.info_run:
+        # every other repetition runs INFO first, so that order effects do not pass for logging's cost
+        levels.insert(index % 2, ("INFO", "pipeline_info", False))
+    if args.profile and index == 0:
+        # an extra run: py-spy pauses the worker ~100 times a second, so its figures are not the measurement
+        levels.append((args.profile_level, "pipeline_profiled", True))
+    for level, name, profiled in levels:
+        log(f"{name}: {appeals} appeals → {n} letters, {args.workers} worker(s) × {args.threads} threads, log {level}")
+        with (
+            Sink(workdir, f"sink-{name}-{secrets.token_hex(2)}") as sink,
+            fresh_database(args.database_url, workdir, f"ledger-{name}-{secrets.token_hex(2)}") as url,
+        ):
+            p = run_pipeline(
+                appeals=appeals,
+                workers=args.workers,
+                threads=args.threads,
+                log_level=level,
+                database_url=url,
+                redis_server=redis_server,
+                workdir=workdir,
+                sink=sink,
+                profile=profiled,
+                timeout=args.timeout,
+                pace=args.pace,
+            )
+        lat = p.latency_ms or [float("nan")]
+        out[name] = {
+            "log_level": level,
+            "appeals": p.appeals,
+            "deliveries": p.deliveries,
+            "sent": p.sent,
+            "states": p.states,
+            "intake_rate": round(p.intake_rate, 1),
+            "e2e_seconds": round(p.e2e_seconds, 3),
+            "e2e_rate": round(p.e2e_rate, 1),
+            "ratio": round(p.e2e_rate / base.rate, 3),
+            "latency_p50_ms": round(percentile(lat, 50), 1),
+            "latency_p99_ms": round(percentile(lat, 99), 1),
+            "queued_at_missing": p.queued_at_missing,
+            "worker_peak_rss_mb": round(max(p.worker_hwm_kb) / 1024, 1),
+            "worker_peak_rss_mb_each": [round(k / 1024, 1) for k in p.worker_hwm_kb],
+            "cpu_ms_per_delivery": {k: round(v * 1000 / max(p.deliveries, 1), 3) for k, v in p.cpu_s.items()},
+            "sink_messages": p.sink["messages"],
+            "sink_duplicates": p.sink["duplicates"],
+            "notes": p.notes,
+        }
+        if p.profile is not None:
+            out[name]["profile"] = p.profile
+        log(
+            f"{name}: {p.e2e_rate:.0f} letters/s end to end (ratio {p.e2e_rate / base.rate:.2f}), "
+            f"intake {p.intake_rate:.0f} appeals/s"
+        )
+    if "pipeline_info" in out:
+        out["info_logging_cost"] = round(1 - out["pipeline_info"]["e2e_rate"] / out["pipeline"]["e2e_rate"], 3)
+    return out
+
+
+# --------------------------------------------------------------------------- reporting
+
+ROWS: list[tuple[str, str, str]] = [
+    # (label, dotted key, format)
+    ("baseline: letters/s (1 connection, render+build+send)", "baseline.rate", "{:.0f}"),
+    ("baseline: letters/s, SMTP part only", "baseline.smtp_only_rate", "{:.0f}"),
+    ("baseline: share of time rendering + building", "baseline.render_share", "{:.0%}"),
+    ("baseline: client CPU ms / letter", "baseline.cpu_ms_per_letter", "{:.2f}"),
+    ("intake: appeals/s (1 thread, Service.intake.submit)", "pipeline.intake_rate", "{:.0f}"),
+    ("end to end: letters/s (first enqueue → last sent_at)", "pipeline.e2e_rate", "{:.0f}"),
+    ("ratio end to end / baseline (target ≥ 0.5)", "pipeline.ratio", "{:.2f}"),
+    ("latency sent_at − queued_at p50 (ms)", "pipeline.latency_p50_ms", "{:.0f}"),
+    ("latency sent_at − queued_at p99 (ms)", "pipeline.latency_p99_ms", "{:.0f}"),
+    ("worker peak RSS, VmHWM (MB)", "pipeline.worker_peak_rss_mb", "{:.1f}"),
+    ("worker CPU ms / letter", "pipeline.cpu_ms_per_delivery.workers", "{:.2f}"),
+    ("intake (bench process) CPU ms / letter", "pipeline.cpu_ms_per_delivery.intake", "{:.2f}"),
+    ("redis-server CPU ms / letter", "pipeline.cpu_ms_per_delivery.redis", "{:.2f}"),
+    ("sink CPU ms / letter", "pipeline.cpu_ms_per_delivery.sink", "{:.2f}"),
+    ("sent / planned", "pipeline.sent", "{:.0f}"),
+    ("duplicates at the sink", "pipeline.sink_duplicates", "{:.0f}"),
+    ("sent rows with queued_at NULL (claimed before intake stamped them)", "pipeline.queued_at_missing", "{:.0f}"),
+    ("INFO logging: end to end letters/s", "pipeline_info.e2e_rate", "{:.0f}"),
+    ("INFO logging: ratio to baseline", "pipeline_info.ratio", "{:.2f}"),
+    ("INFO logging: worker CPU ms / letter", "pipeline_info.cpu_ms_per_delivery.workers", "{:.2f}"),
+    ("INFO logging: throughput lost vs WARNING", "info_logging_cost", "{:.0%}"),
+]
+
+
+def dig(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def medians(reps: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for _, key, _ in ROWS:
+        values = [v for r in reps if isinstance(v := dig(r, key), int | float)]
+        if values:
+            out[key] = statistics.median(values)
+    return out
+
+
+def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, float]) -> None:
+    title = (
+        f"dispatcher throughput — {reps[0]['pipeline']['deliveries']} letters, {args.workers} worker(s) × "
+        f"{args.threads} threads, {'PostgreSQL' if args.database_url else 'SQLite'}, {os.cpu_count()} CPUs"
+        + (f", intake paced at {args.pace:g} appeals/s" if args.pace else "")
+        + (f", {len(reps)} repetitions" if len(reps) > 1 else "")
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("measure")
+    table.add_column("median" if len(reps) > 1 else "value", justify="right")
+    if len(reps) > 1:
+        for i in range(len(reps)):
+            table.add_column(f"#{i + 1}", justify="right", style="dim")
+    for label, key, fmt in ROWS:
+        if key not in med:
+            continue
+        cells = [fmt.format(med[key])]
+        if len(reps) > 1:
+            cells += [fmt.format(v) if isinstance(v := dig(r, key), int | float) else "" for r in reps]
+        table.add_row(label, *cells)
+    console.print(table)
+    for i, rep in enumerate(reps, 1):
+        for name in ("pipeline", "pipeline_info", "pipeline_profiled"):
+            for note in dig(rep, f"{name}.notes") or []:
+                console.print(f"[yellow]#{i} {name}: {note}[/yellow]")
+            states = dig(rep, f"{name}.states") or {}
+            if set(states) - {"sent"}:
+                console.print(f"[yellow]#{i} {name}: deliveries not sent: {states}[/yellow]")
+    for rep in reps:
+        prof = dig(rep, "pipeline_profiled.profile")
+        if prof:
+            from stack_summary import print_summary
+
+            print_summary(console, prof)
+            break
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+
+
+def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, float]) -> None:
+    def slim(rep: dict[str, Any]) -> dict[str, Any]:
+        rep = json.loads(json.dumps(rep))
+        for name in ("pipeline", "pipeline_info", "pipeline_profiled"):
+            if name in rep:
+                rep[name].pop("profile", None)
+                if not rep[name].get("notes"):
+                    rep[name].pop("notes", None)
+        return rep
+
+    line = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "args": {
+            "deliveries": args.deliveries,
+            "workers": args.workers,
+            "threads": args.threads,
+            "database": "postgresql" if args.database_url else "sqlite",
+            "repeat": args.repeat,
+            "profile": args.profile,
+            "pace": args.pace or None,
+        },
+        "median": med,
+        "runs": [slim(r) for r in reps],
+    }
+    profile = next((p for r in reps if (p := dig(r, "pipeline_profiled.profile"))), None)
+    if profile:
+        line["profile"] = {k: profile[k] for k in ("samples", "by_category", "by_step")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as fh:
+        fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+    log(f"appended to {RESULTS.relative_to(ROOT)}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="End-to-end throughput against a same-run baseline.")
+    parser.add_argument("--deliveries", type=int, default=5000, help="letters per run (appeals = deliveries / 5)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker (dispatcher worker --threads)")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="PostgreSQL server to create a fresh database on, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/ "
+        "(default: SQLite in a temp dir)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
+    parser.add_argument(
+        "--info-run", action="store_true", help="one more pipeline run with the workers logging at INFO (its cost)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="one extra WARNING run with the workers sampled by py-spy --gil"
+    )
+    parser.add_argument(
+        "--profile-level", default="WARNING", choices=("WARNING", "INFO"), help="worker log level of the profiled run"
+    )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="submit this many appeals/s instead of as fast as possible (latency without a backlog)",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all letters, seconds")
+    parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
+    args = parser.parse_args()
+    if args.deliveries < 5 or args.workers < 1 or args.threads < 1 or args.repeat < 1:
+        parser.error("--deliveries ≥ 5, --workers, --threads and --repeat ≥ 1")
+    if args.profile and not Path(sys.executable).with_name("py-spy").exists():
+        parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
+    configure_logging("WARNING")
+
+    reps: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="dispatch-bench-")
+    try:
+        with RedisServer(appendonly=False) as redis_server:
+            workdir = Path(tmp)
+            for i in range(args.repeat):
+                if args.repeat > 1:
+                    log(f"[bold]repetition {i + 1}/{args.repeat}[/bold]")
+                reps.append(one_repetition(args, redis_server, workdir, index=i))
+    finally:
+        if args.keep:
+            log(f"work dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    med = medians(reps)
+    print_table(args, reps, med)
+    if args.record:
+        record(args, reps, med)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

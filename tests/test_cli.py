@@ -1,0 +1,64 @@
+"""The operator and integrator commands, run through click against a real ledger."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from click.testing import CliRunner
+
+from dispatcher.cli import main
+from dispatcher.intake.signature import compute
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def run(service, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", service.settings.database_url)
+    monkeypatch.setenv("DISPATCH_VAR_DIR", str(service.settings.var_dir))
+    runner = CliRunner()
+    return lambda *args, **kw: runner.invoke(main, list(args), catch_exceptions=False, **kw)
+
+
+def test_sign_prints_the_header_the_api_checks(run, tmp_path, monkeypatch):
+    body = json.dumps({"campaign": "UA-002-19-DEMO", "section": "us"}).encode()
+    (tmp_path / "body.json").write_bytes(body)
+    monkeypatch.setenv("DISPATCH_INTAKE_KEY_US", "k3y")
+    result = run("sign", "--section", "us", "--timestamp", "1700000000", str(tmp_path / "body.json"))
+    assert result.exit_code == 0
+    assert result.output.strip() == f"t=1700000000,v1={compute(b'k3y', 1700000000, body)}"
+
+
+def test_sign_names_the_missing_key_variable(run, tmp_path, monkeypatch):
+    (tmp_path / "body.json").write_bytes(b"{}")
+    monkeypatch.delenv("DISPATCH_INTAKE_KEY_US", raising=False)
+    result = run("sign", "--section", "us", str(tmp_path / "body.json"))
+    assert result.exit_code == 2
+    assert "DISPATCH_INTAKE_KEY_US" in result.output
+
+
+def test_flagged_numbers_are_listed_and_cleared(run, service):
+    service.ledger.flag_number("+442079460103", "no fax tone", "dl_x", datetime.now(UTC))
+    listed = run("fax", "flagged")
+    assert "+442079460103" in listed.output and "no fax tone" in listed.output
+    assert run("fax", "unflag", "+442079460103").exit_code == 0
+    assert service.ledger.flagged("+442079460103") is None
+    assert run("fax", "unflag", "+442079460103").exit_code == 1
+
+
+def test_config_check_reports_file_and_key(run, tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import ROOT
+
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    section = config / "sections" / "us.toml"
+    section.write_text(section.read_text().replace('target = "president"', 'target = "presidnet"'))
+    monkeypatch.setenv("DISPATCH_CONFIG_DIR", str(config))
+    result = run("config", "check")
+    assert result.exit_code == 1
+    assert "sections/us.toml: campaigns.UA-002-19.writes[0].target" in result.output
+    assert "presidnet" in result.output
