@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, and_, case, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -328,13 +328,23 @@ class Ledger:
     # ------------------------------------------------------------------ the outbox
 
     def mark_queued(self, ids: Sequence[str], now: datetime) -> int:
+        """Record that messages for ``ids`` are on the queue.
+
+        A fast worker may already have claimed a delivery before this runs: its state is then
+        left alone, but its ``queued_at`` is still set, so enqueue-to-sent latency is known for
+        every letter.
+        """
         if not ids:
             return 0
         with self.engine.begin() as conn:
             return conn.execute(
                 update(D)
-                .where(D.c.id.in_(list(ids)), D.c.state == State.PLANNED)
-                .values(state=State.QUEUED, queued_at=func.coalesce(D.c.queued_at, now), updated_at=now)
+                .where(D.c.id.in_(list(ids)), or_(D.c.state == State.PLANNED, D.c.queued_at.is_(None)))
+                .values(
+                    state=case((D.c.state == State.PLANNED, State.QUEUED.value), else_=D.c.state),
+                    queued_at=func.coalesce(D.c.queued_at, now),
+                    updated_at=now,
+                )
             ).rowcount
 
     def due(self, now: datetime, *, fresh_grace: timedelta, requeue_after: timedelta, limit: int) -> list[str]:

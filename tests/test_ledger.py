@@ -1,0 +1,122 @@
+"""Ledger behaviour on SQLite and PostgreSQL: claims, the outbox, stale claims, deadlines and
+the retention of supporters' personal data."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from dispatcher.ledger.models import Appeal, Delivery, State
+from dispatcher.ledger.migrate import current
+from tests.conftest import appeal_body
+
+
+def accept(service, **overrides):
+    return service.intake.submit(appeal_body(**overrides))
+
+
+def row(service, delivery_id: str) -> Delivery:
+    with service.ledger.session() as s:
+        return s.get(Delivery, delivery_id)
+
+
+def test_migrations_reach_head(service):
+    assert current(service.ledger.engine) == "0002"
+
+
+def test_claim_is_exclusive_and_only_for_due_letters(service):
+    delivery = accept(service).deliveries[0]
+    now = datetime.now(UTC)
+    assert service.ledger.claim(delivery.id, "w1", now - timedelta(seconds=5)) is None  # not due yet
+    first = service.ledger.claim(delivery.id, "w1", now)
+    assert first is not None and first.attempt == 1
+    assert service.ledger.claim(delivery.id, "w2", now) is None
+    assert row(service, delivery.id).claimed_by == "w1"
+
+
+def test_mark_queued_after_a_fast_worker_keeps_its_state_but_records_the_enqueue(service):
+    service.intake.enqueuer = None  # the test plays intake's enqueue itself, below
+    delivery = accept(service).deliveries[0]
+    assert row(service, delivery.id).queued_at is None
+    now = datetime.now(UTC)
+    service.ledger.claim(delivery.id, "w1", now)  # claimed before intake got to mark it queued
+    service.ledger.mark_queued([delivery.id], now)
+    stored = row(service, delivery.id)
+    assert stored.state == State.SENDING
+    assert stored.queued_at == now
+
+
+def test_stale_claim_goes_back_to_planned_with_an_attempt_recorded(service):
+    delivery = accept(service).deliveries[0]
+    claimed_at = datetime.now(UTC)
+    service.ledger.claim(delivery.id, "dead-worker", claimed_at)
+    later = claimed_at + timedelta(minutes=30)
+    assert service.ledger.release_stale_claims(later - timedelta(minutes=25), older_than=timedelta(minutes=11)) == []
+    released = service.ledger.release_stale_claims(later, older_than=timedelta(minutes=11))
+    assert released == [delivery.id]
+    stored = row(service, delivery.id)
+    assert stored.state == State.PLANNED and stored.claimed_by is None
+    [attempt] = service.ledger.attempts_of(delivery.id)
+    assert attempt["outcome"] == "transient" and "stale claim" in attempt["text"]
+    # the released letter is claimed again by a live worker, whose fresh claim is left alone
+    assert service.ledger.claim(delivery.id, "live-worker", later) is not None
+    assert service.ledger.release_stale_claims(later + timedelta(minutes=1), older_than=timedelta(minutes=11)) == []
+
+
+def test_waiting_letters_expire_at_the_deadline_and_sent_ones_stay(service):
+    accepted = accept(service)
+    sent, waiting = accepted.deliveries[0], accepted.deliveries[1]
+    now = datetime.now(UTC)
+    claim = service.ledger.claim(sent.id, "w1", now)
+    service.ledger.finish(claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now)
+    deadline = service.catalog.deadline_at(accepted.campaign, accepted.section)
+    assert service.ledger.expire_waiting(accepted.campaign, accepted.section, deadline, now) == 0
+    assert service.ledger.expire_waiting(accepted.campaign, accepted.section, deadline, deadline) == 1
+    assert row(service, waiting.id).state == State.EXPIRED
+    assert row(service, sent.id).state == State.SENT
+
+
+def test_personal_data_is_purged_after_retention_once_every_letter_is_final(service):
+    accepted = accept(service, message="They took my brother")
+    long_ago = datetime.now(UTC) + timedelta(days=service.settings.pii_retention_days + 1)
+    # letters still waiting: nothing is purged, the letters still need the name and message
+    assert service.ledger.purge_personal_data(long_ago, timedelta(days=service.settings.pii_retention_days)) == 0
+    now = datetime.now(UTC)
+    for d in accepted.deliveries:
+        claim = service.ledger.claim(d.id, "w1", now)
+        service.ledger.finish(claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now)
+    retention = timedelta(days=service.settings.pii_retention_days)
+    assert service.ledger.purge_personal_data(now, retention) == 0  # not old enough yet
+    assert service.ledger.purge_personal_data(long_ago, retention) == 1
+    with service.ledger.session() as s:
+        appeal = s.scalars(select(Appeal).where(Appeal.id == accepted.appeal_id)).one()
+        assert (appeal.supporter_name, appeal.supporter_email, appeal.message, appeal.supporter_city) == (
+            None,
+            None,
+            None,
+            None,
+        )
+        assert appeal.pii_purged_at is not None
+        assert appeal.supporter_ref  # duplicates are still recognised after the purge
+    # counters and the appeal view survive the purge
+    assert service.ledger.counters(accepted.campaign)["appeals"] == 1
+
+
+def test_purged_appeal_still_blocks_a_duplicate(service):
+    body = appeal_body()
+    accepted = service.intake.submit(body)
+    now = datetime.now(UTC)
+    for d in accepted.deliveries:
+        claim = service.ledger.claim(d.id, "w1", now)
+        service.ledger.finish(claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now)
+    service.ledger.purge_personal_data(now + timedelta(days=365), timedelta(days=1))
+    from dispatcher.errors import DuplicateAppeal
+
+    again = appeal_body(supporter=body["supporter"])
+    try:
+        service.intake.submit(again)
+    except DuplicateAppeal as exc:
+        assert exc.appeal_id == accepted.appeal_id
+    else:
+        raise AssertionError("a purged appeal no longer blocked a duplicate")
