@@ -213,14 +213,14 @@ Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   queue        {settings.redis_url.split("@")[-1]}  ({redis_note})
   ledger       {settings.database_url}
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
-  fax lab      real T.30 calls in software → {settings.var_dir / 'sandbox' / 'fax'}/<fax>/page-N.png
+  fax lab      real T.30 calls in software → {settings.var_dir / "sandbox" / "fax"}/<fax>/page-N.png
   intake keys  environment, else {_keys_file(settings)}
 
 Try it (signs the example body and posts it):
   curl -sS {base}/v1/appeals -H 'Content-Type: application/json' \\
     -H "Dispatch-Signature: $(.venv/bin/dispatcher sign --section {code} {example})" \\
     --data-binary @{example}
-then open {base}/v1/appeals/<appeal_id> and look in {settings.var_dir / 'sandbox'}/
+then open {base}/v1/appeals/<appeal_id> and look in {settings.var_dir / "sandbox"}/
 """,
             flush=True,
         )

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from dispatcher.ledger.models import Appeal, Delivery, State
 from dispatcher.ledger.migrate import current
+from dispatcher.ledger.models import Appeal, Delivery, State
 from tests.conftest import appeal_body
 
 
