@@ -115,8 +115,9 @@ class Ledger:
 
     def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
         """Take a waiting, due delivery for sending; None if it is not ours to send."""
+        # One statement: UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL) on the worker's hot path.
         with self.engine.begin() as conn:
-            took = conn.execute(
+            row = conn.execute(
                 update(D)
                 .where(
                     D.c.id == delivery_id,
@@ -130,10 +131,22 @@ class Ledger:
                     attempts=D.c.attempts + 1,
                     updated_at=now,
                 )
-            ).rowcount
-            if took != 1:
-                return None
-            row = conn.execute(select(D).where(D.c.id == delivery_id)).one()
+                .returning(
+                    D.c.id,
+                    D.c.appeal_id,
+                    D.c.campaign,
+                    D.c.section,
+                    D.c.target,
+                    D.c.channel,
+                    D.c.recipient,
+                    D.c.language,
+                    D.c.message_id,
+                    D.c.attempts,
+                    D.c.queued_at,
+                )
+            ).one_or_none()
+        if row is None:
+            return None
         return Claim(
             id=row.id,
             appeal_id=row.appeal_id,
