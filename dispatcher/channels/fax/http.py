@@ -19,15 +19,16 @@ this module answers for all of them is "did the create certainly not happen?":
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxReport, newest
+from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxJob, FaxReport, newest
 from dispatcher.errors import BlipError, DeliveryError, OperationalError, PermanentError, TransientError
 
 #: connect fast (a dead gateway should not hold a worker), but give an upload time to finish
@@ -48,6 +49,85 @@ class UncertainCreate(Exception):
     def __init__(self, error: DeliveryError):
         super().__init__(str(error))
         self.error = error
+
+
+class LookupFirstGateway:
+    """What every HTTP fax gateway shares: no gateway has an idempotency key, so a create whose
+    outcome is unknown (timeout, reset, 5xx, unreadable answer) is followed by a lookup by our
+    tag, and a tag whose create stayed unknown is looked up before the next create. Subclasses
+    say how to create a fax and how to find one by tag; nothing else of this logic is theirs.
+    """
+
+    name: str
+    lookup_attempts: int = 2
+    lookup_delay_s: float = 0.5
+
+    def __init__(self, *, lookup_attempts: int = 2, lookup_delay_s: float = 0.5):
+        self.lookup_attempts = max(1, lookup_attempts)
+        self.lookup_delay_s = lookup_delay_s
+        #: tags whose create had an unknown outcome in this process: look before creating again
+        self._uncertain: set[str] = set()
+
+    async def _create_job(self, job: FaxJob) -> FaxReport:
+        """POST the fax (via :meth:`_post_create`)."""
+        raise NotImplementedError
+
+    async def _find(self, tag: str, to_number: str | None) -> FaxReport | None:
+        raise NotImplementedError
+
+    async def send(self, job: FaxJob) -> FaxReport:
+        if job.tag in self._uncertain and (found := await self._find(job.tag, job.to_number)):
+            self._uncertain.discard(job.tag)
+            return found
+        try:
+            report = await self._create_job(job)
+        except UncertainCreate as exc:
+            self._uncertain.add(job.tag)
+            found = await self._look_after_uncertain(job, exc.error)
+            if found is None:
+                raise exc.error from None
+            report = found
+        self._uncertain.discard(job.tag)
+        return report
+
+    async def find_by_tag(self, tag: str) -> FaxReport | None:
+        return await self._find(tag, None)
+
+    async def _post_create(
+        self,
+        post: Callable[[], Awaitable[httpx.Response]],
+        parse: Callable[[httpx.Response], FaxReport],
+        error: Callable[[httpx.Response], DeliveryError],
+    ) -> FaxReport:
+        """One create request, its failures sorted into certain (raised) and uncertain."""
+        try:
+            response = await post()
+        except httpx.HTTPError as exc:
+            if sent_uncertainly(exc):
+                raise UncertainCreate(transport_error(exc)) from exc
+            raise transport_error(exc) from exc
+        if response.status_code >= 500:
+            raise UncertainCreate(error(response))
+        if response.is_error:
+            raise error(response)
+        try:
+            return parse(response)
+        except (KeyError, TypeError, ValueError) as exc:
+            # Accepted, but we cannot tell which fax: the lookup by tag will.
+            raise UncertainCreate(TransientError(f"{self.name} accepted the fax with an unreadable answer")) from exc
+
+    async def _look_after_uncertain(self, job: FaxJob, cause: DeliveryError) -> FaxReport | None:
+        for attempt in range(self.lookup_attempts):
+            if attempt:
+                await asyncio.sleep(self.lookup_delay_s)  # the list may lag the create
+            try:
+                found = await self._find(job.tag, job.to_number)
+            except DeliveryError as exc:
+                # We cannot tell whether the fax exists: never create blindly.
+                raise TransientError(f"create outcome unknown ({cause}) and lookup failed ({exc})") from exc
+            if found is not None:
+                return found
+        return None
 
 
 def make_client(

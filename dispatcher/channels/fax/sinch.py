@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -33,14 +32,13 @@ import httpx
 from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxJob, FaxReport, FaxStatus
 from dispatcher.channels.fax.http import (
     FaxNotFound,
-    UncertainCreate,
+    LookupFirstGateway,
     as_int,
     http_error,
     json_body,
     make_client,
     newest_created,
     parse_time,
-    sent_uncertainly,
     transport_error,
 )
 from dispatcher.errors import (
@@ -192,7 +190,7 @@ def parse_callback(
     return replace(report, extra=extra, occurred_at=occurred)
 
 
-class SinchGateway:
+class SinchGateway(LookupFirstGateway):
     name = GATEWAY
 
     def __init__(
@@ -217,34 +215,13 @@ class SinchGateway:
         self.service_id = service_id
         self.max_retries = max_retries
         self.send_tiff = send_tiff
-        self.lookup_attempts = max(1, lookup_attempts)
-        self.lookup_delay_s = lookup_delay_s
+        super().__init__(lookup_attempts=lookup_attempts, lookup_delay_s=lookup_delay_s)
         #: faxes per list page when looking a tag up
         self.page_size = 100
         self._faxes = f"/v3/projects/{quote(project_id, safe='')}/faxes"
         self._client = make_client(
             base_url, headers={}, auth=(key_id, key_secret), timeout=timeout, transport=transport
         )
-        #: tags whose create had an unknown outcome in this process: look before creating again
-        self._uncertain: set[str] = set()
-
-    async def send(self, job: FaxJob) -> FaxReport:
-        if job.tag in self._uncertain and (found := await self._find(job.tag, job.to_number)):
-            self._uncertain.discard(job.tag)
-            return found
-        try:
-            report = await self._create(job)
-        except UncertainCreate as exc:
-            self._uncertain.add(job.tag)
-            found = await self._look_after_uncertain(job, exc.error)
-            if found is None:
-                raise exc.error from None
-            report = found
-        self._uncertain.discard(job.tag)
-        return report
-
-    async def find_by_tag(self, tag: str) -> FaxReport | None:
-        return await self._find(tag, None)
 
     async def get(self, remote_id: str) -> FaxReport:
         response = await self._request("GET", f"{self._faxes}/{quote(remote_id, safe='')}")
@@ -296,34 +273,11 @@ class SinchGateway:
         }
         return data, files
 
-    async def _create(self, job: FaxJob) -> FaxReport:
+    async def _create_job(self, job: FaxJob) -> FaxReport:
         data, files = self._form(job)
-        try:
-            response = await self._client.post(self._faxes, data=data, files=files)
-        except httpx.HTTPError as exc:
-            if sent_uncertainly(exc):
-                raise UncertainCreate(transport_error(exc)) from exc
-            raise transport_error(exc) from exc
-        if response.status_code >= 500:
-            raise UncertainCreate(_error(response))
-        if response.is_error:
-            raise _error(response)
-        try:
-            return report_from_fax(_fax(response))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UncertainCreate(TransientError("sinch accepted the fax with an unreadable answer")) from exc
-
-    async def _look_after_uncertain(self, job: FaxJob, cause: DeliveryError) -> FaxReport | None:
-        for attempt in range(self.lookup_attempts):
-            if attempt:
-                await asyncio.sleep(self.lookup_delay_s)  # the list may lag the create
-            try:
-                found = await self._find(job.tag, job.to_number)
-            except DeliveryError as exc:
-                raise TransientError(f"create outcome unknown ({cause}) and lookup failed ({exc})") from exc
-            if found is not None:
-                return found
-        return None
+        return await self._post_create(
+            lambda: self._client.post(self._faxes, data=data, files=files), lambda r: report_from_fax(_fax(r)), _error
+        )
 
     async def _find(self, tag: str, to_number: str | None) -> FaxReport | None:
         params: dict[str, str | int] = {"direction": "OUTBOUND", "pageSize": self.page_size}

@@ -17,7 +17,6 @@ Telnyx does not retry a failed fax by itself; our ledger does (DESIGN.md).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxJob, FaxReport, FaxStatus
 from dispatcher.channels.fax.http import (
     FaxNotFound,
-    UncertainCreate,
+    LookupFirstGateway,
     as_float,
     as_int,
     http_error,
@@ -42,7 +41,6 @@ from dispatcher.channels.fax.http import (
     make_client,
     newest_created,
     parse_time,
-    sent_uncertainly,
     transport_error,
 )
 from dispatcher.errors import (
@@ -196,7 +194,7 @@ def report_from_event(event: Mapping[str, Any]) -> FaxReport:
     )
 
 
-class TelnyxGateway:
+class TelnyxGateway(LookupFirstGateway):
     name = GATEWAY
 
     def __init__(
@@ -223,34 +221,12 @@ class TelnyxGateway:
         self.quality = quality
         self.media_ttl_s = media_ttl_s
         self.lookback = lookback
-        self.lookup_attempts = max(1, lookup_attempts)
-        self.lookup_delay_s = lookup_delay_s
+        super().__init__(lookup_attempts=lookup_attempts, lookup_delay_s=lookup_delay_s)
         #: faxes per list page when looking a tag up
         self.page_size = 100
         self._client = make_client(
             base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout, transport=transport
         )
-        #: tags whose create had an unknown outcome in this process: look before creating again
-        self._uncertain: set[str] = set()
-
-    async def send(self, job: FaxJob) -> FaxReport:
-        if job.tag in self._uncertain and (found := await self._find(job.tag, job.to_number)):
-            self._uncertain.discard(job.tag)
-            return found
-        body = await self._create_body(job)
-        try:
-            report = await self._create(body)
-        except UncertainCreate as exc:
-            self._uncertain.add(job.tag)
-            found = await self._look_after_uncertain(job, exc.error)
-            if found is None:
-                raise exc.error from None
-            report = found
-        self._uncertain.discard(job.tag)
-        return report
-
-    async def find_by_tag(self, tag: str) -> FaxReport | None:
-        return await self._find(tag, None)
 
     async def get(self, remote_id: str) -> FaxReport:
         response = await self._request("GET", f"/v2/faxes/{quote(remote_id, safe='')}")
@@ -304,35 +280,11 @@ class TelnyxGateway:
             raise TransientError("telnyx media upload answered without a media_name")
         return str(name)
 
-    async def _create(self, body: dict[str, Any]) -> FaxReport:
-        try:
-            response = await self._client.post("/v2/faxes", json=body)
-        except httpx.HTTPError as exc:
-            if sent_uncertainly(exc):
-                raise UncertainCreate(transport_error(exc)) from exc
-            raise transport_error(exc) from exc
-        if response.status_code >= 500:
-            raise UncertainCreate(_error(response))
-        if response.is_error:
-            raise _error(response)
-        try:
-            return report_from_fax(_data(response))
-        except (KeyError, TypeError, ValueError) as exc:
-            # Accepted, but we cannot tell which fax: the lookup by tag will.
-            raise UncertainCreate(TransientError("telnyx accepted the fax with an unreadable answer")) from exc
-
-    async def _look_after_uncertain(self, job: FaxJob, cause: DeliveryError) -> FaxReport | None:
-        for attempt in range(self.lookup_attempts):
-            if attempt:
-                await asyncio.sleep(self.lookup_delay_s)  # the list may lag the create
-            try:
-                found = await self._find(job.tag, job.to_number)
-            except DeliveryError as exc:
-                # We cannot tell whether the fax exists: never create blindly.
-                raise TransientError(f"create outcome unknown ({cause}) and lookup failed ({exc})") from exc
-            if found is not None:
-                return found
-        return None
+    async def _create_job(self, job: FaxJob) -> FaxReport:
+        body = await self._create_body(job)
+        return await self._post_create(
+            lambda: self._client.post("/v2/faxes", json=body), lambda r: report_from_fax(_data(r)), _error
+        )
 
     async def _find(self, tag: str, to_number: str | None) -> FaxReport | None:
         since = datetime.now(UTC) - self.lookback
