@@ -18,7 +18,7 @@ The SMTP sink (bench/smtp_sink.py) runs in a process of its own and counts messa
 duplicate Message-IDs. Everything listens on 127.0.0.1 only; every wait is bounded.
 
     .venv/bin/python bench/throughput.py [--deliveries 5000] [--workers 1] [--threads 8]
-        [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S]
+        [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S] [--preload]
 
 Figures go to stdout (a table) and, one JSON line per invocation, to
 bench/results/throughput.jsonl.
@@ -56,12 +56,12 @@ import aiosmtplib  # noqa: E402
 import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import select, text  # noqa: E402
+from sqlalchemy import func, select, text  # noqa: E402
 
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.channels.email.message import build_message  # noqa: E402
 from dispatcher.config.loader import load_catalog  # noqa: E402
-from dispatcher.ledger.models import Delivery  # noqa: E402
+from dispatcher.ledger.models import Attempt, Delivery  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
 from dispatcher.render.letters import LetterRequest, Renderer, Supporter  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
@@ -378,6 +378,10 @@ class Pipeline:
     def e2e_rate(self) -> float:
         return self.sent / self.e2e_seconds
 
+    @property
+    def drain_rate(self) -> float:
+        return self.sent / self.drain_seconds
+
 
 def child_env(settings: Settings, key: str, log_level: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "DATABASE_URL", "REDIS_URL"))}
@@ -404,26 +408,41 @@ def check_alive(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
 
 
 def wait_for_consumers(
-    client: redis.Redis, namespace: str, count: int, procs: list[subprocess.Popen[bytes]], logs: list[Path]
+    client: redis.Redis,
+    namespace: str,
+    count: int,
+    procs: list[subprocess.Popen[bytes]],
+    logs: list[Path],
+    already: set[bytes],
 ) -> None:
-    """Until ``count`` dramatiq consumers have polled Redis (each registers a heartbeat)."""
+    """Until ``count`` dramatiq brokers other than ``already`` have polled Redis: every broker
+    registers a heartbeat with its first command (intake's own broker too, when it enqueues)."""
     deadline = time.monotonic() + 60
-    while client.zcard(f"{namespace}:__heartbeats__") < count:
+    while len(set(client.zrange(f"{namespace}:__heartbeats__", 0, -1)) - already) < count:
         check_alive(procs, logs)
         if time.monotonic() > deadline:
             raise RuntimeError("the workers did not start polling the queue within 60 s")
         time.sleep(0.05)
 
 
-def ledger_figures(service: Service) -> tuple[dict[str, int], list[float], int, datetime | None, datetime | None]:
-    """Deliveries by state; for the sent ones: latencies (ms), how many lack queued_at, the
-    first queued_at and the last sent_at."""
+@dataclass
+class LedgerFigures:
+    states: dict[str, int]
+    #: sent_at - queued_at of every sent delivery, ms
+    latency_ms: list[float]
+    #: sent deliveries whose queued_at is NULL
+    queued_at_missing: int
+    first_queued: datetime | None
+    first_attempt: datetime | None
+    last_sent: datetime | None
+
+
+def ledger_figures(service: Service) -> LedgerFigures:
+    d, a = Delivery.__table__, Attempt.__table__
     with service.ledger.engine.connect() as conn:
         by_state = conn.execute(text("SELECT state, count(*) FROM deliveries GROUP BY state")).all()
-    states = {str(state): int(n) for state, n in by_state}
-    d = Delivery.__table__
-    with service.ledger.engine.connect() as conn:
         rows = conn.execute(select(d.c.queued_at, d.c.created_at, d.c.sent_at).where(d.c.state == "sent")).all()
+        first_attempt = conn.execute(select(func.min(a.c.started_at))).scalar_one_or_none()
     latency: list[float] = []
     missing = 0
     first: datetime | None = None
@@ -438,7 +457,54 @@ def ledger_figures(service: Service) -> tuple[dict[str, int], list[float], int, 
         latency.append((sent_at - queued_at).total_seconds() * 1000)
         first = queued_at if first is None or queued_at < first else first
         last = sent_at if last is None or sent_at > last else last
-    return states, latency, missing, first, last
+    if first_attempt is not None and first_attempt.tzinfo is None:
+        first_attempt = first_attempt.replace(tzinfo=UTC)
+    return LedgerFigures({str(state): int(n) for state, n in by_state}, latency, missing, first, first_attempt, last)
+
+
+def submit_all(service: Service, appeals: int, run: str, pace: float) -> tuple[int, float, float]:
+    """Push the appeals through intake in this thread: (deliveries planned, seconds, CPU seconds)."""
+    intake = service.intake
+    payloads = [appeal_payload(i, run) for i in range(appeals)]
+    cpu_before = proc_cpu_seconds(os.getpid())
+    started = time.perf_counter()
+    expected = 0
+    for i, payload in enumerate(payloads):
+        if pace:
+            # a steady arrival rate instead of a burst: latency without a backlog
+            delay = started + i / pace - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        expected += len(intake.submit(payload).deliveries)
+    return expected, time.perf_counter() - started, proc_cpu_seconds(os.getpid()) - cpu_before
+
+
+def start_profilers(pids: list[int], workdir: Path, run: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    spies = []
+    for pid in pids:
+        out = workdir / f"profile-{run}-{pid}.txt"
+        with open(workdir / f"py-spy-{pid}.log", "wb") as errf:
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--gil",  # only the GIL holder: the worker's Python CPU time
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errf,
+            )
+        spies.append((spy, out))
+    time.sleep(1.0)  # py-spy attaches
+    return spies
 
 
 def run_pipeline(
@@ -454,6 +520,7 @@ def run_pipeline(
     profile: bool,
     timeout: float,
     pace: float = 0.0,
+    preload: bool = False,
 ) -> Pipeline:
     run = secrets.token_hex(3)
     key = secrets.token_hex(16)
@@ -472,12 +539,17 @@ def run_pipeline(
     service = Service(settings, environ={KEY_ENV: key})
     service.ledger.migrate()
     env = child_env(settings, key, log_level)
+    client = redis.Redis.from_url(settings.redis_url)
     procs: list[subprocess.Popen[bytes]] = []
     worker_logs: list[Path] = []
     spies: list[tuple[subprocess.Popen[bytes], Path]] = []
     reconciler: subprocess.Popen[bytes] | None = None
     notes: list[str] = []
     try:
+        if preload:
+            # Everything on the queue before any worker runs: intake uncontended, then a pure drain.
+            expected, intake_s, intake_cpu = submit_all(service, appeals, run, pace)
+        before = set(client.zrange(f"{settings.redis_namespace}:__heartbeats__", 0, -1))
         for w in range(workers):
             worker_logs.append(workdir / f"worker-{run}-{w}.log")
             with open(worker_logs[-1], "wb") as logf:
@@ -491,9 +563,12 @@ def run_pipeline(
                         cwd=workdir,
                     )
                 )
-        client = redis.Redis.from_url(settings.redis_url)
-        wait_for_consumers(client, settings.redis_namespace, workers, procs, worker_logs)
+        wait_for_consumers(client, settings.redis_namespace, workers, procs, worker_logs, before)
         worker_pids = [find_worker_pid(p.pid) for p in procs]
+        cpu_before = {pid: proc_cpu_seconds(pid) for pid in worker_pids}
+        if redis_server.pid:
+            cpu_before[redis_server.pid] = proc_cpu_seconds(redis_server.pid)
+        sink_cpu_before = sink.status()["cpu_s"]
         with open(workdir / f"reconciler-{run}.log", "wb") as logf:
             reconciler = subprocess.Popen(
                 [*die_with_parent(), DISPATCHER, "reconcile", "--interval", "1"],
@@ -504,49 +579,10 @@ def run_pipeline(
                 cwd=workdir,
             )
         if profile:
-            for pid in worker_pids:
-                out = workdir / f"profile-{run}-{pid}.txt"
-                spy = subprocess.Popen(
-                    [
-                        str(Path(sys.executable).with_name("py-spy")),
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--gil",  # only the GIL holder: the worker's Python CPU time
-                        "--rate",
-                        "100",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(out),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(workdir / f"py-spy-{pid}.log", "wb"),  # noqa: SIM115 - closed with the process
-                )
-                spies.append((spy, out))
-            time.sleep(1.0)  # py-spy attaches
+            spies = start_profilers(worker_pids, workdir, run)
 
-        cpu_before = {pid: proc_cpu_seconds(pid) for pid in [*worker_pids, os.getpid()]}
-        if redis_server.pid:
-            cpu_before[redis_server.pid] = proc_cpu_seconds(redis_server.pid)
-        sink_cpu_before = sink.status()["cpu_s"]
-
-        # ---- intake: as fast as one thread can
-        intake = service.intake
-        payloads = [appeal_payload(i, run) for i in range(appeals)]
-        t0 = datetime.now(UTC)
-        started = time.perf_counter()
-        expected = 0
-        for i, payload in enumerate(payloads):
-            if pace:
-                # a steady arrival rate instead of a burst: latency without a backlog
-                delay = started + i / pace - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            expected += len(intake.submit(payload).deliveries)
-        intake_s = time.perf_counter() - started
-        intake_cpu = proc_cpu_seconds(os.getpid()) - cpu_before[os.getpid()]
+        if not preload:
+            expected, intake_s, intake_cpu = submit_all(service, appeals, run, pace)
 
         # ---- wait until every delivery is sent (bounded; gives up early without progress)
         deadline = time.monotonic() + timeout
@@ -565,7 +601,6 @@ def run_pipeline(
                 break
             check_alive(procs, worker_logs)
             time.sleep(0.2)
-        drained = time.perf_counter()
 
         # ---- read the processes before stopping them
         hwm = [int(proc_status(pid)["VmHWM"].split()[0]) for pid in worker_pids]
@@ -579,7 +614,7 @@ def run_pipeline(
         cpu["sink"] = sink_status["cpu_s"] - sink_cpu_before
         if reconciler.poll() is None:
             cpu["reconciler"] = proc_cpu_seconds(reconciler.pid)
-        states, latency, missing, first_queued, last_sent = ledger_figures(service)
+        figures = ledger_figures(service)
     finally:
         for spy, _ in spies:
             stop_process(spy, signal.SIGINT, timeout=60)
@@ -588,14 +623,18 @@ def run_pipeline(
         if reconciler is not None:
             stop_process(reconciler)
         service.ledger.dispose()
+        client.close()
         with contextlib.suppress(Exception):
             service.broker.close()
 
     for proc in procs:
         if proc.returncode not in (0, -signal.SIGTERM):
             notes.append(f"worker exited with {proc.returncode}")
+    last = figures.last_sent
     # first enqueue -> last sent_at, both from the ledger (queued_at is intake's clock at submit)
-    e2e_s = (last_sent - (first_queued or t0)).total_seconds() if last_sent else float("nan")
+    e2e_s = (last - figures.first_queued).total_seconds() if last and figures.first_queued else float("nan")
+    # first claim (its attempt's start) -> last sent_at: the workers' own pace
+    drain_s = (last - figures.first_attempt).total_seconds() if last and figures.first_attempt else float("nan")
     profile_summary = None
     if spies:
         from stack_summary import summarise
@@ -609,10 +648,10 @@ def run_pipeline(
         deliveries=expected,
         intake_seconds=intake_s,
         e2e_seconds=e2e_s,
-        drain_seconds=drained - started,
-        states=states,
-        latency_ms=latency,
-        queued_at_missing=missing,
+        drain_seconds=drain_s,
+        states=figures.states,
+        latency_ms=figures.latency_ms,
+        queued_at_missing=figures.queued_at_missing,
         worker_hwm_kb=hwm,
         cpu_s={k: round(v, 2) for k, v in cpu.items()},
         sink=sink_status,
@@ -670,6 +709,7 @@ def one_repetition(args: argparse.Namespace, redis_server: RedisServer, workdir:
                 profile=profiled,
                 timeout=args.timeout,
                 pace=args.pace,
+                preload=args.preload,
             )
         lat = p.latency_ms or [float("nan")]
         out[name] = {
@@ -682,6 +722,8 @@ def one_repetition(args: argparse.Namespace, redis_server: RedisServer, workdir:
             "e2e_seconds": round(p.e2e_seconds, 3),
             "e2e_rate": round(p.e2e_rate, 1),
             "ratio": round(p.e2e_rate / base.rate, 3),
+            "drain_rate": round(p.drain_rate, 1),
+            "drain_ratio": round(p.drain_rate / base.rate, 3),
             "latency_p50_ms": round(percentile(lat, 50), 1),
             "latency_p99_ms": round(percentile(lat, 99), 1),
             "queued_at_missing": p.queued_at_missing,
@@ -714,6 +756,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("intake: appeals/s (1 thread, Service.intake.submit)", "pipeline.intake_rate", "{:.0f}"),
     ("end to end: letters/s (first enqueue → last sent_at)", "pipeline.e2e_rate", "{:.0f}"),
     ("ratio end to end / baseline (target ≥ 0.5)", "pipeline.ratio", "{:.2f}"),
+    ("workers alone: letters/s (first claim → last sent_at)", "pipeline.drain_rate", "{:.0f}"),
+    ("ratio workers alone / baseline", "pipeline.drain_ratio", "{:.2f}"),
     ("latency sent_at − queued_at p50 (ms)", "pipeline.latency_p50_ms", "{:.0f}"),
     ("latency sent_at − queued_at p99 (ms)", "pipeline.latency_p99_ms", "{:.0f}"),
     ("worker peak RSS, VmHWM (MB)", "pipeline.worker_peak_rss_mb", "{:.1f}"),
@@ -753,6 +797,7 @@ def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[
         f"dispatcher throughput — {reps[0]['pipeline']['deliveries']} letters, {args.workers} worker(s) × "
         f"{args.threads} threads, {'PostgreSQL' if args.database_url else 'SQLite'}, {os.cpu_count()} CPUs"
         + (f", intake paced at {args.pace:g} appeals/s" if args.pace else "")
+        + (", appeals preloaded before the workers start" if args.preload else "")
         + (f", {len(reps)} repetitions" if len(reps) > 1 else "")
     )
     table = Table(title=title, title_justify="left")
@@ -816,6 +861,7 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "repeat": args.repeat,
             "profile": args.profile,
             "pace": args.pace or None,
+            "preload": args.preload,
         },
         "median": med,
         "runs": [slim(r) for r in reps],
@@ -858,6 +904,11 @@ def main() -> int:
         type=float,
         default=0.0,
         help="submit this many appeals/s instead of as fast as possible (latency without a backlog)",
+    )
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="submit every appeal before the workers start: intake uncontended, then a pure drain",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all letters, seconds")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")

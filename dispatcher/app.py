@@ -130,7 +130,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - intake still works without the queue (outbox)
             out["queue"] = f"unavailable ({type(exc).__name__}); appeals are kept in the ledger"
         out["mode"] = self.settings.mode
-        return {k: v for k, v in out.items()}
+        return out
 
     def api(self) -> Any:
         from dispatcher.intake.api import create_app

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -65,7 +65,6 @@ class Accepted:
     deliveries: list[PlannedDelivery]
     #: True when this was a retry of an appeal already accepted (same section and client_ref)
     replayed: bool = False
-    queued: bool = field(default=False, compare=False)
 
     def body(self) -> dict[str, Any]:
         return {

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from dispatcher.channels.fax.base import FaxReport, FaxStatus, TransientError
+from dispatcher.channels.fax.base import FaxReport, FaxStatus
 from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
+from dispatcher.errors import TransientError
 from dispatcher.ledger.models import State, utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger

@@ -1,4 +1,4 @@
-"""Rendering letters from templates/: language choice, letter words, email (and later fax) form."""
+"""Rendering letters from templates/: language choice, letter words, email form (fax: dispatcher.render.fax)."""
 
 from dispatcher.render.environment import make_environment
 from dispatcher.render.letters import (
