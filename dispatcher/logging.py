@@ -80,7 +80,9 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        # Not cached: a cached logger keeps its first configuration for good, which would make
+        # reconfiguring (tests capturing events) silently miss loggers already used.
+        cache_logger_on_first_use=False,
     )
 
 

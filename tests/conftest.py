@@ -31,6 +31,26 @@ from tests.support.services import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Commands under test configure logging for the whole process (structlog and the root
+    handler); put it back so that one test's configuration never hides another's events."""
+    import logging
+
+    import structlog
+
+    import dispatcher.logging as dlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    dlog._configured = False
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer(appendonly=False) as server:

@@ -81,7 +81,8 @@ class DeliveryProcessor:
         now = self.clock()
         claim = self.ledger.claim(delivery_id, self.worker_id, now)
         if claim is None:
-            log.debug("delivery.skipped", delivery=delivery_id, state=self.ledger.state_of(delivery_id))
+            # A redelivered or duplicate message: worth seeing, since it means a worker or Redis hiccuped.
+            log.info("delivery.skipped", delivery=delivery_id, state=self.ledger.state_of(delivery_id))
             return
         context = {
             "delivery": claim.id,
