@@ -1,0 +1,201 @@
+"""Rate limits that hold across every worker process on every machine.
+
+An official's inbox or fax line is shared by every campaign and section, so a cap such as
+"2 letters per hour to this fax number" must count every letter whichever worker sends it. The
+count lives in Redis and each reservation is one Lua script, so "check, then take" is atomic
+however many workers race for the last slot.
+
+Algorithm: a sliding-window log. Each key has one sorted set whose members are reservation
+tokens scored by their time in integer microseconds; a rate "N per W" admits a new letter at
+``now`` when fewer than N entries lie in ``(now - W, +inf)``. That is exact for "no more than N
+in *any* window of length W" (GCRA and fixed windows only approximate it), and the log is small:
+it never holds more entries than the caps let through. Every rate reads the same log, so callers
+that pass different rates for one key (a rolling config change) still see every letter sent.
+See docs/policy.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+# Times travel as integer microseconds: exact in a Lua double (2**53 µs is 285 years), and
+# scores that are whole numbers let "strictly after now - W" be written as ">= now - W + 1"
+# without string-formatting a number in Lua (its tostring keeps only 14 digits).
+_MICROS = 1_000_000
+
+#: KEYS[1] log, KEYS[2] horizon; ARGV: now_us or "", token, then count and window_us per rate.
+#: Returns 0 when a slot was taken under every rate, else the microseconds until one frees.
+_RESERVE = """
+local now
+if ARGV[1] == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+    now = tonumber(ARGV[1])
+end
+local token = ARGV[2]
+
+-- Keep entries as long as the longest window any caller has used recently, not just ours:
+-- a caller with a shorter list of rates must not trim what a longer one still counts.
+local horizon = tonumber(redis.call('GET', KEYS[2]) or '0')
+for i = 3, #ARGV, 2 do
+    horizon = math.max(horizon, tonumber(ARGV[i + 1]))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - horizon)
+
+-- The same token reserving again (a redelivered message for the same attempt) moves its slot
+-- to now rather than holding two; if it cannot move, the old slot stays as it was.
+local previous = redis.call('ZSCORE', KEYS[1], token)
+if previous then
+    redis.call('ZREM', KEYS[1], token)
+end
+
+local wait = 0
+for i = 3, #ARGV, 2 do
+    local count = tonumber(ARGV[i])
+    local window = tonumber(ARGV[i + 1])
+    local live = redis.call('ZCOUNT', KEYS[1], now - window + 1, '+inf')
+    if live >= count then
+        -- The slot frees when the (live - count + 1)-th oldest live entry leaves the window.
+        local entry = redis.call('ZRANGEBYSCORE', KEYS[1], now - window + 1, '+inf',
+                                 'WITHSCORES', 'LIMIT', live - count, 1)
+        wait = math.max(wait, tonumber(entry[2]) + window - now)
+    end
+end
+
+if wait > 0 then
+    if previous then
+        redis.call('ZADD', KEYS[1], previous, token)
+    end
+    return wait
+end
+redis.call('ZADD', KEYS[1], now, token)
+-- Both keys vanish once nothing in them can matter (milliseconds, rounded up).
+local ttl = math.ceil(horizon / 1000) + 1
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[2], horizon, 'PX', ttl)
+return 0
+"""
+
+#: KEYS[1] log; ARGV: now_us or "", then window_us per rate. Returns the live count per rate.
+_USAGE = """
+local now
+if ARGV[1] == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+    now = tonumber(ARGV[1])
+end
+local counts = {}
+for i = 2, #ARGV do
+    counts[#counts + 1] = redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[i]) + 1, '+inf')
+end
+return counts
+"""
+
+_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([A-Za-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` letters in any ``seconds``-long window."""
+
+    count: int
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"a rate's count must be a whole number of at least 1, not {self.count!r}")
+        # A window under a millisecond would expire its keys before it ends (PEXPIRE is in ms).
+        if not self.seconds >= 0.001 or math.isinf(self.seconds):
+            raise ValueError(f"a rate's window must be at least 1 ms, not {self.seconds!r} s")
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"2/hour"``, ``"10/minute"``, ``"100/day"``, ``"5/30s"``, ``"3/2h"``."""
+        match = _RATE.match(text) if isinstance(text, str) else None
+        unit = _UNITS.get(match.group(3).lower()) if match else None
+        if match is None or unit is None:
+            raise ValueError(
+                f"rate {text!r} is not 'N/window' with a unit, e.g. '2/hour', '10/minute', '100/day' or '5/30s'"
+            )
+        multiple = float(match.group(2)) if match.group(2) else 1.0
+        return cls(int(match.group(1)), multiple * unit)
+
+    @property
+    def micros(self) -> int:
+        return round(self.seconds * _MICROS)
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.seconds:g}s"
+
+
+def _micros(now: float | None) -> str:
+    return "" if now is None else str(round(now * _MICROS))
+
+
+class RateLimiter:
+    """Slots under one or more rates per key (a recipient, a relay, a gateway account)."""
+
+    def __init__(self, client: redis.Redis, namespace: str):
+        self.client = client
+        self.namespace = namespace
+        self._reserve = client.register_script(_RESERVE)
+        self._usage = client.register_script(_USAGE)
+
+    def _keys(self, key: str) -> list[str]:
+        # The hash tag keeps a key's log and horizon in one cluster slot, as a script needs.
+        base = f"{self.namespace}:rate:{{{key}}}"
+        return [base, f"{base}:horizon"]
+
+    def reserve(self, key: str, rates: Sequence[Rate], *, now: float | None = None, token: str | None = None) -> float:
+        """Take one slot under every rate for ``key`` and return 0.0, or take nothing and return
+        the seconds until a slot frees under all of them.
+
+        ``now`` (unix seconds) replaces Redis's clock, for simulated time; leave it out in
+        production so every machine reads the same clock. Callers passing ``now`` must share one
+        clock: a reservation arriving with a ``now`` older than the longest window, relative to
+        what others already used, no longer sees the letters they trimmed.
+
+        ``token`` names this reservation so that :meth:`cancel` can give it back; use one per
+        send attempt (e.g. delivery id and try number). Reserving again with a token that holds
+        a slot moves that slot to ``now`` instead of taking a second one.
+        """
+        if not rates:
+            return 0.0
+        args: list[str | int] = [_micros(now), token or uuid.uuid4().hex]
+        for rate in rates:
+            args += [rate.count, rate.micros]
+        wait_us = int(self._reserve(keys=self._keys(key), args=args))
+        if wait_us <= 0:
+            return 0.0
+        wait = wait_us / _MICROS
+        if now is not None:
+            # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
+            target = round(now * _MICROS) + wait_us
+            while round((now + wait) * _MICROS) < target:
+                wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
+        return wait
+
+    def cancel(self, key: str, token: str) -> None:
+        """Give back the slot taken with ``token``: the send it was for did not happen."""
+        self.client.zrem(self._keys(key)[0], token)
+
+    def usage(self, key: str, rates: Sequence[Rate], *, now: float | None = None) -> list[int]:
+        """How many slots of each rate are taken at ``now``, in the order given."""
+        if not rates:
+            return []
+        args: list[str | int] = [_micros(now), *(rate.micros for rate in rates)]
+        return [int(n) for n in self._usage(keys=self._keys(key)[:1], args=args)]
