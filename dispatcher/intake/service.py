@@ -334,16 +334,18 @@ class IntakeService:
         if self.enqueuer is None:
             return
         ids = [d.id for d in accepted.deliveries]
+        self.ledger.mark_queued(ids, now)
         try:
-            sent = self.enqueuer.send(ids)
+            self.enqueuer.send(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the outbox keeps the rows
+            sent = getattr(exc, "sent", [])
+            self.ledger.unmark_queued([i for i in ids if i not in sent], now)
             log.warning(
                 "appeal.enqueue_deferred",
                 appeal=accepted.appeal_id,
-                error=type(exc).__name__,
+                error=type(getattr(exc, "cause", exc)).__name__,
                 note="queue unavailable; the reconciler will send these deliveries later",
             )
             return
-        self.ledger.mark_queued(sent, now)
-        for delivery_id in sent:
+        for delivery_id in ids:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)

@@ -33,6 +33,15 @@ def declare_deliver(broker: Broker, process: Callable[[str], None]) -> dramatiq.
     )(process)
 
 
+class EnqueueFailed(Exception):
+    """The queue refused a message; ``sent`` are the ids that made it before it did."""
+
+    def __init__(self, sent: list[str], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.sent = sent
+        self.cause = cause
+
+
 class Enqueuer:
     def __init__(self, broker: Broker):
         self.broker = broker
@@ -41,11 +50,16 @@ class Enqueuer:
     def send(self, delivery_ids: Iterable[str]) -> list[str]:
         """Put one message per delivery on the queue; returns the ids sent.
 
-        Raises the broker's connection error at the first failure: callers leave the rest
-        planned in the ledger, and the reconciler sends them later.
+        Raises EnqueueFailed at the first failure, naming what was sent before it: callers put
+        the rest back to planned in the ledger, and the reconciler sends them later.
         """
-        sent = []
+        sent: list[str] = []
         for delivery_id in delivery_ids:
-            self.broker.enqueue(Message(queue_name=QUEUE, actor_name=ACTOR, args=(delivery_id,), kwargs={}, options={}))
+            try:
+                self.broker.enqueue(
+                    Message(queue_name=QUEUE, actor_name=ACTOR, args=(delivery_id,), kwargs={}, options={})
+                )
+            except Exception as exc:
+                raise EnqueueFailed(sent, exc) from exc
             sent.append(delivery_id)
         return sent

@@ -18,7 +18,7 @@ from dispatcher.config.catalog import Catalog
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
-from dispatcher.queue.actors import TIME_LIMIT_MS, Enqueuer
+from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.reconciler")
@@ -77,10 +77,15 @@ class Reconciler:
             )
             if not due:
                 break
-            sent = self.enqueuer.send(due)
-            self.ledger.mark_queued(sent, now)
-            self.ledger.touch_queued(sent, now)
-            released += len(sent)
+            # Marked before sending, for the reason given in Ledger.mark_queued.
+            self.ledger.mark_queued(due, now)
+            self.ledger.touch_queued(due, now)
+            try:
+                self.enqueuer.send(due)
+            except EnqueueFailed as exc:
+                self.ledger.unmark_queued([i for i in due if i not in exc.sent], now)
+                raise
+            released += len(due)
             if len(due) < self.config.batch:
                 break
         if released:
