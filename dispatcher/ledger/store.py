@@ -49,12 +49,22 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # We issue BEGIN ourselves (below), not the sqlite3 module.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            # A deferred transaction that reads and then writes (intake: check for duplicates, then
+            # insert) fails at once with "database is locked" when another process wrote in
+            # between; the busy timeout never applies to that upgrade. Taking the write lock up
+            # front makes writers from several processes queue instead.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql"):
@@ -236,20 +246,22 @@ class Ledger:
         if not counts_as_try:
             values["attempts"] = D.c.attempts - 1
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(A).values(
-                    delivery_id=claim.id,
-                    number=claim.attempt,
-                    started_at=started_at,
-                    duration_ms=(now - started_at).total_seconds() * 1000.0,
-                    outcome=outcome,
-                    code=values["last_code"],
-                    text=text,
-                    worker=worker,
-                    remote_id=remote_id,
-                    pages=pages,
+            # A deferral is not a try (the letter was held back by our own policy): no attempt row.
+            if outcome != "deferred":
+                conn.execute(
+                    insert(A).values(
+                        delivery_id=claim.id,
+                        number=claim.attempt,
+                        started_at=started_at,
+                        duration_ms=(now - started_at).total_seconds() * 1000.0,
+                        outcome=outcome,
+                        code=values["last_code"],
+                        text=text,
+                        worker=worker,
+                        remote_id=remote_id,
+                        pages=pages,
+                    )
                 )
-            )
             moved = conn.execute(
                 update(D)
                 .where(D.c.id == claim.id, D.c.state == State.SENDING, D.c.claimed_by == worker)
@@ -341,11 +353,12 @@ class Ledger:
     # ------------------------------------------------------------------ the outbox
 
     def mark_queued(self, ids: Sequence[str], now: datetime) -> int:
-        """Record that messages for ``ids`` are on the queue.
+        """Record that messages for ``ids`` are about to go on the queue.
 
-        A fast worker may already have claimed a delivery before this runs: its state is then
-        left alone, but its ``queued_at`` is still set, so enqueue-to-sent latency is known for
-        every letter.
+        Called *before* the messages are sent: marked afterwards, a fast worker could have
+        claimed the letter, failed or deferred it back to planned, and the late mark would
+        turn it into a "queued" letter with no message, stranded until the requeue timeout.
+        Rows not planned any more keep their state but get ``queued_at`` if they lack it.
         """
         if not ids:
             return 0
@@ -359,6 +372,17 @@ class Ledger:
                     updated_at=now,
                 )
             ).rowcount
+
+    def unmark_queued(self, ids: Sequence[str], now: datetime) -> None:
+        """Back to planned: the queue refused these messages (the reconciler sends them later)."""
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(D)
+                .where(D.c.id.in_(list(ids)), D.c.state == State.QUEUED)
+                .values(state=State.PLANNED, updated_at=now)
+            )
 
     def due(self, now: datetime, *, fresh_grace: timedelta, requeue_after: timedelta, limit: int) -> list[str]:
         """Deliveries to (re)send to the queue now.
