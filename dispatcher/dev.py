@@ -172,6 +172,9 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
         return 2
     if os.environ.get("DISPATCH_DEMO_CAMPAIGNS") is None:
         settings = settings.but(demo_campaigns=True)
+    if os.environ.get("DISPATCH_OFFICE_HOURS") is None:
+        # A demo on a Saturday should show a fax, not hold it until Monday.
+        settings = settings.but(office_hours=False)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
@@ -200,6 +203,10 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
         stack.callback(stop.set)
 
         code, body = example_body(catalog)
+        email_caps = ",".join(settings.email_limits) or "none"
+        caps = f"caps per recipient: email {email_caps}, fax {','.join(settings.fax_limits) or 'none'}"
+        hours = "on" if settings.office_hours else "off (DISPATCH_OFFICE_HOURS=1 holds faxes to them)"
+        policy = f"{caps}; office hours {hours}"
         example = settings.var_dir / "dev" / "example-appeal.json"
         example.parent.mkdir(parents=True, exist_ok=True)
         example.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
@@ -215,6 +222,7 @@ Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
   fax lab      real T.30 calls in software → {settings.var_dir / "sandbox" / "fax"}/<fax>/page-N.png
   intake keys  environment, else {_keys_file(settings)}
+  policy       {policy}
 
 Try it (signs the example body and posts it):
   curl -sS {base}/v1/appeals -H 'Content-Type: application/json' \\

@@ -47,6 +47,21 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError([ConfigProblem("environment", name, f"expected an integer, got {raw!r}")]) from None
 
 
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    items = tuple(part.strip() for part in raw.split(",") if part.strip())
+    from dispatcher.policy.limits import Rate
+
+    for item in items:
+        try:
+            Rate.parse(item)
+        except ValueError as exc:
+            raise ConfigError([ConfigProblem("environment", name, str(exc))]) from None
+    return items
+
+
 @dataclass(frozen=True)
 class Settings:
     config_dir: Path
@@ -72,6 +87,12 @@ class Settings:
     retry_base_seconds: float = 60.0
     #: tries in all before a transient failure becomes final
     retry_max_attempts: int = 10
+    #: default caps per recipient (an email address, a fax number) across all campaigns, for
+    #: targets whose config names none; "" for none
+    email_limits: tuple[str, ...] = ("30/hour", "200/day")
+    fax_limits: tuple[str, ...] = ("4/hour", "40/day")
+    #: hold faxes (and opted-in emails) to the recipient's office hours
+    office_hours: bool = True
     #: how long a fax waits when another fax to the same number is in flight
     fax_line_wait_seconds: float = 60.0
     #: wait between tries on a fax line that answers without a fax tone
@@ -115,6 +136,9 @@ class Settings:
             max_message_chars=_env_int("DISPATCH_MAX_MESSAGE_CHARS", 2000),
             retry_base_seconds=float(_env_int("DISPATCH_RETRY_BASE_SECONDS", 60)),
             retry_max_attempts=_env_int("DISPATCH_RETRY_MAX_ATTEMPTS", 10),
+            email_limits=_env_list("DISPATCH_EMAIL_LIMITS", ("30/hour", "200/day")),
+            fax_limits=_env_list("DISPATCH_FAX_LIMITS", ("4/hour", "40/day")),
+            office_hours=_env_bool("DISPATCH_OFFICE_HOURS", True),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
             fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
             public_url=os.environ.get("DISPATCH_PUBLIC_URL", "").rstrip("/"),

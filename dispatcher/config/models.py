@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -75,8 +75,33 @@ class Target(_Frozen):
     fax: str | None = None
     phone: str | None = None
     twitter: list[str] = Field(default_factory=list)
+    #: caps on letters to this recipient per channel, across all campaigns and sections,
+    #: e.g. {"fax": ["2/hour", "10/day"]}; channels not named use the service defaults
+    limits: dict[Channel, list[str]] = Field(default_factory=dict)
+    #: when faxes may arrive, in the target's time zone (docs/policy.md); default Mon–Fri 09–17
+    office_hours: dict[str, Any] | None = None
+    #: hold emails to office hours too (faxes always are)
+    email_in_office_hours: bool = False
 
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _check_timezone(v)))
+
+    @field_validator("limits")
+    @classmethod
+    def _rates(cls, value: dict[Channel, list[str]]) -> dict[Channel, list[str]]:
+        from dispatcher.policy.limits import Rate
+
+        for rates in value.values():
+            for text in rates:
+                Rate.parse(text)
+        return value
+
+    @model_validator(mode="after")
+    def _hours(self) -> Target:
+        if self.office_hours is not None:
+            from dispatcher.policy.hours import OfficeHours
+
+            OfficeHours.parse(self.timezone, self.office_hours)
+        return self
 
     @field_validator("fax")
     @classmethod

@@ -62,6 +62,7 @@ class DeliveryProcessor:
         fax_renderer: Any = None,
         lines: FaxLines | None = None,
         outcomes: Outcomes,
+        gate: Any = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.settings = settings
@@ -75,6 +76,7 @@ class DeliveryProcessor:
         self.loop = loop
         self.worker_id = worker_id
         self.outcomes = outcomes
+        self.gate = gate
         self.clock = clock
 
     def __call__(self, delivery_id: str) -> None:
@@ -179,6 +181,15 @@ class DeliveryProcessor:
             date=now.astimezone(ZoneInfo(target.timezone)).date(),
         )
         try:
+            if self.gate is not None:
+                # Office hours and the recipient's caps: a letter that may not go now is deferred.
+                self.gate.admit(
+                    target=target,
+                    channel=claim.channel,
+                    recipient=claim.recipient,
+                    token=f"{claim.id}:{claim.attempt}",
+                    now=now,
+                )
             if claim.channel == "email":
                 return self._send_email(claim, section, target, supporter, request)
             if claim.channel == "fax" and self.fax is not None:
@@ -209,9 +220,9 @@ class DeliveryProcessor:
             html=rendered.html,
             language=rendered.language,
             date=self.clock(),
+            # the Message-ID planned at intake: the stable key of this letter on every try
+            message_id=claim.message_id,
         )
-        # The Message-ID planned at intake is the stable key of this letter on every try.
-        message.replace_header("Message-ID", claim.message_id)
         sent = self.loop.run(
             self.email.send(message, section=section, recipient=claim.recipient), timeout=SEND_TIMEOUT_SECONDS
         )

@@ -57,6 +57,8 @@ class ReceivedMessage:
     message: EmailMessage
     #: the AUTH user name the client logged in as, if it did
     login: str | None
+    #: time.monotonic() when the server accepted the message (what a recipient's inbox sees)
+    received_at: float = 0.0
 
 
 class SmtpTestServer:
@@ -241,6 +243,7 @@ class SmtpTestServer:
                     data=data,
                     message=parsed,
                     login=auth.login.decode() if isinstance(auth, LoginPassword) else None,
+                    received_at=time.monotonic(),
                 )
             )
             return len(self._messages)

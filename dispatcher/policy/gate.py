@@ -1,0 +1,77 @@
+"""The last check before a letter goes out: is the recipient's office open, and is there room
+under its caps? Both hold across every worker (the caps live in Redis). A letter that may not go
+now is *deferred* — rescheduled for when it may, not failed and not counted as a try.
+
+The pacing planner (pacing.py) is meant to release letters so that this gate rarely says no;
+the gate is what makes the caps hold even when it does not.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from dispatcher.config.models import Channel, Target
+from dispatcher.errors import DeferredError
+from dispatcher.policy.hours import OfficeHours
+from dispatcher.policy.limits import Rate, RateLimiter
+from dispatcher.settings import Settings
+
+
+@lru_cache(maxsize=1024)
+def _hours(timezone: str, spec: tuple[tuple[str, Any], ...] | None) -> OfficeHours:
+    return OfficeHours.parse(timezone, dict(spec) if spec is not None else None)
+
+
+def _frozen(spec: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    if spec is None:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
+
+
+class SendingGate:
+    def __init__(self, limiter: RateLimiter, settings: Settings):
+        self.limiter = limiter
+        self.settings = settings
+
+    def hours_for(self, target: Target, channel: Channel) -> OfficeHours | None:
+        if not self.settings.office_hours:
+            return None
+        if channel == "email" and not target.email_in_office_hours:
+            return None
+        return _hours(target.timezone, _frozen(target.office_hours))
+
+    def rate_texts(self, target: Target, channel: Channel) -> tuple[str, ...]:
+        own = target.limits.get(channel)
+        if own is not None:
+            return tuple(own)
+        return self.settings.fax_limits if channel == "fax" else self.settings.email_limits
+
+    def admit(self, *, target: Target, channel: Channel, recipient: str, token: str, now: datetime) -> None:
+        """Return when the letter may go now (its slot is taken); raise DeferredError otherwise."""
+        hours = self.hours_for(target, channel)
+        if hours is not None and not hours.is_open(now):
+            opens = hours.next_open(now)
+            raise DeferredError(
+                f"outside the recipient's office hours; opens {opens.isoformat()}",
+                retry_after=(opens - now).total_seconds() + self._spread(target, channel),
+            )
+        texts = self.rate_texts(target, channel)
+        if not texts:
+            return
+        rates = [Rate.parse(text) for text in texts]
+        wait = self.limiter.reserve(f"recipient:{channel}:{recipient}", rates, token=token)
+        if wait > 0:
+            raise DeferredError(
+                f"the recipient's cap is used up ({', '.join(texts)})",
+                retry_after=wait + self._spread(target, channel),
+            )
+
+    def _spread(self, target: Target, channel: Channel) -> float:
+        # Letters held back together would all come back at the same instant and all but one be
+        # held back again: spread them over one cap interval.
+        rates = [Rate.parse(text) for text in self.rate_texts(target, channel)]
+        gap = min((r.seconds / r.count for r in rates), default=1.0)
+        return random.uniform(0, gap)
