@@ -84,6 +84,13 @@ class Service:
         return FaxLines(self.broker.client, self.settings.redis_namespace)
 
     @cached_property
+    def gate(self) -> Any:
+        from dispatcher.policy.gate import SendingGate
+        from dispatcher.policy.limits import RateLimiter
+
+        return SendingGate(RateLimiter(self.broker.client, self.settings.redis_namespace), self.settings)
+
+    @cached_property
     def outcomes(self) -> Any:
         from dispatcher.queue.outcomes import Outcomes
         from dispatcher.retry import RetryPolicy
@@ -158,7 +165,6 @@ class Service:
         from dispatcher.queue.actors import declare_deliver
         from dispatcher.queue.deliver import DeliveryProcessor
         from dispatcher.queue.loop import LoopThread
-        from dispatcher.render.fax import FaxRenderer
 
         loop = LoopThread()
         email = EmailChannel(self.settings, self.environ)
@@ -170,9 +176,10 @@ class Service:
             renderer=self.renderer,
             email=email,
             fax=fax,
-            fax_renderer=FaxRenderer(self.renderer),
+            fax_renderer=LazyFaxRenderer(self.renderer),
             lines=self.fax_lines,
             outcomes=self.outcomes,
+            gate=self.gate,
             loop=loop,
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{id(loop) % 10_000}",
             clock=self.clock,
@@ -181,6 +188,25 @@ class Service:
         declare_deliver(self.broker, processor)
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
         return WorkerHandle(worker, loop, email, processor, fax)
+
+
+class LazyFaxRenderer:
+    """The fax renderer, imported on the first fax: WeasyPrint costs an email-only worker about
+    30 MB and a second of start-up for nothing."""
+
+    def __init__(self, renderer: Renderer):
+        self._renderer = renderer
+        self._fax: Any = None
+        self._lock = threading.Lock()
+
+    def render(self, req: Any, *, sent_at: datetime) -> Any:
+        if self._fax is None:
+            with self._lock:
+                if self._fax is None:
+                    from dispatcher.render.fax import FaxRenderer
+
+                    self._fax = FaxRenderer(self._renderer)
+        return self._fax.render(req, sent_at=sent_at)
 
 
 @dataclass

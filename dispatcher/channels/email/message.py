@@ -14,15 +14,33 @@ import email.errors
 import email.policy
 import re
 from datetime import datetime
-from email.headerregistry import Address
+from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 
 from dispatcher.channels.email.headers import ensure_header_safe
 from dispatcher.config.models import Section
 from dispatcher.errors import OperationalError, PermanentError
 
+
 #: the policy messages are built with; serialise with ``email.policy.SMTP`` (CRLF line ends)
-MESSAGE_POLICY = email.policy.SMTP.clone(cte_type="7bit")
+class _CachedHeaderRegistry(HeaderRegistry):
+    """The stdlib registry builds a new header class with type() on every header it parses;
+    a letter has about 17 of them and the worker builds hundreds of letters a second, so the
+    classes are made once per header name (bench/steps.py: build_message about 40 % faster)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+MESSAGE_POLICY = email.policy.SMTP.clone(cte_type="7bit", header_factory=_CachedHeaderRegistry())
 
 # A delivery id goes into Message-ID's left-hand side and into file names: keep it dull.
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,6 +68,7 @@ def build_message(
     html: str,
     language: str,
     date: datetime,
+    message_id: str | None = None,
 ) -> EmailMessage:
     """The letter for one delivery, text and HTML, from the supporter via the section.
 
@@ -70,7 +89,9 @@ def build_message(
         raise ValueError("the Date header needs a timezone-aware datetime")
     if not _LANGUAGE_TAG.match(language):
         raise ValueError(f"language {language!r} is not a language tag")
-    message_id = message_id_for(delivery_id, section.sender.domain)
+    # The ledger's planned Message-ID when given: it stays the letter's key even if the section's
+    # domain changed since the appeal came in.
+    message_id = message_id or message_id_for(delivery_id, section.sender.domain)
 
     sender = section.sender
     supporter = _collapse(supporter_name)
