@@ -152,6 +152,38 @@ def ledger_show(appeal_id: str) -> None:
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- channels
+
+
+@main.group()
+def channel() -> None:
+    """Channels paused after an operational error (a relay refusing our credentials...)."""
+
+
+@channel.command("list")
+def channel_list() -> None:
+    """Show paused channels and why."""
+    paused = _service().ledger.paused_channels()
+    if not paused:
+        Console().print("no channel is paused")
+        return
+    for key, info in paused.items():
+        Console().print(f"{key}  paused {info['paused_at']}: {info['reason']}", highlight=False)
+
+
+@channel.command("resume")
+@click.argument("key")
+def channel_resume(key: str) -> None:
+    """Resume KEY (e.g. email:us) once its cause is fixed; its waiting letters go out now."""
+    from dispatcher.ledger.models import utcnow
+
+    released = _service().ledger.resume_channel(key, utcnow())
+    if released is None:
+        err.print(f"{key} is not paused")
+        sys.exit(1)
+    Console().print(f"{key} resumed; {released} waiting letter(s) are due now")
+
+
 # ---------------------------------------------------------------------------- fax
 
 

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -237,6 +238,26 @@ def test_telnyx_500_after_create_results_in_exactly_one_fax(tmp_path, database_u
         wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
     assert len(telnyx.faxes) == 1
     assert delivery(service, delivery_id)["remote_id"] == next(iter(telnyx.faxes))
+
+
+def test_telnyx_retry_after_is_honoured(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    telnyx.fail_next("create", 429, retry_after="30")
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: _view(service, delivery_id)["last_outcome"] == "transient", timeout=30)
+        view = _view(service, delivery_id)
+    assert view["state"] == "planned" and view["last_code"] == "429"
+    tried = datetime.fromisoformat(view["tries"][0]["at"])
+    # the base backoff in tests is a fraction of a second: only Retry-After explains 30 s
+    assert datetime.fromisoformat(view["next_attempt_at"]) - tried >= timedelta(seconds=30)
+    assert telnyx.faxes == {}
+
+
+def _view(service: Service, delivery_id: str) -> dict:
+    return next(d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"])
 
 
 def test_sinch_callback_is_confirmed_with_sinch_before_it_counts(tmp_path, database_url, redis_server, sinch):

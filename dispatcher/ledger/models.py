@@ -173,5 +173,16 @@ class FlaggedNumber(Base):
     flagged_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class PausedChannel(Base):
+    """A channel of a section ("email:us", "fax:ch") paused after an operational error, such as a
+    relay refusing our credentials: its letters wait, none fail, until an operator resumes it."""
+
+    __tablename__ = "paused_channels"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    paused_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -26,6 +26,7 @@ from dispatcher.ledger.models import (
     Attempt,
     Delivery,
     FlaggedNumber,
+    PausedChannel,
     State,
     UsedSignature,
 )
@@ -35,6 +36,7 @@ D = cast(Table, Delivery.__table__)
 A = cast(Table, Attempt.__table__)
 AP = cast(Table, Appeal.__table__)
 FN = cast(Table, FlaggedNumber.__table__)
+PC = cast(Table, PausedChannel.__table__)
 
 
 def new_id(prefix: str) -> str:
@@ -350,6 +352,39 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(delete(FN).where(FN.c.number == number)).rowcount == 1
 
+    # ------------------------------------------------------------------ paused channels
+
+    def pause_channel(self, key: str, reason: str, now: datetime) -> bool:
+        """Pause ``key`` ("email:us"); False if it already was (the first reason stays)."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(PC.c.key).where(PC.c.key == key)).first() is not None:
+                return False
+            conn.execute(insert(PC).values(key=key, reason=reason, paused_at=now))
+            return True
+
+    def paused_channels(self) -> dict[str, dict[str, str]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(PC).order_by(PC.c.paused_at)).all()
+        return {r.key: {"reason": r.reason, "paused_at": r.paused_at.isoformat()} for r in rows}
+
+    def resume_channel(self, key: str, now: datetime) -> int | None:
+        """Resume ``key``; its waiting letters become due now. None if it was not paused."""
+        channel, _, section = key.partition(":")
+        with self.engine.begin() as conn:
+            if conn.execute(delete(PC).where(PC.c.key == key)).rowcount == 0:
+                return None
+            return conn.execute(
+                update(D)
+                .where(
+                    D.c.channel == channel,
+                    D.c.section == section,
+                    D.c.state == State.PLANNED,
+                    D.c.next_attempt_at > now,
+                    D.c.last_outcome.in_(("operational", "deferred")),
+                )
+                .values(next_attempt_at=now, updated_at=now)
+            ).rowcount
+
     # ------------------------------------------------------------------ the outbox
 
     def mark_queued(self, ids: Sequence[str], now: datetime) -> int:
@@ -517,6 +552,15 @@ class Ledger:
             if appeal is None:
                 return None
             rows = conn.execute(select(D).where(D.c.appeal_id == appeal_id).order_by(D.c.target, D.c.channel)).all()
+            tries: dict[str, list[dict[str, Any]]] = {}
+            for t in conn.execute(
+                select(A.c.delivery_id, A.c.number, A.c.started_at, A.c.outcome, A.c.code, A.c.text)
+                .where(A.c.delivery_id.in_([r.id for r in rows]))
+                .order_by(A.c.id)
+            ):
+                tries.setdefault(t.delivery_id, []).append(
+                    {"number": t.number, "at": t.started_at.isoformat(), "outcome": t.outcome, "code": t.code}
+                )
         return {
             "appeal_id": appeal.id,
             "campaign": appeal.campaign,
@@ -524,7 +568,8 @@ class Ledger:
             "language": appeal.language,
             "client_ref": appeal.client_ref,
             "created_at": appeal.created_at.isoformat(),
-            "deliveries": [delivery_view(r) for r in rows],
+            # each letter with its schedule of tries so far
+            "deliveries": [{**delivery_view(r), "tries": tries.get(r.id, [])} for r in rows],
         }
 
     def counters(self, campaign: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ attempt and one state change, and logged as one event.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,22 @@ EVENTS = {
 }
 
 
+class ChannelFault(Exception):
+    """An OperationalError raised by a channel's own send: the channel itself is unusable."""
+
+    def __init__(self, error: OperationalError):
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextmanager
+def channel_faults() -> Iterator[None]:
+    try:
+        yield
+    except OperationalError as exc:
+        raise ChannelFault(exc) from exc
+
+
 class DeliveryProcessor:
     def __init__(
         self,
@@ -77,6 +94,7 @@ class DeliveryProcessor:
         self.worker_id = worker_id
         self.outcomes = outcomes
         self.gate = gate
+        self._paused_cache: tuple[float, dict[str, Any]] | None = None
         self.clock = clock
 
     def __call__(self, delivery_id: str) -> None:
@@ -145,6 +163,14 @@ class DeliveryProcessor:
             else None,
         )
 
+    def _paused(self) -> dict[str, Any]:
+        """Paused channels, read at most once a second: a pause matters within seconds, and the
+        hot path should not pay a query per letter for it."""
+        now = time.monotonic()
+        if self._paused_cache is None or now - self._paused_cache[0] > 1.0:
+            self._paused_cache = (now, self.ledger.paused_channels())
+        return self._paused_cache[1]
+
     # ------------------------------------------------------------------ one try
 
     def _attempt(self, claim: Claim, now: datetime) -> Result:
@@ -180,7 +206,19 @@ class DeliveryProcessor:
             # the day it is where the letter arrives
             date=now.astimezone(ZoneInfo(target.timezone)).date(),
         )
+        channel_key = f"{claim.channel}:{claim.section}"
         try:
+            paused = self._paused().get(channel_key)
+            if paused is not None:
+                # Trust the cache only for "not paused": a resume must take effect at once, not
+                # after a stale cache has held the letter back for another pause interval.
+                self._paused_cache = None
+                paused = self._paused().get(channel_key)
+            if paused is not None:
+                raise DeferredError(
+                    f"channel {channel_key} is paused ({paused}); `dispatcher channel resume {channel_key}`",
+                    retry_after=self.outcomes.retry.operational_pause_seconds,
+                )
             if self.gate is not None:
                 # Office hours and the recipient's caps: a letter that may not go now is deferred.
                 self.gate.admit(
@@ -190,10 +228,18 @@ class DeliveryProcessor:
                     token=f"{claim.id}:{claim.attempt}",
                     now=now,
                 )
-            if claim.channel == "email":
-                return self._send_email(claim, section, target, supporter, request)
-            if claim.channel == "fax" and self.fax is not None:
-                return self._send_fax(claim, section, request, now, deadline)
+            try:
+                if claim.channel == "email":
+                    return self._send_email(claim, section, target, supporter, request)
+                if claim.channel == "fax" and self.fax is not None:
+                    return self._send_fax(claim, section, request, now, deadline)
+            except ChannelFault as fault:
+                # The relay or gateway refuses us (credentials, funds, our sender): pause the
+                # channel so its other letters wait instead of each hitting the same wall.
+                if self.ledger.pause_channel(channel_key, str(fault.error), now):  # code and text
+                    log.error("channel.paused", channel=channel_key, reason=fault.error.message, code=fault.error.code)
+                self._paused_cache = None
+                raise fault.error from None
             # Not the letter's fault: it waits for a worker that has the channel, like any pause.
             raise OperationalError(f"no {claim.channel} channel is available in this worker")
         except DeliveryError as exc:
@@ -223,9 +269,10 @@ class DeliveryProcessor:
             # the Message-ID planned at intake: the stable key of this letter on every try
             message_id=claim.message_id,
         )
-        sent = self.loop.run(
-            self.email.send(message, section=section, recipient=claim.recipient), timeout=SEND_TIMEOUT_SECONDS
-        )
+        with channel_faults():
+            sent = self.loop.run(
+                self.email.send(message, section=section, recipient=claim.recipient), timeout=SEND_TIMEOUT_SECONDS
+            )
         return Result(State.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
 
     def _fax_result(self, report: FaxReport, claim: Claim, now: datetime, deadline: datetime) -> Result:
@@ -280,7 +327,8 @@ class DeliveryProcessor:
                 from_number=fax_settings.from_number if fax_settings else None,
                 station_id=fax_settings.station_id if fax_settings else None,
             )
-            report = self.loop.run(self.fax.send(job, section=section), timeout=FAX_TIMEOUT_SECONDS)
+            with channel_faults():
+                report = self.loop.run(self.fax.send(job, section=section), timeout=FAX_TIMEOUT_SECONDS)
             # Accepted by a gateway that calls later: the line stays ours until its final webhook.
             keep_line = not report.final
             return self._fax_result(report, claim, now, deadline)

@@ -95,6 +95,10 @@ class FaxStatusApplier:
                 line_seconds=report.duration_s,
             )
             flag, next_at, state = result.flag_number, result.next_attempt_at, result.state
+            if result.outcome == "operational" and moved:
+                # the gateway refuses us (funds, credentials): the section's fax channel waits
+                self.ledger.pause_channel(f"fax:{row.section}", result.text or "operational failure", now)
+                log.error("channel.paused", channel=f"fax:{row.section}", reason=result.text)
         if not moved:
             return "ignored: raced"
         if flag:
