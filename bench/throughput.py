@@ -14,6 +14,9 @@ What one repetition does (see docs/benchmarks.md for the reasoning):
    production default), to show what logging costs (only with ``--info-run``: it adds a
    minute, and the default run stays under two).
 
+``--preload`` submits every appeal before the workers start (a pure drain); ``--pace`` submits
+at a steady rate (latency without a backlog); ``--profile`` adds a run sampled by py-spy.
+
 The SMTP sink (bench/smtp_sink.py) runs in a process of its own and counts messages and
 duplicate Message-IDs. Everything listens on 127.0.0.1 only; every wait is bounded.
 
@@ -74,6 +77,7 @@ CAMPAIGN = "BENCH"
 SECTION = "bench"
 KEY_ENV = "DISPATCH_INTAKE_KEY_BENCH"
 PYTHON = sys.executable
+EMAIL_LIMITS = "1000000/hour"
 DISPATCHER = str(Path(sys.executable).with_name("dispatcher"))
 MESSAGE = (
     "I am writing as a member of my local group. Please release everyone detained for who they are,\n"
@@ -244,13 +248,21 @@ def fresh_database(database_url: str | None, workdir: Path, name: str) -> Iterat
     if database_url is None:
         yield f"sqlite:///{workdir / f'{name}.sqlite3'}"
         return
-    if not database_url.startswith("postgresql"):
-        raise SystemExit("--database-url: only postgresql URLs (a server the bench creates a database on)")
+    with PostgresDatabase(postgres_admin(database_url), prefix="dispatch_bench") as db:
+        yield db.url
+
+
+def postgres_admin(database_url: str) -> str:
+    """The libpq URL of the ``postgres`` database on the server ``database_url`` names;
+    SystemExit unless it is a PostgreSQL server on loopback."""
     from sqlalchemy.engine import make_url
 
+    if not database_url.startswith("postgresql"):
+        raise SystemExit("--database-url: only postgresql URLs (a server the bench creates a database on)")
     admin = make_url(database_url).set(drivername="postgresql", database="postgres")
-    with PostgresDatabase(admin.render_as_string(hide_password=False), prefix="dispatch_bench") as db:
-        yield db.url
+    if admin.host not in (None, "", "127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"--database-url: loopback servers only (got host {admin.host!r})")
+    return admin.render_as_string(hide_password=False)
 
 
 # --------------------------------------------------------------------------- appeals and letters
@@ -396,6 +408,9 @@ def child_env(settings: Settings, key: str, log_level: str) -> dict[str, str]:
         DISPATCH_MODE="sandbox",
         DISPATCH_LOG_LEVEL=log_level,
         DISPATCH_PEPPER=settings.pepper,
+        # The per-recipient caps (default 30/hour, 200/day) would hold the 5 bench targets to 150
+        # letters an hour. A cap that never binds keeps the rate limiter's work in the measurement.
+        DISPATCH_EMAIL_LIMITS=EMAIL_LIMITS,
         **{KEY_ENV: key},
     )
     return env
@@ -788,7 +803,7 @@ def medians(reps: list[dict[str, Any]]) -> dict[str, float]:
     for _, key, _ in ROWS:
         values = [v for r in reps if isinstance(v := dig(r, key), int | float)]
         if values:
-            out[key] = statistics.median(values)
+            out[key] = round(statistics.median(values), 3)
     return out
 
 
@@ -916,6 +931,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.deliveries < 5 or args.workers < 1 or args.threads < 1 or args.repeat < 1:
         parser.error("--deliveries ≥ 5, --workers, --threads and --repeat ≥ 1")
+    if args.database_url:
+        postgres_admin(args.database_url)
     if args.profile and not Path(sys.executable).with_name("py-spy").exists():
         parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
     configure_logging("WARNING")
