@@ -152,6 +152,28 @@ def ledger_show(appeal_id: str) -> None:
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- campaigns
+
+
+@main.group()
+def campaign() -> None:
+    """Campaign lifecycle."""
+
+
+@campaign.command("close")
+@click.argument("campaign_id")
+@click.option("--reason", required=True, help="Why, e.g. 'detainee released on 3 March'.")
+def campaign_close(campaign_id: str, reason: str) -> None:
+    """Close CAMPAIGN_ID early: new appeals get 410, every waiting letter in every section is cancelled."""
+    from dispatcher.ledger.models import utcnow
+
+    cancelled = _service().ledger.close_campaign(campaign_id, reason, utcnow())
+    if cancelled is None:
+        err.print(f"{campaign_id} is already closed")
+        sys.exit(1)
+    Console().print(f"{campaign_id} closed; {cancelled} waiting letter(s) cancelled")
+
+
 # ---------------------------------------------------------------------------- channels
 
 

@@ -22,7 +22,7 @@ def row(service, delivery_id: str) -> Delivery:
 
 
 def test_migrations_reach_head(service):
-    assert current(service.ledger.engine) == "0003"
+    assert current(service.ledger.engine) == "0004"
 
 
 def test_claim_is_exclusive_and_only_for_due_letters(service):
@@ -120,3 +120,30 @@ def test_purged_appeal_still_blocks_a_duplicate(service):
         assert exc.appeal_id == accepted.appeal_id
     else:
         raise AssertionError("a purged appeal no longer blocked a duplicate")
+
+
+def test_closing_a_campaign_cancels_every_waiting_letter_and_refuses_new_appeals(service):
+    from dispatcher.errors import CampaignClosed
+
+    us = accept(service)
+    ch_body = appeal_body(section="ch", language="de")
+    ch_body["supporter"]["country"] = "CH"
+    ch = service.intake.submit(ch_body)
+    now = datetime.now(UTC)
+    sent = us.deliveries[0]
+    claim = service.ledger.claim(sent.id, "w1", now)
+    service.ledger.finish(claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now)
+
+    cancelled = service.ledger.close_campaign(us.campaign, "detainee released", now)
+    assert cancelled == len(us.deliveries) - 1 + len(ch.deliveries)
+    assert row(service, sent.id).state == State.SENT  # what went out stays out
+    for d in [*us.deliveries[1:], *ch.deliveries]:
+        stored = row(service, d.id)
+        assert stored.state == State.CANCELLED and stored.last_text == "campaign closed: detainee released"
+    assert service.ledger.close_campaign(us.campaign, "again", now) is None
+    try:
+        service.intake.submit(appeal_body())
+    except CampaignClosed as exc:
+        assert exc.status == 410 and "detainee released" in exc.message
+    else:
+        raise AssertionError("a closed campaign accepted an appeal")

@@ -189,6 +189,9 @@ class IntakeService:
         if campaign.status == "closed":
             reason = f": {campaign.closed_reason}" if campaign.closed_reason else ""
             raise CampaignClosed(f"campaign {campaign.id!r} is closed{reason}", campaign=campaign.id)
+        closed_early = self.ledger.closure(campaign.id)
+        if closed_early is not None:
+            raise CampaignClosed(f"campaign {campaign.id!r} was closed: {closed_early}", campaign=campaign.id)
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             raise CampaignClosed(

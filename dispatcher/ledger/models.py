@@ -184,5 +184,15 @@ class PausedChannel(Base):
     paused_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class CampaignClosure(Base):
+    """A campaign closed early by an operator (the case was resolved, the detainee released)."""
+
+    __tablename__ = "campaign_closures"
+
+    campaign: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    closed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -24,6 +24,7 @@ from dispatcher.ledger.models import (
     WAITING,
     Appeal,
     Attempt,
+    CampaignClosure,
     Delivery,
     FlaggedNumber,
     PausedChannel,
@@ -37,6 +38,7 @@ A = cast(Table, Attempt.__table__)
 AP = cast(Table, Appeal.__table__)
 FN = cast(Table, FlaggedNumber.__table__)
 PC = cast(Table, PausedChannel.__table__)
+CC = cast(Table, CampaignClosure.__table__)
 
 
 def new_id(prefix: str) -> str:
@@ -351,6 +353,30 @@ class Ledger:
     def unflag_number(self, number: str) -> bool:
         with self.engine.begin() as conn:
             return conn.execute(delete(FN).where(FN.c.number == number)).rowcount == 1
+
+    # ------------------------------------------------------------------ campaign lifecycle
+
+    def close_campaign(self, campaign: str, reason: str, now: datetime) -> int | None:
+        """Close ``campaign`` early: every letter still waiting, in every section, is cancelled
+        with ``reason``. Returns how many; None if it was already closed."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(CC.c.campaign).where(CC.c.campaign == campaign)).first() is not None:
+                return None
+            conn.execute(insert(CC).values(campaign=campaign, reason=reason, closed_at=now))
+            return conn.execute(
+                update(D)
+                .where(D.c.campaign == campaign, D.c.state.in_(WAITING))
+                .values(
+                    state=State.CANCELLED,
+                    updated_at=now,
+                    last_outcome="cancelled",
+                    last_text=f"campaign closed: {reason}",
+                )
+            ).rowcount
+
+    def closure(self, campaign: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(CC.c.reason).where(CC.c.campaign == campaign)).scalar_one_or_none()
 
     # ------------------------------------------------------------------ paused channels
 
