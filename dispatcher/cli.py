@@ -174,6 +174,56 @@ def campaign_close(campaign_id: str, reason: str) -> None:
     Console().print(f"{campaign_id} closed; {cancelled} waiting letter(s) cancelled")
 
 
+# ---------------------------------------------------------------------------- schedule
+
+
+@main.group()
+def schedule() -> None:
+    """Pacing of letters towards their deadlines."""
+
+
+@schedule.command("forecast")
+@click.argument("campaign_id")
+def schedule_forecast(campaign_id: str) -> None:
+    """Per recipient of CAMPAIGN_ID's waiting letters: how many wait, the pace, when the last
+    goes, and whether the recipient's capacity carries them all before the deadline."""
+    from rich.table import Table
+
+    from dispatcher.ledger.models import utcnow
+    from dispatcher.queue.forecast import campaign_forecast
+
+    service = _service()
+    if campaign_id not in service.catalog.campaigns:
+        err.print(f"unknown campaign {campaign_id!r} (known: {', '.join(sorted(service.catalog.campaigns))})")
+        sys.exit(2)
+    rows = campaign_forecast(
+        ledger=service.ledger, catalog=service.catalog, gate=service.gate, campaign=campaign_id, now=utcnow()
+    )
+    if not rows:
+        Console().print(f"no letters of {campaign_id} are waiting")
+        return
+    table = Table(title=f"forecast for {campaign_id} (all waiting letters of each recipient)")
+    for col in ("recipient", "waiting", "letters/open hour", "first", "last", "before deadline"):
+        table.add_column(col)
+    for f in rows:
+        verdict = "all" if f.fits else f"[red]{f.fits_count}; {f.shortfall} would miss it[/red]"
+        table.add_row(
+            f.recipient,
+            str(f.waiting),
+            f"{f.rate_per_hour:.2f}",
+            f.first_at.isoformat(timespec="minutes") if f.first_at else "-",
+            f.last_at.isoformat(timespec="minutes") if f.last_at else "-",
+            verdict,
+        )
+    Console().print(table)
+    short = [f for f in rows if not f.fits]
+    if short:
+        Console().print(
+            f"[red]capacity short for {len(short)} recipient(s): raise their caps, send digests, or accept "
+            "that some letters will expire[/red]"
+        )
+
+
 # ---------------------------------------------------------------------------- channels
 
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from dispatcher.cli import main
 from dispatcher.intake.signature import compute
+from tests.conftest import appeal_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -62,3 +63,35 @@ def test_config_check_reports_file_and_key(run, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "sections/us.toml: campaigns.UA-002-19.writes[0].target" in result.output
     assert "presidnet" in result.output
+
+
+def test_forecast_says_when_a_recipients_capacity_is_short(run, service, monkeypatch):
+    from dispatcher.queue.forecast import campaign_forecast
+
+    # ch's demo window is 42 days, about 29 working days: at one fax a day, 40 letters cannot fit
+    slow = service.settings.but(fax_limits=("1/day",), office_hours=True)
+    service.gate.settings = slow
+    for _ in range(40):
+        body = appeal_body(section="ch", language="de")
+        body["supporter"]["country"] = "CH"
+        service.intake.submit(body)
+    rows = campaign_forecast(
+        ledger=service.ledger,
+        catalog=service.catalog,
+        gate=service.gate,
+        campaign="UA-002-19-DEMO",
+        now=datetime.now(UTC),
+    )
+    faxes = [f for f in rows if f.recipient.startswith("fax:")]
+    assert len(faxes) == 2  # the President's line and the Berne embassy's
+    for f in faxes:
+        assert f.waiting == 40
+        assert f.rate_per_hour <= 1 / 8 + 1e-9  # one a day over 8 open hours at most
+        assert not f.fits and f.shortfall > 0 and f.fits_count + f.shortfall == 40
+        assert 20 <= f.fits_count <= 31
+    # and the command prints it, saying capacity is short
+    monkeypatch.setenv("DISPATCH_DEMO_CAMPAIGNS", "1")
+    monkeypatch.setenv("DISPATCH_FAX_LIMITS", "1/day")
+    result = run("schedule", "forecast", "UA-002-19-DEMO")
+    assert result.exit_code == 0, result.output
+    assert "capacity short for 2 recipient(s)" in result.output
