@@ -11,68 +11,29 @@ from click.testing import CliRunner
 from dispatcher.app import Service
 from dispatcher.cli import main
 from tests.conftest import ROOT, Running, make_settings, wait_for
+from tests.support.liveconfig import write_config
 from tests.support.smtp import SmtpTestServer
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
-CAMPAIGN = """
-[campaign]
-id = "TEST-MAIL"
-title = "A test campaign with a fictional target"
-ai_index = "TEST 00/0001/2026"
-issued = 2026-01-01
-deadline = 2099-12-31
-preferred_languages = ["en"]
-letter_languages = ["en", "ru", "de", "fr"]
-default_language = "en"
-template_set = "UA-002-19"
-
-[targets.minister]
-name = "A. Minister"
-country = "GB"
-timezone = "Europe/London"
-languages = ["en"]
-email = "minister@example.org"
-
-[targets.minister.salutation]
-en = "Dear Minister,"
-"""
-
-SECTION = """
-[section]
-code = "zz"
-name = "Test Section"
-country = "GB"
-timezone = "Europe/London"
-languages = ["en"]
-intake_key_env = "DISPATCH_INTAKE_KEY_ZZ"
-
-[sender]
-name = "Test Section"
-address = "ua@zz.dispatch.example"
-
+RELAY = """
 [smtp]
 host = "127.0.0.1"
 port = {port}
 tls = "none"
 username_env = "TEST_SMTP_USER"
 password_env = "TEST_SMTP_PASSWORD"
-
-[campaigns.TEST-MAIL]
-
-[[campaigns.TEST-MAIL.writes]]
-target = "minister"
-channels = ["email"]
 """
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
-    config = tmp_path / "config"
-    (config / "campaigns").mkdir(parents=True)
-    (config / "sections").mkdir()
-    (config / "campaigns" / "TEST-MAIL.toml").write_text(CAMPAIGN)
-    (config / "sections" / "zz.toml").write_text(SECTION.format(port=port))
-    return config
+def write_mail_config(tmp_path: Path, port: int) -> Path:
+    return write_config(
+        tmp_path,
+        campaign_id="TEST-MAIL",
+        channel="email",
+        address_line='email = "minister@example.org"',
+        relay_and_gateway=RELAY.format(port=port),
+    )
 
 
 def states(service: Service) -> list[str]:
@@ -95,7 +56,7 @@ def test_relay_refusing_our_credentials_pauses_the_channel_until_resumed(
         ).but(
             mode="live",
             demo_campaigns=False,
-            config_dir=write_config(tmp_path, relay.port),
+            config_dir=write_mail_config(tmp_path, relay.port),
             templates_dir=ROOT / "templates",
         )
         environ = {"DISPATCH_INTAKE_KEY_ZZ": "k", "TEST_SMTP_USER": "dispatch", "TEST_SMTP_PASSWORD": "s3cret"}

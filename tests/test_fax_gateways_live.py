@@ -19,48 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dispatcher.app import Service
 from tests.conftest import ROOT, Running, make_settings, wait_for
 from tests.support.fax_providers import SinchServer, TelnyxServer
+from tests.support.liveconfig import write_config
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
-CAMPAIGN = """
-[campaign]
-id = "TEST-LIVE"
-title = "A test campaign with fictional targets"
-ai_index = "TEST 00/0000/2026"
-issued = 2026-01-01
-deadline = 2099-12-31
-preferred_languages = ["en"]
-letter_languages = ["en", "ru", "de", "fr"]
-default_language = "en"
-template_set = "UA-002-19"
-
-[targets.minister]
-name = "A. Minister"
-title = "Minister of Examples"
-address = ["1 Example Street", "London"]
-country = "GB"
-timezone = "Europe/London"
-languages = ["en"]
-fax = "+44 20 7946 0100"
-
-[targets.minister.salutation]
-en = "Dear Minister,"
-"""
-
-SECTION = """
-[section]
-code = "zz"
-name = "Test Section"
-country = "GB"
-timezone = "Europe/London"
-languages = ["en"]
-intake_key_env = "DISPATCH_INTAKE_KEY_ZZ"
-
-[sender]
-name = "Test Section"
-address = "ua@zz.dispatch.example"
-
+RELAY_AND_GATEWAY = """
 [smtp]
 host = "127.0.0.1"
 
@@ -73,22 +37,17 @@ connection_id = "conn-test"
 project_id = "proj-test"
 key_id_env = "TEST_SINCH_KEY_ID"
 key_secret_env = "TEST_SINCH_SECRET"
-
-[campaigns.TEST-LIVE]
-
-[[campaigns.TEST-LIVE.writes]]
-target = "minister"
-channels = ["fax"]
 """
 
 
-def write_config(tmp_path: Path, gateway: str, base_url: str) -> Path:
-    config = tmp_path / "config"
-    (config / "campaigns").mkdir(parents=True)
-    (config / "sections").mkdir()
-    (config / "campaigns" / "TEST-LIVE.toml").write_text(CAMPAIGN)
-    (config / "sections" / "zz.toml").write_text(SECTION.format(gateway=gateway, base_url=base_url))
-    return config
+def write_live_config(tmp_path: Path, gateway: str, base_url: str) -> Path:
+    return write_config(
+        tmp_path,
+        campaign_id="TEST-LIVE",
+        channel="fax",
+        address_line='fax = "+44 20 7946 0100"',
+        relay_and_gateway=RELAY_AND_GATEWAY.format(gateway=gateway, base_url=base_url),
+    )
 
 
 class LiveApi:
@@ -116,7 +75,7 @@ def live_service(tmp_path, database_url, redis_server, provider, gateway: str, *
     ).but(
         mode="live",
         demo_campaigns=False,
-        config_dir=write_config(tmp_path, gateway, provider.base_url),
+        config_dir=write_live_config(tmp_path, gateway, provider.base_url),
         templates_dir=ROOT / "templates",
         public_url=f"http://127.0.0.1:{port}",
     )
