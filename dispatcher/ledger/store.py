@@ -135,8 +135,10 @@ class Ledger:
                 update(D)
                 .where(
                     D.c.id == delivery_id,
-                    D.c.state.in_(WAITING),
-                    D.c.next_attempt_at <= now,
+                    # A queued letter was released already: no second guess with this worker's
+                    # clock, which may run behind the releasing machine's. A planned one (a retry,
+                    # a deferral) must be due.
+                    or_(D.c.state == State.QUEUED, and_(D.c.state == State.PLANNED, D.c.next_attempt_at <= now)),
                 )
                 .values(
                     state=State.SENDING,
