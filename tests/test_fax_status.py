@@ -175,3 +175,17 @@ def _view(service, delivery_id: str) -> dict:
     return next(
         d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id
     )
+
+
+def test_rejected_document_fails_at_once_and_loudly(service, lines):
+    from structlog.testing import capture_logs
+
+    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    delivery_id, _ = fax_sent_via_gateway(service, "fx-6")
+    rejected = FaxFailure(FailureKind.DOCUMENT_REJECTED, code="file_too_big", text="the file exceeds the limit")
+    with capture_logs() as logs:
+        applier.apply(report(delivery_id, "fx-6", FaxStatus.FAILED, failure=rejected))
+    view = _view(service, delivery_id)
+    assert view["state"] == "failed" and view["last_outcome"] == "permanent"
+    [alarm] = [e for e in logs if e["event"] == "fax.document_rejected"]
+    assert alarm["log_level"] == "error" and alarm["code"] == "file_too_big"

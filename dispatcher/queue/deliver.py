@@ -19,7 +19,7 @@ import jinja2
 
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.email.message import build_message
-from dispatcher.channels.fax.base import FaxJob, FaxReport, FaxStatus
+from dispatcher.channels.fax.base import FailureKind, FaxJob, FaxReport, FaxStatus
 from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Section, Target
@@ -279,6 +279,15 @@ class DeliveryProcessor:
         if report.status is FaxStatus.DELIVERED:
             result = Result(State.DELIVERED, Outcome.SENT, text="delivered")
         elif report.status is FaxStatus.FAILED:
+            if report.failure is not None and report.failure.kind is FailureKind.DOCUMENT_REJECTED:
+                # Our PDF or TIFF was refused: a bug on our side, never just a letter's bad luck.
+                log.error(
+                    "fax.document_rejected",
+                    delivery=claim.id,
+                    gateway=report.gateway,
+                    code=report.failure.code,
+                    reason=report.failure.text,
+                )
             error = report.failure.error() if report.failure else TransientError("failed without a reason")
             result = self.outcomes.of_error(error, attempt=claim.attempt, now=now, deadline=deadline)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from dispatcher.channels.fax.base import FaxReport, FaxStatus
+from dispatcher.channels.fax.base import FailureKind, FaxReport, FaxStatus
 from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
 from dispatcher.errors import TransientError
@@ -79,6 +79,8 @@ class FaxStatusApplier:
             next_at = None
             state = State.DELIVERED
         else:
+            if report.failure is not None and report.failure.kind is FailureKind.DOCUMENT_REJECTED:
+                log.error("fax.document_rejected", **context, code=report.failure.code, reason=report.failure.text)
             error = report.failure.error() if report.failure else TransientError("failed without a reason")
             deadline = self.catalog.deadline_at(row.campaign, row.section)
             result = self.outcomes.of_error(error, attempt=row.attempts, now=now, deadline=deadline)
