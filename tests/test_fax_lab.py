@@ -31,8 +31,9 @@ NO_ANSWER = "+44 20 7946 0102"
 SILENT = "+44 20 7946 0103"
 HANG_UP = "+44 20 7946 0104"
 UNALLOCATED = "+44 20 7946 0105"
-#: a real target's number (UA 002/19): in the lab, any number not in the table is a normal machine
-REAL_TARGET = "+7 495 910 21 34"
+#: a number outside the lab's own range (fictional: US 555-01xx), written as people write it
+OTHER_NUMBER_AS_WRITTEN = "+1 202 555 0143"
+OTHER_NUMBER = "+12025550143"
 #: largest fraction of pixels a received page may differ by: ECM is lossless, so in practice 0;
 #: two of our letter's pages differ by ~0.1 % (one digit per line)
 MATCH = 0.0001
@@ -142,9 +143,9 @@ async def test_normal_machine_receives_every_page(
 
 
 async def test_any_other_number_is_a_normal_machine(lab: FaxLab, letter: bytes) -> None:
-    report = await lab.send(job(letter, REAL_TARGET))
+    report = await lab.send(job(letter, OTHER_NUMBER_AS_WRITTEN))
     assert report.status is FaxStatus.DELIVERED and report.pages == 3
-    assert report.extra["to"] == "+74959102134"
+    assert report.extra["to"] == OTHER_NUMBER
 
 
 async def test_standard_resolution_g3_document(lab: FaxLab) -> None:
@@ -214,15 +215,15 @@ async def test_unallocated_number(lab: FaxLab, letter: bytes) -> None:
 
 
 async def test_busy_once_then_answered(lab: FaxLab, letter: bytes) -> None:
-    lab.set_behaviour(REAL_TARGET, Behaviour.BUSY, times=1)
-    assert lab.behaviour_for(REAL_TARGET) is Behaviour.BUSY
+    lab.set_behaviour(OTHER_NUMBER_AS_WRITTEN, Behaviour.BUSY, times=1)
+    assert lab.behaviour_for(OTHER_NUMBER_AS_WRITTEN) is Behaviour.BUSY
 
-    first = await lab.send(job(letter, REAL_TARGET))
-    second = await lab.send(job(letter, REAL_TARGET))
+    first = await lab.send(job(letter, OTHER_NUMBER_AS_WRITTEN))
+    second = await lab.send(job(letter, OTHER_NUMBER_AS_WRITTEN))
 
     assert first.failure is not None and first.failure.kind is FailureKind.BUSY
     assert second.status is FaxStatus.DELIVERED
-    assert lab.behaviour_for(REAL_TARGET) is Behaviour.NORMAL
+    assert lab.behaviour_for(OTHER_NUMBER_AS_WRITTEN) is Behaviour.NORMAL
 
 
 async def test_override_persists_until_cleared_and_is_shared(lab: FaxLab, letter: bytes) -> None:

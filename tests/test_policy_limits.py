@@ -87,7 +87,7 @@ def test_the_wait_is_exact(limiter: RateLimiter) -> None:
 
 def test_several_rates_at_once(limiter: RateLimiter) -> None:
     rates = [Rate.parse("2/minute"), Rate.parse("3/hour")]
-    key = "recipient:fax:+41313525595"
+    key = "recipient:fax:+12025550143"
     assert limiter.reserve(key, rates, now=T0) == 0.0
     assert limiter.reserve(key, rates, now=T0 + 50) == 0.0
     # the minute is full until the first letter leaves it at T0 + 60; the hour has room
@@ -178,7 +178,7 @@ def test_redis_clock_and_expiry(client: redis.Redis, limiter: RateLimiter) -> No
 N = 5
 WINDOW = 0.4
 RUN = 1.0
-KEY = "recipient:fax:+41313525595"
+KEY = "recipient:fax:+12025550143"
 #: a cap never reached, whose hour-long horizon keeps every grant in the log for the check
 AUDIT = Rate(1_000_000, 3600)
 

@@ -55,7 +55,7 @@ def paper_for(country: str) -> Paper:
 
 
 def format_fax_number(e164: str) -> str:
-    """'+74959102134' → '+7 495 910-21-34': the international format, grouped for people."""
+    """'+442079460100' → '+44 20 7946 0100': the international format, grouped for people."""
     number = phonenumbers.parse(e164, None)
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
 
