@@ -135,3 +135,27 @@ def test_recipient_cap_holds_across_two_worker_processes(tmp_path, database_url,
     assert worst <= cap, worst
     # and the cap did bind: the letters took about letters / cap windows, not a burst
     assert arrivals[-1] - arrivals[0] >= (letters / cap - 1) * window - slack
+
+
+def test_caps_that_cannot_be_checked_hold_letters_back_without_charging_a_try(tmp_path, database_url, environ):
+    from tests.support.services import RedisServer
+
+    with RedisServer(appendonly=False) as redis_server:
+        settings = make_settings(
+            tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=1, email_limits=("5/minute",)
+        )
+        service = Service(settings, environ=environ)
+        service.ledger.migrate()
+        service.intake.enqueuer = None
+        accepted = service.intake.submit(appeal_body())
+        email = next(d for d in accepted.deliveries if d.channel == "email")
+        redis_server.stop()  # Redis, which holds the caps, goes away mid-run
+        handle = service.worker(threads=1)
+        try:
+            handle.processor(email.id)
+        finally:
+            handle.loop.stop()
+    view = next(d for d in service.ledger.appeal_view(accepted.appeal_id)["deliveries"] if d["id"] == email.id)
+    assert view["state"] == "planned" and view["last_outcome"] == "deferred"
+    assert "caps cannot be checked" in view["last_text"]
+    assert view["attempts"] == 0 and view["tries"] == []

@@ -13,11 +13,16 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import redis
+
 from dispatcher.config.models import Channel, Target
 from dispatcher.errors import DeferredError
 from dispatcher.policy.hours import OfficeHours
 from dispatcher.policy.limits import Rate, RateLimiter
 from dispatcher.settings import Settings
+
+#: seconds a letter waits when Redis, which holds the caps, does not answer
+LIMITER_DOWN_WAIT = 15.0
 
 
 @lru_cache(maxsize=1024)
@@ -62,7 +67,14 @@ class SendingGate:
         if not texts:
             return
         rates = [Rate.parse(text) for text in texts]
-        wait = self.limiter.reserve(f"recipient:{channel}:{recipient}", rates, token=token)
+        try:
+            wait = self.limiter.reserve(f"recipient:{channel}:{recipient}", rates, token=token)
+        except redis.RedisError as exc:
+            # Our own infrastructure is away (a Redis restart): hold the letter back, without
+            # charging it a try, rather than send it past a cap nobody can check.
+            raise DeferredError(
+                f"the caps cannot be checked ({type(exc).__name__}); held back", retry_after=LIMITER_DOWN_WAIT
+            ) from exc
         if wait > 0:
             raise DeferredError(
                 f"the recipient's cap is used up ({', '.join(texts)})",
