@@ -8,9 +8,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# libspandsp2: fax (T.4/T.30) support for the fax channel; tini reaps and forwards signals.
+# libspandsp2: fax (T.4/T.30) support for the fax channel; Pango, HarfBuzz's subsetter and
+# DejaVu Sans: WeasyPrint's text layout and the fax font (Latin and Cyrillic), see
+# scripts/ensure-system-deps.sh; tini reaps and forwards signals.
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libspandsp2 tini \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libspandsp2 \
+       libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core tini \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 dispatcher \
