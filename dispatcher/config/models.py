@@ -57,6 +57,14 @@ def normalise_fax(raw: str, region: str | None) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _valid_rates(value: list[str]) -> list[str]:
+    from dispatcher.policy.limits import Rate
+
+    for text in value:
+        Rate.parse(text)
+    return value
+
+
 class Target(_Frozen):
     """An official who receives letters: a head of state, a minister, an embassy."""
 
@@ -88,11 +96,8 @@ class Target(_Frozen):
     @field_validator("limits")
     @classmethod
     def _rates(cls, value: dict[Channel, list[str]]) -> dict[Channel, list[str]]:
-        from dispatcher.policy.limits import Rate
-
         for rates in value.values():
-            for text in rates:
-                Rate.parse(text)
+            _valid_rates(rates)
         return value
 
     @model_validator(mode="after")
@@ -227,6 +232,14 @@ class SmtpRelay(_Frozen):
     idle_timeout: float = Field(30.0, gt=0)
     #: seconds for connect and for each SMTP command
     timeout: float = Field(30.0, gt=0)
+    #: the provider's limits on this relay, e.g. ["10/second", "10000/day"] (a tuple: relay
+    #: configs are hashed, one SMTP pool per relay)
+    rate: tuple[str, ...] = ()
+
+    @field_validator("rate")
+    @classmethod
+    def _relay_rates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_valid_rates(list(value)))
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> SmtpRelay:
@@ -252,6 +265,13 @@ class FaxConfig(_Frozen):
     project_id: str | None = None
     key_id_env: EnvVarName | None = None
     key_secret_env: EnvVarName | None = None
+    #: the gateway account's limits, e.g. ["1/second"]
+    rate: tuple[str, ...] = ()
+
+    @field_validator("rate")
+    @classmethod
+    def _gateway_rates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_valid_rates(list(value)))
 
     @field_validator("from_number")
     @classmethod

@@ -9,6 +9,7 @@ the gate is what makes the caps hold even when it does not.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -54,8 +55,21 @@ class SendingGate:
             return tuple(own)
         return self.settings.fax_limits if channel == "fax" else self.settings.email_limits
 
-    def admit(self, *, target: Target, channel: Channel, recipient: str, token: str, now: datetime) -> None:
-        """Return when the letter may go now (its slot is taken); raise DeferredError otherwise."""
+    def admit(
+        self,
+        *,
+        target: Target,
+        channel: Channel,
+        recipient: str,
+        token: str,
+        now: datetime,
+        provider: str | None = None,
+        provider_rates: Sequence[str] = (),
+    ) -> None:
+        """Return when the letter may go now (its slots are taken); raise DeferredError otherwise.
+
+        ``provider`` names the relay or gateway account the letter goes through, with its limits.
+        """
         hours = self.hours_for(target, channel)
         if hours is not None and not hours.is_open(now):
             opens = hours.next_open(now)
@@ -64,11 +78,26 @@ class SendingGate:
                 retry_after=(opens - now).total_seconds() + self._spread(target, channel),
             )
         texts = self.rate_texts(target, channel)
+        recipient_key = f"recipient:{channel}:{recipient}"
+        self._reserve(recipient_key, texts, token, what="the recipient's cap", target=target, channel=channel)
+        if provider is not None and provider_rates:
+            try:
+                self._reserve(
+                    provider, tuple(provider_rates), token, what=f"{provider}'s limit", target=target, channel=channel
+                )
+            except DeferredError:
+                if texts:
+                    self.limiter.cancel(recipient_key, token)  # not sent: the recipient's slot goes back
+                raise
+
+    def _reserve(
+        self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: Channel
+    ) -> None:
         if not texts:
             return
         rates = [Rate.parse(text) for text in texts]
         try:
-            wait = self.limiter.reserve(f"recipient:{channel}:{recipient}", rates, token=token)
+            wait = self.limiter.reserve(key, rates, token=token)
         except redis.RedisError as exc:
             # Our own infrastructure is away (a Redis restart): hold the letter back, without
             # charging it a try, rather than send it past a cap nobody can check.
@@ -77,8 +106,7 @@ class SendingGate:
             ) from exc
         if wait > 0:
             raise DeferredError(
-                f"the recipient's cap is used up ({', '.join(texts)})",
-                retry_after=wait + self._spread(target, channel),
+                f"{what} is used up ({', '.join(texts)})", retry_after=wait + self._spread(target, channel)
             )
 
     def _spread(self, target: Target, channel: Channel) -> float:

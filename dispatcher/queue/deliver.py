@@ -48,6 +48,15 @@ EVENTS = {
 }
 
 
+def _provider(section: Section, channel: str) -> tuple[str | None, tuple[str, ...]]:
+    """The relay or gateway account a letter of ``section`` goes through, and its limits."""
+    if channel == "email":
+        return f"relay:{section.smtp.host}:{section.smtp.port}", section.smtp.rate
+    if channel == "fax" and section.fax is not None:
+        return f"gateway:{section.fax.gateway}:{section.code}", section.fax.rate
+    return None, ()
+
+
 class ChannelFault(Exception):
     """An OperationalError raised by a channel's own send: the channel itself is unusable."""
 
@@ -221,12 +230,15 @@ class DeliveryProcessor:
                 )
             if self.gate is not None:
                 # Office hours and the recipient's caps: a letter that may not go now is deferred.
+                provider, provider_rates = _provider(section, claim.channel)
                 self.gate.admit(
                     target=target,
                     channel=claim.channel,
                     recipient=claim.recipient,
                     token=f"{claim.id}:{claim.attempt}",
                     now=now,
+                    provider=provider,
+                    provider_rates=provider_rates,
                 )
             try:
                 if claim.channel == "email":
