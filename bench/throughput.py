@@ -183,6 +183,12 @@ def tail(path: Path, lines: int = 15) -> str:
 class Sink:
     """bench/smtp_sink.py in its own process, on a free loopback port."""
 
+    #: the sink program; a variant (bench/chaos/sink.py) overrides it and its environment
+    script: Path = BENCH / "smtp_sink.py"
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
     def __init__(self, workdir: Path, name: str):
         self.port = free_port()
         self.status_path = workdir / f"{name}.status.json"
@@ -195,7 +201,7 @@ class Sink:
                 [
                     *die_with_parent(),
                     PYTHON,
-                    str(BENCH / "smtp_sink.py"),
+                    str(self.script),
                     "--port",
                     str(self.port),
                     "--status",
@@ -205,6 +211,7 @@ class Sink:
                     "--parent",
                     str(os.getpid()),
                 ],
+                env=self.env(),
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,

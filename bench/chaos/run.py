@@ -63,7 +63,7 @@ from sqlalchemy import text  # noqa: E402
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
-from tests.support.services import RedisServer, wait_for_port  # noqa: E402
+from tests.support.services import RedisServer  # noqa: E402
 
 log = tp.log
 console = tp.console
@@ -84,41 +84,16 @@ class ChaosSink(tp.Sink):
     """tp.Sink running bench/chaos/sink.py (Message-IDs appended to ``ids_path``), optionally
     on a given port (a restart on the port the workers know)."""
 
+    script = CHAOS / "sink.py"
+
     def __init__(self, workdir: Path, name: str, ids_path: Path, port: int | None = None):
         super().__init__(workdir, name)
         self.ids_path = ids_path
         if port is not None:
             self.port = port
 
-    def __enter__(self) -> ChaosSink:
-        env = dict(os.environ, CHAOS_SINK_IDS=str(self.ids_path))
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [
-                    *tp.die_with_parent(),
-                    tp.PYTHON,
-                    str(CHAOS / "sink.py"),
-                    "--port",
-                    str(self.port),
-                    "--status",
-                    str(self.status_path),
-                    "--max-seconds",
-                    "1800",
-                    "--parent",
-                    str(os.getpid()),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while not self.status_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SMTP sink did not start:\n{tp.tail(self.log_path)}")
-            time.sleep(0.05)
-        wait_for_port("127.0.0.1", self.port, timeout=10)
-        return self
+    def env(self) -> dict[str, str] | None:
+        return dict(os.environ, CHAOS_SINK_IDS=str(self.ids_path))
 
 
 def sink_counts(ids_path: Path) -> tuple[int, int, int]:

@@ -421,14 +421,16 @@ class Ledger:
         Called *before* the messages are sent: marked afterwards, a fast worker could have
         claimed the letter, failed or deferred it back to planned, and the late mark would
         turn it into a "queued" letter with no message, stranded until the requeue timeout.
-        Rows not planned any more keep their state but get ``queued_at`` if they lack it.
+        Planned rows become queued; queued rows (a lost message sent again) restart their
+        requeue clock; rows a worker already holds keep their state but get ``queued_at`` if
+        they lack it.
         """
         if not ids:
             return 0
         with self.engine.begin() as conn:
             return conn.execute(
                 update(D)
-                .where(D.c.id.in_(list(ids)), or_(D.c.state == State.PLANNED, D.c.queued_at.is_(None)))
+                .where(D.c.id.in_(list(ids)), or_(D.c.state.in_(WAITING), D.c.queued_at.is_(None)))
                 .values(
                     state=case((D.c.state == State.PLANNED, State.QUEUED.value), else_=D.c.state),
                     queued_at=func.coalesce(D.c.queued_at, now),
@@ -474,13 +476,6 @@ class Ledger:
                 .limit(limit)
             ).all()
         return [r.id for r in rows]
-
-    def touch_queued(self, ids: Sequence[str], now: datetime) -> None:
-        """Restart the requeue clock of deliveries whose message was just sent again."""
-        if not ids:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(update(D).where(D.c.id.in_(list(ids)), D.c.state == State.QUEUED).values(updated_at=now))
 
     def release_stale_claims(self, now: datetime, older_than: timedelta) -> list[str]:
         """Claims whose worker died mid-send go back to planned.

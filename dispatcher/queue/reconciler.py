@@ -79,7 +79,6 @@ class Reconciler:
                 break
             # Marked before sending, for the reason given in Ledger.mark_queued.
             self.ledger.mark_queued(due, now)
-            self.ledger.touch_queued(due, now)
             try:
                 self.enqueuer.send(due)
             except EnqueueFailed as exc:

@@ -61,6 +61,8 @@ class LookupFirstGateway:
     name: str
     lookup_attempts: int = 2
     lookup_delay_s: float = 0.5
+    #: faxes per list page when looking a tag up
+    page_size: int = 100
 
     def __init__(self, *, lookup_attempts: int = 2, lookup_delay_s: float = 0.5):
         self.lookup_attempts = max(1, lookup_attempts)

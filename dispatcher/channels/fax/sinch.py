@@ -216,8 +216,6 @@ class SinchGateway(LookupFirstGateway):
         self.max_retries = max_retries
         self.send_tiff = send_tiff
         super().__init__(lookup_attempts=lookup_attempts, lookup_delay_s=lookup_delay_s)
-        #: faxes per list page when looking a tag up
-        self.page_size = 100
         self._faxes = f"/v3/projects/{quote(project_id, safe='')}/faxes"
         self._client = make_client(
             base_url, headers={}, auth=(key_id, key_secret), timeout=timeout, transport=transport

@@ -222,8 +222,6 @@ class TelnyxGateway(LookupFirstGateway):
         self.media_ttl_s = media_ttl_s
         self.lookback = lookback
         super().__init__(lookup_attempts=lookup_attempts, lookup_delay_s=lookup_delay_s)
-        #: faxes per list page when looking a tag up
-        self.page_size = 100
         self._client = make_client(
             base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout, transport=transport
         )
