@@ -215,8 +215,27 @@ def test_telnyx_retry_after_is_honoured(tmp_path, database_url, redis_server, te
     assert telnyx.faxes == {}
 
 
+def test_telnyx_refusing_our_key_pauses_the_fax_channel_and_fails_nothing(tmp_path, database_url, redis_server, telnyx):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    service.environ["TEST_TELNYX_KEY"] = "KEY_revoked"  # the account's key was revoked
+    with api, Running(service):
+        first, second = submit(service), submit(service)
+        wait_for(lambda: "fax:zz" in service.ledger.paused_channels(), timeout=30)
+        # both letters were held back (the first by the refusal itself, the second by the pause)
+        wait_for(lambda: all(_view(service, d)["last_outcome"] in ("operational", "deferred") for d in (first, second)))
+    for delivery_id in (first, second):
+        view = _view(service, delivery_id)
+        assert view["state"] == "planned" and view["attempts"] == 0
+    assert "401" in service.ledger.paused_channels()["fax:zz"]["reason"]
+    assert telnyx.faxes == {}
+
+
 def _view(service: Service, delivery_id: str) -> dict:
-    return next(d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"])
+    return next(
+        d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+    )
 
 
 def test_sinch_callback_is_confirmed_with_sinch_before_it_counts(tmp_path, database_url, redis_server, sinch):

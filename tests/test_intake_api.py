@@ -275,3 +275,21 @@ def test_no_input_produces_a_500(client, environ, catalog, mutation):
     r = signed_post(client, environ, catalog, None, section=section, raw=json.dumps(body).encode())
     assert r.status_code in {202, 401, 409, 410, 422}, r.text
     assert "error" in r.json() or r.status_code == 202
+
+
+def test_python_function_does_what_the_api_does(service, catalog):
+    from dispatcher.errors import ValidationFailed
+    from dispatcher.intake import submit_appeal
+
+    accepted = submit_appeal(appeal_body(), service=service)
+    assert accepted.appeal_id.startswith("ap_")
+    assert {(d.target, d.channel) for d in accepted.deliveries} == {
+        (p.target.id, p.channel) for p in catalog.routes("UA-002-19", "us")
+    }
+    bad = appeal_body()
+    bad["supporter"]["name"] = "Jane\r\nBcc: x@example.org"
+    with pytest.raises(ValidationFailed) as info:
+        submit_appeal(bad, service=service)
+    # the same status and error body the API answers
+    assert info.value.status == 422
+    assert info.value.body()["error"]["fields"][0]["field"] == "supporter.name"

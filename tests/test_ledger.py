@@ -151,3 +151,21 @@ def test_closing_a_campaign_cancels_every_waiting_letter_and_refuses_new_appeals
         assert exc.status == 410 and "detainee released" in exc.message
     else:
         raise AssertionError("a closed campaign accepted an appeal")
+
+
+def test_worker_expires_a_letter_whose_deadline_passed_while_it_waited(service):
+    from dispatcher.app import Service
+
+    accepted = service.intake.submit(appeal_body())
+    email = next(d for d in accepted.deliveries if d.channel == "email")
+    deadline = service.catalog.deadline_at(accepted.campaign, accepted.section)
+    # a worker whose clock says the deadline has passed (same catalog, same ledger)
+    late = Service(service.settings, environ=service.environ, clock=lambda: deadline + timedelta(seconds=1))
+    late.catalog_override = service.catalog
+    handle = late.worker(threads=1)
+    try:
+        handle.processor(email.id)
+    finally:
+        handle.loop.stop()
+    stored = row(service, email.id)
+    assert stored.state == State.EXPIRED and "deadline" in stored.last_text
