@@ -196,3 +196,22 @@ class CampaignClosure(Base):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class DeadLetter(Base):
+    """A queue message dramatiq gave up on (its actor crashed on every retry). Recorded here
+    because Redis deletes dead-lettered messages after a while; the delivery itself stays in
+    the ledger either way and the reconciler sends it again."""
+
+    __tablename__ = "dead_letters"
+
+    #: dramatiq's message id
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    delivery_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    queue: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(64))
+    #: the last exception's type and text, as dramatiq kept it (no personal data: the actor
+    #: only ever gets a delivery id)
+    reason: Mapped[str | None] = mapped_column(Text)
+    failed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
