@@ -96,7 +96,11 @@ class Service:
         from dispatcher.retry import RetryPolicy
 
         return Outcomes(
-            RetryPolicy(base_seconds=self.settings.retry_base_seconds, max_attempts=self.settings.retry_max_attempts),
+            RetryPolicy(
+                base_seconds=self.settings.retry_base_seconds,
+                max_attempts=self.settings.retry_max_attempts,
+                max_lifetime_seconds=self.settings.retry_max_lifetime_hours * 3600.0,
+            ),
             no_tone_interval_seconds=self.settings.fax_no_tone_interval_seconds,
         )
 

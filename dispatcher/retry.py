@@ -24,6 +24,16 @@ class RetryPolicy:
     jitter: float = 0.2
     #: how long a channel waits after an operational error (bad credentials) before trying again
     operational_pause_seconds: float = 300.0
+    #: the longest a letter is retried, counted from its appeal; the campaign deadline ends it
+    #: sooner when it comes first. A letter still failing after a week of tries is better
+    #: reported to an operator than kept knocking until a six-week deadline.
+    max_lifetime_seconds: float = 7 * 86400.0
+
+    def retry_until(self, created_at: datetime | None, deadline: datetime) -> datetime:
+        """When tries stop: the campaign deadline, or the lifetime cap if that comes first."""
+        if created_at is None:
+            return deadline
+        return min(deadline, created_at + timedelta(seconds=self.max_lifetime_seconds))
 
     def next_try(
         self,

@@ -87,6 +87,9 @@ class Settings:
     retry_base_seconds: float = 60.0
     #: tries in all before a transient failure becomes final
     retry_max_attempts: int = 10
+    #: hours a letter is retried at most, counted from its appeal (the campaign deadline may end
+    #: it sooner)
+    retry_max_lifetime_hours: int = 7 * 24
     #: default caps per recipient (an email address, a fax number) across all campaigns, for
     #: targets whose config names none; "" for none
     email_limits: tuple[str, ...] = ("30/hour", "200/day")
@@ -136,6 +139,7 @@ class Settings:
             max_message_chars=_env_int("DISPATCH_MAX_MESSAGE_CHARS", 2000),
             retry_base_seconds=float(_env_int("DISPATCH_RETRY_BASE_SECONDS", 60)),
             retry_max_attempts=_env_int("DISPATCH_RETRY_MAX_ATTEMPTS", 10),
+            retry_max_lifetime_hours=_env_int("DISPATCH_RETRY_MAX_LIFETIME_HOURS", 7 * 24),
             email_limits=_env_list("DISPATCH_EMAIL_LIMITS", ("30/hour", "200/day")),
             fax_limits=_env_list("DISPATCH_FAX_LIMITS", ("4/hour", "40/day")),
             office_hours=_env_bool("DISPATCH_OFFICE_HOURS", True),

@@ -252,9 +252,14 @@ def test_spreading_counts_open_time_only() -> None:
     assert times[-1] == datetime(2024, 3, 7, 16, 12, tzinfo=UTC)  # Thursday, before the margin
 
 
-def test_no_caps_spreads_within_the_uncapped_slowest_gap() -> None:
+def test_no_caps_means_no_pacing() -> None:
+    # Without caps the recipient takes whatever comes: nothing is held back, however far the deadline.
     load = RecipientLoad.uniform("email:minister@example.org", 5, MONDAY + timedelta(days=20))
-    assert release_times(load, MONDAY) == [MONDAY + k * timedelta(hours=1) for k in range(5)]
+    assert release_times(load, MONDAY) == [MONDAY] * 5
+    assert due_now(load, MONDAY) == [0, 1, 2, 3, 4]
+    saturday = datetime(2024, 3, 9, 11, tzinfo=UTC)
+    closed = RecipientLoad.uniform(FAX, 3, saturday + timedelta(days=20), hours=OFFICE)
+    assert release_times(closed, saturday) == [datetime(2024, 3, 11, 9, tzinfo=UTC)] * 3
     urgent = RecipientLoad.uniform("email:minister@example.org", 5, MONDAY + timedelta(hours=12))
     assert release_times(urgent, MONDAY) == [MONDAY] * 5  # no cap and no time to spread: all now
     assert forecast(urgent, MONDAY).rate_per_hour == math.inf

@@ -91,6 +91,7 @@ class Claim:
     message_id: str
     attempt: int
     queued_at: datetime | None
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Ledger:
                     D.c.message_id,
                     D.c.attempts,
                     D.c.queued_at,
+                    D.c.created_at,
                 )
             ).one_or_none()
         if row is None:
@@ -175,6 +177,7 @@ class Ledger:
             message_id=row.message_id,
             attempt=row.attempts,
             queued_at=row.queued_at,
+            created_at=row.created_at,
         )
 
     def state_of(self, delivery_id: str) -> str | None:
@@ -280,9 +283,16 @@ class Ledger:
     def fax_of(self, delivery_id: str) -> Any | None:
         with self.engine.connect() as conn:
             return conn.execute(
-                select(D.c.id, D.c.state, D.c.remote_id, D.c.recipient, D.c.attempts, D.c.campaign, D.c.section).where(
-                    D.c.id == delivery_id, D.c.channel == "fax"
-                )
+                select(
+                    D.c.id,
+                    D.c.state,
+                    D.c.remote_id,
+                    D.c.recipient,
+                    D.c.attempts,
+                    D.c.campaign,
+                    D.c.section,
+                    D.c.created_at,
+                ).where(D.c.id == delivery_id, D.c.channel == "fax")
             ).one_or_none()
 
     def settle_fax(

@@ -8,6 +8,7 @@ input always gives the same plan, and the forecast is computed from that very pl
 The rule (docs/pacing.md explains the choices):
 
 * letters go in deadline order (ties in the caller's order);
+* a recipient without caps is not paced: its letters all go now (or at the next opening);
 * the pace is uniform in *open* time: ``gap`` open seconds between releases, just enough for the
   last letter of every deadline to go ``margin`` before it — but never slower than
   ``slowest_share`` of what the caps allow (holding three letters for six weeks helps nobody) and
@@ -76,14 +77,12 @@ class PacingPolicy:
     margin: timedelta = timedelta(days=1)
     #: never slower than this share of the caps' pace, however far the deadline
     slowest_share: float = 0.25
-    #: the slowest pace for a recipient without caps, as a gap between releases
-    uncapped_slowest_gap: timedelta = timedelta(hours=1)
 
     def __post_init__(self) -> None:
         if not 0 < self.slowest_share <= 1:
             raise ValueError(f"slowest_share must be in (0, 1], not {self.slowest_share!r}")
-        if self.margin < timedelta(0) or self.uncapped_slowest_gap < timedelta(0):
-            raise ValueError("margin and uncapped_slowest_gap must not be negative")
+        if self.margin < timedelta(0):
+            raise ValueError("margin must not be negative")
 
 
 DEFAULT_POLICY = PacingPolicy()
@@ -235,7 +234,9 @@ def _plan(
     hours: HoursLike = load.hours if load.hours is not None else _ALWAYS
     sent = list(load.sent_recently)
     cap_gap = _cap_gap(load.rates, hours)
-    slowest = cap_gap / policy.slowest_share if cap_gap > 0 else policy.uncapped_slowest_gap.total_seconds()
+    # A recipient without caps has said it takes whatever comes: spreading its letters would only
+    # delay them, so they all go at once (within office hours).
+    slowest = cap_gap / policy.slowest_share if load.rates else 0.0
 
     # Open time from ``now`` to each deadline's target, measured once; at a later instant the
     # room left is that minus the open time passed since ``now`` (``passed``).

@@ -133,6 +133,7 @@ class DeliveryProcessor:
                 attempt=claim.attempt,
                 now=now,
                 deadline=self.catalog.deadline_at(claim.campaign, claim.section),
+                created_at=claim.created_at,
             )
         finished = max(self.clock(), now)
         self.ledger.finish(
@@ -255,7 +256,9 @@ class DeliveryProcessor:
             # Not the letter's fault: it waits for a worker that has the channel, like any pause.
             raise OperationalError(f"no {claim.channel} channel is available in this worker")
         except DeliveryError as exc:
-            return self.outcomes.of_error(exc, attempt=claim.attempt, now=now, deadline=deadline)
+            return self.outcomes.of_error(
+                exc, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
+            )
         except (TemplateMissing, jinja2.TemplateError) as exc:
             # A deployment fault (a letter template missing or broken), not the letter's: pause it.
             return self.outcomes.operational(
@@ -301,7 +304,9 @@ class DeliveryProcessor:
                     reason=report.failure.text,
                 )
             error = report.failure.error() if report.failure else TransientError("failed without a reason")
-            result = self.outcomes.of_error(error, attempt=claim.attempt, now=now, deadline=deadline)
+            result = self.outcomes.of_error(
+                error, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
+            )
         else:
             result = Result(State.SENT, Outcome.SENT, code=report.raw_status, text=f"accepted by {report.gateway}")
         return replace(

@@ -83,7 +83,9 @@ class FaxStatusApplier:
                 log.error("fax.document_rejected", **context, code=report.failure.code, reason=report.failure.text)
             error = report.failure.error() if report.failure else TransientError("failed without a reason")
             deadline = self.catalog.deadline_at(row.campaign, row.section)
-            result = self.outcomes.of_error(error, attempt=row.attempts, now=now, deadline=deadline)
+            result = self.outcomes.of_error(
+                error, attempt=row.attempts, now=now, deadline=deadline, created_at=row.created_at
+            )
             moved = self.ledger.settle_fax(
                 row.id,
                 report.remote_id,

@@ -36,9 +36,13 @@ class Outcomes:
     #: wait between those tries: the line may be a fax machine switched to voice for the day
     no_tone_interval_seconds: float = 3600.0
 
-    def of_error(self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime) -> Result:
+    def of_error(
+        self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime, created_at: datetime | None = None
+    ) -> Result:
+        """``deadline`` is the campaign's; ``created_at`` (the letter's) bounds its tries by the
+        retry policy's lifetime cap as well."""
         if isinstance(exc, NoFaxToneError):
-            return self._no_tone(exc, attempt, now, deadline)
+            return self._no_tone(exc, attempt, now, self.retry.retry_until(created_at, deadline))
         if isinstance(exc, DeferredError):
             wait = exc.retry_after if exc.retry_after is not None else 60.0
             return Result(
@@ -50,15 +54,23 @@ class Outcomes:
                 counts_as_try=False,
             )
         if isinstance(exc, TransientError):
-            return self.transient(exc, attempt=attempt, now=now, deadline=deadline)
+            return self.transient(exc, attempt=attempt, now=now, deadline=deadline, created_at=created_at)
         if isinstance(exc, OperationalError):
             return self.operational(exc, now=now)
         return Result(State.FAILED, exc.outcome, code=exc.code, text=exc.message)
 
-    def transient(self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime) -> Result:
-        due = self.retry.next_try(attempt, now, deadline, exc.retry_after)
+    def transient(
+        self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime, created_at: datetime | None = None
+    ) -> Result:
+        until = self.retry.retry_until(created_at, deadline)
+        due = self.retry.next_try(attempt, now, until, exc.retry_after)
         if due is None:
-            why = "the campaign deadline" if attempt < self.retry.max_attempts else f"{attempt} tries"
+            if attempt >= self.retry.max_attempts:
+                why = f"{attempt} tries"
+            elif until < deadline:
+                why = f"{self.retry.max_lifetime_seconds / 3600:g} hours of retrying"
+            else:
+                why = "the campaign deadline"
             return Result(
                 State.FAILED,
                 Outcome.TRANSIENT,
