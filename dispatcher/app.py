@@ -75,6 +75,7 @@ class Service:
             choose_language=self.renderer.choose_language,
             clock=self.clock,
             environ=self.environ,
+            paced=lambda target, channel: bool(self.gate.rate_texts(target, channel)),
         )
 
     @cached_property
@@ -89,6 +90,19 @@ class Service:
         from dispatcher.policy.limits import RateLimiter
 
         return SendingGate(RateLimiter(self.broker.client, self.settings.redis_namespace), self.settings)
+
+    @cached_property
+    def pacer(self) -> Any:
+        from datetime import timedelta
+
+        from dispatcher.policy.pacing import PacingPolicy
+        from dispatcher.queue.pacer import Pacer
+
+        policy = PacingPolicy(
+            margin=timedelta(hours=self.settings.pacing_margin_hours),
+            slowest_share=self.settings.pacing_slowest_share,
+        )
+        return Pacer(ledger=self.ledger, catalog=self.catalog, gate=self.gate, policy=policy)
 
     @cached_property
     def outcomes(self) -> Any:
@@ -149,14 +163,23 @@ class Service:
         return create_app(self.intake, health=self.health, fax_webhooks=self.fax_webhooks)
 
     def reconciler(self, **config: Any) -> Any:
-        from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig
+        from dispatcher.queue.leader import Lease
+        from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
 
+        cfg = ReconcilerConfig(**config)
         return Reconciler(
             settings=self.settings,
             catalog=self.catalog,
             ledger=self.ledger,
             enqueuer=self.enqueuer,
-            config=ReconcilerConfig(**config),
+            pacer=self.pacer,
+            lease=Lease(
+                self.broker.client,
+                f"{self.settings.redis_namespace}:reconciler:lease",
+                reconciler_identity(),
+                cfg.lease_seconds,
+            ),
+            config=cfg,
             clock=self.clock,
         )
 

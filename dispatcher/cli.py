@@ -196,9 +196,7 @@ def schedule_forecast(campaign_id: str) -> None:
     if campaign_id not in service.catalog.campaigns:
         err.print(f"unknown campaign {campaign_id!r} (known: {', '.join(sorted(service.catalog.campaigns))})")
         sys.exit(2)
-    rows = campaign_forecast(
-        ledger=service.ledger, catalog=service.catalog, gate=service.gate, campaign=campaign_id, now=utcnow()
-    )
+    rows = campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=campaign_id, now=utcnow())
     if not rows:
         Console().print(f"no letters of {campaign_id} are waiting")
         return

@@ -47,6 +47,19 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError([ConfigProblem("environment", name, f"expected an integer, got {raw!r}")]) from None
 
 
+def _env_float(name: str, default: float, *, low: float, high: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError([ConfigProblem("environment", name, f"expected a number, got {raw!r}")]) from None
+    if not low <= value <= high:
+        raise ConfigError([ConfigProblem("environment", name, f"must be between {low:g} and {high:g}, got {raw!r}")])
+    return value
+
+
 def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = os.environ.get(name)
     if raw is None:
@@ -96,6 +109,10 @@ class Settings:
     fax_limits: tuple[str, ...] = ("4/hour", "40/day")
     #: hold faxes (and opted-in emails) to the recipient's office hours
     office_hours: bool = True
+    #: pacing (docs/pacing.md): never slower than this share of a recipient's caps (1: always at
+    #: the caps' pace), and the last letter for a deadline this many hours before it
+    pacing_slowest_share: float = 0.25
+    pacing_margin_hours: float = 24.0
     #: how long a fax waits when another fax to the same number is in flight
     fax_line_wait_seconds: float = 60.0
     #: wait between tries on a fax line that answers without a fax tone
@@ -143,6 +160,8 @@ class Settings:
             email_limits=_env_list("DISPATCH_EMAIL_LIMITS", ("30/hour", "200/day")),
             fax_limits=_env_list("DISPATCH_FAX_LIMITS", ("4/hour", "40/day")),
             office_hours=_env_bool("DISPATCH_OFFICE_HOURS", True),
+            pacing_slowest_share=_env_float("DISPATCH_PACING_SLOWEST_SHARE", 0.25, low=0.01, high=1.0),
+            pacing_margin_hours=_env_float("DISPATCH_PACING_MARGIN_HOURS", 24.0, low=0.0, high=24.0 * 60),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
             fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
             public_url=os.environ.get("DISPATCH_PUBLIC_URL", "").rstrip("/"),

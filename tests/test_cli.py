@@ -71,16 +71,13 @@ def test_forecast_says_when_a_recipients_capacity_is_short(run, service, monkeyp
     # ch's demo window is 42 days, about 29 working days: at one fax a day, 40 letters cannot fit
     slow = service.settings.but(fax_limits=("1/day",), office_hours=True)
     service.gate.settings = slow
+    service.intake.enqueuer = None  # no worker here: the first letter would sit in the queue
     for _ in range(40):
         body = appeal_body(section="ch", language="de")
         body["supporter"]["country"] = "CH"
         service.intake.submit(body)
     rows = campaign_forecast(
-        ledger=service.ledger,
-        catalog=service.catalog,
-        gate=service.gate,
-        campaign="UA-002-19-DEMO",
-        now=datetime.now(UTC),
+        ledger=service.ledger, pacer=service.pacer, campaign="UA-002-19-DEMO", now=datetime.now(UTC)
     )
     faxes = [f for f in rows if f.recipient.startswith("fax:")]
     assert len(faxes) == 2  # the President's line and the Berne embassy's

@@ -55,6 +55,8 @@ class PlannedDelivery:
     channel: str
     language: str
     state: str
+    #: the official's address or fax number (not shown in the API's answer)
+    recipient: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,15 @@ class IntakeService:
         choose_language: LanguageChooser,
         clock: Clock = utcnow,
         environ: Mapping[str, str] | None = None,
+        paced: Callable[[Target, str], bool] | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
         self.ledger = ledger
         self.enqueuer = enqueuer
         self.choose_language = choose_language
+        #: whether letters to a target by a channel are paced (it has caps); None: none are
+        self.paced = paced
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self._pepper = (settings.pepper or "appeal-dispatcher").encode()
@@ -243,6 +248,8 @@ class IntakeService:
                 for route in routes:
                     delivery_id = new_id("dl")
                     language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
+                    recipient = route.target.address_for(route.channel)
+                    assert recipient is not None  # routes are planned only for channels the target has
                     session.add(
                         Delivery(
                             id=delivery_id,
@@ -251,7 +258,7 @@ class IntakeService:
                             section=section.code,
                             target=route.target.id,
                             channel=route.channel,
-                            recipient=route.target.address_for(route.channel),
+                            recipient=recipient,
                             language=language,
                             state=State.PLANNED,
                             attempts=0,
@@ -263,7 +270,13 @@ class IntakeService:
                     )
                     planned.append(
                         PlannedDelivery(
-                            delivery_id, route.target.id, route.target.name, route.channel, language, State.PLANNED
+                            delivery_id,
+                            route.target.id,
+                            route.target.name,
+                            route.channel,
+                            language,
+                            State.PLANNED,
+                            recipient,
                         )
                     )
         except IntegrityError:
@@ -328,6 +341,7 @@ class IntakeService:
                 d.channel,
                 d.language,
                 d.state,
+                d.recipient,
             )
             for d in rows
         ]
@@ -336,7 +350,9 @@ class IntakeService:
     def _offer_to_queue(self, accepted: Accepted, now: datetime) -> None:
         if self.enqueuer is None:
             return
-        ids = [d.id for d in accepted.deliveries]
+        ids = [d.id for d in self._goes_at_once(accepted)]
+        if not ids:
+            return
         self.ledger.mark_queued(ids, now)
         try:
             self.enqueuer.send(ids)
@@ -352,3 +368,17 @@ class IntakeService:
             return
         for delivery_id in ids:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
+
+    def _goes_at_once(self, accepted: Accepted) -> list[PlannedDelivery]:
+        """The letters to offer to the queue now. A letter to a recipient with caps that already
+        has letters waiting joins that backlog, which the reconciler paces towards the deadline;
+        sent at once it would only be deferred by the caps or overtake the queue."""
+        if self.paced is None:
+            return accepted.deliveries
+        capped = {
+            (d.channel, d.recipient)
+            for d in accepted.deliveries
+            if self.paced(self.catalog.target(accepted.campaign, accepted.section, d.target), d.channel)
+        }
+        busy = self.ledger.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries])
+        return [d for d in accepted.deliveries if (d.channel, d.recipient) not in busy]

@@ -132,6 +132,8 @@ class Delivery(Base):
         Index("ix_delivery_due", "state", "next_attempt_at"),
         Index("ix_delivery_appeal", "appeal_id"),
         Index("ix_delivery_campaign_state", "campaign", "section", "state"),
+        # the pacer's and intake's questions about one recipient (its backlog, its recent sends)
+        Index("ix_delivery_recipient", "recipient", "channel", "state"),
     )
 
 

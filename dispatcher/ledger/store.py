@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, case, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -39,6 +53,20 @@ AP = cast(Table, Appeal.__table__)
 FN = cast(Table, FlaggedNumber.__table__)
 PC = cast(Table, PausedChannel.__table__)
 CC = cast(Table, CampaignClosure.__table__)
+
+
+#: letters not yet out: waiting in the ledger, on the queue, or in a worker's hands
+IN_HAND = (State.PLANNED, State.QUEUED, State.SENDING)
+
+
+def _planned_due(now: datetime, fresh_grace: timedelta) -> Any:
+    """Planned and due; a new row is left to intake's own enqueue for ``fresh_grace``, so the
+    two do not both send it."""
+    return and_(
+        D.c.state == State.PLANNED,
+        D.c.next_attempt_at <= now,
+        or_(D.c.attempts > 0, D.c.updated_at <= now - fresh_grace),
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -92,6 +120,29 @@ class Claim:
     attempt: int
     queued_at: datetime | None
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DueRecipient:
+    channel: str
+    recipient: str
+    count: int
+    #: the route of one of its letters
+    campaign: str
+    section: str
+    target: str
+
+
+@dataclass(frozen=True)
+class RecipientBacklog:
+    #: planned letters (rows with id, campaign, section, target, next_attempt_at, created_at,
+    #: attempts), oldest first
+    planned: list[Any]
+    #: letters queued or being sent
+    on_the_way: int
+    #: when letters were released, oldest first: recent sends and the latest one, and letters on
+    #: their way
+    released: list[datetime]
 
 
 @dataclass(frozen=True)
@@ -459,33 +510,99 @@ class Ledger:
                 .values(state=State.PLANNED, updated_at=now)
             )
 
-    def due(self, now: datetime, *, fresh_grace: timedelta, requeue_after: timedelta, limit: int) -> list[str]:
-        """Deliveries to (re)send to the queue now.
+    # ------------------------------------------------------------------ pacing
 
-        * planned and due — retries whose backoff ran out, and new appeals whose immediate
-          enqueue failed (Redis down); new rows get ``fresh_grace`` so that intake's own
-          enqueue is not doubled;
-        * queued for longer than ``requeue_after`` without being claimed — their message was
-          lost (Redis restarted without its data, a message expired). A second message for the
-          same delivery is harmless: the claim lets only one through.
-        """
+    def due_recipients(self, now: datetime, *, fresh_grace: timedelta) -> list[DueRecipient]:
+        """Every recipient with planned letters due now, with how many, and one of its letters'
+        route (the catalog gives its caps and office hours)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    D.c.channel,
+                    D.c.recipient,
+                    func.count(),
+                    func.min(D.c.campaign),
+                    func.min(D.c.section),
+                    func.min(D.c.target),
+                )
+                .where(_planned_due(now, fresh_grace))
+                .group_by(D.c.channel, D.c.recipient)
+            ).all()
+        return [DueRecipient(*row) for row in rows]
+
+    def due_for(self, channel: str, recipient: str, now: datetime, *, fresh_grace: timedelta, limit: int) -> list[str]:
+        """One recipient's planned letters due now, oldest due first."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(D.c.id)
-                .where(
-                    or_(
-                        and_(
-                            D.c.state == State.PLANNED,
-                            D.c.next_attempt_at <= now,
-                            or_(D.c.attempts > 0, D.c.updated_at <= now - fresh_grace),
-                        ),
-                        and_(D.c.state == State.QUEUED, D.c.updated_at <= now - requeue_after),
-                    )
-                )
-                .order_by(D.c.next_attempt_at)
+                .where(D.c.channel == channel, D.c.recipient == recipient, _planned_due(now, fresh_grace))
+                .order_by(D.c.next_attempt_at, D.c.created_at)
                 .limit(limit)
             ).all()
         return [r.id for r in rows]
+
+    def lost_messages(self, now: datetime, *, requeue_after: timedelta, limit: int) -> list[str]:
+        """Queued letters nobody claimed for ``requeue_after``: their message was lost (Redis
+        restarted without its data, a message expired). A second message is harmless: the claim
+        lets only one through."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(D.c.id)
+                .where(D.c.state == State.QUEUED, D.c.updated_at <= now - requeue_after)
+                .order_by(D.c.updated_at)
+                .limit(limit)
+            ).all()
+        return [r.id for r in rows]
+
+    def recipient_backlog(self, channel: str, recipient: str, now: datetime, window: timedelta) -> RecipientBacklog:
+        """What the pacer needs to plan one recipient: its waiting letters (every campaign and
+        section), the letters on their way (queued or being sent) and its recent sends."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    D.c.id,
+                    D.c.state,
+                    D.c.campaign,
+                    D.c.section,
+                    D.c.target,
+                    D.c.next_attempt_at,
+                    D.c.created_at,
+                    D.c.updated_at,
+                    D.c.attempts,
+                )
+                .where(D.c.channel == channel, D.c.recipient == recipient, D.c.state.in_(IN_HAND))
+                .order_by(D.c.created_at, D.c.id)
+            ).all()
+            mine = and_(D.c.channel == channel, D.c.recipient == recipient)
+            sent = (
+                conn.execute(select(D.c.sent_at).where(mine, D.c.sent_at >= now - window).order_by(D.c.sent_at))
+                .scalars()
+                .all()
+            )
+            latest = conn.execute(select(func.max(D.c.sent_at)).where(mine)).scalar_one_or_none()
+        planned = [r for r in rows if r.state == State.PLANNED]
+        # The latest send sets the pace even when it is older than the window. Letters on their
+        # way count as released when they were queued or claimed.
+        older = [latest] if latest is not None and (not sent or latest < sent[0]) else []
+        released = sorted([*older, *sent, *(r.updated_at for r in rows if r.state != State.PLANNED)])
+        return RecipientBacklog(planned=planned, on_the_way=len(rows) - len(planned), released=released)
+
+    def has_backlog(self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str]) -> set[tuple[str, str]]:
+        """Of these (channel, recipient) pairs, those with letters waiting or on their way,
+        not counting the letters ``exclude``."""
+        if not pairs:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(D.c.channel, D.c.recipient)
+                .where(
+                    tuple_(D.c.channel, D.c.recipient).in_(list(pairs)),
+                    D.c.state.in_(IN_HAND),
+                    D.c.id.not_in(list(exclude)),
+                )
+                .distinct()
+            ).all()
+        return {(r.channel, r.recipient) for r in rows}
 
     def release_stale_claims(self, now: datetime, older_than: timedelta) -> list[str]:
         """Claims whose worker died mid-send go back to planned.

@@ -27,7 +27,7 @@ LIMITER_DOWN_WAIT = 15.0
 
 
 @lru_cache(maxsize=256)
-def _rates(texts: tuple[str, ...]) -> tuple[Rate, ...]:
+def parsed_rates(texts: tuple[str, ...]) -> tuple[Rate, ...]:
     # Parsed once per distinct setting, not once per letter: this runs before every send.
     return tuple(Rate.parse(text) for text in texts)
 
@@ -101,7 +101,7 @@ class SendingGate:
     ) -> None:
         if not texts:
             return
-        rates = _rates(tuple(texts))
+        rates = parsed_rates(tuple(texts))
         try:
             wait = self.limiter.reserve(key, rates, token=token)
         except redis.RedisError as exc:
@@ -118,6 +118,6 @@ class SendingGate:
     def _spread(self, target: Target, channel: Channel) -> float:
         # Letters held back together would all come back at the same instant and all but one be
         # held back again: spread them over one cap interval.
-        rates = _rates(self.rate_texts(target, channel))
+        rates = parsed_rates(self.rate_texts(target, channel))
         gap = min((r.seconds / r.count for r in rates), default=1.0)
         return random.uniform(0, gap)

@@ -1,14 +1,20 @@
 """The reconciler: the loop that keeps the ledger and the queue in agreement.
 
-Each tick it sends to the queue every delivery that is due and not on it: new appeals whose
-immediate enqueue failed (Redis was down), retries whose backoff ran out, and queued letters
-whose message was lost. Less often it takes back claims that went stale (a worker died
-mid-send), expires letters whose campaign deadline passed, and purges personal data whose
-retention ran out.
+Each tick it sends to the queue the deliveries that are due and not on it: new appeals whose
+immediate enqueue failed (Redis was down) or that joined a recipient's backlog, retries whose
+backoff ran out, and queued letters whose message was lost. A recipient with caps gets its
+letters paced over the time left before their deadlines (:mod:`dispatcher.queue.pacer`), not
+all at once. Less often it takes back claims that went stale (a worker died mid-send), expires
+letters whose campaign deadline passed, and purges personal data whose retention ran out.
+
+Several reconcilers may run (one per machine): a lease in Redis lets one release at a time
+(:mod:`dispatcher.queue.leader`). Housekeeping is compare-and-set on every row, so all run it.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +25,8 @@ from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
+from dispatcher.queue.leader import Lease
+from dispatcher.queue.pacer import Pacer
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.reconciler")
@@ -38,6 +46,8 @@ class ReconcilerConfig:
     #: seconds between housekeeping runs (stale claims, deadlines, retention)
     housekeeping_every: float = 30.0
     batch: int = 1000
+    #: a reconciler that stops renewing its lease for this long is replaced by another
+    lease_seconds: float = 15.0
 
 
 class Reconciler:
@@ -48,6 +58,8 @@ class Reconciler:
         catalog: Catalog,
         ledger: Ledger,
         enqueuer: Enqueuer,
+        pacer: Pacer,
+        lease: Lease | None = None,
         config: ReconcilerConfig | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
@@ -55,6 +67,9 @@ class Reconciler:
         self.catalog = catalog
         self.ledger = ledger
         self.enqueuer = enqueuer
+        self.pacer = pacer
+        #: None: this reconciler is the only one (a test, a single-machine setup without Redis)
+        self.lease = lease
         self.config = config or ReconcilerConfig()
         self.clock = clock
         self._last_housekeeping: datetime | None = None
@@ -67,29 +82,41 @@ class Reconciler:
         ):
             self.housekeeping(now)
             self._last_housekeeping = now
-        released = 0
-        while True:
-            due = self.ledger.due(
-                now,
-                fresh_grace=self.config.fresh_grace,
-                requeue_after=self.config.requeue_after,
-                limit=self.config.batch,
-            )
-            if not due:
-                break
+        if not self._leading():
+            return 0
+        grace = self.config.fresh_grace
+        due: list[str] = []
+        for recipient in self.ledger.due_recipients(now, fresh_grace=grace):
+            if self.pacer.paces(recipient):
+                due += self.pacer.release(recipient, now, fresh_grace=grace)
+            else:
+                due += self.ledger.due_for(
+                    recipient.channel, recipient.recipient, now, fresh_grace=grace, limit=self.config.batch
+                )
+        due += self.ledger.lost_messages(now, requeue_after=self.config.requeue_after, limit=self.config.batch)
+        for start in range(0, len(due), self.config.batch):
+            batch = due[start : start + self.config.batch]
             # Marked before sending, for the reason given in Ledger.mark_queued.
-            self.ledger.mark_queued(due, now)
+            self.ledger.mark_queued(batch, now)
             try:
-                self.enqueuer.send(due)
+                self.enqueuer.send(batch)
             except EnqueueFailed as exc:
-                self.ledger.unmark_queued([i for i in due if i not in exc.sent], now)
+                self.ledger.unmark_queued([i for i in due[start:] if i not in exc.sent], now)
+                self.pacer.forget()  # its plans counted letters that did not go
                 raise
-            released += len(due)
-            if len(due) < self.config.batch:
-                break
-        if released:
-            log.info("reconciler.released", deliveries=released)
-        return released
+        if due:
+            log.info("reconciler.released", deliveries=len(due))
+        return len(due)
+
+    def _leading(self) -> bool:
+        if self.lease is None:
+            return True
+        was = self.lease.held
+        if not self.lease.hold():
+            return False
+        if not was:
+            self.pacer.forget()  # another reconciler released letters while we stood by
+        return True
 
     def housekeeping(self, now: datetime) -> None:
         for delivery in self.ledger.release_stale_claims(now, self.config.stale_claim_after):
@@ -116,4 +143,10 @@ class Reconciler:
             except Exception as exc:  # noqa: BLE001 - Redis or the database away: try again next tick
                 log.warning("reconciler.tick_failed", error=f"{type(exc).__name__}: {exc}")
             stop.wait(self.config.interval)
+        if self.lease is not None:
+            self.lease.release()  # a successor need not wait for it to expire
         log.info("reconciler.stopped")
+
+
+def reconciler_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100_000}"

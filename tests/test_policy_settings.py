@@ -1,4 +1,4 @@
-"""The ledger backoff: when a transiently failed letter is tried again, and when tries stop."""
+"""The ledger backoff (when a transiently failed letter is tried again, and when tries stop) and the pacing settings."""
 
 from __future__ import annotations
 
@@ -86,4 +86,14 @@ def test_the_lifetime_cap_is_read_from_the_environment(monkeypatch: pytest.Monke
     assert Service(settings).outcomes.retry.max_lifetime_seconds == 36 * 3600
     monkeypatch.setenv("DISPATCH_RETRY_MAX_LIFETIME_HOURS", "a week")
     with pytest.raises(ConfigError, match="DISPATCH_RETRY_MAX_LIFETIME_HOURS"):
+        Settings.from_env()
+
+
+def test_pacing_settings_are_read_from_the_environment_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCH_PACING_SLOWEST_SHARE", "1")
+    monkeypatch.setenv("DISPATCH_PACING_MARGIN_HOURS", "6")
+    policy = Service(Settings.from_env()).pacer.policy
+    assert (policy.slowest_share, policy.margin) == (1.0, timedelta(hours=6))
+    monkeypatch.setenv("DISPATCH_PACING_SLOWEST_SHARE", "0")
+    with pytest.raises(ConfigError, match=r"DISPATCH_PACING_SLOWEST_SHARE.*between"):
         Settings.from_env()

@@ -1,0 +1,115 @@
+"""The pacer: which of a capped recipient's waiting letters the reconciler releases now.
+
+It asks the pacing planner (:mod:`dispatcher.policy.pacing`) about the recipient's whole
+backlog — every campaign and section, since one embassy line serves them all — and releases as
+many letters as the plan says are due, earliest deadline first. The forecast command plans from
+the very same load, so what it prints is what the reconciler then does.
+
+Recipients without caps are not paced (the planner would release them all at once anyway); the
+reconciler releases their due letters without asking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from dispatcher.config.catalog import Catalog
+from dispatcher.config.models import Channel, Target
+from dispatcher.ledger.store import DueRecipient, Ledger
+from dispatcher.policy.gate import SendingGate, parsed_rates
+from dispatcher.policy.pacing import DEFAULT_POLICY, PacingPolicy, RecipientLoad, due_now, next_release
+
+#: when none of a recipient's letters can make its deadline any more, look again this often (new
+#: letters for a later deadline reset the look anyway)
+IDLE_LOOK = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One recipient's load for the planner, with its planned letters in the load's order."""
+
+    load: RecipientLoad
+    letters: list[Any]
+
+
+@dataclass(frozen=True)
+class _Look:
+    #: the recipient's due letters when it was last planned
+    due_count: int
+    #: when that plan releases its next letter
+    next_at: datetime
+
+
+class Pacer:
+    def __init__(
+        self, *, ledger: Ledger, catalog: Catalog, gate: SendingGate, policy: PacingPolicy = DEFAULT_POLICY
+    ) -> None:
+        self.ledger = ledger
+        self.catalog = catalog
+        self.gate = gate
+        self.policy = policy
+        self._looks: dict[tuple[str, str], _Look] = {}
+
+    def target_of(self, campaign: str, section: str, target: str) -> Target | None:
+        try:
+            return self.catalog.target(campaign, section, target)
+        except KeyError:
+            return None  # no longer configured: the worker pauses such letters, nothing to pace
+
+    def paces(self, due: DueRecipient) -> bool:
+        target = self.target_of(due.campaign, due.section, due.target)
+        return target is not None and bool(self.gate.rate_texts(target, cast(Channel, due.channel)))
+
+    def backlog(self, channel: str, recipient: str, target: Target, now: datetime) -> Backlog:
+        rates = parsed_rates(self.gate.rate_texts(target, cast(Channel, channel)))
+        window = timedelta(seconds=max((r.seconds for r in rates), default=0))
+        found = self.ledger.recipient_backlog(channel, recipient, now, window)
+        dated = [
+            (self.catalog.deadline_at(r.campaign, r.section), r)
+            for r in found.planned
+            if r.campaign in self.catalog.campaigns and r.section in self.catalog.sections
+        ]
+        # Earliest deadline first, oldest letter first among equals: the planner's order.
+        dated.sort(key=lambda pair: (pair[0], pair[1].created_at, pair[1].id))
+        load = RecipientLoad(
+            recipient=f"{channel}:{recipient}",
+            deadlines=[d for d, _ in dated],
+            rates=rates,
+            hours=self.gate.hours_for(target, cast(Channel, channel)),
+            sent_recently=found.released,
+        )
+        return Backlog(load, [r for _, r in dated])
+
+    def forget(self) -> None:
+        """Plan every recipient afresh (another reconciler may have released letters meanwhile)."""
+        self._looks.clear()
+
+    def release(self, due: DueRecipient, now: datetime, *, fresh_grace: timedelta) -> list[str]:
+        """Ids of the recipient's letters to release now (none between its planned releases)."""
+        key = (due.channel, due.recipient)
+        look = self._looks.get(key)
+        if look is not None and look.due_count == due.count and now < look.next_at:
+            return []
+        target = self.target_of(due.campaign, due.section, due.target)
+        if target is None:
+            return []
+        backlog = self.backlog(due.channel, due.recipient, target, now)
+        how_many = len(due_now(backlog.load, now, self.policy))
+        # The plan says how many may go now; which go are the earliest-deadline letters that are
+        # due themselves (a retry in its backoff stays where it is).
+        ready = [
+            i
+            for i, r in enumerate(backlog.letters)
+            if r.next_attempt_at <= now and (r.attempts > 0 or r.updated_at <= now - fresh_grace)
+        ]
+        chosen = set(ready[:how_many])
+        rest = replace(
+            backlog.load,
+            deadlines=[d for i, d in enumerate(backlog.load.deadlines) if i not in chosen],
+            sent_recently=[*backlog.load.sent_recently, *([now] * len(chosen))],
+        )
+        upcoming = next_release(rest, now, self.policy)
+        self._looks[key] = _Look(due.count - len(chosen), upcoming if upcoming is not None else now + IDLE_LOOK)
+        return [backlog.letters[i].id for i in sorted(chosen)]
