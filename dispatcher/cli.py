@@ -201,10 +201,17 @@ def schedule_forecast(campaign_id: str) -> None:
         Console().print(f"no letters of {campaign_id} are waiting")
         return
     table = Table(title=f"forecast for {campaign_id} (all waiting letters of each recipient)")
-    for col in ("recipient", "waiting", "letters/open hour", "first", "last", "before deadline"):
+    for col in ("recipient", "waiting", "letters/open hour", "first", "last", "before deadline", "with digests"):
         table.add_column(col)
-    for f in rows:
+    for row in rows:
+        f, digest = row.forecast, row.digest
         verdict = "all" if f.fits else f"[red]{f.fits_count}; {f.shortfall} would miss it[/red]"
+        if digest is not None:
+            after = digest.after
+            fits = "all make it" if after.fits else f"{after.shortfall} would still miss it"
+            with_digests = f"{digest.letters} letters in {digest.digests or 'a waiting'} digest(s); {fits}"
+        else:
+            with_digests = "-" if f.fits else "off"
         table.add_row(
             f.recipient,
             str(f.waiting),
@@ -212,14 +219,17 @@ def schedule_forecast(campaign_id: str) -> None:
             f.first_at.isoformat(timespec="minutes") if f.first_at else "-",
             f.last_at.isoformat(timespec="minutes") if f.last_at else "-",
             verdict,
+            with_digests,
         )
     Console().print(table)
-    short = [f for f in rows if not f.fits]
+    short = [r.forecast for r in rows if not r.forecast.fits and r.digest is None]
     if short:
         Console().print(
-            f"[red]capacity short for {len(short)} recipient(s): raise their caps, send digests, or accept "
-            "that some letters will expire[/red]"
+            f"[red]capacity short for {len(short)} recipient(s): raise their caps, allow digests "
+            "(digest = true on the section's route), or accept that some letters will expire[/red]"
         )
+    if any(r.digest is not None for r in rows):
+        Console().print("digests are on for some routes: the scheduler bundles those letters when the line is short")
 
 
 # ---------------------------------------------------------------------------- channels

@@ -79,7 +79,7 @@ def test_forecast_says_when_a_recipients_capacity_is_short(run, service, monkeyp
     rows = campaign_forecast(
         ledger=service.ledger, pacer=service.pacer, campaign="UA-002-19-DEMO", now=datetime.now(UTC)
     )
-    faxes = [f for f in rows if f.recipient.startswith("fax:")]
+    faxes = [r.forecast for r in rows if r.forecast.recipient.startswith("fax:")]
     assert len(faxes) == 2  # the President's line and the Berne embassy's
     for f in faxes:
         assert f.waiting == 40

@@ -84,8 +84,8 @@ def test_forecast_for_500_faxes_at_2_per_hour_is_what_the_scheduler_does(tmp_pat
     service.intake.enqueuer = None
     swiss_appeals(service, 500)
     forecasts = {
-        f.recipient: f
-        for f in campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=CAMPAIGN, now=START)
+        r.forecast.recipient: r.forecast
+        for r in campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=CAMPAIGN, now=START)
     }
     plans = {}
     for key in forecasts:
@@ -141,7 +141,7 @@ def test_a_backlog_far_from_its_deadline_is_spread_towards_it(tmp_path, database
     service.intake.enqueuer = None
     swiss_appeals(service, 30)
     forecasts = campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=CAMPAIGN, now=START)
-    fax = next(f for f in forecasts if f.recipient.startswith("fax:+7"))
+    fax = next(r.forecast for r in forecasts if r.forecast.recipient.startswith("fax:+7"))
     assert fax.fits and fax.last_at is not None
     assert fax.rate_per_hour == 0.5
 

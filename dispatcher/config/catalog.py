@@ -55,6 +55,14 @@ class Catalog:
                 planned.append(PlannedRoute(section.targets[route.target], channel, "copy"))
         return planned
 
+    def digest_allowed(self, campaign_id: str, section_code: str, target_id: str) -> bool:
+        """Whether the section sends ``target_id`` digests for this campaign when its line is short."""
+        section = self.sections.get(section_code)
+        part = section.campaigns.get(campaign_id) if section is not None else None
+        if part is None:
+            return False
+        return any(route.digest for route in (*part.writes, *part.copies_to) if route.target == target_id)
+
     def target(self, campaign_id: str, section_code: str, target_id: str) -> Target:
         campaign = self.campaigns[campaign_id]
         if target_id in campaign.targets:

@@ -165,6 +165,10 @@ class Route(_Frozen):
 
     target: Slug
     channels: list[Channel] = Field(min_length=1)
+    #: when this target's line cannot carry every letter before the deadline, send one digest
+    #: (the model letter and the list of supporters) instead of the letters that would not make
+    #: it (docs/digests.md). Off by default: individual letters carry more weight.
+    digest: bool = False
 
     @field_validator("channels")
     @classmethod

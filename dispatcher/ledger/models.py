@@ -53,9 +53,12 @@ class State(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"  # the campaign deadline passed first
     CANCELLED = "cancelled"  # the campaign was closed
+    BUNDLED = "bundled"  # goes as part of a digest letter (``digest_id``), and ends as it ends
 
 
 WAITING = (State.PLANNED, State.QUEUED)
+#: not yet out, nor in a worker's hands: what expiry and a campaign's closing cancel
+PENDING = (State.PLANNED, State.QUEUED, State.BUNDLED)
 FINAL = (State.SENT, State.DELIVERED, State.FAILED, State.EXPIRED, State.CANCELLED)
 LETTER_OUT = (State.SENT, State.DELIVERED)
 
@@ -96,7 +99,13 @@ class Delivery(Base):
     __tablename__ = "deliveries"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    appeal_id: Mapped[str] = mapped_column(ForeignKey("appeals.id", ondelete="CASCADE"))
+    #: None for a digest, which carries the letters of many appeals
+    appeal_id: Mapped[str | None] = mapped_column(ForeignKey("appeals.id", ondelete="CASCADE"))
+    #: "letter" (one supporter's) or "digest" (one letter with the list of supporters, sent when
+    #: a recipient's line cannot carry every letter before the deadline; docs/digests.md)
+    kind: Mapped[str] = mapped_column(String(8), default="letter", server_default="letter")
+    #: for a letter bundled into a digest, the digest's delivery id
+    digest_id: Mapped[str | None] = mapped_column(String(40), index=True)
     campaign: Mapped[str] = mapped_column(String(64))
     section: Mapped[str] = mapped_column(String(8))
     target: Mapped[str] = mapped_column(String(64))

@@ -35,6 +35,7 @@ from sqlalchemy.pool import NullPool
 from dispatcher.ledger.models import (
     FINAL,
     LETTER_OUT,
+    PENDING,
     WAITING,
     Appeal,
     Attempt,
@@ -109,7 +110,8 @@ class Claim:
     """What a worker holds while it sends one letter."""
 
     id: str
-    appeal_id: str
+    #: None for a digest
+    appeal_id: str | None
     campaign: str
     section: str
     target: str
@@ -120,6 +122,8 @@ class Claim:
     attempt: int
     queued_at: datetime | None
     created_at: datetime | None = None
+    #: "letter" or "digest"
+    kind: str = "letter"
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,20 @@ class RecipientBacklog:
     #: when letters were released, oldest first: recent sends and the latest one, and letters on
     #: their way
     released: list[datetime]
+
+
+@dataclass(frozen=True)
+class DigestRoute:
+    """Where a digest goes: one target of one section's campaign, by one channel, in one language."""
+
+    campaign: str
+    section: str
+    target: str
+    channel: str
+    recipient: str
+    language: str
+    #: the section sender's domain, for the digest's Message-ID
+    domain: str
 
 
 @dataclass(frozen=True)
@@ -212,6 +230,7 @@ class Ledger:
                     D.c.attempts,
                     D.c.queued_at,
                     D.c.created_at,
+                    D.c.kind,
                 )
             ).one_or_none()
         if row is None:
@@ -229,6 +248,7 @@ class Ledger:
             attempt=row.attempts,
             queued_at=row.queued_at,
             created_at=row.created_at,
+            kind=row.kind,
         )
 
     def state_of(self, delivery_id: str) -> str | None:
@@ -327,6 +347,8 @@ class Ledger:
                 .where(D.c.id == claim.id, D.c.state == State.SENDING, D.c.claimed_by == worker)
                 .values(**values)
             ).rowcount
+            if moved and claim.kind == "digest":
+                _mirror_digest(conn, claim.id, state, values)
         return moved == 1
 
     # ------------------------------------------------------------------ gateway reports
@@ -393,6 +415,7 @@ class Ledger:
                     .where(A.c.delivery_id == delivery_id, A.c.remote_id == remote_id)
                     .values(outcome=outcome, code=values["last_code"], text=text, pages=pages)
                 )
+                _mirror_digest(conn, delivery_id, state, values)
         return moved == 1
 
     def flag_number(self, number: str, reason: str, delivery_id: str | None, now: datetime) -> None:
@@ -428,7 +451,7 @@ class Ledger:
             conn.execute(insert(CC).values(campaign=campaign, reason=reason, closed_at=now))
             return conn.execute(
                 update(D)
-                .where(D.c.campaign == campaign, D.c.state.in_(WAITING))
+                .where(D.c.campaign == campaign, D.c.state.in_(PENDING))
                 .values(
                     state=State.CANCELLED,
                     updated_at=now,
@@ -569,11 +592,14 @@ class Ledger:
                     D.c.created_at,
                     D.c.updated_at,
                     D.c.attempts,
+                    D.c.kind,
+                    D.c.language,
                 )
                 .where(D.c.channel == channel, D.c.recipient == recipient, D.c.state.in_(IN_HAND))
                 .order_by(D.c.created_at, D.c.id)
             ).all()
-            mine = and_(D.c.channel == channel, D.c.recipient == recipient)
+            # A digest's letters carry its sent_at too; only the digest itself went down the line.
+            mine = and_(D.c.channel == channel, D.c.recipient == recipient, D.c.digest_id.is_(None))
             sent = (
                 conn.execute(select(D.c.sent_at).where(mine, D.c.sent_at >= now - window).order_by(D.c.sent_at))
                 .scalars()
@@ -586,6 +612,98 @@ class Ledger:
         older = [latest] if latest is not None and (not sent or latest < sent[0]) else []
         released = sorted([*older, *sent, *(r.updated_at for r in rows if r.state != State.PLANNED)])
         return RecipientBacklog(planned=planned, on_the_way=len(rows) - len(planned), released=released)
+
+    def bundle(
+        self, member_ids: Sequence[str], route: DigestRoute, now: datetime, *, oldest: datetime
+    ) -> tuple[str, int] | None:
+        """Bundle these planned, never-tried letters into a digest for ``route``: the route's
+        digest still waiting for its first try if there is one, else a new one, dated ``oldest``
+        (its oldest letter's creation: it takes that letter's place in the recipient's line).
+        Returns the digest's id and how many letters joined it (None if none could: they moved
+        meanwhile)."""
+        try:
+            return self._bundle(member_ids, route, now, oldest)
+        except _NothingJoined:
+            return None  # rolled back: no empty digest is left behind
+
+    def _bundle(
+        self, member_ids: Sequence[str], route: DigestRoute, now: datetime, oldest: datetime
+    ) -> tuple[str, int]:
+        with self.engine.begin() as conn:
+            digest_id = conn.execute(
+                select(D.c.id).where(
+                    D.c.kind == "digest",
+                    D.c.campaign == route.campaign,
+                    D.c.section == route.section,
+                    D.c.target == route.target,
+                    D.c.channel == route.channel,
+                    D.c.language == route.language,
+                    D.c.state == State.PLANNED,
+                    D.c.attempts == 0,
+                )
+            ).scalar()
+            if digest_id is None:
+                digest_id = new_id("dg")
+                conn.execute(
+                    insert(D).values(
+                        id=digest_id,
+                        appeal_id=None,
+                        kind="digest",
+                        campaign=route.campaign,
+                        section=route.section,
+                        target=route.target,
+                        channel=route.channel,
+                        recipient=route.recipient,
+                        language=route.language,
+                        state=State.PLANNED,
+                        attempts=0,
+                        next_attempt_at=now,
+                        message_id=f"<{digest_id}@{route.domain}>",
+                        created_at=oldest,
+                        updated_at=now,
+                    )
+                )
+            joined = conn.execute(
+                update(D)
+                .where(
+                    D.c.id.in_(list(member_ids)),
+                    D.c.kind == "letter",
+                    D.c.state == State.PLANNED,
+                    D.c.attempts == 0,
+                )
+                .values(state=State.BUNDLED, digest_id=digest_id, updated_at=now, last_text=f"bundled into {digest_id}")
+            ).rowcount
+            if not joined:
+                raise _NothingJoined
+        return digest_id, joined
+
+    def digest_signers(self, digest_id: str) -> list[SupporterData]:
+        """The supporters whose letters a digest carries, in the order they signed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    AP.c.supporter_name,
+                    AP.c.supporter_email,
+                    AP.c.supporter_city,
+                    AP.c.supporter_country,
+                    AP.c.supporter_ref,
+                )
+                .join(D, D.c.appeal_id == AP.c.id)
+                .where(D.c.digest_id == digest_id, D.c.state == State.BUNDLED, AP.c.supporter_name.is_not(None))
+                .order_by(AP.c.created_at, AP.c.id)
+            ).all()
+        return [
+            SupporterData(
+                name=r.supporter_name,
+                email=r.supporter_email or "",
+                city=r.supporter_city,
+                country=r.supporter_country,
+                languages=(),
+                message=None,
+                supporter_ref=r.supporter_ref,
+            )
+            for r in rows
+        ]
 
     def has_backlog(self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str]) -> set[tuple[str, str]]:
         """Of these (channel, recipient) pairs, those with letters waiting or on their way,
@@ -655,7 +773,7 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(
                 update(D)
-                .where(D.c.campaign == campaign, D.c.section == section, D.c.state.in_(WAITING))
+                .where(D.c.campaign == campaign, D.c.section == section, D.c.state.in_(PENDING))
                 .values(
                     state=State.EXPIRED,
                     updated_at=now,
@@ -670,7 +788,8 @@ class Ledger:
         """Blank supporters' personal data once every letter of their appeal is final and
         the retention period has passed since the appeal."""
         cutoff = now - retention
-        unfinished = select(D.c.appeal_id).where(D.c.state.not_in(FINAL)).scalar_subquery()
+        # (digests have no appeal: a NULL in a NOT IN list would match nothing at all)
+        unfinished = select(D.c.appeal_id).where(D.c.state.not_in(FINAL), D.c.appeal_id.is_not(None)).scalar_subquery()
         with self.engine.begin() as conn:
             return conn.execute(
                 update(AP)
@@ -729,7 +848,7 @@ class Ledger:
             ).all()
             letters = conn.execute(
                 select(D.c.section, func.count())
-                .where(D.c.campaign == campaign, D.c.state.in_(LETTER_OUT))
+                .where(D.c.campaign == campaign, D.c.state.in_(LETTER_OUT), D.c.kind == "letter")
                 .group_by(D.c.section)
             ).all()
         by_section: dict[str, dict[str, int]] = {}
@@ -762,6 +881,28 @@ class Ledger:
         ]
 
 
+class _NothingJoined(Exception):
+    pass
+
+
+def _mirror_digest(conn: Any, digest_id: str, state: State, values: dict[str, Any]) -> None:
+    """A digest's letters follow it: sent, delivered or failed with it, and bundled again while
+    it waits for another try. Letters already expired or cancelled stay so."""
+    mirrored = State.BUNDLED if state in (State.PLANNED, State.QUEUED, State.SENDING) else state
+    copied = {k: v for k, v in values.items() if k in ("sent_at", "delivered_at", "last_outcome", "last_code")}
+    text = values.get("last_text")
+    conn.execute(
+        update(D)
+        .where(D.c.digest_id == digest_id, D.c.state.in_((State.BUNDLED, State.SENT)))
+        .values(
+            state=mirrored,
+            updated_at=values["updated_at"],
+            last_text=f"in digest {digest_id}: {text}" if text else f"in digest {digest_id}",
+            **copied,
+        )
+    )
+
+
 def delivery_view(r: Any) -> dict[str, Any]:
     def iso(value: datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
@@ -778,6 +919,7 @@ def delivery_view(r: Any) -> dict[str, Any]:
         "last_outcome": r.last_outcome,
         "last_code": r.last_code,
         "last_text": r.last_text,
+        **({"digest": r.digest_id} if r.digest_id else {}),
         **(
             {"gateway": r.gateway, "remote_id": r.remote_id, "pages": r.pages, "line_seconds": r.line_seconds}
             if r.channel == "fax"

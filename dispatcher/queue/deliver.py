@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -25,7 +25,7 @@ from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Section, Target
 from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
 from dispatcher.ledger.models import State, utcnow
-from dispatcher.ledger.store import Claim, Ledger, SupporterData
+from dispatcher.ledger.store import Claim, Ledger
 from dispatcher.logging import get_logger
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes, Result
@@ -55,6 +55,14 @@ def _provider(section: Section, channel: str) -> tuple[str | None, tuple[str, ..
     if channel == "fax" and section.fax is not None:
         return f"gateway:{section.fax.gateway}:{section.code}", section.fax.rate
     return None, ()
+
+
+class Sender(NamedTuple):
+    """Whom an email letter is from ("Jane Doe via <section>"; the section alone for a digest)
+    and where replies go."""
+
+    name: str
+    reply_to: str
 
 
 class ChannelFault(Exception):
@@ -202,20 +210,40 @@ class DeliveryProcessor:
             return self.outcomes.operational(
                 OperationalError(f"campaign {campaign.id!r} is sandbox-only: its targets are example data"), now=now
             )
-        supporter = self.ledger.supporter(claim.appeal_id)
-        if supporter is None:
-            return Result(State.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
         target = self.catalog.target(claim.campaign, claim.section, claim.target)
-        request = LetterRequest(
-            campaign=campaign,
-            section=section,
-            target=target,
-            language=claim.language,
-            supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
-            message=supporter.message,
-            # the day it is where the letter arrives
-            date=now.astimezone(ZoneInfo(target.timezone)).date(),
-        )
+        # the day it is where the letter arrives
+        day = now.astimezone(ZoneInfo(target.timezone)).date()
+        if claim.kind == "digest":
+            signers = self.ledger.digest_signers(claim.id)
+            if not signers:
+                return Result(State.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
+            # The section signs a digest and takes the replies; the supporters are listed below it.
+            sender = Sender("", str(section.sender.address))
+            request = LetterRequest(
+                campaign=campaign,
+                section=section,
+                target=target,
+                language=claim.language,
+                supporter=Supporter(section.sender.name, str(section.sender.address)),
+                message=None,
+                date=day,
+                signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
+            )
+        else:
+            assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
+            supporter = self.ledger.supporter(claim.appeal_id)
+            if supporter is None:
+                return Result(State.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
+            sender = Sender(supporter.name, supporter.email)
+            request = LetterRequest(
+                campaign=campaign,
+                section=section,
+                target=target,
+                language=claim.language,
+                supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
+                message=supporter.message,
+                date=day,
+            )
         channel_key = f"{claim.channel}:{claim.section}"
         try:
             paused = self._paused().get(channel_key)
@@ -243,7 +271,7 @@ class DeliveryProcessor:
                 )
             try:
                 if claim.channel == "email":
-                    return self._send_email(claim, section, target, supporter, request)
+                    return self._send_email(claim, section, target, sender, request)
                 if claim.channel == "fax" and self.fax is not None:
                     return self._send_fax(claim, section, request, now, deadline)
             except ChannelFault as fault:
@@ -266,7 +294,7 @@ class DeliveryProcessor:
             )
 
     def _send_email(
-        self, claim: Claim, section: Section, target: Target, supporter: SupporterData, request: LetterRequest
+        self, claim: Claim, section: Section, target: Target, sender: Sender, request: LetterRequest
     ) -> Result:
         rendered = self.renderer.render_email(request)
         message = build_message(
@@ -274,8 +302,8 @@ class DeliveryProcessor:
             section=section,
             to_name=target.name,
             to_address=claim.recipient,
-            supporter_name=supporter.name,
-            supporter_email=supporter.email,
+            supporter_name=sender.name,
+            supporter_email=sender.reply_to,
             subject=rendered.subject,
             text=rendered.text,
             html=rendered.html,

@@ -8,6 +8,7 @@ forecast is the plan the reconciler follows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
@@ -15,10 +16,17 @@ from sqlalchemy import select
 from dispatcher.ledger.models import WAITING, Delivery
 from dispatcher.ledger.store import Ledger
 from dispatcher.policy.pacing import Forecast, forecast
-from dispatcher.queue.pacer import Pacer
+from dispatcher.queue.pacer import DigestPreview, Pacer
 
 
-def campaign_forecast(*, ledger: Ledger, pacer: Pacer, campaign: str, now: datetime) -> list[Forecast]:
+@dataclass(frozen=True)
+class RecipientForecast:
+    forecast: Forecast
+    #: what digests would change, when the line is short and a route of it allows them
+    digest: DigestPreview | None = None
+
+
+def campaign_forecast(*, ledger: Ledger, pacer: Pacer, campaign: str, now: datetime) -> list[RecipientForecast]:
     with ledger.session() as s:
         routes = s.execute(
             select(Delivery.channel, Delivery.recipient, Delivery.section, Delivery.target)
@@ -32,5 +40,6 @@ def campaign_forecast(*, ledger: Ledger, pacer: Pacer, campaign: str, now: datet
         if (channel, recipient) in seen or target is None:
             continue
         seen.add((channel, recipient))
-        out.append(forecast(pacer.backlog(channel, recipient, target, now).load, now, pacer.policy))
-    return sorted(out, key=lambda f: (f.fits, f.recipient))
+        backlog = pacer.backlog(channel, recipient, target, now)
+        out.append(RecipientForecast(forecast(backlog.load, now, pacer.policy), pacer.digest_preview(backlog, now)))
+    return sorted(out, key=lambda r: (r.forecast.fits, r.forecast.recipient))

@@ -7,6 +7,10 @@ the very same load, so what it prints is what the reconciler then does.
 
 Recipients without caps are not paced (the planner would release them all at once anyway); the
 reconciler releases their due letters without asking.
+
+Digests (docs/digests.md): when the plan says some letters would miss their deadline, the
+never-tried letters of routes whose section allows digests are bundled, one digest per route and
+language, and the digest takes one place in the line instead of theirs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,20 @@ from typing import Any, cast
 
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Channel, Target
-from dispatcher.ledger.store import DueRecipient, Ledger
+from dispatcher.ledger.store import DigestRoute, DueRecipient, Ledger
+from dispatcher.logging import get_logger
 from dispatcher.policy.gate import SendingGate, parsed_rates
-from dispatcher.policy.pacing import DEFAULT_POLICY, PacingPolicy, RecipientLoad, due_now, next_release
+from dispatcher.policy.pacing import (
+    DEFAULT_POLICY,
+    Forecast,
+    PacingPolicy,
+    RecipientLoad,
+    due_now,
+    forecast,
+    next_release,
+)
+
+log = get_logger("dispatcher.pacer")
 
 #: when none of a recipient's letters can make its deadline any more, look again this often (new
 #: letters for a later deadline reset the look anyway)
@@ -30,8 +45,22 @@ IDLE_LOOK = timedelta(minutes=5)
 class Backlog:
     """One recipient's load for the planner, with its planned letters in the load's order."""
 
+    channel: str
+    recipient: str
     load: RecipientLoad
     letters: list[Any]
+
+
+@dataclass(frozen=True)
+class DigestPreview:
+    """What digests would do for a recipient whose line is short."""
+
+    #: letters that would go in digests instead of one by one
+    letters: int
+    #: new digests (letters may also join a digest still waiting)
+    digests: int
+    #: the forecast with those digests in the line
+    after: Forecast
 
 
 @dataclass(frozen=True)
@@ -80,7 +109,68 @@ class Pacer:
             hours=self.gate.hours_for(target, cast(Channel, channel)),
             sent_recently=found.released,
         )
-        return Backlog(load, [r for _, r in dated])
+        return Backlog(channel, recipient, load, [r for _, r in dated])
+
+    # ------------------------------------------------------------------ digests
+
+    def _digest_groups(self, backlog: Backlog) -> dict[tuple[str, str, str, str], list[int]]:
+        """Per (campaign, section, target, language) whose section allows digests: the indexes of
+        its never-tried letters that a digest would carry."""
+        waiting_digests = {
+            (r.campaign, r.section, r.target, r.language)
+            for r in backlog.letters
+            if r.kind == "digest" and r.attempts == 0
+        }
+        groups: dict[tuple[str, str, str, str], list[int]] = {}
+        for i, r in enumerate(backlog.letters):
+            if r.kind == "letter" and r.attempts == 0 and self.catalog.digest_allowed(r.campaign, r.section, r.target):
+                groups.setdefault((r.campaign, r.section, r.target, r.language), []).append(i)
+        # One letter alone is no digest, unless a digest for its route is still waiting to go.
+        return {k: v for k, v in groups.items() if len(v) > 1 or k in waiting_digests}
+
+    def digest_preview(self, backlog: Backlog, now: datetime) -> DigestPreview | None:
+        """What digests would change, when the line is short and some route allows them."""
+        groups = self._digest_groups(backlog)
+        if not groups or forecast(backlog.load, now, self.policy).fits:
+            return None
+        existing = {(r.campaign, r.section, r.target, r.language) for r in backlog.letters if r.kind == "digest"}
+        bundled = {i for indexes in groups.values() for i in indexes}
+        deadlines = [d for i, d in enumerate(backlog.load.deadlines) if i not in bundled]
+        new = [k for k in groups if k not in existing]
+        deadlines += [self.catalog.deadline_at(campaign, section) for campaign, section, _t, _l in new]
+        after = forecast(replace(backlog.load, deadlines=sorted(deadlines)), now, self.policy)
+        return DigestPreview(letters=len(bundled), digests=len(new), after=after)
+
+    def _bundle_if_short(self, backlog: Backlog, now: datetime) -> bool:
+        groups = self._digest_groups(backlog)
+        if not groups or forecast(backlog.load, now, self.policy).fits:
+            return False
+        bundled = False
+        for (campaign, section, target, language), indexes in groups.items():
+            letters = [backlog.letters[i] for i in indexes]
+            route = DigestRoute(
+                campaign=campaign,
+                section=section,
+                target=target,
+                channel=backlog.channel,
+                recipient=backlog.recipient,
+                language=language,
+                domain=self.catalog.sections[section].sender.domain,
+            )
+            done = self.ledger.bundle([r.id for r in letters], route, now, oldest=min(r.created_at for r in letters))
+            if done is not None:
+                bundled = True
+                log.info(
+                    "digest.bundled",
+                    digest=done[0],
+                    letters=done[1],
+                    campaign=campaign,
+                    section=section,
+                    target=target,
+                    channel=backlog.channel,
+                    language=language,
+                )
+        return bundled
 
     def forget(self) -> None:
         """Plan every recipient afresh (another reconciler may have released letters meanwhile)."""
@@ -96,6 +186,8 @@ class Pacer:
         if target is None:
             return []
         backlog = self.backlog(due.channel, due.recipient, target, now)
+        if self._bundle_if_short(backlog, now):
+            backlog = self.backlog(due.channel, due.recipient, target, now)
         how_many = len(due_now(backlog.load, now, self.policy))
         # The plan says how many may go now; which go are the earliest-deadline letters that are
         # due themselves (a retry in its backoff stays where it is).

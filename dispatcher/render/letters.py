@@ -64,6 +64,9 @@ class LetterRequest:
     supporter: Supporter
     message: str | None
     date: datetime.date
+    #: a digest: the supporters whose letters this one carries (``supporter`` is then the
+    #: section, which signs it)
+    signers: tuple[Supporter, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Letter:
     closing: str
     #: the supporter's name, then "city, country" when known
     signature: tuple[str, ...]
+    #: a digest's list of supporters, one "name, city, country" each, under its heading
+    signers: tuple[str, ...] = ()
+    signers_heading: str | None = None
 
     @property
     def message_paragraphs(self) -> tuple[str, ...]:
@@ -124,6 +130,20 @@ def split_paragraphs(body: str) -> tuple[str, ...]:
         for block in _BLANK_LINE.split(body)
         if block.strip()
     )
+
+
+#: the heading over a digest's list of supporters; worded around the count so that no language
+#: needs its plural forms
+SIGNERS_HEADING = {
+    "en": "Signatures ({n}):",
+    "de": "Unterschriften ({n}):",
+    "fr": "Signatures ({n}) :",
+    "ru": "Подписи ({n}):",
+}
+
+
+def signer_line(supporter: Supporter) -> str:
+    return ", ".join(p.strip() for p in (supporter.name, supporter.city, supporter.country) if p and p.strip())
 
 
 def signature_lines(supporter: Supporter) -> tuple[str, ...]:
@@ -216,6 +236,10 @@ class Renderer:
             message=normalise_message(req.message),
             closing=parts["closing"].strip(),
             signature=signature_lines(req.supporter),
+            signers=tuple(signer_line(s) for s in req.signers),
+            signers_heading=SIGNERS_HEADING.get(req.language, SIGNERS_HEADING["en"]).format(n=len(req.signers))
+            if req.signers
+            else None,
         )
 
     def render_email(self, req: LetterRequest) -> RenderedEmail:
