@@ -186,8 +186,17 @@ class Service:
             **processor_options,
         )
         declare_deliver(self.broker, processor)
+        self._worker_middleware()
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
         return WorkerHandle(worker, loop, email, processor, fax)
+
+    def _worker_middleware(self) -> None:
+        """Dead letters recorded in the ledger; installed once per broker (a test may build
+        several workers on one service)."""
+        from dispatcher.queue.deadletters import DeadLetters
+
+        if not any(isinstance(m, DeadLetters) for m in self.broker.middleware):
+            self.broker.add_middleware(DeadLetters(self.ledger, self.clock))
 
 
 class LazyFaxRenderer:

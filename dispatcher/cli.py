@@ -291,6 +291,46 @@ def fax_unflag(number: str) -> None:
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
 
 
+# ---------------------------------------------------------------------------- dead letters
+
+
+@main.group()
+def deadletters() -> None:
+    """Queue messages dramatiq gave up on (their actor crashed on every retry)."""
+
+
+@deadletters.command("list")
+@click.option("--limit", default=50, show_default=True, help="Most recent first, this many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+def deadletters_list(limit: int, as_json: bool) -> None:
+    """Show dead letters with the reason and their delivery's state now (the delivery itself is
+    retried from the ledger; a dead letter is a symptom to look into, not a lost letter)."""
+    import json
+
+    from rich.table import Table
+
+    rows = _service().ledger.dead_letters(limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        Console().print("no dead letters")
+        return
+    table = Table(title="dead letters (most recent first)")
+    for col in ("failed at", "message", "delivery", "delivery state", "actor", "reason"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(
+            row["failed_at"],
+            row["message_id"],
+            row["delivery_id"] or "",
+            row["delivery_state"] or "",
+            row["actor"],
+            row["reason"] or "",
+        )
+    Console().print(table)
+
+
 # ---------------------------------------------------------------------------- processes
 
 

@@ -107,6 +107,7 @@ class Reconciler:
         if purged:
             log.info("appeals.personal_data_purged", count=purged)
         self.ledger.forget_signatures(now - timedelta(hours=1))
+        self.sweep_dead_letters()
 
     def run(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval=self.config.interval)
@@ -117,3 +118,19 @@ class Reconciler:
                 log.warning("reconciler.tick_failed", error=f"{type(exc).__name__}: {exc}")
             stop.wait(self.config.interval)
         log.info("reconciler.stopped")
+
+    def sweep_dead_letters(self) -> int:
+        """Record dead letters that only Redis has (their worker could not write to the ledger);
+        on its own, so that Redis being away never holds up the rest of housekeeping."""
+        if getattr(self, "_dead_letter_sweep", None) is None:
+            from dispatcher.queue.deadletters import DeadLetterSweep
+
+            broker = getattr(self.enqueuer, "broker", None)
+            self._dead_letter_sweep = DeadLetterSweep.for_broker(broker, self.ledger, clock=self.clock)
+        if self._dead_letter_sweep is None:
+            return 0
+        try:
+            return self._dead_letter_sweep.run()
+        except Exception as exc:  # noqa: BLE001 - Redis or the database away: the next housekeeping retries
+            log.warning("reconciler.dead_letter_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            return 0
