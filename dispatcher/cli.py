@@ -346,14 +346,34 @@ def api(host: str, port: int) -> None:
 
 @main.command()
 @click.option("--threads", default=8, show_default=True, help="Letters sent at once by this process.")
-def worker(threads: int) -> None:
-    """Run a worker that sends letters. SIGTERM finishes in-flight letters first."""
+@click.option(
+    "--shutdown-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a SIGTERM waits for letters being sent; then they are handed back to the queue.",
+)
+def worker(threads: int, shutdown_timeout: float) -> None:
+    """Run a worker that sends letters.
+
+    SIGTERM (or SIGINT): unstarted messages go back to the queue at once, letters being sent get
+    --shutdown-timeout seconds to finish and be recorded, and any still running then are handed
+    back (claim released, message requeued) for another worker; exit status 0. A second signal
+    hands back at once."""
     handle = _service().worker(threads=threads)
     stop = threading.Event()
     _stop_on_signals(stop)
     handle.start()
     stop.wait()
-    handle.stop()
+    hurry = threading.Event()
+    _stop_on_signals(hurry)
+    report = handle.stop(timeout_ms=int(shutdown_timeout * 1000), hurry=hurry)
+    if report is not None and report.stragglers:
+        # A handed-back send still runs on a daemon thread: leave now, before it can record
+        # anything more, rather than let interpreter shutdown race it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()
