@@ -213,8 +213,26 @@ class Service:
             **processor_options,
         )
         declare_deliver(self.broker, processor)
+        in_flight = self._worker_middleware()
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
-        return WorkerHandle(worker, loop, email, processor, fax)
+        return WorkerHandle(
+            worker, loop, email, processor, fax, in_flight=in_flight, ledger=self.ledger, enqueuer=self.enqueuer
+        )
+
+    def _worker_middleware(self) -> Any:
+        """Dead letters recorded in the ledger; in-flight messages tracked for a clean shutdown.
+        Installed once per broker (a test may build several workers on one service)."""
+        from dispatcher.queue.deadletters import DeadLetters
+        from dispatcher.queue.shutdown import InFlight
+
+        middleware = self.broker.middleware
+        if not any(isinstance(m, DeadLetters) for m in middleware):
+            self.broker.add_middleware(DeadLetters(self.ledger, self.clock))
+        in_flight = next((m for m in middleware if isinstance(m, InFlight)), None)
+        if in_flight is None:
+            in_flight = InFlight()
+            self.broker.add_middleware(in_flight)
+        return in_flight
 
 
 class LazyFaxRenderer:
@@ -243,20 +261,42 @@ class WorkerHandle:
     email: Any
     processor: Any
     fax: Any = None
+    in_flight: Any = None
+    ledger: Any = None
+    enqueuer: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         self.worker.start()
 
-    def stop(self, timeout_ms: int = 30_000) -> None:
-        """Finish in-flight letters, hand unstarted messages back to Redis, close connections."""
+    def stop(self, timeout_ms: int | None = None, *, hurry: threading.Event | None = None) -> Any:
+        """Finish in-flight letters (up to ``timeout_ms``, default 60 s), hand unstarted messages
+        back to Redis at once, hand back what is still in flight at the timeout, close connections.
+        Returns a :class:`dispatcher.queue.shutdown.ShutdownReport` (None if already stopped)."""
+        from dispatcher.queue.actors import Enqueuer
+        from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, stop_worker
+
         if self._stopped.is_set():
-            return
+            return None
         self._stopped.set()
-        self.worker.stop(timeout=timeout_ms)
+        report = stop_worker(
+            self.worker,
+            timeout=DEFAULT_SHUTDOWN_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000,
+            in_flight=self.in_flight or InFlight(),
+            ledger=self.ledger if self.ledger is not None else self.processor.ledger,
+            enqueuer=self.enqueuer or Enqueuer(self.worker.broker),
+            worker_id=self.processor.worker_id,
+            hurry=hurry,
+            clock=self.processor.clock,
+        )
+        if report.stragglers:
+            # A send still runs on the loop; its letter was handed back. Closing the pools would
+            # wait on it: leave them to the process exit.
+            return report
         try:
             self.loop.run(self.email.aclose(), timeout=10)
             if self.fax is not None:
                 self.loop.run(self.fax.aclose(), timeout=10)
         finally:
             self.loop.stop()
+        return report

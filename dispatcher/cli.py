@@ -299,6 +299,46 @@ def fax_unflag(number: str) -> None:
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
 
 
+# ---------------------------------------------------------------------------- dead letters
+
+
+@main.group()
+def deadletters() -> None:
+    """Queue messages dramatiq gave up on (their actor crashed on every retry)."""
+
+
+@deadletters.command("list")
+@click.option("--limit", default=50, show_default=True, help="Most recent first, this many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+def deadletters_list(limit: int, as_json: bool) -> None:
+    """Show dead letters with the reason and their delivery's state now (the delivery itself is
+    retried from the ledger; a dead letter is a symptom to look into, not a lost letter)."""
+    import json
+
+    from rich.table import Table
+
+    rows = _service().ledger.dead_letters(limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        Console().print("no dead letters")
+        return
+    table = Table(title="dead letters (most recent first)")
+    for col in ("failed at", "message", "delivery", "delivery state", "actor", "reason"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(
+            row["failed_at"],
+            row["message_id"],
+            row["delivery_id"] or "",
+            row["delivery_state"] or "",
+            row["actor"],
+            row["reason"] or "",
+        )
+    Console().print(table)
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -314,14 +354,34 @@ def api(host: str, port: int) -> None:
 
 @main.command()
 @click.option("--threads", default=8, show_default=True, help="Letters sent at once by this process.")
-def worker(threads: int) -> None:
-    """Run a worker that sends letters. SIGTERM finishes in-flight letters first."""
+@click.option(
+    "--shutdown-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a SIGTERM waits for letters being sent; then they are handed back to the queue.",
+)
+def worker(threads: int, shutdown_timeout: float) -> None:
+    """Run a worker that sends letters.
+
+    SIGTERM (or SIGINT): unstarted messages go back to the queue at once, letters being sent get
+    --shutdown-timeout seconds to finish and be recorded, and any still running then are handed
+    back (claim released, message requeued) for another worker; exit status 0. A second signal
+    hands back at once."""
     handle = _service().worker(threads=threads)
     stop = threading.Event()
     _stop_on_signals(stop)
     handle.start()
     stop.wait()
-    handle.stop()
+    hurry = threading.Event()
+    _stop_on_signals(hurry)
+    report = handle.stop(timeout_ms=int(shutdown_timeout * 1000), hurry=hurry)
+    if report is not None and report.stragglers:
+        # A handed-back send still runs on a daemon thread: leave now, before it can record
+        # anything more, rather than let interpreter shutdown race it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

@@ -880,6 +880,126 @@ class Ledger:
             for r in rows
         ]
 
+    # ------------------------------------------------------------------ dead letters, shutdown
+
+    def record_dead_letters(self, letters: Sequence[dict[str, Any]], now: datetime) -> list[str]:
+        """Record queue messages dramatiq gave up on; returns the message ids that were new.
+
+        Idempotent on ``message_id`` (the worker's middleware and the reconciler's sweep may both
+        see the same one). A new dead letter whose delivery is still ``queued`` (its claim never
+        happened: the usual cause is the database being away) is made due again at once, so the
+        reconciler sends it on its next tick instead of after the requeue timeout.
+        """
+        from dispatcher.ledger.models import DeadLetter
+
+        DL = cast(Table, DeadLetter.__table__)
+        if not letters:
+            return []
+        by_id = {letter["message_id"]: letter for letter in letters}
+        new: list[str] = []
+        with self.engine.begin() as conn:
+            known = set(conn.execute(select(DL.c.message_id).where(DL.c.message_id.in_(list(by_id)))).scalars())
+            for message_id, letter in by_id.items():
+                if message_id in known:
+                    continue
+                values = {**letter, "recorded_at": now}
+                if self.engine.dialect.name in ("postgresql", "sqlite"):
+                    # a concurrent recorder of the same message: the first row wins, no error
+                    from sqlalchemy.dialects.postgresql import insert as pg_insert
+                    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                    dialect_insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+                    inserted = conn.execute(
+                        dialect_insert(DL).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
+                    ).rowcount
+                else:
+                    inserted = conn.execute(insert(DL).values(**values)).rowcount
+                if not inserted:
+                    continue
+                new.append(message_id)
+                if letter.get("delivery_id"):
+                    conn.execute(
+                        update(D)
+                        .where(D.c.id == letter["delivery_id"], D.c.state == State.QUEUED)
+                        .values(
+                            state=State.PLANNED,
+                            next_attempt_at=now,
+                            updated_at=now,
+                            last_text="its queue message was dead-lettered; released again",
+                        )
+                    )
+        return new
+
+    def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent dead letters, each with its delivery's current state."""
+        from dispatcher.ledger.models import DeadLetter
+
+        DL = cast(Table, DeadLetter.__table__)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(DL, D.c.state.label("delivery_state"))
+                .select_from(DL.outerjoin(D, D.c.id == DL.c.delivery_id))
+                .order_by(DL.c.failed_at.desc())
+                .limit(limit)
+            ).all()
+        return [
+            {
+                "message_id": r.message_id,
+                "delivery_id": r.delivery_id,
+                "delivery_state": r.delivery_state,
+                "queue": r.queue,
+                "actor": r.actor,
+                "reason": r.reason,
+                "failed_at": r.failed_at.isoformat(),
+                "recorded_at": r.recorded_at.isoformat(),
+            }
+            for r in rows
+        ]
+
+    def hand_back_claims(self, worker: str, now: datetime) -> list[str]:
+        """A stopping worker gives back the letters it could not finish: each of ``worker``'s
+        claims still in 'sending' goes to 'queued' (the caller puts a message on the queue for
+        it), with a transient attempt, as a stale claim would — but at once, not minutes later.
+
+        Compare-and-set on state and claimant: a letter the worker's thread recorded meanwhile, or
+        that the reconciler already took back, is left alone.
+        """
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(D.c.id, D.c.attempts, D.c.claimed_at).where(D.c.state == State.SENDING, D.c.claimed_by == worker)
+            ).all()
+            released = []
+            for row in rows:
+                moved = conn.execute(
+                    update(D)
+                    .where(D.c.id == row.id, D.c.state == State.SENDING, D.c.claimed_by == worker)
+                    .values(
+                        state=State.QUEUED,
+                        claimed_by=None,
+                        claimed_at=None,
+                        queued_at=func.coalesce(D.c.queued_at, now),
+                        updated_at=now,
+                        last_outcome="transient",
+                        last_text=f"handed back by {worker} at shutdown, mid-send",
+                    )
+                ).rowcount
+                if moved:
+                    started = row.claimed_at or now
+                    conn.execute(
+                        insert(A).values(
+                            delivery_id=row.id,
+                            number=row.attempts,
+                            started_at=started,
+                            duration_ms=(now - started).total_seconds() * 1000.0,
+                            outcome="transient",
+                            code=None,
+                            text="worker shut down mid-send; handed back (the letter may have gone out)",
+                            worker=worker,
+                        )
+                    )
+                    released.append(row.id)
+        return released
+
 
 class _NothingJoined(Exception):
     pass

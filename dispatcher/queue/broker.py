@@ -12,7 +12,9 @@ deleted after 7 days. Our choices:
   so with one idle worker polling each second a dead worker's messages return within about
   20 s of the heartbeat timeout, i.e. well within a minute.
 * ``DEAD_MESSAGE_TTL_MS`` = 30 days: longer than any campaign's sending window, so that a dead
-  letter is still in Redis when an operator looks; the ledger keeps the delivery either way.
+  letter is still in Redis when an operator looks; the ledger keeps the delivery either way, and
+  records the dead letter itself within seconds (``queue/deadletters.py``: the worker's middleware,
+  else the reconciler's sweep of the dead-letter queue every housekeeping run).
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class Reconciler:
         if purged:
             log.info("appeals.personal_data_purged", count=purged)
         self.ledger.forget_signatures(now - timedelta(hours=1))
+        self.sweep_dead_letters()
 
     def run(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval=self.config.interval)
@@ -146,6 +147,22 @@ class Reconciler:
         if self.lease is not None:
             self.lease.release()  # a successor need not wait for it to expire
         log.info("reconciler.stopped")
+
+    def sweep_dead_letters(self) -> int:
+        """Record dead letters that only Redis has (their worker could not write to the ledger);
+        on its own, so that Redis being away never holds up the rest of housekeeping."""
+        if getattr(self, "_dead_letter_sweep", None) is None:
+            from dispatcher.queue.deadletters import DeadLetterSweep
+
+            broker = getattr(self.enqueuer, "broker", None)
+            self._dead_letter_sweep = DeadLetterSweep.for_broker(broker, self.ledger, clock=self.clock)
+        if self._dead_letter_sweep is None:
+            return 0
+        try:
+            return self._dead_letter_sweep.run()
+        except Exception as exc:  # noqa: BLE001 - Redis or the database away: the next housekeeping retries
+            log.warning("reconciler.dead_letter_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            return 0
 
 
 def reconciler_identity() -> str:

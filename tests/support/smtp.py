@@ -10,6 +10,10 @@ Scripts answer the next N commands of one verb, across connections, then the ser
 back to accepting: a reply ``(code, text)``, or ``DROP`` to close the connection without
 answering. A 421 reply closes the connection after it is sent, as a real server does.
 Anything the server accepts is recorded: envelope, raw bytes and the parsed message.
+
+``hold_data(seconds)`` makes the next accepted messages wait that long for their final "250"
+*after* they were recorded, like a relay that has queued the message and is slow to say so:
+a client that gives up or dies during the hold has still delivered it.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class SmtpTestServer:
         self._auth_required = auth_required
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
+        self._holds: deque[float] = deque()
         self._messages: list[ReceivedMessage] = []
         self._commands: list[str] = []
         self._live: set[SMTP] = set()
@@ -154,6 +159,16 @@ class SmtpTestServer:
     def script_auth(self, replies: Iterable[Reply]) -> None:
         self.script("AUTH", replies)
 
+    def hold_data(self, seconds: float, count: int = 1) -> None:
+        """Record each of the next ``count`` messages at once, then wait ``seconds`` before
+        answering its DATA with 250 (a scripted DATA reply takes precedence and is not held)."""
+        with self._lock:
+            self._holds.extend([seconds] * count)
+
+    def _next_hold(self) -> float | None:
+        with self._lock:
+            return self._holds.popleft() if self._holds else None
+
     def pending_script(self, command: str) -> int:
         with self._lock:
             return len(self._scripts[command.upper()])
@@ -188,6 +203,7 @@ class SmtpTestServer:
             self._messages.clear()
             self._commands.clear()
             self._scripts.clear()
+            self._holds.clear()
             self._connections = 0
 
     def drop_connections(self, timeout: float = 2.0) -> None:
@@ -326,6 +342,9 @@ class _Handler:
         if reply is not None:
             return reply
         number = self.owner._record(envelope, session)
+        hold = self.owner._next_hold()
+        if hold is not None:
+            await asyncio.sleep(hold)
         return f"250 2.0.0 Ok: queued as TEST{number:04d}"
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
