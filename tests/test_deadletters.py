@@ -126,8 +126,8 @@ def test_sweep_records_what_a_worker_without_its_database_could_not(service, env
     # requeue (15 min) would pick up by itself; nothing is stuck in "sending".
     now = datetime.now(UTC)
     assert service.ledger.state_of(email) == State.QUEUED
-    assert email in service.ledger.due(
-        now + timedelta(minutes=15), fresh_grace=timedelta(seconds=5), requeue_after=timedelta(minutes=15), limit=10
+    assert email in service.ledger.lost_messages(
+        now + timedelta(minutes=15), requeue_after=timedelta(minutes=15), limit=10
     )
 
     reconciler = service.reconciler()

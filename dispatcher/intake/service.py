@@ -370,9 +370,10 @@ class IntakeService:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
 
     def _goes_at_once(self, accepted: Accepted) -> list[PlannedDelivery]:
-        """The letters to offer to the queue now. A letter to a recipient with caps that already
-        has letters waiting joins that backlog, which the reconciler paces towards the deadline;
-        sent at once it would only be deferred by the caps or overtake the queue."""
+        """The letters to offer to the queue now. A letter to a recipient with caps that has a
+        backlog in the ledger (letters its caps held back) joins it, and the reconciler paces
+        it towards the deadline: sent at once it would only be deferred by the caps, or overtake
+        letters that waited longer. Within its caps a recipient's letters go at once."""
         if self.paced is None:
             return accepted.deliveries
         capped = {

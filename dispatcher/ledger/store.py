@@ -706,8 +706,8 @@ class Ledger:
         ]
 
     def has_backlog(self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str]) -> set[tuple[str, str]]:
-        """Of these (channel, recipient) pairs, those with letters waiting or on their way,
-        not counting the letters ``exclude``."""
+        """Of these (channel, recipient) pairs, those with letters held in the ledger (planned:
+        deferred by a cap, waiting for a retry or for the pacer), not counting ``exclude``."""
         if not pairs:
             return set()
         with self.engine.connect() as conn:
@@ -715,7 +715,7 @@ class Ledger:
                 select(D.c.channel, D.c.recipient)
                 .where(
                     tuple_(D.c.channel, D.c.recipient).in_(list(pairs)),
-                    D.c.state.in_(IN_HAND),
+                    D.c.state == State.PLANNED,
                     D.c.id.not_in(list(exclude)),
                 )
                 .distinct()
