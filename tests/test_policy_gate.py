@@ -80,10 +80,12 @@ def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def test_recipient_cap_holds_across_two_worker_processes(tmp_path, database_url, redis_server, environ, smtp):
-    # The case is N per minute with 10×N waiting; scaled down to seconds to keep the suite
-    # short (the slot is taken just before the send, so what the recipient sees can lag it by the
-    # send's own duration: allowed for below, and negligible against real windows of minutes).
-    cap, window, letters = 2, 2.0, 12
+    # The case is N per minute with 10×N waiting; the window is scaled down to 2 s to keep the
+    # suite short (DISPATCH_TEST_CAP_WINDOW_SECONDS=60 runs it per minute: docs/policy.md has the
+    # figures). The slot is taken just before the send, so what the recipient sees can lag it by
+    # the send's own duration: allowed for below, and negligible against real windows of minutes.
+    cap, window = 2, float(os.environ.get("DISPATCH_TEST_CAP_WINDOW_SECONDS", "2"))
+    letters = 10 * cap
     settings = make_settings(
         tmp_path,
         database_url=database_url,
@@ -122,7 +124,7 @@ def test_recipient_cap_holds_across_two_worker_processes(tmp_path, database_url,
     try:
         for _ in range(letters):  # every appeal writes one email, all to the same ambassador
             service.intake.submit(appeal_body())
-        wait_for(lambda: len(smtp.messages) >= letters, timeout=90)
+        wait_for(lambda: len(smtp.messages) >= letters, timeout=90 + letters / cap * window * 2)
     finally:
         stop.set()
         for proc in workers:
@@ -136,6 +138,9 @@ def test_recipient_cap_holds_across_two_worker_processes(tmp_path, database_url,
     # No more than `cap` in any window, less the time a send may take after its slot was taken.
     slack = 0.4
     worst = max(sum(1 for t in arrivals if start <= t < start + window - slack) for start in arrivals)
+    print(
+        f"cap {cap}/{window:g}s: {letters} letters over {arrivals[-1] - arrivals[0]:.1f} s, at most {worst} per window"
+    )
     assert worst <= cap, worst
     # and the cap did bind: the letters took about letters / cap windows, not a burst
     assert arrivals[-1] - arrivals[0] >= (letters / cap - 1) * window - slack

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from dispatcher.config.catalog import Catalog
 from dispatcher.ledger.models import utcnow
@@ -73,6 +74,7 @@ class Reconciler:
         self.config = config or ReconcilerConfig()
         self.clock = clock
         self._last_housekeeping: datetime | None = None
+        self._dead_letter_sweep: Any = None
 
     def tick(self) -> int:
         """Release what is due; returns how many deliveries were sent to the queue."""
@@ -151,7 +153,7 @@ class Reconciler:
     def sweep_dead_letters(self) -> int:
         """Record dead letters that only Redis has (their worker could not write to the ledger);
         on its own, so that Redis being away never holds up the rest of housekeeping."""
-        if getattr(self, "_dead_letter_sweep", None) is None:
+        if self._dead_letter_sweep is None:
             from dispatcher.queue.deadletters import DeadLetterSweep
 
             broker = getattr(self.enqueuer, "broker", None)
