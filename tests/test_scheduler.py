@@ -52,6 +52,17 @@ class SimWorker:
         return list(ids)
 
 
+def swiss_service(tmp_path, database_url, redis_server, environ, clock: SimClock) -> Service:
+    """The real config with a 2/hour cap on fax numbers, on the simulated clock."""
+    settings = make_settings(
+        tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=1, fax_limits=("2/hour",)
+    )
+    catalog = load_catalog(ROOT / "config", ROOT / "templates").with_demo_copies(ISSUED)
+    service = Service(settings, environ=environ, clock=clock, catalog_override=catalog)
+    service.ledger.migrate()
+    return service
+
+
 def swiss_appeals(service: Service, n: int) -> None:
     for k in range(n):
         body = appeal_body(section="ch", language="de", client_ref=f"sim-{k}")
@@ -71,13 +82,8 @@ def most_in_any_window(times: list[datetime], window: timedelta) -> int:
 
 def test_forecast_for_500_faxes_at_2_per_hour_is_what_the_scheduler_does(tmp_path, database_url, redis_server, environ):
     clock = SimClock(START)
-    settings = make_settings(
-        tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=1, fax_limits=("2/hour",)
-    )
-    catalog = load_catalog(ROOT / "config", ROOT / "templates").with_demo_copies(ISSUED)
-    service = Service(settings, environ=environ, clock=clock, catalog_override=catalog)
-    service.ledger.migrate()
-    deadline = catalog.deadline_at(CAMPAIGN, "ch")
+    service = swiss_service(tmp_path, database_url, redis_server, environ, clock)
+    deadline = service.catalog.deadline_at(CAMPAIGN, "ch")
     assert timedelta(days=8) < deadline - START < timedelta(days=9)
 
     # 500 appeals accepted while the queue was down: 500 letters wait for each of the two fax lines.
@@ -132,12 +138,7 @@ def test_a_backlog_far_from_its_deadline_is_spread_towards_it(tmp_path, database
     # towards the deadline instead, no slower than a quarter of the cap (one every 2 hours), as
     # the forecast says.
     clock = SimClock(START)
-    settings = make_settings(
-        tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=1, fax_limits=("2/hour",)
-    )
-    catalog = load_catalog(ROOT / "config", ROOT / "templates").with_demo_copies(ISSUED)
-    service = Service(settings, environ=environ, clock=clock, catalog_override=catalog)
-    service.ledger.migrate()
+    service = swiss_service(tmp_path, database_url, redis_server, environ, clock)
     service.intake.enqueuer = None
     swiss_appeals(service, 30)
     forecasts = campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=CAMPAIGN, now=START)

@@ -140,10 +140,8 @@ class DueRecipient:
 @dataclass(frozen=True)
 class RecipientBacklog:
     #: planned letters (rows with id, campaign, section, target, next_attempt_at, created_at,
-    #: attempts), oldest first
+    #: updated_at, attempts, kind, language), oldest first
     planned: list[Any]
-    #: letters queued or being sent
-    on_the_way: int
     #: when letters were released, oldest first: recent sends and the latest one, and letters on
     #: their way
     released: list[datetime]
@@ -611,7 +609,7 @@ class Ledger:
         # way count as released when they were queued or claimed.
         older = [latest] if latest is not None and (not sent or latest < sent[0]) else []
         released = sorted([*older, *sent, *(r.updated_at for r in rows if r.state != State.PLANNED)])
-        return RecipientBacklog(planned=planned, on_the_way=len(rows) - len(planned), released=released)
+        return RecipientBacklog(planned=planned, released=released)
 
     def bundle(
         self, member_ids: Sequence[str], route: DigestRoute, now: datetime, *, oldest: datetime
