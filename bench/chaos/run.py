@@ -133,6 +133,8 @@ class Outcome:
     outbox_by_reconciler: int = 0
     #: duplicates of letters whose claim never went stale: outside the contract's one window
     dups_outside_window: int = 0
+    #: most duplicates from the claims of one dead worker (the contract: at most one per kill)
+    max_dups_per_kill: int = 0
     max_latency_s: float = 0.0
     events: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -483,6 +485,7 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
                 ).all()
             )
         by_worker = Counter(stale[m] for m in outcome.duplicate_ids if m in stale)
+        outcome.max_dups_per_kill = max(by_worker.values(), default=0)
         outcome.dups_outside_window = sum(1 for m in outcome.duplicate_ids if m not in stale)
         for worker, count in sorted(by_worker.items()):
             outcome.events.append(f"duplicates from letters claimed by dead worker {worker}: {count}")
@@ -724,6 +727,8 @@ def verdict(o: Outcome) -> str:
         problems.append(f"{o.duplicates} dup > {allowed}")
     if o.dups_outside_window:
         problems.append(f"{o.dups_outside_window} dup outside the window")
+    if o.max_dups_per_kill > 1:
+        problems.append(f"{o.max_dups_per_kill} dup from one kill")
     if o.timed_out:
         problems.append("timed out")
     return "ok" if not problems else "FAIL: " + "; ".join(problems)
@@ -751,6 +756,7 @@ def record(args: argparse.Namespace, outcomes: list[Outcome]) -> None:
                 "duplicates": o.duplicates,
                 "duplicate_ids": o.duplicate_ids[:20],
                 "dups_outside_window": o.dups_outside_window,
+                "max_dups_per_kill": o.max_dups_per_kill,
                 "disruptions": o.disruptions,
                 "wall_s": round(o.wall_s, 1),
                 "attempts_per_letter": round(o.attempts_per_letter, 4),
