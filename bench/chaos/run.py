@@ -131,6 +131,9 @@ class Outcome:
     requeued_by_reconciler: int = 0
     #: letters the reconciler sent that were planned with no try yet (intake's own enqueue failed)
     outbox_by_reconciler: int = 0
+    #: messages the reconciler took out of a worker's dramatiq ack set, where they sat unreceived
+    #: (dispatcher/queue/strays.py), and put back on the queue
+    stranded_requeued: int = 0
     #: duplicates of letters whose claim never went stale: outside the contract's one window
     dups_outside_window: int = 0
     #: most duplicates from the claims of one dead worker (the contract: at most one per kill)
@@ -225,6 +228,7 @@ class Stack:
         self.reconciler_config = config
         self._stop = threading.Event()
         reconciler = self.service.reconciler(**config)
+        self.reconciler = reconciler
         self.spy = LedgerSpy(reconciler.ledger)
         reconciler.ledger = self.spy
         self._reconciler = threading.Thread(target=reconciler.run, args=(self._stop,), name="reconciler", daemon=True)
@@ -455,6 +459,8 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
             outcome.max_latency_s = max(outcome.max_latency_s, (sent - created).total_seconds())
     outcome.requeued_by_reconciler = len(stack.spy.requeued)
     outcome.outbox_by_reconciler = len(stack.spy.outbox)
+    strays = stack.reconciler.strays
+    outcome.stranded_requeued = strays.requeued if strays is not None else 0
     with stack.service.ledger.engine.connect() as conn:
         stuck = conn.execute(
             text(
@@ -656,6 +662,7 @@ COLUMNS = (
     "retried",
     "stale rel.",
     "requeued",
+    "stranded",
     "outbox",
     "max lat. s",
     "verdict",
@@ -678,6 +685,7 @@ def table_rows(outcomes: list[Outcome]) -> list[list[str]]:
             str(o.retried_letters),
             str(o.claims_released),
             str(o.requeued_by_reconciler),
+            str(o.stranded_requeued),
             str(o.outbox_by_reconciler),
             f"{o.max_latency_s:.0f}",
             verdict(o),
@@ -697,7 +705,8 @@ def print_table(outcomes: list[Outcome]) -> None:
         "dups: Message-IDs accepted more than once by the sink(s); disrupt.: kills / restarts done; "
         "att/letter: attempt rows per letter; retried: letters with more than one attempt row; "
         "stale rel.: claims the reconciler took back; requeued: `queued` letters the reconciler "
-        "queued again after requeue_after (message lost or stranded); outbox: letters with no try the reconciler "
+        "queued again after requeue_after (message lost or stranded); stranded: messages the reconciler took "
+        "out of a live worker's ack set, never received, and queued again; outbox: letters with no try the reconciler "
         "queued (intake's enqueue failed); max lat.: slowest created → sent"
     )
     # the same table as Markdown, for docs/chaos.md
@@ -766,6 +775,7 @@ def record(args: argparse.Namespace, outcomes: list[Outcome]) -> None:
                 "claims_released": o.claims_released,
                 "requeued_by_reconciler": o.requeued_by_reconciler,
                 "outbox_by_reconciler": o.outbox_by_reconciler,
+                "stranded_requeued": o.stranded_requeued,
                 "max_latency_s": round(o.max_latency_s, 1),
                 "events": o.events,
                 "notes": o.notes,
