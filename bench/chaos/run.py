@@ -131,8 +131,13 @@ class Outcome:
     requeued_by_reconciler: int = 0
     #: letters the reconciler sent that were planned with no try yet (intake's own enqueue failed)
     outbox_by_reconciler: int = 0
+    #: messages the reconciler took out of a worker's dramatiq ack set, where they sat unreceived
+    #: (dispatcher/queue/strays.py), and put back on the queue
+    stranded_requeued: int = 0
     #: duplicates of letters whose claim never went stale: outside the contract's one window
     dups_outside_window: int = 0
+    #: most duplicates from the claims of one dead worker (the contract: at most one per kill)
+    max_dups_per_kill: int = 0
     max_latency_s: float = 0.0
     events: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -163,8 +168,12 @@ class LedgerSpy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
 
-    def due(self, now: datetime, **kwargs: Any) -> list[str]:
-        ids = self._ledger.due(now, **kwargs)
+    def mark_queued(self, ids: list[str], now: datetime) -> int:
+        # Every release of the reconciler's (paced or not) is marked queued just before it is sent.
+        self._note(ids)
+        return self._ledger.mark_queued(ids, now)
+
+    def _note(self, ids: list[str]) -> None:
         if ids:
             with self._ledger.engine.connect() as conn:
                 rows = conn.execute(
@@ -176,7 +185,6 @@ class LedgerSpy:
                     self.requeued.add(row.id)
                 elif row.state == "planned" and row.attempts == 0:
                     self.outbox.add(row.id)
-        return ids
 
 
 class Stack:
@@ -223,6 +231,7 @@ class Stack:
         self.reconciler_config = config
         self._stop = threading.Event()
         reconciler = self.service.reconciler(**config)
+        self.reconciler = reconciler
         self.spy = LedgerSpy(reconciler.ledger)
         reconciler.ledger = self.spy
         self._reconciler = threading.Thread(target=reconciler.run, args=(self._stop,), name="reconciler", daemon=True)
@@ -453,6 +462,8 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
             outcome.max_latency_s = max(outcome.max_latency_s, (sent - created).total_seconds())
     outcome.requeued_by_reconciler = len(stack.spy.requeued)
     outcome.outbox_by_reconciler = len(stack.spy.outbox)
+    strays = stack.reconciler.strays
+    outcome.stranded_requeued = strays.requeued if strays is not None else 0
     with stack.service.ledger.engine.connect() as conn:
         stuck = conn.execute(
             text(
@@ -483,6 +494,7 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
                 ).all()
             )
         by_worker = Counter(stale[m] for m in outcome.duplicate_ids if m in stale)
+        outcome.max_dups_per_kill = max(by_worker.values(), default=0)
         outcome.dups_outside_window = sum(1 for m in outcome.duplicate_ids if m not in stale)
         for worker, count in sorted(by_worker.items()):
             outcome.events.append(f"duplicates from letters claimed by dead worker {worker}: {count}")
@@ -653,6 +665,7 @@ COLUMNS = (
     "retried",
     "stale rel.",
     "requeued",
+    "stranded",
     "outbox",
     "max lat. s",
     "verdict",
@@ -675,6 +688,7 @@ def table_rows(outcomes: list[Outcome]) -> list[list[str]]:
             str(o.retried_letters),
             str(o.claims_released),
             str(o.requeued_by_reconciler),
+            str(o.stranded_requeued),
             str(o.outbox_by_reconciler),
             f"{o.max_latency_s:.0f}",
             verdict(o),
@@ -694,7 +708,8 @@ def print_table(outcomes: list[Outcome]) -> None:
         "dups: Message-IDs accepted more than once by the sink(s); disrupt.: kills / restarts done; "
         "att/letter: attempt rows per letter; retried: letters with more than one attempt row; "
         "stale rel.: claims the reconciler took back; requeued: `queued` letters the reconciler "
-        "queued again after requeue_after (message lost or stranded); outbox: letters with no try the reconciler "
+        "queued again after requeue_after (message lost or stranded); stranded: messages the reconciler took "
+        "out of a live worker's ack set, never received, and queued again; outbox: letters with no try the reconciler "
         "queued (intake's enqueue failed); max lat.: slowest created → sent"
     )
     # the same table as Markdown, for docs/chaos.md
@@ -724,6 +739,8 @@ def verdict(o: Outcome) -> str:
         problems.append(f"{o.duplicates} dup > {allowed}")
     if o.dups_outside_window:
         problems.append(f"{o.dups_outside_window} dup outside the window")
+    if o.max_dups_per_kill > 1:
+        problems.append(f"{o.max_dups_per_kill} dup from one kill")
     if o.timed_out:
         problems.append("timed out")
     return "ok" if not problems else "FAIL: " + "; ".join(problems)
@@ -751,6 +768,7 @@ def record(args: argparse.Namespace, outcomes: list[Outcome]) -> None:
                 "duplicates": o.duplicates,
                 "duplicate_ids": o.duplicate_ids[:20],
                 "dups_outside_window": o.dups_outside_window,
+                "max_dups_per_kill": o.max_dups_per_kill,
                 "disruptions": o.disruptions,
                 "wall_s": round(o.wall_s, 1),
                 "attempts_per_letter": round(o.attempts_per_letter, 4),
@@ -760,6 +778,7 @@ def record(args: argparse.Namespace, outcomes: list[Outcome]) -> None:
                 "claims_released": o.claims_released,
                 "requeued_by_reconciler": o.requeued_by_reconciler,
                 "outbox_by_reconciler": o.outbox_by_reconciler,
+                "stranded_requeued": o.stranded_requeued,
                 "max_latency_s": round(o.max_latency_s, 1),
                 "events": o.events,
                 "notes": o.notes,

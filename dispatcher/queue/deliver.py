@@ -29,6 +29,7 @@ from dispatcher.ledger.store import Claim, Ledger
 from dispatcher.logging import get_logger
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes, Result
+from dispatcher.queue.window import SendWindow
 from dispatcher.render.letters import LetterRequest, Renderer, Supporter, TemplateMissing
 from dispatcher.settings import Settings
 
@@ -113,8 +114,17 @@ class DeliveryProcessor:
         self.gate = gate
         self._paused_cache: tuple[float, dict[str, Any]] | None = None
         self.clock = clock
+        #: at most one letter of this process between DATA and its recorded `sent` (window.py)
+        self.window = SendWindow()
 
     def __call__(self, delivery_id: str) -> None:
+        try:
+            self._deliver(delivery_id)
+        finally:
+            # Never leave this thread's letter in the send window (an error while recording, a time limit).
+            self.window.close()
+
+    def _deliver(self, delivery_id: str) -> None:
         now = self.clock()
         claim = self.ledger.claim(delivery_id, self.worker_id, now)
         if claim is None:
@@ -160,6 +170,8 @@ class DeliveryProcessor:
             pages=result.pages,
             line_seconds=result.line_seconds,
         )
+        # The outcome is committed: the next letter of this process may start its DATA.
+        self.window.close()
         if result.flag_number:
             self.ledger.flag_number(claim.recipient, result.text or "no fax tone", claim.id, finished)
             log.error("fax.number_flagged", **context, reason=result.text)
@@ -314,7 +326,8 @@ class DeliveryProcessor:
         )
         with channel_faults():
             sent = self.loop.run(
-                self.email.send(message, section=section, recipient=claim.recipient), timeout=SEND_TIMEOUT_SECONDS
+                self.email.send(message, section=section, recipient=claim.recipient, window=self.window.ticket()),
+                timeout=SEND_TIMEOUT_SECONDS,
             )
         return Result(State.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
 

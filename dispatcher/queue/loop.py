@@ -25,7 +25,15 @@ class LoopThread:
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the loop and wait for its result. A caller that stops waiting (timeout,
+        or interrupted) cancels it: nothing goes on sending after its caller has given up and
+        recorded the letter as a retry."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     def stop(self) -> None:
         if self.loop.is_closed():

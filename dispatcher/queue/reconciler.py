@@ -28,6 +28,7 @@ from dispatcher.logging import get_logger
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
 from dispatcher.queue.leader import Lease
 from dispatcher.queue.pacer import Pacer
+from dispatcher.queue.strays import StrandedMessages
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.reconciler")
@@ -44,8 +45,11 @@ class ReconcilerConfig:
     #: a claim older than this is taken back; above the actor's time limit so a slow send
     #: is never taken from a live worker
     stale_claim_after: timedelta = field(default_factory=lambda: timedelta(milliseconds=TIME_LIMIT_MS + 60_000))
-    #: seconds between housekeeping runs (stale claims, deadlines, retention)
+    #: seconds between housekeeping runs (stale claims, deadlines, retention, stranded messages)
     housekeeping_every: float = 30.0
+    #: a message in a worker's dramatiq ack set this long, its letter not being sent, is put
+    #: back on the queue (stranded by a Redis restart: dispatcher/queue/strays.py)
+    stranded_after: timedelta = timedelta(minutes=2)
     batch: int = 1000
     #: a reconciler that stops renewing its lease for this long is replaced by another
     lease_seconds: float = 15.0
@@ -75,6 +79,9 @@ class Reconciler:
         self.clock = clock
         self._last_housekeeping: datetime | None = None
         self._dead_letter_sweep: Any = None
+        self.strays = StrandedMessages.for_broker(
+            getattr(enqueuer, "broker", None), ledger.state_of, after=self.config.stranded_after
+        )
 
     def tick(self) -> int:
         """Release what is due; returns how many deliveries were sent to the queue."""
@@ -137,6 +144,11 @@ class Reconciler:
             log.info("appeals.personal_data_purged", count=purged)
         self.ledger.forget_signatures(now - timedelta(hours=1))
         self.sweep_dead_letters()
+        if self.strays is not None:
+            try:
+                self.strays.sweep()
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next housekeeping looks again
+                log.warning("reconciler.stranded_check_failed", error=f"{type(exc).__name__}: {exc}")
 
     def run(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval=self.config.interval)

@@ -7,8 +7,8 @@
         assert smtp.connections == 1
 
 Scripts answer the next N commands of one verb, across connections, then the server goes
-back to accepting: a reply ``(code, text)``, or ``DROP`` to close the connection without
-answering. A 421 reply closes the connection after it is sent, as a real server does.
+back to accepting: a reply ``(code, text)``, ``DROP`` to close the connection without
+answering, or ``HANG`` never to answer. A 421 reply closes the connection after it is sent, as a real server does.
 Anything the server accepts is recorded: envelope, raw bytes and the parsed message.
 
 ``hold_data(seconds)`` makes the next accepted messages wait that long for their final "250"
@@ -41,10 +41,13 @@ from dispatcher.config.models import Section, Sender, SmtpRelay
 
 class Action(enum.Enum):
     DROP = "drop"
+    HANG = "hang"
 
 
 #: close the connection instead of answering
 DROP = Action.DROP
+#: never answer, keep the connection open (a relay that stalls; the client's timeout decides)
+HANG = Action.HANG
 
 Reply: TypeAlias = "tuple[int, str] | Action"
 
@@ -63,6 +66,8 @@ class ReceivedMessage:
     login: str | None
     #: time.monotonic() when the server accepted the message (what a recipient's inbox sees)
     received_at: float = 0.0
+    #: time.monotonic() when the server read this transaction's DATA command (before the content)
+    data_started_at: float = 0.0
 
 
 class SmtpTestServer:
@@ -246,7 +251,7 @@ class SmtpTestServer:
             queue = self._scripts.get(verb)
             return queue.popleft() if queue else None
 
-    def _record(self, envelope: Envelope, session: Session) -> int:
+    def _record(self, envelope: Envelope, session: Session, data_started_at: float = 0.0) -> int:
         data = envelope.original_content or b""
         parsed = email.message_from_bytes(data, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
@@ -260,6 +265,7 @@ class SmtpTestServer:
                     message=parsed,
                     login=auth.login.decode() if isinstance(auth, LoginPassword) else None,
                     received_at=time.monotonic(),
+                    data_started_at=data_started_at,
                 )
             )
             return len(self._messages)
@@ -299,6 +305,10 @@ class _CountingSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._owner._closed(self)
         super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.data_started_at = time.monotonic()
+        await super().smtp_DATA(arg)
 
 
 class _Controller(LoopbackController):
@@ -341,7 +351,7 @@ class _Handler:
         reply = await self._scripted(server, "DATA")
         if reply is not None:
             return reply
-        number = self.owner._record(envelope, session)
+        number = self.owner._record(envelope, session, getattr(server, "data_started_at", 0.0))
         hold = self.owner._next_hold()
         if hold is not None:
             await asyncio.sleep(hold)
@@ -363,6 +373,9 @@ class _Handler:
         if reply is DROP:
             server.transport.close()
             # Never answer: connection_lost() cancels this handler task.
+            await asyncio.get_running_loop().create_future()
+        if reply is HANG:
+            # Never answer; the connection stays open until the client gives up and closes it.
             await asyncio.get_running_loop().create_future()
         assert isinstance(reply, tuple)
         code, text = reply

@@ -29,7 +29,7 @@ from tenacity import (
 )
 
 from dispatcher.channels.base import SendResult
-from dispatcher.channels.email.pool import SmtpPool
+from dispatcher.channels.email.pool import DataWindow, SmtpPool
 from dispatcher.config.models import Section, SmtpRelay
 from dispatcher.errors import BlipError, OperationalError, TransientError
 from dispatcher.logging import get_logger
@@ -95,11 +95,14 @@ class EmailChannel:
             return SmtpRelay(host=host, port=self.settings.sandbox_smtp_port, tls="none")
         return section.smtp
 
-    async def send(self, message: EmailMessage, *, section: Section, recipient: str) -> SendResult:
+    async def send(
+        self, message: EmailMessage, *, section: Section, recipient: str, window: DataWindow | None = None
+    ) -> SendResult:
         """Send ``message`` to ``recipient`` from the section's envelope sender.
 
         Raises DeliveryError subclasses only (see classify.py); a blip that outlasts the quick
-        retries is raised as TransientError, for the ledger to retry later.
+        retries is raised as TransientError, for the ledger to retry later. ``window``: see
+        SmtpPool.send (held on success, for the caller to release once the letter is recorded).
         """
         pool = self._pool_for(section)
         started = time.perf_counter()
@@ -117,7 +120,7 @@ class EmailChannel:
             async for attempt in retrying:
                 with attempt:
                     tries += 1
-                    code, text = await pool.send(message, section.sender.envelope_sender, [recipient])
+                    code, text = await pool.send(message, section.sender.envelope_sender, [recipient], window=window)
         except BlipError as exc:
             raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
         duration_ms = (time.perf_counter() - started) * 1000

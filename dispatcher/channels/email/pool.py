@@ -18,6 +18,9 @@ How it works:
   of it had reached the relay, so this cannot duplicate a letter.
 * One message goes to all its recipients or to none: the first refused RCPT aborts the
   transaction (RSET) before DATA.
+* A caller may pass a ``window`` (dispatcher/queue/window.py): it is acquired just before DATA
+  (from then on the relay may accept the letter) and released here only if DATA fails; after a
+  250 the caller releases it once the letter is recorded as sent.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiosmtplib
 from aiosmtplib.email import flatten_message, parse_address
@@ -47,6 +50,14 @@ _QUIT_TIMEOUT = 2.0
 
 # What aiosmtplib raises for transport trouble; anything else is a bug and propagates as is.
 _SMTP_FAILURES = (aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
+class DataWindow(Protocol):
+    """What the pool needs of dispatcher.queue.window.WindowTicket."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -142,8 +153,13 @@ class SmtpPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def send(self, message: EmailMessage, sender: str, recipients: Sequence[str]) -> tuple[int, str]:
+    async def send(
+        self, message: EmailMessage, sender: str, recipients: Sequence[str], *, window: DataWindow | None = None
+    ) -> tuple[int, str]:
         """Send ``message`` in one transaction; the DATA reply's code and text on success.
+
+        ``window``, if given, is acquired just before DATA and still held when this returns
+        (see the module's docstring); on any failure it is released before the error is raised.
 
         Raises a classified DeliveryError (see classify.py) for anything the relay or the
         network did; other exceptions are bugs and propagate unchanged.
@@ -161,7 +177,7 @@ class SmtpPool:
             conn, reused = await self._checkout()
             while True:
                 try:
-                    code, text = await self._transact(conn, data, sender, recipients)
+                    code, text = await self._transact(conn, data, sender, recipients, window)
                 except _StaleConnection as stale:
                     if not reused:
                         raise classify(stale.cause, "mail") from stale.cause
@@ -185,7 +201,7 @@ class SmtpPool:
     # ------------------------------------------------------------------ one transaction
 
     async def _transact(
-        self, conn: _Connection, data: bytes, sender: str, recipients: Sequence[str]
+        self, conn: _Connection, data: bytes, sender: str, recipients: Sequence[str], window: DataWindow | None = None
     ) -> tuple[int, str]:
         smtp = conn.smtp
         stage: Stage = "mail"
@@ -196,7 +212,15 @@ class SmtpPool:
             for recipient in recipients:
                 await smtp.rcpt(recipient)
             stage = "data"
-            reply = await smtp.data(data)
+            if window is not None:
+                await window.acquire()
+            try:
+                reply = await smtp.data(data)
+            except BaseException:
+                if window is not None:
+                    # No 250: the letter is recorded as refused or retried, not as sent.
+                    window.release()
+                raise
         except aiosmtplib.SMTPServerDisconnected as exc:
             self._drop(conn, "disconnected")
             if stage == "mail":
