@@ -406,6 +406,19 @@ def test_due_now_releases_what_is_due_and_nothing_more() -> None:
     assert due_now(RecipientLoad.uniform(FAX, 0, MONDAY), MONDAY) == []
 
 
+def test_due_now_with_a_tick_releases_what_the_plan_puts_inside_it_but_never_the_first_early() -> None:
+    tick = timedelta(seconds=1)
+    # A cap faster than the tick: 36,000/hour is one every 0.1 s; a far deadline slows the pace to
+    # a quarter of that, one every 0.4 s: the letters at 0, 0.4 and 0.8 s go on this tick.
+    fast = RecipientLoad.uniform(FAX, 50, MONDAY + timedelta(days=30), rates=[Rate(36000, 3600.0)])
+    assert due_now(fast, MONDAY, horizon=tick) == [0, 1, 2]
+    assert due_now(fast, MONDAY) == [0]
+    # A cap slower than the tick keeps its exact times: nothing early, nothing extra.
+    slow = fax_load(10, MONDAY + timedelta(hours=3), sent_recently=[MONDAY - timedelta(minutes=20)])
+    assert due_now(slow, MONDAY + timedelta(minutes=10) - timedelta(milliseconds=500), horizon=tick) == []
+    assert due_now(slow, MONDAY + timedelta(minutes=10), horizon=tick) == [0]
+
+
 # ----------------------------------------------------------------------------- edges
 
 

@@ -167,18 +167,28 @@ def release_times(load: RecipientLoad, now: datetime, policy: PacingPolicy = DEF
     return [t for t in times if t is not None]
 
 
-def due_now(load: RecipientLoad, now: datetime, policy: PacingPolicy = DEFAULT_POLICY) -> list[int]:
+def due_now(
+    load: RecipientLoad, now: datetime, policy: PacingPolicy = DEFAULT_POLICY, horizon: timedelta = timedelta(0)
+) -> list[int]:
     """Indexes into ``load.deadlines`` of the letters to release now, in release order.
 
     The letters whose :func:`release_times` is ``<= now`` and before their deadline (one whose
     deadline has passed is the ledger's to expire, not the queue's), but the plan stops at the
     first letter that is not due: the reconciler's per-tick question costs as many steps as
     there are letters to release, not as many as are waiting.
+
+    ``horizon`` is the caller's tick: once a letter is due, the letters planned to follow it
+    before ``now + horizon`` go with it. With caps faster than the tick (1000/hour, a one-second
+    tick) one release per tick would be far slower than the plan. The first letter is never
+    early, so caps slower than the tick keep their exact times.
     """
     now = _utc(now, "now")
-    times, _gap = _plan(load, now, policy, until=now)
-    due = [(t, i) for i, t in enumerate(times) if t is not None and t < load.deadlines[i]]
-    return [i for _t, i in sorted(due)]
+    until = now + horizon
+    times, _gap = _plan(load, now, policy, until=until)
+    due = sorted((t, i) for i, t in enumerate(times) if t is not None and t < load.deadlines[i] and t <= until)
+    if not due or due[0][0] > now:
+        return []
+    return [i for _t, i in due]
 
 
 def next_release(load: RecipientLoad, now: datetime, policy: PacingPolicy = DEFAULT_POLICY) -> datetime | None:

@@ -176,8 +176,11 @@ class Pacer:
         """Plan every recipient afresh (another reconciler may have released letters meanwhile)."""
         self._looks.clear()
 
-    def release(self, due: DueRecipient, now: datetime, *, fresh_grace: timedelta) -> list[str]:
-        """Ids of the recipient's letters to release now (none between its planned releases)."""
+    def release(
+        self, due: DueRecipient, now: datetime, *, fresh_grace: timedelta, tick: timedelta = timedelta(0)
+    ) -> list[str]:
+        """Ids of the recipient's letters to release now (none between its planned releases);
+        ``tick``: the caller's interval, see :func:`~dispatcher.policy.pacing.due_now`."""
         key = (due.channel, due.recipient)
         look = self._looks.get(key)
         if look is not None and look.due_count == due.count and now < look.next_at:
@@ -188,7 +191,7 @@ class Pacer:
         backlog = self.backlog(due.channel, due.recipient, target, now)
         if self._bundle_if_short(backlog, now):
             backlog = self.backlog(due.channel, due.recipient, target, now)
-        how_many = len(due_now(backlog.load, now, self.policy))
+        how_many = len(due_now(backlog.load, now, self.policy, horizon=tick))
         # The plan says how many may go now; which go are the earliest-deadline letters that are
         # due themselves (a retry in its backoff stays where it is).
         ready = [

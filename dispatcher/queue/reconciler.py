@@ -97,7 +97,9 @@ class Reconciler:
         due: list[str] = []
         for recipient in self.ledger.due_recipients(now, fresh_grace=grace):
             if self.pacer.paces(recipient):
-                due += self.pacer.release(recipient, now, fresh_grace=grace)
+                due += self.pacer.release(
+                    recipient, now, fresh_grace=grace, tick=timedelta(seconds=self.config.interval)
+                )
             else:
                 due += self.ledger.due_for(
                     recipient.channel, recipient.recipient, now, fresh_grace=grace, limit=self.config.batch
