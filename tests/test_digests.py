@@ -238,3 +238,48 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
     assert letters() == {(State.SENT, "sent_at")}
     # A letter already bundled cannot be bundled again.
     assert service.ledger.bundle([rows[0].id], route, now, oldest=now) is None
+
+
+@SQLITE
+def test_a_digest_fax_goes_through_a_real_call_and_its_letters_are_delivered_with_it(
+    tmp_path, database_url, redis_server, environ
+):
+    from dispatcher.channels.fax.lab import FaxLab
+
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    ch = config / "sections" / "ch.toml"
+    route = 'target = "president"\nchannels = ["fax"]'
+    ch.write_text(ch.read_text().replace(route, route + "\ndigest = true"))
+    settings = make_settings(
+        tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=1, fax_limits=("2/day",)
+    ).but(config_dir=config)
+    # ch's window is 42 days: issued 41 days ago, its deadline is the end of tomorrow in Zurich.
+    catalog = load_catalog(config, ROOT / "templates").with_demo_copies(datetime.now(UTC).date() - timedelta(days=41))
+    service = Service(settings, environ=environ, catalog_override=catalog)
+    service.ledger.migrate()
+    enqueuer, service.intake.enqueuer = service.intake.enqueuer, None
+    for name, city in NAMES:
+        body = appeal_body(section="ch", language="de")
+        body["supporter"].update(name=name, city=city, country="CH")
+        service.intake.submit(body)
+    service.intake.enqueuer = enqueuer
+
+    def president_letters() -> list[Delivery]:
+        with service.ledger.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.target == "president")).all())
+
+    with Running(service):
+        wait_for(lambda: {d.state for d in president_letters()} == {State.DELIVERED}, timeout=60)
+    letters = [d for d in president_letters() if d.kind == "letter"]
+    (digest,) = [d for d in president_letters() if d.kind == "digest"]
+    assert len(letters) == 8 and {d.digest_id for d in letters} == {digest.id}
+    assert all(d.delivered_at == digest.delivered_at for d in letters)
+    # One call to the President's line carried it: a cover page and the letter with its list.
+    assert digest.gateway == "lab" and digest.remote_id and (digest.pages or 0) >= 2
+    lab = FaxLab(settings.var_dir / "sandbox" / "fax")
+    assert (lab.path_of(digest.remote_id) / "received.tiff").is_file()
+    # The embassy's route has no digests: its letters go one by one, at 2 a day.
+    with service.ledger.session() as s:
+        embassy = Counter(s.scalars(select(Delivery.state).where(Delivery.target == "embassy-ru")).all())
+    assert embassy[State.BUNDLED] == 0 and embassy[State.PLANNED] >= 6
