@@ -14,41 +14,26 @@ import contextlib
 
 import redis
 
+from dispatcher.heldkeys import HeldKeys
 from dispatcher.logging import get_logger
 
 log = get_logger("dispatcher.reconciler")
 
-# Renew only our own lease: a holder that stalled past its ttl must not extend a successor's.
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
 
 class Lease:
     def __init__(self, client: redis.Redis, key: str, identity: str, ttl_seconds: float):
-        self.client = client
+        self.keys = HeldKeys(client)
         self.key = key
         self.identity = identity
-        self.ttl_ms = int(ttl_seconds * 1000)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self.ttl_seconds = ttl_seconds
         self.held = False
 
     def hold(self) -> bool:
         """Take or renew the lease; True while it is ours. False when Redis does not answer."""
         try:
-            if self.held and self._renew(keys=[self.key], args=[self.identity, self.ttl_ms]):
+            if self.held and self.keys.renew(self.key, self.identity, self.ttl_seconds):
                 return True
-            won = bool(self.client.set(self.key, self.identity, nx=True, px=self.ttl_ms))
+            won = self.keys.take(self.key, self.identity, self.ttl_seconds)
         except redis.RedisError as exc:
             if self.held:
                 log.warning("reconciler.lease_unknown", error=type(exc).__name__)
@@ -64,4 +49,4 @@ class Lease:
             return
         self.held = False
         with contextlib.suppress(redis.RedisError):  # it expires on its own
-            self._release(keys=[self.key], args=[self.identity])
+            self.keys.release(self.key, self.identity)
