@@ -14,6 +14,7 @@ Several reconcilers may run (one per machine): a lease in Redis lets one release
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -182,4 +183,6 @@ class Reconciler:
 
 
 def reconciler_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100_000}"
+    """Names one reconciler in its lease: the machine and process for operators, plus a random
+    part, since two reconcilers in one process (tests, an embedding app) must not share a lease."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
