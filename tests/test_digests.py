@@ -236,6 +236,8 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
     assert claim is not None
     service.ledger.finish(claim, worker="w", state=State.SENT, outcome="sent", started_at=now, now=now)
     assert letters() == {(State.SENT, "sent_at")}
+    # Their supporters' data is purged on the usual schedule (a digest has no appeal of its own).
+    assert service.ledger.purge_personal_data(now + timedelta(seconds=1), timedelta(0)) == 3
     # A letter already bundled cannot be bundled again.
     assert service.ledger.bundle([rows[0].id], route, now, oldest=now) is None
 
