@@ -223,7 +223,7 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
 
     def letters() -> set[tuple[str, str | None]]:
         with service.ledger.session() as s:
-            got = s.execute(select(Delivery.state, Delivery.sent_at).where(Delivery.kind == "letter")).all()
+            got = s.execute(select(Delivery.state, Delivery.sent_at).where(Delivery.digest_id == digest_id)).all()
         return {(r.state, "sent_at" if r.sent_at else None) for r in got}
 
     claim = service.ledger.claim(digest_id, "w", now)
@@ -232,12 +232,22 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
         claim, worker="w", state=State.PLANNED, outcome="transient", started_at=now, now=now, next_attempt_at=now
     )
     assert letters() == {(State.BUNDLED, None)}  # greylisted: they wait with it
+    # Meanwhile another supporter's letter goes on its own: their data is purged on schedule,
+    # while the digest's supporters' data stays until it is final.
+    (other,) = submit(service, NAMES[3:4])
+    (alone,) = [d["id"] for d in service.ledger.appeal_view(other)["deliveries"]]
+    later = datetime.now(UTC)
+    alone_claim = service.ledger.claim(alone, "w", later)
+    assert alone_claim is not None
+    service.ledger.finish(alone_claim, worker="w", state=State.SENT, outcome="sent", started_at=later, now=later)
+    assert service.ledger.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 1
+    assert service.ledger.supporter(other) is None
     claim = service.ledger.claim(digest_id, "w", now)
     assert claim is not None
     service.ledger.finish(claim, worker="w", state=State.SENT, outcome="sent", started_at=now, now=now)
     assert letters() == {(State.SENT, "sent_at")}
     # Their supporters' data is purged on the usual schedule (a digest has no appeal of its own).
-    assert service.ledger.purge_personal_data(now + timedelta(seconds=1), timedelta(0)) == 3
+    assert service.ledger.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 3
     # A letter already bundled cannot be bundled again.
     assert service.ledger.bundle([rows[0].id], route, now, oldest=now) is None
 
