@@ -20,19 +20,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypeVar
 
 from dispatcher.config.catalog import Catalog
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
+from dispatcher.queue.deadletters import DeadLetterSweep
 from dispatcher.queue.leader import Lease
 from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.strays import StrandedMessages
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.reconciler")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,10 +82,10 @@ class Reconciler:
         self.config = config or ReconcilerConfig()
         self.clock = clock
         self._last_housekeeping: datetime | None = None
-        self._dead_letter_sweep: Any = None
-        self.strays = StrandedMessages.for_broker(
-            getattr(enqueuer, "broker", None), ledger.state_of, after=self.config.stranded_after
-        )
+        # Both look at Redis itself, so only with a Redis broker (None with tests' stub queues).
+        broker = getattr(enqueuer, "broker", None)
+        self.dead_letters = DeadLetterSweep.for_broker(broker, ledger, clock=clock)
+        self.strays = StrandedMessages.for_broker(broker, ledger.state_of, after=self.config.stranded_after)
 
     def tick(self) -> int:
         """Release what is due; returns how many deliveries were sent to the queue."""
@@ -148,10 +151,7 @@ class Reconciler:
         self.ledger.forget_signatures(now - timedelta(hours=1))
         self.sweep_dead_letters()
         if self.strays is not None:
-            try:
-                self.strays.sweep()
-            except Exception as exc:  # noqa: BLE001 - Redis away: the next housekeeping looks again
-                log.warning("reconciler.stranded_check_failed", error=f"{type(exc).__name__}: {exc}")
+            _on_its_own("reconciler.stranded_check_failed", self.strays.sweep)
 
     def run(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval=self.config.interval)
@@ -166,20 +166,20 @@ class Reconciler:
         log.info("reconciler.stopped")
 
     def sweep_dead_letters(self) -> int:
-        """Record dead letters that only Redis has (their worker could not write to the ledger);
-        on its own, so that Redis being away never holds up the rest of housekeeping."""
-        if self._dead_letter_sweep is None:
-            from dispatcher.queue.deadletters import DeadLetterSweep
+        """Record dead letters that only Redis has (their worker could not write to the ledger)."""
+        if self.dead_letters is None:
+            return 0
+        return _on_its_own("reconciler.dead_letter_sweep_failed", self.dead_letters.run) or 0
 
-            broker = getattr(self.enqueuer, "broker", None)
-            self._dead_letter_sweep = DeadLetterSweep.for_broker(broker, self.ledger, clock=self.clock)
-        if self._dead_letter_sweep is None:
-            return 0
-        try:
-            return self._dead_letter_sweep.run()
-        except Exception as exc:  # noqa: BLE001 - Redis or the database away: the next housekeeping retries
-            log.warning("reconciler.dead_letter_sweep_failed", error=f"{type(exc).__name__}: {exc}")
-            return 0
+
+def _on_its_own(event: str, sweep: Callable[[], T]) -> T | None:
+    """Run a sweep of Redis so that Redis (or the database) being away never holds up the rest of
+    housekeeping; the next housekeeping tries again."""
+    try:
+        return sweep()
+    except Exception as exc:  # noqa: BLE001 - logged; retried at the next housekeeping
+        log.warning(event, error=f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def reconciler_identity() -> str:
