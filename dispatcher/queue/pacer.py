@@ -128,10 +128,18 @@ class Pacer:
         # One letter alone is no digest, unless a digest for its route is still waiting to go.
         return {k: v for k, v in groups.items() if len(v) > 1 or k in waiting_digests}
 
-    def digest_preview(self, backlog: Backlog, now: datetime) -> DigestPreview | None:
-        """What digests would change, when the line is short and some route allows them."""
+    def _groups_if_short(self, backlog: Backlog, now: datetime) -> dict[tuple[str, str, str, str], list[int]]:
+        """The digest groups, when the line cannot carry every letter before its deadline (the
+        full plan is only made when some route allows digests)."""
         groups = self._digest_groups(backlog)
         if not groups or forecast(backlog.load, now, self.policy).fits:
+            return {}
+        return groups
+
+    def digest_preview(self, backlog: Backlog, now: datetime) -> DigestPreview | None:
+        """What digests would change, when the line is short and some route allows them."""
+        groups = self._groups_if_short(backlog, now)
+        if not groups:
             return None
         existing = {(r.campaign, r.section, r.target, r.language) for r in backlog.letters if r.kind == "digest"}
         bundled = {i for indexes in groups.values() for i in indexes}
@@ -142,11 +150,8 @@ class Pacer:
         return DigestPreview(letters=len(bundled), digests=len(new), after=after)
 
     def _bundle_if_short(self, backlog: Backlog, now: datetime) -> bool:
-        groups = self._digest_groups(backlog)
-        if not groups or forecast(backlog.load, now, self.policy).fits:
-            return False
         bundled = False
-        for (campaign, section, target, language), indexes in groups.items():
+        for (campaign, section, target, language), indexes in self._groups_if_short(backlog, now).items():
             letters = [backlog.letters[i] for i in indexes]
             route = DigestRoute(
                 campaign=campaign,
