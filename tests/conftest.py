@@ -218,3 +218,32 @@ def signed_post(
     return client.post(
         "/v1/appeals", content=data, headers={"Dispatch-Signature": header, "Content-Type": "application/json"}
     )
+
+
+def email_letters(service: Service, n: int) -> list[str]:
+    """``n`` appeals' email letters, in the ledger and not yet queued; their faxes are cancelled so
+    that each appeal has one live letter."""
+    from sqlalchemy import update
+
+    from dispatcher.ledger.models import Delivery, State
+
+    service.intake.enqueuer = None
+    ids = []
+    for _ in range(n):
+        accepted = service.intake.submit(appeal_body())
+        ids.append(next(d.id for d in accepted.deliveries if d.channel == "email"))
+        with service.ledger.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(Delivery.appeal_id == accepted.appeal_id, Delivery.channel != "email")
+                .values(state=State.CANCELLED)
+            )
+    return ids
+
+
+def enqueue(service: Service, ids: list[str]) -> None:
+    """Put letters on the queue as intake and the reconciler do: marked queued first."""
+    from datetime import UTC, datetime
+
+    service.ledger.mark_queued(ids, datetime.now(UTC))
+    service.enqueuer.send(ids)

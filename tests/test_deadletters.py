@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
 from structlog.testing import capture_logs
 
 from dispatcher.app import Service
-from dispatcher.ledger.models import Delivery, State
+from dispatcher.ledger.models import State
 from dispatcher.queue.actors import ACTOR, QUEUE
 from dispatcher.queue.deadletters import reason_of_exception, reason_of_traceback
-from tests.conftest import appeal_body, wait_for
+from tests.conftest import appeal_body, email_letters, enqueue, wait_for
 from tests.support.services import free_port
 
 
@@ -39,32 +38,13 @@ def quick_retries(service: Service) -> None:
     service.broker.actors[ACTOR].options.update(min_backoff=20, max_backoff=100)
 
 
-def one_email(service: Service) -> str:
-    """An appeal whose only live letter is its email (the fax is cancelled), not yet queued."""
-    service.intake.enqueuer = None
-    accepted = service.intake.submit(appeal_body())
-    email = next(d.id for d in accepted.deliveries if d.channel == "email")
-    with service.ledger.session() as s:
-        s.execute(
-            update(Delivery)
-            .where(Delivery.appeal_id == accepted.appeal_id, Delivery.channel != "email")
-            .values(state=State.CANCELLED)
-        )
-    return email
-
-
-def enqueue(service: Service, delivery_id: str) -> None:
-    service.ledger.mark_queued([delivery_id], datetime.now(UTC))
-    service.enqueuer.send([delivery_id])
-
-
 def xq_size(service: Service) -> int:
     return int(service.broker.client.zcard(f"{service.settings.redis_namespace}:{QUEUE}.XQ"))
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_message_dead_lettered_by_the_worker_is_recorded_and_its_letter_still_sent(service, smtp):
-    email = one_email(service)
+    [email] = email_letters(service, 1)
     handle = service.worker(threads=2)
     quick_retries(service)
     ledger = handle.processor.ledger
@@ -72,7 +52,7 @@ def test_message_dead_lettered_by_the_worker_is_recorded_and_its_letter_still_se
     handle.start()
     try:
         with capture_logs() as logs:
-            enqueue(service, email)
+            enqueue(service, [email])
             [row] = wait_for(service.ledger.dead_letters, timeout=10)
         assert row["delivery_id"] == email
         assert (row["queue"], row["actor"]) == (QUEUE, ACTOR)
@@ -104,7 +84,7 @@ def test_message_dead_lettered_by_the_worker_is_recorded_and_its_letter_still_se
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sweep_records_what_a_worker_without_its_database_could_not(service, environ):
-    email = one_email(service)
+    [email] = email_letters(service, 1)
     # A worker on the same Redis whose database is down: nothing listens on that port.
     down = Service(
         service.settings.but(database_url=f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/ledger"),
@@ -115,7 +95,7 @@ def test_sweep_records_what_a_worker_without_its_database_could_not(service, env
     handle.start()
     try:
         with capture_logs() as logs:
-            enqueue(service, email)
+            enqueue(service, [email])
             wait_for(lambda: xq_size(service) == 1, timeout=10)
             wait_for(lambda: any(e["event"] == "dead_letter.not_recorded" for e in logs), timeout=5)
     finally:
@@ -185,7 +165,7 @@ def test_deadletters_list_shows_them(service, monkeypatch):
     runner = CliRunner()
     empty = runner.invoke(main_cli(), ["deadletters", "list"], catch_exceptions=False)
     assert empty.exit_code == 0 and "no dead letters" in empty.output
-    email = one_email(service)
+    [email] = email_letters(service, 1)
     failed_at = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
     service.ledger.record_dead_letters(
         [

@@ -15,17 +15,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from dispatcher.app import Service
 from dispatcher.ledger.models import Attempt, Delivery, State
 from dispatcher.queue.actors import QUEUE
-from tests.conftest import ROOT, appeal_body, make_settings, wait_for
+from tests.conftest import ROOT, email_letters, enqueue, make_settings, wait_for
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -97,27 +96,6 @@ class Worker:
         self._out.close()
 
 
-def emails(service: Service, n: int) -> list[str]:
-    """``n`` appeals' email letters, queued in this order; their faxes are cancelled."""
-    service.intake.enqueuer = None
-    ids = []
-    for _ in range(n):
-        accepted = service.intake.submit(appeal_body())
-        ids.append(next(d.id for d in accepted.deliveries if d.channel == "email"))
-        with service.ledger.session() as s:
-            s.execute(
-                update(Delivery)
-                .where(Delivery.appeal_id == accepted.appeal_id, Delivery.channel != "email")
-                .values(state=State.CANCELLED)
-            )
-    return ids
-
-
-def enqueue(service: Service, ids: list[str]) -> None:
-    service.ledger.mark_queued(ids, datetime.now(UTC))
-    service.enqueuer.send(ids)
-
-
 def ack_sets(service: Service) -> dict[str, int]:
     """Every worker's set of fetched, unacknowledged messages, by Redis key, with its size."""
     client = service.broker.client
@@ -159,7 +137,7 @@ def test_sigterm_finishes_the_letter_in_flight_and_hands_unstarted_ones_back_at_
     tmp_path, database_url, redis_server, environ, smtp
 ):
     service = make_service(tmp_path, database_url, redis_server.url, smtp.port, environ)
-    letters = emails(service, 6)
+    letters = email_letters(service, 6)
     smtp.hold_data(4.0)  # the first letter's DATA is answered 4 s after the message arrived
     enqueue(service, letters)
     # one thread, six messages prefetched: one in flight, five waiting in the worker's memory
@@ -215,7 +193,7 @@ def test_send_outlasting_the_shutdown_timeout_is_handed_back_and_sent_by_another
     tmp_path, database_url, redis_server, environ, smtp
 ):
     service = make_service(tmp_path, database_url, redis_server.url, smtp.port, environ)
-    [letter] = emails(service, 1)
+    [letter] = email_letters(service, 1)
     smtp.hold_data(6.0)  # longer than w1's shutdown timeout
     enqueue(service, [letter])
     env = worker_env(service, environ)
@@ -252,7 +230,7 @@ def test_send_outlasting_the_shutdown_timeout_is_handed_back_and_sent_by_another
 
 def test_a_second_signal_hands_back_at_once(tmp_path, database_url, redis_server, environ, smtp):
     service = make_service(tmp_path, database_url, redis_server.url, smtp.port, environ)
-    [letter] = emails(service, 1)
+    [letter] = email_letters(service, 1)
     smtp.hold_data(6.0)
     enqueue(service, [letter])
     w1 = Worker(worker_env(service, environ), tmp_path / "w1.log", "--threads", "1", "--shutdown-timeout", "30")
@@ -276,7 +254,7 @@ def test_messages_a_redis_consumer_fetched_but_never_handed_on_go_back(service):
     consumer stopped in between would leave the rest in its ack set until the heartbeat timeout."""
     from dispatcher.queue.shutdown import InFlight, _heartbeat
 
-    ids = emails(service, 3)
+    ids = email_letters(service, 3)
     enqueue(service, ids)
     consumer = service.broker.consume(QUEUE, prefetch=3, timeout=100)
     first = next(consumer)
