@@ -44,7 +44,8 @@ from bench.throughput import (  # noqa: E402
 from dispatcher.channels.email.message import build_message  # noqa: E402
 from dispatcher.config.loader import load_catalog  # noqa: E402
 from dispatcher.intake.service import IntakeService  # noqa: E402
-from dispatcher.ledger.models import State  # noqa: E402
+from dispatcher.ledger.lifecycle import Result  # noqa: E402
+from dispatcher.ledger.states import Event  # noqa: E402
 from dispatcher.ledger.store import Ledger  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
 from dispatcher.render.letters import LetterRequest, Renderer, Supporter  # noqa: E402
@@ -100,12 +101,12 @@ def one_pass(args: argparse.Namespace, workdir: Path, results: dict[str, list[fl
         for delivery_id in ids:
             t = time.perf_counter()
             now = datetime.now(UTC)
-            claim = ledger.claim(delivery_id, worker, now)
+            claim = ledger.lifecycle.claim(delivery_id, worker, now)
             assert claim is not None
-            t = step("ledger.claim (UPDATE + SELECT)", t)
-            person = ledger.supporter(claim.appeal_id)
+            t = step("ledger.lifecycle.claim (UPDATE + SELECT)", t)
+            person = ledger.views.supporter(claim.appeal_id)
             assert person is not None
-            t = step("ledger.supporter (SELECT)", t)
+            t = step("ledger.views.supporter (SELECT)", t)
             target = catalog.target(claim.campaign, claim.section, claim.target)
             rendered = renderer.render_email(
                 LetterRequest(
@@ -137,16 +138,10 @@ def one_pass(args: argparse.Namespace, workdir: Path, results: dict[str, list[fl
             t = step("message.replace_header('Message-ID')", t)
             flatten_message(message)
             t = step("flatten_message (DATA bytes, in pool.send)", t)
-            ledger.finish(
-                claim,
-                worker=worker,
-                state=State.SENT,
-                outcome="sent",
-                started_at=now,
-                now=datetime.now(UTC),
-                code=250,
+            ledger.lifecycle.finish(
+                claim, Result(Event.SENT, "sent", code=250), worker=worker, started_at=now, now=datetime.now(UTC)
             )
-            step("ledger.finish (INSERT + UPDATE)", t)
+            step("ledger.lifecycle.finish (INSERT + UPDATE)", t)
         for name, seconds in steps.items():
             results.setdefault(name, []).append(seconds * 1e6 / len(ids))
         ledger.dispose()

@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -47,7 +47,7 @@ class Service:
             path = self.settings.database_url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return Ledger(self.settings.database_url)
+        return Ledger(self.settings.database_url, sent_final_after={"email": timedelta(0)})
 
     @cached_property
     def renderer(self) -> Renderer:

@@ -30,6 +30,15 @@ def _settings() -> Settings:
         sys.exit(2)
 
 
+def _iso(value: object) -> str:
+    """JSON for the datetimes of the ledger's views."""
+    from datetime import datetime
+
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
 def _service(settings: Settings | None = None) -> Service:
     from dispatcher.app import Service
 
@@ -139,16 +148,16 @@ def ledger_show(appeal_id: str) -> None:
     from rich.table import Table
 
     service = _service()
-    view = service.ledger.appeal_view(appeal_id)
+    view = service.ledger.views.appeal(appeal_id)
     if view is None:
         err.print(f"no appeal {appeal_id!r}")
         sys.exit(1)
-    table = Table(title=f"{view['appeal_id']} · {view['campaign']} · {view['section']}")
+    table = Table(title=f"{view.appeal_id} · {view.campaign} · {view.section}")
     for col in ("delivery", "target", "channel", "lang", "state", "tries", "last"):
         table.add_column(col)
-    for d in view["deliveries"]:
-        last = " ".join(str(x) for x in (d["last_outcome"], d["last_code"], d["last_text"]) if x)
-        table.add_row(d["id"], d["target"], d["channel"], d["language"], d["state"], str(d["attempts"]), last)
+    for d in view.deliveries:
+        last = " ".join(str(x) for x in (d.last_outcome, d.last_code, d.last_text) if x)
+        table.add_row(d.id, d.target, d.channel, d.language, d.state, str(d.attempts), last)
     Console().print(table)
 
 
@@ -167,7 +176,7 @@ def campaign_close(campaign_id: str, reason: str) -> None:
     """Close CAMPAIGN_ID early: new appeals get 410, every waiting letter in every section is cancelled."""
     from dispatcher.ledger.models import utcnow
 
-    cancelled = _service().ledger.close_campaign(campaign_id, reason, utcnow())
+    cancelled = _service().ledger.controls.close_campaign(campaign_id, reason, utcnow())
     if cancelled is None:
         err.print(f"{campaign_id} is already closed")
         sys.exit(1)
@@ -243,12 +252,12 @@ def channel() -> None:
 @channel.command("list")
 def channel_list() -> None:
     """Show paused channels and why."""
-    paused = _service().ledger.paused_channels()
+    paused = _service().ledger.controls.paused_channels()
     if not paused:
         Console().print("no channel is paused")
         return
     for key, info in paused.items():
-        Console().print(f"{key}  paused {info['paused_at']}: {info['reason']}", highlight=False)
+        Console().print(f"{key}  paused {info.paused_at.isoformat()}: {info.reason}", highlight=False)
 
 
 @channel.command("resume")
@@ -257,7 +266,7 @@ def channel_resume(key: str) -> None:
     """Resume KEY (e.g. email:us) once its cause is fixed; its waiting letters go out now."""
     from dispatcher.ledger.models import utcnow
 
-    released = _service().ledger.resume_channel(key, utcnow())
+    released = _service().ledger.controls.resume_channel(key, utcnow())
     if released is None:
         err.print(f"{key} is not paused")
         sys.exit(1)
@@ -277,7 +286,7 @@ def fax_flagged() -> None:
     """List numbers that answered without a fax tone; letters to them wait."""
     from rich.table import Table
 
-    rows = _service().ledger.flagged_numbers()
+    rows = _service().ledger.controls.flagged_numbers()
     if not rows:
         Console().print("no flagged numbers")
         return
@@ -285,7 +294,7 @@ def fax_flagged() -> None:
     for col in ("number", "flagged at", "last delivery", "reason"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["number"], row["flagged_at"], row["delivery"] or "", row["reason"])
+        table.add_row(row.number, row.flagged_at.isoformat(), row.delivery or "", row.reason)
     Console().print(table)
 
 
@@ -293,7 +302,7 @@ def fax_flagged() -> None:
 @click.argument("number")
 def fax_unflag(number: str) -> None:
     """Clear NUMBER (E.164) after checking it by hand; its waiting letters go out again."""
-    if not _service().ledger.unflag_number(number):
+    if not _service().ledger.controls.unflag_number(number):
         err.print(f"{number} is not flagged")
         sys.exit(1)
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
@@ -313,13 +322,14 @@ def deadletters() -> None:
 def deadletters_list(limit: int, as_json: bool) -> None:
     """Show dead letters with the reason and their delivery's state now (the delivery itself is
     retried from the ledger; a dead letter is a symptom to look into, not a lost letter)."""
+    import dataclasses
     import json
 
     from rich.table import Table
 
-    rows = _service().ledger.dead_letters(limit=limit)
+    rows = _service().ledger.views.dead_letters(limit=limit)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, default=_iso))
         return
     if not rows:
         Console().print("no dead letters")
@@ -329,12 +339,12 @@ def deadletters_list(limit: int, as_json: bool) -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(
-            row["failed_at"],
-            row["message_id"],
-            row["delivery_id"] or "",
-            row["delivery_state"] or "",
-            row["actor"],
-            row["reason"] or "",
+            row.failed_at.isoformat(),
+            row.message_id,
+            row.delivery_id or "",
+            row.delivery_state or "",
+            row.actor,
+            row.reason or "",
         )
     Console().print(table)
 

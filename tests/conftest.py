@@ -245,5 +245,5 @@ def enqueue(service: Service, ids: list[str]) -> None:
     """Put letters on the queue as intake and the reconciler do: marked queued first."""
     from datetime import UTC, datetime
 
-    service.ledger.mark_queued(ids, datetime.now(UTC))
+    service.ledger.lifecycle.mark_queued(ids, datetime.now(UTC))
     service.enqueuer.send(ids)

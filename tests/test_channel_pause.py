@@ -73,9 +73,9 @@ def test_relay_refusing_our_credentials_pauses_the_channel_until_resumed(
                         "supporter": {"name": f"Supporter {n}", "email": f"s{n}@example.org", "country": "GB"},
                     }
                 )
-            wait_for(lambda: "email:zz" in service.ledger.paused_channels(), timeout=30)
+            wait_for(lambda: "email:zz" in service.ledger.controls.paused_channels(), timeout=30)
             wait_for(lambda: states(service) == ["planned"] * letters, timeout=30)
-            assert "535" in service.ledger.paused_channels()["email:zz"]["reason"]
+            assert "535" in service.ledger.controls.paused_channels()["email:zz"].reason
             assert relay.messages == []
 
             # The operator sees it and, once the provider has unlocked the account, resumes.

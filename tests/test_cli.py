@@ -41,11 +41,11 @@ def test_sign_names_the_missing_key_variable(run, tmp_path, monkeypatch):
 
 
 def test_flagged_numbers_are_listed_and_cleared(run, service):
-    service.ledger.flag_number("+442079460103", "no fax tone", "dl_x", datetime.now(UTC))
+    service.ledger.controls.flag_number("+442079460103", "no fax tone", "dl_x", datetime.now(UTC))
     listed = run("fax", "flagged")
     assert "+442079460103" in listed.output and "no fax tone" in listed.output
     assert run("fax", "unflag", "+442079460103").exit_code == 0
-    assert service.ledger.flagged("+442079460103") is None
+    assert service.ledger.controls.flagged("+442079460103") is None
     assert run("fax", "unflag", "+442079460103").exit_code == 1
 
 

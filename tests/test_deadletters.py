@@ -25,12 +25,21 @@ class ClaimsFail:
 
     def __init__(self, ledger: Any):
         self._ledger = ledger
+        self.lifecycle = _FailingClaims(ledger.lifecycle)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+
+class _FailingClaims:
+    def __init__(self, lifecycle: Any):
+        self._lifecycle = lifecycle
 
     def claim(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("ledger unreachable (test)")
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._ledger, name)
+        return getattr(self._lifecycle, name)
 
 
 def quick_retries(service: Service) -> None:
@@ -53,19 +62,19 @@ def test_message_dead_lettered_by_the_worker_is_recorded_and_its_letter_still_se
     try:
         with capture_logs() as logs:
             enqueue(service, [email])
-            [row] = wait_for(service.ledger.dead_letters, timeout=10)
-        assert row["delivery_id"] == email
-        assert (row["queue"], row["actor"]) == (QUEUE, ACTOR)
-        assert row["reason"] == "RuntimeError: ledger unreachable (test)"
+            [row] = wait_for(service.ledger.views.dead_letters, timeout=10)
+        assert row.delivery_id == email
+        assert (row.queue, row.actor) == (QUEUE, ACTOR)
+        assert row.reason == "RuntimeError: ledger unreachable (test)"
         assert xq_size(service) == 1  # the same message Redis keeps in its dead-letter queue
         # dramatiq ran it 1 + MAX_RETRIES times; the claim never happened, so the letter was still
         # "queued"; recording the dead letter made it due again rather than leaving it for the
         # reconciler's 15-minute requeue
-        assert service.ledger.state_of(email) == State.PLANNED
-        assert service.ledger.attempts_of(email) == []
+        assert service.ledger.views.state_of(email) == State.PLANNED
+        assert service.ledger.views.attempts(email) == []
         events = [e for e in logs if e["event"] == "delivery.dead_lettered"]
         assert len(events) == 1
-        assert events[0]["message_id"] == row["message_id"] and events[0]["delivery"] == email
+        assert events[0]["message_id"] == row.message_id and events[0]["delivery"] == email
         assert events[0]["recorded_by"] == "worker" and events[0]["error"] == "RuntimeError"
         assert events[0]["retries"] == 4
 
@@ -73,10 +82,10 @@ def test_message_dead_lettered_by_the_worker_is_recorded_and_its_letter_still_se
         handle.processor.ledger = ledger
         reconciler = service.reconciler(fresh_grace=timedelta(0))
         assert reconciler.tick() == 1
-        wait_for(lambda: service.ledger.state_of(email) == State.SENT, timeout=10)
+        wait_for(lambda: service.ledger.views.state_of(email) == State.SENT, timeout=10)
         assert len(smtp.messages) == 1
         # the sweep (run by that tick's housekeeping) found it already recorded
-        assert len(service.ledger.dead_letters()) == 1
+        assert len(service.ledger.views.dead_letters()) == 1
         assert reconciler.sweep_dead_letters() == 0
     finally:
         handle.stop(timeout_ms=5_000)
@@ -101,30 +110,30 @@ def test_sweep_records_what_a_worker_without_its_database_could_not(service, env
     finally:
         handle.stop(timeout_ms=2_000)
         down.ledger.dispose()
-    assert service.ledger.dead_letters() == []
+    assert service.ledger.views.dead_letters() == []
     # What a dead letter leaves behind: the letter is "queued" and unclaimed, which the reconciler's
     # requeue (15 min) would pick up by itself; nothing is stuck in "sending".
     now = datetime.now(UTC)
-    assert service.ledger.state_of(email) == State.QUEUED
-    assert email in service.ledger.lost_messages(
+    assert service.ledger.views.state_of(email) == State.QUEUED
+    assert email in service.ledger.schedule.lost_messages(
         now + timedelta(minutes=15), requeue_after=timedelta(minutes=15), limit=10
     )
 
     reconciler = service.reconciler()
     with capture_logs() as logs:
         assert reconciler.sweep_dead_letters() == 1
-    [row] = service.ledger.dead_letters()
-    assert row["delivery_id"] == email and row["actor"] == ACTOR and row["queue"] == QUEUE
-    assert row["reason"].startswith("sqlalchemy.exc.OperationalError: (psycopg.OperationalError)")
-    assert len(row["reason"]) <= 300
-    assert abs(datetime.fromisoformat(row["failed_at"]) - now) < timedelta(seconds=30)
+    [row] = service.ledger.views.dead_letters()
+    assert row.delivery_id == email and row.actor == ACTOR and row.queue == QUEUE
+    assert row.reason.startswith("sqlalchemy.exc.OperationalError: (psycopg.OperationalError)")
+    assert len(row.reason) <= 300
+    assert abs(row.failed_at - now) < timedelta(seconds=30)
     [event] = [e for e in logs if e["event"] == "delivery.dead_lettered"]
     assert event["recorded_by"] == "sweep" and event["delivery"] == email and event["error"] == "OperationalError"
-    assert service.ledger.state_of(email) == State.PLANNED  # due again: the next tick releases it
+    assert service.ledger.views.state_of(email) == State.PLANNED  # due again: the next tick releases it
     # idempotent: the same sweep again, and a new reconciler process that remembers nothing
     assert reconciler.sweep_dead_letters() == 0
     assert service.reconciler().sweep_dead_letters() == 0
-    assert len(service.ledger.dead_letters()) == 1
+    assert len(service.ledger.views.dead_letters()) == 1
 
 
 def test_recording_is_idempotent_and_only_requeues_waiting_letters(service):
@@ -132,7 +141,7 @@ def test_recording_is_idempotent_and_only_requeues_waiting_letters(service):
     accepted = service.intake.submit(appeal_body())
     queued, other = (d.id for d in accepted.deliveries)
     now = datetime.now(UTC)
-    service.ledger.mark_queued([queued], now)
+    service.ledger.lifecycle.mark_queued([queued], now)
 
     def row(message_id: str, delivery: str) -> dict[str, Any]:
         return {
@@ -144,17 +153,20 @@ def test_recording_is_idempotent_and_only_requeues_waiting_letters(service):
             "failed_at": now,
         }
 
-    assert service.ledger.record_dead_letters([row("m-1", queued), row("m-2", other)], now) == ["m-1", "m-2"]
-    assert service.ledger.record_dead_letters([row("m-1", queued), row("m-3", "dl_gone")], now) == ["m-3"]
-    assert service.ledger.record_dead_letters([row("m-1", queued)], now) == []
-    assert {r["message_id"] for r in service.ledger.dead_letters()} == {"m-1", "m-2", "m-3"}
-    assert service.ledger.state_of(queued) == State.PLANNED
-    assert service.ledger.state_of(other) == State.PLANNED  # was planned: untouched
+    assert service.ledger.housekeeping.record_dead_letters([row("m-1", queued), row("m-2", other)], now) == [
+        "m-1",
+        "m-2",
+    ]
+    assert service.ledger.housekeeping.record_dead_letters([row("m-1", queued), row("m-3", "dl_gone")], now) == ["m-3"]
+    assert service.ledger.housekeeping.record_dead_letters([row("m-1", queued)], now) == []
+    assert {r.message_id for r in service.ledger.views.dead_letters()} == {"m-1", "m-2", "m-3"}
+    assert service.ledger.views.state_of(queued) == State.PLANNED
+    assert service.ledger.views.state_of(other) == State.PLANNED  # was planned: untouched
     # a letter a worker holds is left to its worker (or the stale-claim release)
-    claim = service.ledger.claim(queued, "w1", now)
+    claim = service.ledger.lifecycle.claim(queued, "w1", now)
     assert claim is not None
-    service.ledger.record_dead_letters([row("m-4", queued)], now)
-    assert service.ledger.state_of(queued) == State.SENDING
+    service.ledger.housekeeping.record_dead_letters([row("m-4", queued)], now)
+    assert service.ledger.views.state_of(queued) == State.SENDING
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -167,7 +179,7 @@ def test_deadletters_list_shows_them(service, monkeypatch):
     assert empty.exit_code == 0 and "no dead letters" in empty.output
     [email] = email_letters(service, 1)
     failed_at = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
-    service.ledger.record_dead_letters(
+    service.ledger.housekeeping.record_dead_letters(
         [
             {
                 "message_id": "0b5e6c1a-msg",

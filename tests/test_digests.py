@@ -14,7 +14,9 @@ from sqlalchemy import select
 
 from dispatcher.app import Service
 from dispatcher.config.loader import load_catalog
+from dispatcher.ledger.lifecycle import Result
 from dispatcher.ledger.models import Delivery, State
+from dispatcher.ledger.states import Event
 from dispatcher.queue.forecast import campaign_forecast
 from dispatcher.render.fax import FaxRenderer
 from dispatcher.render.faxraster import pdf_page_texts
@@ -102,7 +104,9 @@ def test_a_short_line_gets_one_digest_instead_of_letters_that_would_miss_the_dea
 
     with Running(service):
         wait_for(lambda: len(smtp.messages) >= 1)
-        wait_for(lambda: all(service.ledger.appeal_view(a)["deliveries"][0]["state"] == "sent" for a in appeals))
+        wait_for(
+            lambda: all(service.ledger.views.appeal(a).as_json()["deliveries"][0]["state"] == "sent" for a in appeals)
+        )
 
     (received,) = smtp.messages  # one letter, not eight
     msg = received.message
@@ -120,16 +124,16 @@ def test_a_short_line_gets_one_digest_instead_of_letters_that_would_miss_the_dea
     assert "Please act now." not in text  # personal messages stay out of a digest
 
     # Each supporter's letter records that it went in that digest, and when.
-    views = [service.ledger.appeal_view(a)["deliveries"][0] for a in appeals]
+    views = [service.ledger.views.appeal(a).as_json()["deliveries"][0] for a in appeals]
     digest_ids = {v["digest"] for v in views}
     assert len(digest_ids) == 1
     (digest_id,) = digest_ids
     assert msg["Message-ID"] == f"<{digest_id}@{section.sender.domain}>"
     assert all(v["state"] == "sent" and v["sent_at"] and digest_id in v["last_text"] for v in views)
     # The campaign counts eight letters delivered (the supporters'), not nine.
-    assert service.ledger.counters(CAMPAIGN)["letters_delivered"] == 8
+    assert service.ledger.views.counters(CAMPAIGN).as_json()["letters_delivered"] == 8
     # One try, the digest's; the supporters' letters were never tried one by one.
-    assert [t["outcome"] for t in service.ledger.attempts_of(digest_id)] == ["sent"]
+    assert [t.outcome for t in service.ledger.views.attempts(digest_id)] == ["sent"]
     assert all(v["attempts"] == 0 for v in views)
 
 
@@ -173,14 +177,14 @@ def test_late_letters_join_the_waiting_digest_only_while_the_line_is_short_and_c
     assert tick(80) == {("letter", State.BUNDLED): 14, ("digest", State.PLANNED): 1}
     with service.ledger.session() as s:
         (digest_id,) = s.scalars(select(Delivery.id).where(Delivery.kind == "digest")).all()
-    assert [s.name for s in service.ledger.digest_signers(digest_id)] == [n for n, _ in NAMES[:6] + NAMES]
+    assert [s.name for s in service.ledger.schedule.digest_signers(digest_id)] == [n for n, _ in NAMES[:6] + NAMES]
     # The digest goes; two late letters fit the line and go one by one, in no digest.
     assert tick(150) == {("letter", State.BUNDLED): 14, ("digest", State.QUEUED): 1}
     submit(service, NAMES[:2])
     states = tick(220)
     assert states[("letter", State.BUNDLED)] == 14 and sum(states.values()) == 17
 
-    assert service.ledger.close_campaign(CAMPAIGN, "released", datetime.now(UTC)) == 17
+    assert service.ledger.controls.close_campaign(CAMPAIGN, "released", datetime.now(UTC)) == 17
     with service.ledger.session() as s:
         assert set(s.scalars(select(Delivery.state)).all()) == {State.CANCELLED}
 
@@ -210,7 +214,7 @@ def test_a_digest_fax_lists_the_supporters_in_its_text_layer(catalog):
 
 @SQLITE
 def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path, database_url, redis_server, environ):
-    from dispatcher.ledger.store import DigestRoute
+    from dispatcher.ledger.lifecycle import DigestRoute
 
     service = short_line_service(tmp_path, database_url, redis_server.url, environ, 1, digest=True)
     submit(service, NAMES[:3])
@@ -218,7 +222,9 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
         rows = s.execute(select(Delivery.id, Delivery.recipient, Delivery.created_at)).all()
     route = DigestRoute(CAMPAIGN, "us", AMBASSADOR, "email", rows[0].recipient, "en", "us.dispatch.example")
     now = datetime.now(UTC)
-    digest_id, joined = service.ledger.bundle([r.id for r in rows], route, now, oldest=rows[0].created_at) or ("", 0)
+    digest_id, joined = service.ledger.lifecycle.bundle(
+        [r.id for r in rows], route, now, oldest=rows[0].created_at
+    ) or ("", 0)
     assert joined == 3
 
     def letters() -> set[tuple[str, str | None]]:
@@ -226,30 +232,30 @@ def test_a_digests_letters_wait_through_its_retries_and_end_as_it_ends(tmp_path,
             got = s.execute(select(Delivery.state, Delivery.sent_at).where(Delivery.digest_id == digest_id)).all()
         return {(r.state, "sent_at" if r.sent_at else None) for r in got}
 
-    claim = service.ledger.claim(digest_id, "w", now)
+    claim = service.ledger.lifecycle.claim(digest_id, "w", now)
     assert claim is not None and claim.kind == "digest" and claim.appeal_id is None
-    service.ledger.finish(
-        claim, worker="w", state=State.PLANNED, outcome="transient", started_at=now, now=now, next_attempt_at=now
+    service.ledger.lifecycle.finish(
+        claim, Result(Event.RETRY, "transient", next_attempt_at=now), worker="w", started_at=now, now=now
     )
     assert letters() == {(State.BUNDLED, None)}  # greylisted: they wait with it
     # Meanwhile another supporter's letter goes on its own: their data is purged on schedule,
     # while the digest's supporters' data stays until it is final.
     (other,) = submit(service, NAMES[3:4])
-    (alone,) = [d["id"] for d in service.ledger.appeal_view(other)["deliveries"]]
+    (alone,) = [d["id"] for d in service.ledger.views.appeal(other).as_json()["deliveries"]]
     later = datetime.now(UTC)
-    alone_claim = service.ledger.claim(alone, "w", later)
+    alone_claim = service.ledger.lifecycle.claim(alone, "w", later)
     assert alone_claim is not None
-    service.ledger.finish(alone_claim, worker="w", state=State.SENT, outcome="sent", started_at=later, now=later)
-    assert service.ledger.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 1
-    assert service.ledger.supporter(other) is None
-    claim = service.ledger.claim(digest_id, "w", now)
+    service.ledger.lifecycle.finish(alone_claim, Result(Event.SENT, "sent"), worker="w", started_at=later, now=later)
+    assert service.ledger.housekeeping.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 1
+    assert service.ledger.views.supporter(other) is None
+    claim = service.ledger.lifecycle.claim(digest_id, "w", now)
     assert claim is not None
-    service.ledger.finish(claim, worker="w", state=State.SENT, outcome="sent", started_at=now, now=now)
+    service.ledger.lifecycle.finish(claim, Result(Event.SENT, "sent"), worker="w", started_at=now, now=now)
     assert letters() == {(State.SENT, "sent_at")}
     # Their supporters' data is purged on the usual schedule (a digest has no appeal of its own).
-    assert service.ledger.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 3
+    assert service.ledger.housekeeping.purge_personal_data(later + timedelta(seconds=1), timedelta(0)) == 3
     # A letter already bundled cannot be bundled again.
-    assert service.ledger.bundle([rows[0].id], route, now, oldest=now) is None
+    assert service.ledger.lifecycle.bundle([rows[0].id], route, now, oldest=now) is None
 
 
 @SQLITE

@@ -103,7 +103,7 @@ def submit(service: Service) -> str:
 
 
 def delivery(service: Service, delivery_id: str) -> dict:
-    row = service.ledger.fax_of(delivery_id)
+    row = service.ledger.views.delivery(delivery_id)
     assert row is not None
     return {"state": row.state, "remote_id": row.remote_id}
 
@@ -137,7 +137,7 @@ def test_telnyx_fax_is_sent_then_settled_by_its_signed_webhook(tmp_path, databas
         assert telnyx.send_webhook(fax_id, "fax.delivered").json() == {"result": "applied"}
         assert telnyx.send_webhook(fax_id, "fax.sending.started").json()["result"].startswith("ignored")
         assert telnyx.send_webhook(fax_id, "fax.delivered").json()["result"].startswith("ignored")  # duplicate
-        view = next(d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"])
+        view = next(d for d in service.ledger.views.appeal(_appeal(service, delivery_id)).as_json()["deliveries"])
         assert view["state"] == "delivered" and view["pages"] == 3 and view["line_seconds"] == 95
         # the line is free again for the next fax to that number
         assert service.fax_lines.holder("+442079460100") is None
@@ -182,9 +182,9 @@ def test_telnyx_busy_failure_by_webhook_is_retried_with_a_new_fax(tmp_path, data
         # the reconciler releases the retry; the worker finds the failed fax by tag and sends anew
         wait_for(lambda: delivery(service, delivery_id)["remote_id"] not in (first, None), timeout=30)
         assert len(telnyx.faxes) == 2
-        attempts = service.ledger.attempts_of(delivery_id)
-        assert [a["outcome"] for a in attempts] == ["transient", "sent"]
-        assert attempts[0]["code"] == "user_busy"
+        attempts = service.ledger.views.attempts(delivery_id)
+        assert [a.outcome for a in attempts] == ["transient", "sent"]
+        assert attempts[0].code == "user_busy"
 
 
 def test_telnyx_500_after_create_results_in_exactly_one_fax(tmp_path, database_url, redis_server, telnyx):
@@ -222,19 +222,21 @@ def test_telnyx_refusing_our_key_pauses_the_fax_channel_and_fails_nothing(tmp_pa
     service.environ["TEST_TELNYX_KEY"] = "KEY_revoked"  # the account's key was revoked
     with api, Running(service):
         first, second = submit(service), submit(service)
-        wait_for(lambda: "fax:zz" in service.ledger.paused_channels(), timeout=30)
+        wait_for(lambda: "fax:zz" in service.ledger.controls.paused_channels(), timeout=30)
         # both letters were held back (the first by the refusal itself, the second by the pause)
         wait_for(lambda: all(_view(service, d)["last_outcome"] in ("operational", "deferred") for d in (first, second)))
     for delivery_id in (first, second):
         view = _view(service, delivery_id)
         assert view["state"] == "planned" and view["attempts"] == 0
-    assert "401" in service.ledger.paused_channels()["fax:zz"]["reason"]
+    assert "401" in service.ledger.controls.paused_channels()["fax:zz"].reason
     assert telnyx.faxes == {}
 
 
 def _view(service: Service, delivery_id: str) -> dict:
     return next(
-        d for d in service.ledger.appeal_view(_appeal(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+        d
+        for d in service.ledger.views.appeal(_appeal(service, delivery_id)).as_json()["deliveries"]
+        if d["id"] == delivery_id
     )
 
 

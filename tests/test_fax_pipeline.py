@@ -100,9 +100,9 @@ def test_busy_line_is_retried_and_then_delivered(client, environ, catalog, servi
     lab.set_behaviour(number, Behaviour.BUSY, times=1)
     appeal_id = signed_post(client, environ, catalog, ch_appeal()).json()["appeal_id"]
     wait_for(lambda: faxes(client, appeal_id)["president"]["state"] == "delivered", timeout=60)
-    attempts = service.ledger.attempts_of(faxes(client, appeal_id)["president"]["id"])
-    assert [a["outcome"] for a in attempts] == ["transient", "sent"]
-    assert "busy" in attempts[0]["text"]
+    attempts = service.ledger.views.attempts(faxes(client, appeal_id)["president"]["id"])
+    assert [a.outcome for a in attempts] == ["transient", "sent"]
+    assert "busy" in attempts[0].text
 
 
 def test_line_that_never_answers_is_retried_then_fails_as_transient_exhausted(
@@ -128,7 +128,7 @@ def test_silent_line_flags_the_number_for_an_operator(client, environ, catalog, 
     president = faxes(client, appeal_id)["president"]
     assert "flagged" in president["last_text"]
     assert "initial communication" in president["last_text"]
-    assert [f["number"] for f in service.ledger.flagged_numbers()] == [number]
+    assert [f.number for f in service.ledger.controls.flagged_numbers()] == [number]
     # The next letter to that number waits for an operator instead of calling a voice line again.
     second = signed_post(client, environ, catalog, ch_appeal()).json()["appeal_id"]
     wait_for(lambda: faxes(client, second)["president"]["last_outcome"] == "operational", timeout=30)
@@ -141,9 +141,9 @@ def test_hang_up_mid_document_is_retried_whole(client, environ, catalog, service
     appeal_id = signed_post(client, environ, catalog, ch_appeal()).json()["appeal_id"]
     wait_for(lambda: faxes(client, appeal_id)["president"]["state"] == "delivered", timeout=60)
     president = faxes(client, appeal_id)["president"]
-    first, second = service.ledger.attempts_of(president["id"])
-    assert first["outcome"] == "transient" and first["pages"] < president["pages"]
-    assert second["outcome"] == "sent" and second["pages"] == president["pages"]
+    first, second = service.ledger.views.attempts(president["id"])
+    assert first.outcome == "transient" and first.pages < president["pages"]
+    assert second.outcome == "sent" and second.pages == president["pages"]
     assert len(tiff_pages(lab.path_of(president["remote_id"]) / "received.tiff")) == president["pages"]
 
 

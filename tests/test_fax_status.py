@@ -11,7 +11,8 @@ import redis
 
 from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxReport, FaxStatus
 from dispatcher.channels.fax.lines import FaxLines
-from dispatcher.ledger.models import State
+from dispatcher.ledger.lifecycle import Result
+from dispatcher.ledger.states import Event
 from dispatcher.queue.faxstatus import FaxStatusApplier
 from tests.conftest import appeal_body
 
@@ -44,17 +45,10 @@ def fax_sent_via_gateway(service, remote_id: str) -> tuple[str, str]:
     accepted = service.intake.submit(body)
     delivery = next(d for d in accepted.deliveries if d.channel == "fax")
     now = datetime.now(UTC)
-    claim = service.ledger.claim(delivery.id, "w1", now)
+    claim = service.ledger.lifecycle.claim(delivery.id, "w1", now)
     assert claim is not None
-    service.ledger.finish(
-        claim,
-        worker="w1",
-        state=State.SENT,
-        outcome="sent",
-        started_at=now,
-        now=now,
-        remote_id=remote_id,
-        gateway="testgw",
+    service.ledger.lifecycle.finish(
+        claim, Result(Event.SENT, "sent", remote_id=remote_id, gateway="testgw"), worker="w1", started_at=now, now=now
     )
     return delivery.id, claim.recipient
 
@@ -86,7 +80,9 @@ def test_delivered_report_settles_the_letter_with_its_fax_facts(service, lines):
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.QUEUED)) == "ignored: not final"
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.DELIVERED, pages=3)) == "applied"
     view = next(
-        d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+        d
+        for d in service.ledger.views.appeal(_appeal_of(service, delivery_id)).as_json()["deliveries"]
+        if d["id"] == delivery_id
     )
     assert view["state"] == "delivered"
     assert view["pages"] == 3 and view["line_seconds"] == 120.0
@@ -94,7 +90,7 @@ def test_delivered_report_settles_the_letter_with_its_fax_facts(service, lines):
     # a duplicate, and a late progress event, change nothing
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.DELIVERED, pages=3)).startswith("ignored")
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.SENDING)).startswith("ignored")
-    assert service.ledger.state_of(delivery_id) == "delivered"
+    assert service.ledger.views.state_of(delivery_id) == "delivered"
 
 
 def test_failure_arriving_after_delivered_does_not_move_it_back(service, lines):
@@ -103,7 +99,7 @@ def test_failure_arriving_after_delivered_does_not_move_it_back(service, lines):
     applier.apply(report(delivery_id, "fx-2", FaxStatus.DELIVERED, pages=2))
     busy = FaxFailure(FailureKind.BUSY, code="user_busy", text="line busy")
     assert applier.apply(report(delivery_id, "fx-2", FaxStatus.FAILED, failure=busy)).startswith("ignored")
-    assert service.ledger.state_of(delivery_id) == "delivered"
+    assert service.ledger.views.state_of(delivery_id) == "delivered"
 
 
 def test_busy_failure_schedules_a_new_try(service, lines):
@@ -116,7 +112,7 @@ def test_busy_failure_schedules_a_new_try(service, lines):
     assert view["last_outcome"] == "transient" and view["last_code"] == "user_busy"
     assert datetime.fromisoformat(view["next_attempt_at"]) > datetime.now(UTC)
     # the try's attempt row carries the final outcome
-    assert [a["outcome"] for a in service.ledger.attempts_of(delivery_id)] == ["transient"]
+    assert [a.outcome for a in service.ledger.views.attempts(delivery_id)] == ["transient"]
     # a report about this (now superseded) fax arriving again changes nothing
     assert applier.apply(report(delivery_id, "fx-3", FaxStatus.DELIVERED)).startswith("ignored")
 
@@ -125,7 +121,7 @@ def test_report_about_an_earlier_try_is_ignored(service, lines):
     applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-new")
     assert applier.apply(report(delivery_id, "fx-old", FaxStatus.DELIVERED)) == "ignored: earlier try"
-    assert service.ledger.state_of(delivery_id) == "sent"
+    assert service.ledger.views.state_of(delivery_id) == "sent"
 
 
 def test_invalid_number_fails_at_once(service, lines):
@@ -149,17 +145,17 @@ def test_no_fax_tone_on_the_last_try_flags_the_number(service, lines):
     assert wait > timedelta(seconds=service.settings.fax_no_tone_interval_seconds - 5)
     # later tries, until the cap: the number is flagged for an operator and the letter fails
     for n in range(2, service.outcomes.no_tone_attempts + 1):
-        claim = service.ledger.claim(delivery_id, "w1", datetime.now(UTC) + timedelta(days=1))
+        claim = service.ledger.lifecycle.claim(delivery_id, "w1", datetime.now(UTC) + timedelta(days=1))
         assert claim is not None and claim.attempt == n
         now = datetime.now(UTC)
-        service.ledger.finish(
-            claim, worker="w1", state=State.SENT, outcome="sent", started_at=now, now=now, remote_id=f"fx-5.{n}"
+        service.ledger.lifecycle.finish(
+            claim, Result(Event.SENT, "sent", remote_id=f"fx-5.{n}"), worker="w1", started_at=now, now=now
         )
         applier.apply(report(delivery_id, f"fx-5.{n}", FaxStatus.FAILED, failure=silent))
     view = _view(service, delivery_id)
     assert view["state"] == "failed"
     assert "flagged" in view["last_text"]
-    assert service.ledger.flagged(number) is not None
+    assert service.ledger.controls.flagged(number) is not None
 
 
 def _appeal_of(service, delivery_id: str) -> str:
@@ -173,7 +169,9 @@ def _appeal_of(service, delivery_id: str) -> str:
 
 def _view(service, delivery_id: str) -> dict:
     return next(
-        d for d in service.ledger.appeal_view(_appeal_of(service, delivery_id))["deliveries"] if d["id"] == delivery_id
+        d
+        for d in service.ledger.views.appeal(_appeal_of(service, delivery_id)).as_json()["deliveries"]
+        if d["id"] == delivery_id
     )
 
 

@@ -89,7 +89,7 @@ def test_redelivered_message_sends_nothing_more(client, environ, catalog, smtp, 
     ids_seen = [m.message["Message-ID"] for m in smtp.messages]
     assert len(ids_seen) == len(set(ids_seen))
     for delivery_id in ids:
-        assert [a["outcome"] for a in service.ledger.attempts_of(delivery_id)] == ["sent"]
+        assert [a.outcome for a in service.ledger.views.attempts(delivery_id)] == ["sent"]
 
 
 def test_450_is_retried_then_delivered(client, environ, catalog, smtp, service, running):
@@ -98,9 +98,9 @@ def test_450_is_retried_then_delivered(client, environ, catalog, smtp, service, 
     appeal_id = r.json()["appeal_id"]
     wait_for(lambda: set(email_states(client, appeal_id).values()) == {"sent"})
     [email] = [d for d in deliveries(client, appeal_id).values() if d["channel"] == "email"]
-    attempts = service.ledger.attempts_of(email["id"])
-    assert [(a["outcome"], a["code"]) for a in attempts] == [("transient", "450"), ("sent", "250")]
-    assert "Greylisted" in attempts[0]["text"]
+    attempts = service.ledger.views.attempts(email["id"])
+    assert [(a.outcome, a.code) for a in attempts] == [("transient", "450"), ("sent", "250")]
+    assert "Greylisted" in attempts[0].text
     assert email["attempts"] == 2
     assert len(smtp.messages) == 1
 
@@ -114,7 +114,7 @@ def test_550_fails_permanently_with_code_and_text(client, environ, catalog, smtp
     assert email["last_outcome"] == "permanent"
     assert email["last_code"] == "550"
     assert "User unknown" in email["last_text"]
-    assert len(service.ledger.attempts_of(email["id"])) == 1
+    assert len(service.ledger.views.attempts(email["id"])) == 1
     assert smtp.messages == []
 
 
@@ -212,4 +212,4 @@ def test_worker_dying_after_sending_gets_its_message_requeued_and_nothing_is_res
             timeout=20,
         )
     assert len(smtp.messages) == 1
-    assert [a["outcome"] for a in service.ledger.attempts_of(email_id)] == ["sent"]
+    assert [a.outcome for a in service.ledger.views.attempts(email_id)] == ["sent"]

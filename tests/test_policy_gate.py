@@ -37,7 +37,7 @@ def test_fax_due_at_22h_waits_until_the_office_opens(tmp_path, database_url, red
             handle.processor(d.id)
     finally:
         handle.loop.stop()
-    view = {d["target"]: d for d in service.ledger.appeal_view(accepted.appeal_id)["deliveries"]}
+    view = {d["target"]: d for d in service.ledger.views.appeal(accepted.appeal_id).as_json()["deliveries"]}
     for target_id in ("president", "embassy-ru"):
         delivery = view[target_id]
         target = service.catalog.target(accepted.campaign, "ch", target_id)
@@ -49,7 +49,7 @@ def test_fax_due_at_22h_waits_until_the_office_opens(tmp_path, database_url, red
         # at the opening, give or take the spread that keeps held letters from all returning at once
         assert opens_local <= due <= opens_local + timedelta(minutes=16), (target_id, due)
         assert delivery["attempts"] == 0  # a deferral is not a try
-        assert service.ledger.attempts_of(delivery["id"]) == []
+        assert service.ledger.views.attempts(delivery["id"]) == []
 
 
 def _print_diagnostics(service: Service, workers: list[subprocess.Popen[bytes]]) -> None:
@@ -164,7 +164,9 @@ def test_caps_that_cannot_be_checked_hold_letters_back_without_charging_a_try(tm
             handle.processor(email.id)
         finally:
             handle.loop.stop()
-    view = next(d for d in service.ledger.appeal_view(accepted.appeal_id)["deliveries"] if d["id"] == email.id)
+    view = next(
+        d for d in service.ledger.views.appeal(accepted.appeal_id).as_json()["deliveries"] if d["id"] == email.id
+    )
     assert view["state"] == "planned" and view["last_outcome"] == "deferred"
     assert "caps cannot be checked" in view["last_text"]
     assert view["attempts"] == 0 and view["tries"] == []

@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from dispatcher.ledger.lifecycle import Result
 from dispatcher.ledger.models import State
+from dispatcher.ledger.states import Event
 from dispatcher.queue.actors import EnqueueFailed
 from tests.conftest import appeal_body
 
@@ -25,18 +27,15 @@ class InstantWorker:
     def send(self, ids):
         for delivery_id in ids:
             self.seen.append(delivery_id)
-            claim = self.service.ledger.claim(delivery_id, "instant", datetime.now(UTC))
+            claim = self.service.ledger.lifecycle.claim(delivery_id, "instant", datetime.now(UTC))
             assert claim is not None, "the letter must be claimable while its message is in flight"
             now = datetime.now(UTC)
-            self.service.ledger.finish(
+            self.service.ledger.lifecycle.finish(
                 claim,
+                Result(Event.DEFERRED, "deferred", next_attempt_at=now + timedelta(minutes=5), counts_as_try=False),
                 worker="instant",
-                state=State.PLANNED,
-                outcome="deferred",
                 started_at=now,
                 now=now,
-                next_attempt_at=now + timedelta(minutes=5),
-                counts_as_try=False,
             )
         return list(ids)
 
@@ -51,7 +50,7 @@ def test_letter_deferred_by_a_fast_worker_is_not_stranded_as_queued(service):
     assert sorted(worker.seen) == sorted(d.id for d in accepted.deliveries)
     for d in accepted.deliveries:
         # planned with its new due time, so the reconciler will release it again then
-        assert service.ledger.state_of(d.id) == State.PLANNED
+        assert service.ledger.views.state_of(d.id) == State.PLANNED
     assert reconciler.tick() == 0  # not due again yet
 
 
@@ -70,5 +69,5 @@ def test_letters_the_queue_refused_go_back_to_planned(service):
     reconciler.enqueuer = BrokenQueue(ok=1)
     with pytest.raises(EnqueueFailed):
         reconciler.tick()
-    states = sorted(service.ledger.state_of(d.id) for d in accepted.deliveries)
+    states = sorted(service.ledger.views.state_of(d.id) for d in accepted.deliveries)
     assert states == sorted([State.QUEUED] + [State.PLANNED] * (len(accepted.deliveries) - 1))

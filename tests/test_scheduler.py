@@ -13,7 +13,9 @@ from sqlalchemy import select
 
 from dispatcher.app import Service
 from dispatcher.config.loader import load_catalog
+from dispatcher.ledger.lifecycle import Result
 from dispatcher.ledger.models import Delivery, State
+from dispatcher.ledger.states import Event
 from dispatcher.policy.pacing import release_times
 from dispatcher.queue.forecast import campaign_forecast
 from tests.conftest import ROOT, appeal_body, make_settings, wait_for
@@ -45,9 +47,11 @@ class SimWorker:
     def send(self, ids):
         for delivery_id in ids:
             now = self.clock()
-            claim = self.service.ledger.claim(delivery_id, "sim", now)
+            claim = self.service.ledger.lifecycle.claim(delivery_id, "sim", now)
             assert claim is not None
-            self.service.ledger.finish(claim, worker="sim", state=State.SENT, outcome="sent", started_at=now, now=now)
+            self.service.ledger.lifecycle.finish(
+                claim, Result(Event.SENT, "sent"), worker="sim", started_at=now, now=now
+            )
             self.released.append((now, delivery_id))
         return list(ids)
 
@@ -166,19 +170,19 @@ def test_a_letter_to_a_recipient_with_a_backlog_joins_it_instead_of_jumping_the_
     service.gate.settings = service.settings.but(fax_limits=("2/hour",))
     # Within the caps letters go straight to the queue (the gate checks the caps at send time).
     accepted = [service.intake.submit(appeal_body(section="ch", language="de")) for _ in range(2)]
-    assert {service.ledger.state_of(d.id) for a in accepted for d in a.deliveries} == {State.QUEUED}
+    assert {service.ledger.views.state_of(d.id) for a in accepted for d in a.deliveries} == {State.QUEUED}
     # Once the caps held letters back, a backlog waits in the ledger ...
     enqueuer, service.intake.enqueuer = service.intake.enqueuer, None
     held = service.intake.submit(appeal_body(section="ch", language="de"))
     service.intake.enqueuer = enqueuer
     # ... and the next letters to those lines join it, for the pacer to release in their turn.
     later = [service.intake.submit(appeal_body(section="ch", language="de")) for _ in range(2)]
-    states = {service.ledger.state_of(d.id) for a in [held, *later] for d in a.deliveries}
+    states = {service.ledger.views.state_of(d.id) for a in [held, *later] for d in a.deliveries}
     assert states == {State.PLANNED}
     # a recipient without caps (the ambassador's email here) is never held back
     us = [service.intake.submit(appeal_body()) for _ in range(2)]
     emails = [d for a in us for d in a.deliveries if d.channel == "email"]
-    assert len(emails) == 2 and all(service.ledger.state_of(d.id) == State.QUEUED for d in emails)
+    assert len(emails) == 2 and all(service.ledger.views.state_of(d.id) == State.QUEUED for d in emails)
 
 
 def test_a_retry_in_its_backoff_is_not_released_early_by_the_pacer(service):

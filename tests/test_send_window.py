@@ -55,19 +55,19 @@ class FinishSpy:
 
     def __init__(self, processor: Any, delay: float = 0.0, fail_once: bool = False):
         self.processor = processor
-        self.real = processor.ledger.finish
+        self.real = processor.ledger.lifecycle.finish
         self.delay = delay
         self.fail_once = fail_once
         self.committed: dict[str, float] = {}
         self.occupied_while_recording: dict[str, bool] = {}
 
-    def __call__(self, claim: Any, **kwargs: Any) -> bool:
+    def __call__(self, claim: Any, result: Any, **kwargs: Any) -> bool:
         self.occupied_while_recording[claim.id] = self.processor.window.occupied
         if self.fail_once:
             self.fail_once = False
             raise RuntimeError("the database went away while recording")
         time.sleep(self.delay)
-        moved = self.real(claim, **kwargs)
+        moved = self.real(claim, result, **kwargs)
         self.committed[claim.id] = time.monotonic()
         return moved
 
@@ -121,12 +121,12 @@ def in_thread(fn: Any, *args: Any) -> None:
 @sqlite_only
 def test_letters_of_one_process_never_overlap_between_data_and_recorded(service, smtp, processor, monkeypatch):
     spy = FinishSpy(processor, delay=0.03)
-    monkeypatch.setattr(processor.ledger, "finish", spy)
+    monkeypatch.setattr(processor.ledger.lifecycle, "finish", spy)
     ids = email_letters(service, 12)
 
     run_in_threads(processor, ids, threads=4)
 
-    assert {service.ledger.state_of(i) for i in ids} == {"sent"}
+    assert {service.ledger.views.state_of(i) for i in ids} == {"sent"}
     spans = windows(smtp, spy)
     assert len(spans) == 12
     # each letter's DATA reached the server only after the previous letter's `sent` was committed
@@ -141,13 +141,13 @@ def test_without_the_window_the_same_letters_do_overlap(service, smtp, processor
     """The control for the test above: the measurement does see overlaps when there is no window
     (each thread's letter in its own DATA → record window, as before the window existed)."""
     spy = FinishSpy(processor, delay=0.03)
-    monkeypatch.setattr(processor.ledger, "finish", spy)
+    monkeypatch.setattr(processor.ledger.lifecycle, "finish", spy)
     monkeypatch.setattr(processor.window, "ticket", lambda: None)
     ids = email_letters(service, 12)
 
     run_in_threads(processor, ids, threads=4)
 
-    assert {service.ledger.state_of(i) for i in ids} == {"sent"}
+    assert {service.ledger.views.state_of(i) for i in ids} == {"sent"}
     assert overlaps(windows(smtp, spy)) > 0
 
 
@@ -164,19 +164,19 @@ def test_without_the_window_the_same_letters_do_overlap(service, smtp, processor
 )
 def test_window_is_left_as_soon_as_data_fails(service, smtp, processor, monkeypatch, replies, state, outcome):
     spy = FinishSpy(processor)
-    monkeypatch.setattr(processor.ledger, "finish", spy)
+    monkeypatch.setattr(processor.ledger.lifecycle, "finish", spy)
     smtp.script_data(replies)
     failing, later = email_letters(service, 2)
 
     processor(failing)
 
-    assert service.ledger.state_of(failing) == state
-    assert service.ledger.attempts_of(failing)[-1]["outcome"] == outcome
+    assert service.ledger.views.state_of(failing) == state
+    assert service.ledger.views.attempts(failing)[-1].outcome == outcome
     # released by the pool when DATA failed, before the outcome was recorded
     assert spy.occupied_while_recording[failing] is False
     assert not processor.window.occupied
     processor(later)
-    assert service.ledger.state_of(later) == "sent"
+    assert service.ledger.views.state_of(later) == "sent"
     assert spy.occupied_while_recording[later] is True
     wait_for(lambda: not processor.window.occupied, timeout=2)
 
@@ -184,7 +184,7 @@ def test_window_is_left_as_soon_as_data_fails(service, smtp, processor, monkeypa
 @sqlite_only
 def test_window_is_left_when_recording_the_outcome_fails(service, smtp, processor, monkeypatch):
     spy = FinishSpy(processor, fail_once=True)
-    monkeypatch.setattr(processor.ledger, "finish", spy)
+    monkeypatch.setattr(processor.ledger.lifecycle, "finish", spy)
     letter_id, later = email_letters(service, 2)
 
     with pytest.raises(RuntimeError, match="went away"):
@@ -193,9 +193,9 @@ def test_window_is_left_when_recording_the_outcome_fails(service, smtp, processo
     assert spy.occupied_while_recording[letter_id] is True
     wait_for(lambda: not processor.window.occupied, timeout=2)
     # the claim stays `sending` for the reconciler's stale-claim release, as after a crash
-    assert service.ledger.state_of(letter_id) == "sending"
+    assert service.ledger.views.state_of(letter_id) == "sending"
     in_thread(processor, later)
-    assert service.ledger.state_of(later) == "sent"
+    assert service.ledger.views.state_of(later) == "sent"
 
 
 @sqlite_only
@@ -206,11 +206,11 @@ def test_send_timing_out_in_data_leaves_the_window(service, smtp, processor, mon
 
     processor(stalled)
 
-    attempt = service.ledger.attempts_of(stalled)[-1]
-    assert (attempt["outcome"], attempt["text"]) == ("transient", "internal error: TimeoutError")
+    attempt = service.ledger.views.attempts(stalled)[-1]
+    assert (attempt.outcome, attempt.text) == ("transient", "internal error: TimeoutError")
     wait_for(lambda: not processor.window.occupied, timeout=2)
     processor(later)
-    assert service.ledger.state_of(later) == "sent"
+    assert service.ledger.views.state_of(later) == "sent"
     assert [str(m.message["X-Dispatch-Delivery"]) for m in smtp.messages] == [later]
 
 
@@ -224,14 +224,14 @@ def test_send_given_up_while_waiting_for_the_window_never_enters_it(service, smt
 
     in_thread(processor, waiting)
 
-    attempt = service.ledger.attempts_of(waiting)[-1]
-    assert (attempt["outcome"], attempt["text"]) == ("transient", "internal error: TimeoutError")
+    attempt = service.ledger.views.attempts(waiting)[-1]
+    assert (attempt.outcome, attempt.text) == ("transient", "internal error: TimeoutError")
     holder.close()
     wait_for(lambda: not processor.window.occupied, timeout=2)
     time.sleep(0.2)  # a send that went on after its caller gave up would reach the server now
     assert smtp.messages == [] and "DATA" not in smtp.commands
     in_thread(processor, later)
-    assert service.ledger.state_of(later) == "sent"
+    assert service.ledger.views.state_of(later) == "sent"
     wait_for(lambda: not processor.window.occupied, timeout=2)
 
 

@@ -147,7 +147,7 @@ def test_sigterm_finishes_the_letter_in_flight_and_hands_unstarted_ones_back_at_
     try:
         wait_for(lambda: len(smtp.messages) == 1, timeout=15)  # in flight: DATA sent, no answer yet
         in_flight = letters[0]
-        assert service.ledger.state_of(in_flight) == State.SENDING
+        assert service.ledger.views.state_of(in_flight) == State.SENDING
         assert list(ack_sets(service).values()) == [6] and queue_length(service) == 0
         # a second worker, idle: w1 holds every message
         w2 = Worker(env, tmp_path / "w2.log", "--threads", "2")
@@ -160,7 +160,7 @@ def test_sigterm_finishes_the_letter_in_flight_and_hands_unstarted_ones_back_at_
         # (dramatiq's own stop would return them only after that letter is done)
         wait_for(lambda: len(smtp.messages) == 6, timeout=10)
         others_sent_s = time.monotonic() - signalled
-        assert service.ledger.state_of(in_flight) == State.SENDING
+        assert service.ledger.views.state_of(in_flight) == State.SENDING
         assert w1.proc.poll() is None, "w1 should still be finishing its letter"
         w1.proc.wait(timeout=10)
         exited = time.monotonic()
@@ -168,7 +168,7 @@ def test_sigterm_finishes_the_letter_in_flight_and_hands_unstarted_ones_back_at_
         assert w1.proc.returncode == 0
         assert exit_s < 5.0, exit_s  # what is left of the 4 s hold, plus closing up
         after_reply_s = exited - (smtp.messages[0].received_at + 4.0)
-        wait_for(lambda: all(service.ledger.state_of(d) == State.SENT for d in letters), timeout=10)
+        wait_for(lambda: all(service.ledger.views.state_of(d) == State.SENT for d in letters), timeout=10)
     finally:
         for w in (w1, w2):
             if w is not None:
@@ -201,13 +201,13 @@ def test_send_outlasting_the_shutdown_timeout_is_handed_back_and_sent_by_another
     w2 = None
     try:
         wait_for(lambda: len(smtp.messages) == 1, timeout=15)
-        assert service.ledger.state_of(letter) == State.SENDING
+        assert service.ledger.views.state_of(letter) == State.SENDING
         exit_s = w1.terminate()
         assert w1.proc.returncode == 0
         assert 1.0 <= exit_s < 3.0, exit_s
         # handed back: claim released (not left for the 11-minute stale-claim release), a fresh
         # message on the queue, nothing in w1's ack set
-        assert service.ledger.state_of(letter) == State.QUEUED
+        assert service.ledger.views.state_of(letter) == State.QUEUED
         assert queue_length(service) == 1
         assert not any(ack_sets(service).values())
         [event] = w1.events("delivery.handed_back")
@@ -215,7 +215,7 @@ def test_send_outlasting_the_shutdown_timeout_is_handed_back_and_sent_by_another
 
         started = time.monotonic()
         w2 = Worker(env, tmp_path / "w2.log", "--threads", "1")
-        wait_for(lambda: service.ledger.state_of(letter) == State.SENT, timeout=15)
+        wait_for(lambda: service.ledger.views.state_of(letter) == State.SENT, timeout=15)
         picked_up_s = time.monotonic() - started
     finally:
         for w in (w1, w2):
@@ -246,7 +246,7 @@ def test_a_second_signal_hands_back_at_once(tmp_path, database_url, redis_server
     finally:
         w1.close()
     assert w1.proc.returncode == 0 and exit_s < 2.0, exit_s
-    assert service.ledger.state_of(letter) == State.QUEUED and queue_length(service) == 1
+    assert service.ledger.views.state_of(letter) == State.QUEUED and queue_length(service) == 1
 
 
 def test_messages_a_redis_consumer_fetched_but_never_handed_on_go_back(service):

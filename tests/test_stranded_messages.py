@@ -58,7 +58,7 @@ def ack_set(service: Service) -> str:
 
 
 def sweeper(service: Service, clock: Clock, after: float = 60) -> StrandedMessages:
-    found = StrandedMessages.for_broker(service.broker, service.ledger.state_of, after=timedelta(seconds=after))
+    found = StrandedMessages.for_broker(service.broker, service.ledger.views.state_of, after=timedelta(seconds=after))
     assert found is not None
     found.clock = clock
     return found
@@ -94,7 +94,7 @@ def test_a_message_whose_letter_is_being_sent_is_left_alone(service):
     clock = Clock()
     strays = sweeper(service, clock)
     sending, waiting = strand(service)
-    assert service.ledger.claim(sending, "vm:1:1", datetime.now(UTC)) is not None
+    assert service.ledger.lifecycle.claim(sending, "vm:1:1", datetime.now(UTC)) is not None
 
     strays.sweep()
     clock.now += 60
@@ -176,16 +176,16 @@ def test_messages_a_live_worker_never_received_are_sent_after_the_sweep(tmp_path
             beat = float(client.zscore(beats, broker) or 0)
             wait_for(lambda: float(client.zscore(beats, broker) or 0) > beat + 1500, timeout=20)
             assert client.smembers(acks) == stranded
-            assert sorted(direct.ledger.state_of(i) for i in ids).count("queued") >= len(stranded)
+            assert sorted(direct.ledger.views.state_of(i) for i in ids).count("queued") >= len(stranded)
 
             reconciler = direct.reconciler(interval=0.1, housekeeping_every=0.2, stranded_after=timedelta(seconds=0.5))
             threading.Thread(target=reconciler.run, args=(stop,), daemon=True).start()
-            wait_for(lambda: {direct.ledger.state_of(i) for i in ids} <= {"sent", "delivered"}, timeout=30)
+            wait_for(lambda: {direct.ledger.views.state_of(i) for i in ids} <= {"sent", "delivered"}, timeout=30)
             assert reconciler.strays is not None and reconciler.strays.requeued == len(stranded)
             wait_for(lambda: client.scard(acks) == 0, timeout=10)
             assert len(smtp.messages) == 1  # the email letter, once
             for delivery_id in ids:
-                assert len(direct.ledger.attempts_of(delivery_id)) == 1
+                assert len(direct.ledger.views.attempts(delivery_id)) == 1
         finally:
             stop.set()
             if handle is not None:

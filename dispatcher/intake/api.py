@@ -62,16 +62,17 @@ def create_app(service: IntakeService, *, health: Any = None, fax_webhooks: Any 
 
     @app.get("/v1/appeals/{appeal_id}")
     async def get_appeal(appeal_id: str) -> JSONResponse:
-        view = await run_in_threadpool(service.ledger.appeal_view, appeal_id)
+        view = await run_in_threadpool(service.ledger.views.appeal, appeal_id)
         if view is None:
             raise NotFound(f"no appeal {appeal_id!r}")
-        return JSONResponse(view)
+        return JSONResponse(view.as_json())
 
     @app.get("/v1/campaigns/{campaign_id}/counters")
     async def counters(campaign_id: str) -> JSONResponse:
         if campaign_id not in service.catalog.campaigns:
             raise NotFound(f"no campaign {campaign_id!r}")
-        return JSONResponse(await run_in_threadpool(service.ledger.counters, campaign_id))
+        counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
+        return JSONResponse(counted.as_json())
 
     @app.post("/v1/webhooks/fax/{gateway}")
     async def fax_webhook(gateway: str, request: Request) -> JSONResponse:

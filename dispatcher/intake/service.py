@@ -32,8 +32,11 @@ from dispatcher.errors import (
 )
 from dispatcher.intake import signature as sig
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
-from dispatcher.ledger.models import Appeal, Delivery, State, UsedSignature, utcnow
-from dispatcher.ledger.store import Ledger, new_id
+from dispatcher.ledger.engine import new_id
+from dispatcher.ledger.lifecycle import planned_values
+from dispatcher.ledger.models import Appeal, Delivery, UsedSignature, utcnow
+from dispatcher.ledger.states import initial
+from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.settings import Settings
 
@@ -194,9 +197,9 @@ class IntakeService:
         if campaign.status == "closed":
             reason = f": {campaign.closed_reason}" if campaign.closed_reason else ""
             raise CampaignClosed(f"campaign {campaign.id!r} is closed{reason}", campaign=campaign.id)
-        closed_early = self.ledger.closure(campaign.id)
+        closed_early = self.ledger.controls.closure(campaign.id)
         if closed_early is not None:
-            raise CampaignClosed(f"campaign {campaign.id!r} was closed: {closed_early}", campaign=campaign.id)
+            raise CampaignClosed(f"campaign {campaign.id!r} was closed: {closed_early.reason}", campaign=campaign.id)
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             raise CampaignClosed(
@@ -252,20 +255,20 @@ class IntakeService:
                     assert recipient is not None  # routes are planned only for channels the target has
                     session.add(
                         Delivery(
-                            id=delivery_id,
-                            appeal_id=appeal_id,
-                            campaign=campaign.id,
-                            section=section.code,
-                            target=route.target.id,
-                            channel=route.channel,
-                            recipient=recipient,
-                            language=language,
-                            state=State.PLANNED,
-                            attempts=0,
-                            next_attempt_at=now,
-                            message_id=f"<{delivery_id}@{section.sender.domain}>",
-                            created_at=now,
-                            updated_at=now,
+                            **planned_values(
+                                id=delivery_id,
+                                appeal_id=appeal_id,
+                                campaign=campaign.id,
+                                section=section.code,
+                                target=route.target.id,
+                                channel=route.channel,
+                                recipient=recipient,
+                                language=language,
+                                next_attempt_at=now,
+                                message_id=f"<{delivery_id}@{section.sender.domain}>",
+                                created_at=now,
+                                updated_at=now,
+                            )
                         )
                     )
                     planned.append(
@@ -275,7 +278,7 @@ class IntakeService:
                             route.target.name,
                             route.channel,
                             language,
-                            State.PLANNED,
+                            initial(),
                             recipient,
                         )
                     )
@@ -353,12 +356,12 @@ class IntakeService:
         ids = [d.id for d in self._goes_at_once(accepted)]
         if not ids:
             return
-        self.ledger.mark_queued(ids, now)
+        self.ledger.lifecycle.mark_queued(ids, now)
         try:
             self.enqueuer.send(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the outbox keeps the rows
             sent = getattr(exc, "sent", [])
-            self.ledger.unmark_queued([i for i in ids if i not in sent], now)
+            self.ledger.lifecycle.unmark_queued([i for i in ids if i not in sent], now)
             log.warning(
                 "appeal.enqueue_deferred",
                 appeal=accepted.appeal_id,
@@ -381,5 +384,5 @@ class IntakeService:
             for d in accepted.deliveries
             if self.paced(self.catalog.target(accepted.campaign, accepted.section, d.target), d.channel)
         }
-        busy = self.ledger.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries])
+        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries])
         return [d for d in accepted.deliveries if (d.channel, d.recipient) not in busy]

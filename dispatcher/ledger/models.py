@@ -8,7 +8,6 @@ on its delivery row plus one attempt row per try.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from sqlalchemy import (
     DateTime,
@@ -23,6 +22,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Every state and its groupings are declared once, in states.py: re-exported for the modules
+# that know a letter only as a row.
+from dispatcher.ledger.states import LETTER_OUT as LETTER_OUT
+from dispatcher.ledger.states import PENDING as PENDING
+from dispatcher.ledger.states import TERMINAL as TERMINAL
+from dispatcher.ledger.states import WAITING as WAITING
+from dispatcher.ledger.states import State as State
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -42,25 +49,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class State(StrEnum):
-    PLANNED = "planned"  # in the ledger, waiting to be released to the queue
-    QUEUED = "queued"  # a message for it is on the queue
-    SENDING = "sending"  # claimed by a worker
-    SENT = "sent"  # accepted by the relay / gateway
-    DELIVERED = "delivered"  # confirmed by the gateway (fax)
-    FAILED = "failed"
-    EXPIRED = "expired"  # the campaign deadline passed first
-    CANCELLED = "cancelled"  # the campaign was closed
-    BUNDLED = "bundled"  # goes as part of a digest letter (``digest_id``), and ends as it ends
-
-
-WAITING = (State.PLANNED, State.QUEUED)
-#: not yet out, nor in a worker's hands: what expiry and a campaign's closing cancel
-PENDING = (State.PLANNED, State.QUEUED, State.BUNDLED)
-FINAL = (State.SENT, State.DELIVERED, State.FAILED, State.EXPIRED, State.CANCELLED)
-LETTER_OUT = (State.SENT, State.DELIVERED)
 
 
 class Base(DeclarativeBase):

@@ -116,7 +116,7 @@ class DeadLetters(Middleware):
         reason = reason_of_exception(exc) if exc is not None else reason_of_traceback(message.options.get("traceback"))
         row = dead_letter_row(message, self.clock(), reason)
         try:
-            new = self.ledger.record_dead_letters([row], self.clock())
+            new = self.ledger.housekeeping.record_dead_letters([row], self.clock())
         except Exception as write_error:  # noqa: BLE001 - most likely the very outage that killed it
             log.warning(
                 "dead_letter.not_recorded",
@@ -194,7 +194,7 @@ class DeadLetterSweep:
                 row = dead_letter_row(message, failed_at, reason_of_traceback(message.options.get("traceback")))
                 rows.append(row)
                 retries[row["message_id"]] = message.options.get("retries")
-            new = set(self.ledger.record_dead_letters(rows, self.clock()))
+            new = set(self.ledger.housekeeping.record_dead_letters(rows, self.clock()))
             for row in rows:
                 if row["message_id"] in new:
                     log_dead_letter(row, recorded_by="sweep", retries=retries.get(row["message_id"]))

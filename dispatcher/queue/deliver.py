@@ -24,8 +24,11 @@ from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Section, Target
 from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
-from dispatcher.ledger.models import State, utcnow
-from dispatcher.ledger.store import Claim, Ledger
+from dispatcher.ledger.controls import Pause
+from dispatcher.ledger.lifecycle import Claim
+from dispatcher.ledger.models import utcnow
+from dispatcher.ledger.states import Event, State
+from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes, Result
@@ -112,7 +115,7 @@ class DeliveryProcessor:
         self.worker_id = worker_id
         self.outcomes = outcomes
         self.gate = gate
-        self._paused_cache: tuple[float, dict[str, Any]] | None = None
+        self._paused_cache: tuple[float, dict[str, Pause]] | None = None
         self.clock = clock
         #: at most one letter of this process between DATA and its recorded `sent` (window.py)
         self.window = SendWindow()
@@ -126,10 +129,10 @@ class DeliveryProcessor:
 
     def _deliver(self, delivery_id: str) -> None:
         now = self.clock()
-        claim = self.ledger.claim(delivery_id, self.worker_id, now)
+        claim = self.ledger.lifecycle.claim(delivery_id, self.worker_id, now)
         if claim is None:
             # A redelivered or duplicate message: worth seeing, since it means a worker or Redis hiccuped.
-            log.info("delivery.skipped", delivery=delivery_id, state=self.ledger.state_of(delivery_id))
+            log.info("delivery.skipped", delivery=delivery_id, state=self.ledger.views.state_of(delivery_id))
             return
         context = {
             "delivery": claim.id,
@@ -154,26 +157,11 @@ class DeliveryProcessor:
                 created_at=claim.created_at,
             )
         finished = max(self.clock(), now)
-        self.ledger.finish(
-            claim,
-            worker=self.worker_id,
-            state=result.state,
-            outcome=result.outcome,
-            started_at=now,
-            now=finished,
-            code=result.code,
-            text=result.text,
-            next_attempt_at=result.next_attempt_at,
-            remote_id=result.remote_id,
-            counts_as_try=result.counts_as_try,
-            gateway=result.gateway,
-            pages=result.pages,
-            line_seconds=result.line_seconds,
-        )
+        self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
         # The outcome is committed: the next letter of this process may start its DATA.
         self.window.close()
         if result.flag_number:
-            self.ledger.flag_number(claim.recipient, result.text or "no fax tone", claim.id, finished)
+            self.ledger.controls.flag_number(claim.recipient, result.text or "no fax tone", claim.id, finished)
             log.error("fax.number_flagged", **context, reason=result.text)
         level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
         level(
@@ -193,12 +181,12 @@ class DeliveryProcessor:
             else None,
         )
 
-    def _paused(self) -> dict[str, Any]:
+    def _paused(self) -> dict[str, Pause]:
         """Paused channels, read at most once a second: a pause matters within seconds, and the
         hot path should not pay a query per letter for it."""
         now = time.monotonic()
         if self._paused_cache is None or now - self._paused_cache[0] > 1.0:
-            self._paused_cache = (now, self.ledger.paused_channels())
+            self._paused_cache = (now, self.ledger.controls.paused_channels())
         return self._paused_cache[1]
 
     # ------------------------------------------------------------------ one try
@@ -213,11 +201,16 @@ class DeliveryProcessor:
             )
         if campaign.status == "closed":
             return Result(
-                State.CANCELLED, "cancelled", text=f"campaign closed: {campaign.closed_reason or 'no reason given'}"
+                Event.CANCELLED, "cancelled", text=f"campaign closed: {campaign.closed_reason or 'no reason given'}"
             )
+        # Closed by an operator since the letter was claimed (the close cancels waiting letters;
+        # this one was already in a worker's hands).
+        closure = self.ledger.controls.closure(campaign.id)
+        if closure is not None:
+            return Result(Event.CANCELLED, "cancelled", text=f"campaign closed: {closure.reason}")
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
-            return Result(State.EXPIRED, "expired", text=f"campaign deadline {deadline.isoformat()} passed")
+            return Result(Event.EXPIRED, "expired", text=f"campaign deadline {deadline.isoformat()} passed")
         if self.settings.live and campaign.sandbox_only:
             return self.outcomes.operational(
                 OperationalError(f"campaign {campaign.id!r} is sandbox-only: its targets are example data"), now=now
@@ -226,9 +219,9 @@ class DeliveryProcessor:
         # the day it is where the letter arrives
         day = now.astimezone(ZoneInfo(target.timezone)).date()
         if claim.kind == "digest":
-            signers = self.ledger.digest_signers(claim.id)
+            signers = self.ledger.schedule.digest_signers(claim.id)
             if not signers:
-                return Result(State.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
+                return Result(Event.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
             # The section signs a digest and takes the replies; the supporters are listed below it.
             sender = Sender("", str(section.sender.address))
             request = LetterRequest(
@@ -243,9 +236,9 @@ class DeliveryProcessor:
             )
         else:
             assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
-            supporter = self.ledger.supporter(claim.appeal_id)
+            supporter = self.ledger.views.supporter(claim.appeal_id)
             if supporter is None:
-                return Result(State.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
+                return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
             sender = Sender(supporter.name, supporter.email)
             request = LetterRequest(
                 campaign=campaign,
@@ -266,7 +259,7 @@ class DeliveryProcessor:
                 paused = self._paused().get(channel_key)
             if paused is not None:
                 raise DeferredError(
-                    f"channel {channel_key} is paused ({paused}); `dispatcher channel resume {channel_key}`",
+                    f"channel {channel_key} is paused ({paused.reason}); `dispatcher channel resume {channel_key}`",
                     retry_after=self.outcomes.retry.operational_pause_seconds,
                 )
             if self.gate is not None:
@@ -289,7 +282,7 @@ class DeliveryProcessor:
             except ChannelFault as fault:
                 # The relay or gateway refuses us (credentials, funds, our sender): pause the
                 # channel so its other letters wait instead of each hitting the same wall.
-                if self.ledger.pause_channel(channel_key, str(fault.error), now):  # code and text
+                if self.ledger.controls.pause_channel(channel_key, str(fault.error), now):  # code and text
                     log.error("channel.paused", channel=channel_key, reason=fault.error.message, code=fault.error.code)
                 self._paused_cache = None
                 raise fault.error from None
@@ -329,11 +322,11 @@ class DeliveryProcessor:
                 self.email.send(message, section=section, recipient=claim.recipient, window=self.window.ticket()),
                 timeout=SEND_TIMEOUT_SECONDS,
             )
-        return Result(State.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
+        return Result(Event.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
 
     def _fax_result(self, report: FaxReport, claim: Claim, now: datetime, deadline: datetime) -> Result:
         if report.status is FaxStatus.DELIVERED:
-            result = Result(State.DELIVERED, Outcome.SENT, text="delivered")
+            result = Result(Event.DELIVERED, Outcome.SENT, text="delivered")
         elif report.status is FaxStatus.FAILED:
             if report.failure is not None and report.failure.kind is FailureKind.DOCUMENT_REJECTED:
                 # Our PDF or TIFF was refused: a bug on our side, never just a letter's bad luck.
@@ -349,7 +342,7 @@ class DeliveryProcessor:
                 error, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
             )
         else:
-            result = Result(State.SENT, Outcome.SENT, code=report.raw_status, text=f"accepted by {report.gateway}")
+            result = Result(Event.SENT, Outcome.SENT, code=report.raw_status, text=f"accepted by {report.gateway}")
         return replace(
             result,
             remote_id=report.remote_id,
@@ -366,7 +359,7 @@ class DeliveryProcessor:
         now: datetime,
         deadline: datetime,
     ) -> Result:
-        flagged = self.ledger.flagged(claim.recipient)
+        flagged = self.ledger.controls.flagged(claim.recipient)
         if flagged is not None:
             raise OperationalError(f"number flagged for an operator ({flagged}); clear it to resume")
         assert self.lines is not None and self.fax_renderer is not None

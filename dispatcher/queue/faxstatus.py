@@ -9,16 +9,18 @@ final state. A failure is classified by the same rules as a failure during sendi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 from dispatcher.channels.fax.base import FailureKind, FaxReport, FaxStatus
 from dispatcher.channels.fax.lines import FaxLines
 from dispatcher.config.catalog import Catalog
 from dispatcher.errors import TransientError
-from dispatcher.ledger.models import State, utcnow
+from dispatcher.ledger.models import utcnow
+from dispatcher.ledger.states import Event, State
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
-from dispatcher.queue.outcomes import Outcomes
+from dispatcher.queue.outcomes import Outcomes, Result
 
 log = get_logger("dispatcher.fax.status")
 
@@ -49,7 +51,7 @@ class FaxStatusApplier:
         if report.tag is None:
             log.warning("fax.report_ignored", **context, why="no tag")
             return "ignored: no tag"
-        row = self.ledger.fax_of(report.tag)
+        row = self.ledger.views.delivery(report.tag)
         if row is None:
             log.warning("fax.report_ignored", **context, delivery=report.tag, why="unknown delivery")
             return "ignored: unknown delivery"
@@ -65,15 +67,11 @@ class FaxStatusApplier:
             return f"ignored: already {row.state}"
         now = self.clock()
         if report.status is FaxStatus.DELIVERED:
-            moved = self.ledger.settle_fax(
+            moved = self.ledger.lifecycle.settle(
                 row.id,
                 report.remote_id,
-                state=State.DELIVERED,
-                outcome="sent",
+                Result(Event.DELIVERED, "sent", text="delivered", pages=report.pages, line_seconds=report.duration_s),
                 now=now,
-                text="delivered",
-                pages=report.pages,
-                line_seconds=report.duration_s,
             )
             flag = False
             next_at = None
@@ -86,27 +84,21 @@ class FaxStatusApplier:
             result = self.outcomes.of_error(
                 error, attempt=row.attempts, now=now, deadline=deadline, created_at=row.created_at
             )
-            moved = self.ledger.settle_fax(
+            moved = self.ledger.lifecycle.settle(
                 row.id,
                 report.remote_id,
-                state=result.state,
-                outcome=result.outcome,
+                replace(result, pages=report.pages, line_seconds=report.duration_s),
                 now=now,
-                code=result.code,
-                text=result.text,
-                next_attempt_at=result.next_attempt_at,
-                pages=report.pages,
-                line_seconds=report.duration_s,
             )
             flag, next_at, state = result.flag_number, result.next_attempt_at, result.state
             if result.outcome == "operational" and moved:
                 # the gateway refuses us (funds, credentials): the section's fax channel waits
-                self.ledger.pause_channel(f"fax:{row.section}", result.text or "operational failure", now)
+                self.ledger.controls.pause_channel(f"fax:{row.section}", result.text or "operational failure", now)
                 log.error("channel.paused", channel=f"fax:{row.section}", reason=result.text)
         if not moved:
             return "ignored: raced"
         if flag:
-            self.ledger.flag_number(row.recipient, "no fax tone", row.id, now)
+            self.ledger.controls.flag_number(row.recipient, "no fax tone", row.id, now)
             log.error("fax.number_flagged", **context)
         if self.lines is not None:
             self.lines.give_back(row.recipient, row.id)

@@ -8,22 +8,13 @@ from datetime import datetime, timedelta
 
 from dispatcher.channels.fax.base import NoFaxToneError
 from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
-from dispatcher.ledger.models import State
+from dispatcher.ledger.lifecycle import Result as TryResult
+from dispatcher.ledger.states import Event
 from dispatcher.retry import RetryPolicy
 
 
 @dataclass(frozen=True)
-class Result:
-    state: State
-    outcome: str
-    code: int | str | None = None
-    text: str | None = None
-    next_attempt_at: datetime | None = None
-    remote_id: str | None = None
-    counts_as_try: bool = True
-    gateway: str | None = None
-    pages: int | None = None
-    line_seconds: float | None = None
+class Result(TryResult):
     #: the number answered with no fax tone too often: flag it for an operator
     flag_number: bool = False
 
@@ -46,7 +37,7 @@ class Outcomes:
         if isinstance(exc, DeferredError):
             wait = exc.retry_after if exc.retry_after is not None else 60.0
             return Result(
-                State.PLANNED,
+                Event.DEFERRED,
                 Outcome.DEFERRED,
                 code=exc.code,
                 text=exc.message,
@@ -57,7 +48,7 @@ class Outcomes:
             return self.transient(exc, attempt=attempt, now=now, deadline=deadline, created_at=created_at)
         if isinstance(exc, OperationalError):
             return self.operational(exc, now=now)
-        return Result(State.FAILED, exc.outcome, code=exc.code, text=exc.message)
+        return Result(Event.FAILED, exc.outcome, code=exc.code, text=exc.message)
 
     def transient(
         self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime, created_at: datetime | None = None
@@ -72,17 +63,17 @@ class Outcomes:
             else:
                 why = "the campaign deadline"
             return Result(
-                State.FAILED,
+                Event.FAILED,
                 Outcome.TRANSIENT,
                 code=exc.code,
                 text=f"gave up after transient failures (limit: {why}): {exc.message}",
             )
-        return Result(State.PLANNED, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
+        return Result(Event.RETRY, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
 
     def operational(self, exc: DeliveryError, *, now: datetime) -> Result:
         # Our side is broken: the letter waits, it does not fail and the try does not count.
         return Result(
-            State.PLANNED,
+            Event.DEFERRED,
             Outcome.OPERATIONAL,
             code=exc.code,
             text=exc.message,
@@ -94,10 +85,10 @@ class Outcomes:
         due = now + timedelta(seconds=self.no_tone_interval_seconds)
         if attempt >= self.no_tone_attempts or due >= deadline:
             return Result(
-                State.FAILED,
+                Event.FAILED,
                 Outcome.TRANSIENT,
                 code=exc.code,
                 text=f"no fax machine answered in {attempt} tries; number flagged for an operator ({exc.message})",
                 flag_number=True,
             )
-        return Result(State.PLANNED, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)
+        return Result(Event.RETRY, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)

@@ -21,7 +21,9 @@ from typing import Any, cast
 
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Channel, Target
-from dispatcher.ledger.store import DigestRoute, DueRecipient, Ledger
+from dispatcher.ledger.lifecycle import DigestRoute
+from dispatcher.ledger.schedule import DueRecipient
+from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.policy.gate import SendingGate, parsed_rates
 from dispatcher.policy.pacing import (
@@ -94,7 +96,7 @@ class Pacer:
     def backlog(self, channel: str, recipient: str, target: Target, now: datetime) -> Backlog:
         rates = parsed_rates(self.gate.rate_texts(target, cast(Channel, channel)))
         window = timedelta(seconds=max((r.seconds for r in rates), default=0))
-        found = self.ledger.recipient_backlog(channel, recipient, now, window)
+        found = self.ledger.schedule.recipient_backlog(channel, recipient, now, window)
         dated = [
             (self.catalog.deadline_at(r.campaign, r.section), r)
             for r in found.planned
@@ -162,7 +164,9 @@ class Pacer:
                 language=language,
                 domain=self.catalog.sections[section].sender.domain,
             )
-            done = self.ledger.bundle([r.id for r in letters], route, now, oldest=min(r.created_at for r in letters))
+            done = self.ledger.lifecycle.bundle(
+                [r.id for r in letters], route, now, oldest=min(r.created_at for r in letters)
+            )
             if done is not None:
                 bundled = True
                 log.info(

@@ -85,7 +85,7 @@ class Reconciler:
         # Both look at Redis itself, so only with a Redis broker (None with tests' stub queues).
         broker = getattr(enqueuer, "broker", None)
         self.dead_letters = DeadLetterSweep.for_broker(broker, ledger, clock=clock)
-        self.strays = StrandedMessages.for_broker(broker, ledger.state_of, after=self.config.stranded_after)
+        self.strays = StrandedMessages.for_broker(broker, ledger.views.state_of, after=self.config.stranded_after)
 
     def tick(self) -> int:
         """Release what is due; returns how many deliveries were sent to the queue."""
@@ -99,24 +99,24 @@ class Reconciler:
             return 0
         grace = self.config.fresh_grace
         due: list[str] = []
-        for recipient in self.ledger.due_recipients(now, fresh_grace=grace):
+        for recipient in self.ledger.schedule.due_recipients(now, fresh_grace=grace):
             if self.pacer.paces(recipient):
                 due += self.pacer.release(
                     recipient, now, fresh_grace=grace, tick=timedelta(seconds=self.config.interval)
                 )
             else:
-                due += self.ledger.due_for(
+                due += self.ledger.schedule.due_for(
                     recipient.channel, recipient.recipient, now, fresh_grace=grace, limit=self.config.batch
                 )
-        due += self.ledger.lost_messages(now, requeue_after=self.config.requeue_after, limit=self.config.batch)
+        due += self.ledger.schedule.lost_messages(now, requeue_after=self.config.requeue_after, limit=self.config.batch)
         for start in range(0, len(due), self.config.batch):
             batch = due[start : start + self.config.batch]
             # Marked before sending, for the reason given in Ledger.mark_queued.
-            self.ledger.mark_queued(batch, now)
+            self.ledger.lifecycle.mark_queued(batch, now)
             try:
                 self.enqueuer.send(batch)
             except EnqueueFailed as exc:
-                self.ledger.unmark_queued([i for i in due[start:] if i not in exc.sent], now)
+                self.ledger.lifecycle.unmark_queued([i for i in due[start:] if i not in exc.sent], now)
                 self.pacer.forget()  # its plans counted letters that did not go
                 raise
         if due:
@@ -134,21 +134,21 @@ class Reconciler:
         return True
 
     def housekeeping(self, now: datetime) -> None:
-        for delivery in self.ledger.release_stale_claims(now, self.config.stale_claim_after):
+        for delivery in self.ledger.lifecycle.release_claims(now, claimed_before=now - self.config.stale_claim_after):
             log.warning("delivery.claim_released", delivery=delivery, reason="stale claim")
         for section in self.catalog.sections.values():
             for campaign_id in section.campaigns:
                 if campaign_id not in self.catalog.campaigns:
                     continue
-                expired = self.ledger.expire_waiting(
+                expired = self.ledger.lifecycle.expire(
                     campaign_id, section.code, self.catalog.deadline_at(campaign_id, section.code), now
                 )
                 if expired:
                     log.info("deliveries.expired", campaign=campaign_id, section=section.code, count=expired)
-        purged = self.ledger.purge_personal_data(now, timedelta(days=self.settings.pii_retention_days))
+        purged = self.ledger.housekeeping.purge_personal_data(now, timedelta(days=self.settings.pii_retention_days))
         if purged:
             log.info("appeals.personal_data_purged", count=purged)
-        self.ledger.forget_signatures(now - timedelta(hours=1))
+        self.ledger.housekeeping.forget_signatures(now - timedelta(hours=1))
         self.sweep_dead_letters()
         if self.strays is not None:
             _on_its_own("reconciler.stranded_check_failed", self.strays.sweep)

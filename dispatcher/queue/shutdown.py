@@ -206,7 +206,7 @@ def _hand_back(
     now = clock()
     messages = in_flight.messages()
     try:
-        released = ledger.hand_back_claims(worker_id, now)
+        released = ledger.lifecycle.hand_back(worker_id, now)
     except Exception as exc:  # noqa: BLE001 - database away: the reconciler's stale-claim release takes over
         log.error("worker.hand_back_failed", step="ledger", error=type(exc).__name__)
         released = []
@@ -215,7 +215,7 @@ def _hand_back(
             enqueuer.send(released)
         except EnqueueFailed as exc:
             # no message: planned, so that the reconciler sends them on its next tick
-            ledger.unmark_queued([d for d in released if d not in exc.sent], now)
+            ledger.lifecycle.unmark_queued([d for d in released if d not in exc.sent], now)
             log.warning("worker.hand_back_requeue_failed", deliveries=len(released) - len(exc.sent))
     for delivery in released:
         log.warning("delivery.handed_back", delivery=delivery, worker=worker_id, reason="shutdown timeout")

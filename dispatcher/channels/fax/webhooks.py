@@ -58,7 +58,7 @@ class FaxWebhooks:
             raw, headers, username=SINCH_CALLBACK_USER, secret=self.settings.sinch_callback_token, query=query
         )
         # Unsigned: what counts is what Sinch says when we ask, through the section's own account.
-        row = await run_in_threadpool(self.ledger.fax_of, report.tag) if report.tag else None
+        row = await run_in_threadpool(self.ledger.views.delivery, report.tag) if report.tag else None
         if row is None:
             return await run_in_threadpool(self.apply, report)  # unknown tag: the applier logs and drops it
         gateway = self.channel.gateway_for(self.catalog.section(row.section))  # type: ignore[attr-defined]

@@ -1,0 +1,116 @@
+"""Operators' controls in the ledger: paused channels, flagged fax numbers, closed campaigns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from dispatcher.ledger.lifecycle import Lifecycle
+from dispatcher.ledger.states import State
+from dispatcher.ledger.tables import CC, FN, PC, D
+
+
+@dataclass(frozen=True)
+class Pause:
+    key: str
+    reason: str
+    paused_at: datetime
+
+
+@dataclass(frozen=True)
+class FlaggedNumber:
+    number: str
+    reason: str
+    delivery: str | None
+    flagged_at: datetime
+
+
+@dataclass(frozen=True)
+class Closure:
+    campaign: str
+    reason: str
+    closed_at: datetime
+
+
+class Controls:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # ------------------------------------------------------------------ closed campaigns
+
+    def close_campaign(self, campaign: str, reason: str, now: datetime) -> int | None:
+        """Close ``campaign`` early: every letter still waiting, in every section, is cancelled
+        with ``reason``, and none sent or being sent will wait again. Returns how many were
+        cancelled; None if it was already closed."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(CC.c.campaign).where(CC.c.campaign == campaign)).first() is not None:
+                return None
+            conn.execute(insert(CC).values(campaign=campaign, reason=reason, closed_at=now))
+            return Lifecycle.cancel_campaign(conn, campaign, reason, now)
+
+    def closure(self, campaign: str) -> Closure | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(CC).where(CC.c.campaign == campaign)).one_or_none()
+        return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
+
+    def closed_campaigns(self) -> dict[str, Closure]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(CC)).all()
+        return {r.campaign: Closure(r.campaign, r.reason, r.closed_at) for r in rows}
+
+    # ------------------------------------------------------------------ paused channels
+
+    def pause_channel(self, key: str, reason: str, now: datetime) -> bool:
+        """Pause ``key`` ("email:us"); False if it already was (the first reason stays)."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(PC.c.key).where(PC.c.key == key)).first() is not None:
+                return False
+            conn.execute(insert(PC).values(key=key, reason=reason, paused_at=now))
+            return True
+
+    def paused_channels(self) -> dict[str, Pause]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(PC).order_by(PC.c.paused_at)).all()
+        return {r.key: Pause(r.key, r.reason, r.paused_at) for r in rows}
+
+    def resume_channel(self, key: str, now: datetime) -> int | None:
+        """Resume ``key``; its waiting letters become due now. None if it was not paused."""
+        channel, _, section = key.partition(":")
+        with self.engine.begin() as conn:
+            if conn.execute(delete(PC).where(PC.c.key == key)).rowcount == 0:
+                return None
+            # Not a move: the letters stay planned and only become due sooner.
+            return conn.execute(
+                update(D)
+                .where(
+                    D.c.channel == channel,
+                    D.c.section == section,
+                    D.c.state == State.PLANNED,
+                    D.c.next_attempt_at > now,
+                    D.c.last_outcome.in_(("operational", "deferred")),
+                )
+                .values(next_attempt_at=now, updated_at=now)
+            ).rowcount
+
+    # ------------------------------------------------------------------ flagged fax numbers
+
+    def flag_number(self, number: str, reason: str, delivery_id: str | None, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(select(FN.c.number).where(FN.c.number == number)).first()
+            if exists is None:
+                conn.execute(insert(FN).values(number=number, reason=reason, delivery_id=delivery_id, flagged_at=now))
+
+    def flagged(self, number: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(FN.c.reason).where(FN.c.number == number)).scalar_one_or_none()
+
+    def flagged_numbers(self) -> list[FlaggedNumber]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(FN).order_by(FN.c.flagged_at)).all()
+        return [FlaggedNumber(r.number, r.reason, r.delivery_id, r.flagged_at) for r in rows]
+
+    def unflag_number(self, number: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(FN).where(FN.c.number == number)).rowcount == 1

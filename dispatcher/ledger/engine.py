@@ -1,0 +1,45 @@
+"""The ledger's database engine: SQLite (the default) or PostgreSQL, set up for several
+processes writing at once."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # Several worker threads and an API share one file: WAL lets readers run beside the
+        # writer, busy_timeout makes writers queue instead of failing with "database is locked".
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # We issue BEGIN ourselves (below), not the sqlite3 module.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            # A deferred transaction that reads and then writes (intake: check for duplicates, then
+            # insert) fails at once with "database is locked" when another process wrote in
+            # between; the busy timeout never applies to that upgrade. Taking the write lock up
+            # front makes writers from several processes queue instead.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_engine(url, poolclass=NullPool)

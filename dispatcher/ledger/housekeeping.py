@@ -1,0 +1,87 @@
+"""The ledger's housekeeping: the retention purge of supporters' data, used signatures, dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, not_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from dispatcher.ledger.lifecycle import Lifecycle, settled
+from dispatcher.ledger.tables import AP, DL, US, D
+
+
+class Housekeeping:
+    def __init__(self, engine: Engine, sent_final_after: Mapping[str, timedelta | None]):
+        self.engine = engine
+        #: per channel, how long after ``sent`` a letter is settled (None: only by a later report)
+        self.sent_final_after = dict(sent_final_after)
+
+    def purge_personal_data(self, now: datetime, retention: timedelta) -> int:
+        """Blank supporters' personal data once every letter of their appeal is settled (nothing
+        more can happen to it: see :func:`dispatcher.ledger.lifecycle.settled`) and the retention
+        period has passed since the appeal."""
+        cutoff = now - retention
+        # (digests have no appeal: a NULL in a NOT IN list would match nothing at all)
+        unfinished = (
+            select(D.c.appeal_id)
+            .where(not_(settled(now, self.sent_final_after)), D.c.appeal_id.is_not(None))
+            .scalar_subquery()
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(AP)
+                .where(AP.c.pii_purged_at.is_(None), AP.c.created_at <= cutoff, AP.c.id.not_in(unfinished))
+                .values(
+                    supporter_name=None,
+                    supporter_email=None,
+                    supporter_city=None,
+                    supporter_country=None,
+                    supporter_languages=None,
+                    message=None,
+                    pii_purged_at=now,
+                )
+            ).rowcount
+
+    def forget_signatures(self, older_than: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(US).where(US.c.seen_at < older_than)).rowcount
+
+    def record_dead_letters(self, letters: Sequence[Mapping[str, Any]], now: datetime) -> list[str]:
+        """Record queue messages dramatiq gave up on; returns the message ids that were new.
+
+        Idempotent on ``message_id`` (the worker's middleware and the reconciler's sweep may both
+        see the same one). A new dead letter whose delivery is still ``queued`` (its claim never
+        happened: the usual cause is the database being away) is made due again at once, so the
+        reconciler sends it on its next tick instead of after the requeue timeout.
+        """
+        if not letters:
+            return []
+        by_id = {letter["message_id"]: letter for letter in letters}
+        new: list[str] = []
+        dialect = self.engine.dialect.name
+        with self.engine.begin() as conn:
+            known = set(conn.execute(select(DL.c.message_id).where(DL.c.message_id.in_(list(by_id)))).scalars())
+            for message_id, letter in by_id.items():
+                if message_id in known:
+                    continue
+                values = {**letter, "recorded_at": now}
+                if dialect in ("postgresql", "sqlite"):
+                    # a concurrent recorder of the same message: the first row wins, no error
+                    dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+                    inserted = conn.execute(
+                        dialect_insert(DL).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
+                    ).rowcount
+                else:
+                    inserted = conn.execute(insert(DL).values(**values)).rowcount
+                if not inserted:
+                    continue
+                new.append(message_id)
+                if letter.get("delivery_id"):
+                    Lifecycle.withdraw(
+                        conn, letter["delivery_id"], now, "its queue message was dead-lettered; released again"
+                    )
+        return new

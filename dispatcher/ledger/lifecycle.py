@@ -1,0 +1,606 @@
+"""A letter's life in the ledger: the one writer of a delivery's state, and every move built on it.
+
+:func:`move` is the only code that changes ``deliveries.state``. It takes an :class:`Event`,
+looks the move up in :data:`dispatcher.ledger.states.TRANSITIONS` and writes it as one
+compare-and-set (``... WHERE state IN (<the event's sources>)``), so a redelivered queue
+message, a second worker, a late webhook or a reconciler racing a worker can never make a move
+the table does not list, nor make one twice. Asking for a move the table does not have (a
+source the event may not start from) raises :class:`IllegalTransition` before any SQL runs.
+
+A closed campaign's letter never goes back to waiting: a move that would leave one planned,
+queued or bundled cancels it instead, in the same transaction, whatever the section.
+
+New deliveries start in :func:`dispatcher.ledger.states.initial` (:func:`planned_values`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Update, and_, func, insert, literal, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from dispatcher.ledger.engine import new_id
+from dispatcher.ledger.states import (
+    DIGEST_FOLLOWS,
+    PENDING,
+    TERMINAL,
+    TRANSITIONS,
+    Event,
+    IllegalTransition,
+    State,
+    initial,
+)
+from dispatcher.ledger.tables import CC, A, D
+
+E = Event
+
+#: the outcome word recorded for a delivery a closed campaign cancels
+CANCELLED_OUTCOME = "cancelled"
+
+
+def _sources(event: Event, sources: Iterable[State] | None) -> frozenset[State]:
+    rule = TRANSITIONS[event]
+    if not rule.sources:
+        raise IllegalTransition(event, None)
+    start = rule.sources if sources is None else frozenset(State(s) for s in sources)
+    illegal = start - rule.sources
+    if illegal:
+        raise IllegalTransition(event, sorted(illegal)[0])
+    return start
+
+
+def statement(
+    event: Event,
+    *where: ColumnElement[bool],
+    sources: Iterable[State] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> Update:
+    """The compare-and-set for ``event`` (without the closed-campaign guard: use :func:`move`
+    unless the move's target can never be a waiting state, as for a claim)."""
+    start = _sources(event, sources)
+    target = TRANSITIONS[event].target
+    return update(D).where(D.c.state.in_(sorted(start)), *where).values(state=target, **(values or {}))
+
+
+def move(
+    conn: Connection,
+    event: Event,
+    *where: ColumnElement[bool],
+    sources: Iterable[State] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> int:
+    """Make ``event``'s move for every delivery matching ``where`` that is in one of its source
+    states (or of ``sources``, a subset of them); returns how many moved, counting those a
+    closed campaign cancelled instead."""
+    if not where:
+        raise ValueError("a move names the deliveries it applies to")
+    start = _sources(event, sources)
+    target = TRANSITIONS[event].target
+    moved = 0
+    if target in PENDING:
+        # A campaign closed while the letter was out of the waiting states (being sent, or sent
+        # and then reported failed): it does not wait again, it is cancelled.
+        reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
+        cancelled = statement(
+            E.CANCELLED,
+            *where,
+            D.c.campaign.in_(select(CC.c.campaign)),
+            sources=start,
+            values={
+                "claimed_by": None,
+                "claimed_at": None,
+                "last_outcome": CANCELLED_OUTCOME,
+                "last_text": literal("campaign closed: ") + func.coalesce(reason, ""),
+                **{k: v for k, v in (values or {}).items() if k == "updated_at"},
+            },
+        )
+        moved += conn.execute(cancelled).rowcount
+    moved += conn.execute(statement(event, *where, sources=start, values=values)).rowcount
+    return moved
+
+
+def one(delivery_id: str) -> ColumnElement[bool]:
+    return D.c.id == delivery_id
+
+
+def among(ids: Sequence[str]) -> ColumnElement[bool]:
+    return D.c.id.in_(list(ids))
+
+
+def planned_values(**fields: Any) -> dict[str, Any]:
+    """The row of a new delivery: the table's initial state, no tries yet."""
+    return {**fields, "state": initial(), "attempts": 0}
+
+
+def mirror_digest(conn: Connection, digest_id: str, now: datetime, values: Mapping[str, Any] | None = None) -> int:
+    """A digest's letters follow it: sent, delivered, failed or bounced with it, bundled again while
+    it waits for another try, expired or cancelled with it."""
+    state = conn.execute(select(D.c.state).where(D.c.id == digest_id)).scalar_one_or_none()
+    if state is None or State(state) not in DIGEST_FOLLOWS:
+        return 0  # queued, sending, bundled: nothing its letters need to know
+    copied = {k: v for k, v in (values or {}).items() if k in ("sent_at", "delivered_at", "last_outcome", "last_code")}
+    text = (values or {}).get("last_text")
+    return move(
+        conn,
+        DIGEST_FOLLOWS[State(state)],
+        D.c.digest_id == digest_id,
+        sources=TRANSITIONS[DIGEST_FOLLOWS[State(state)]].sources & {State.BUNDLED, State.SENT},
+        values={
+            "updated_at": now,
+            "last_text": f"in digest {digest_id}: {text}" if text else f"in digest {digest_id}",
+            **copied,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds while it sends one letter."""
+
+    id: str
+    #: None for a digest
+    appeal_id: str | None
+    campaign: str
+    section: str
+    target: str
+    channel: str
+    recipient: str
+    language: str
+    message_id: str
+    attempt: int
+    queued_at: datetime | None
+    created_at: datetime | None = None
+    #: "letter" or "digest"
+    kind: str = "letter"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one try, as the worker or a late report records it."""
+
+    event: Event
+    #: the outcome class as operators read it: sent, transient, permanent, deferred, operational, ...
+    outcome: str
+    code: int | str | None = None
+    text: str | None = None
+    next_attempt_at: datetime | None = None
+    remote_id: str | None = None
+    #: False for a deferral or an operational pause: the try does not count towards the cap
+    counts_as_try: bool = True
+    gateway: str | None = None
+    pages: int | None = None
+    line_seconds: float | None = None
+
+    @property
+    def state(self) -> State:
+        return TRANSITIONS[self.event].target
+
+
+def _outcome_values(outcome: Result, now: datetime) -> dict[str, Any]:
+    target = outcome.state
+    values: dict[str, Any] = {
+        "updated_at": now,
+        "last_outcome": outcome.outcome,
+        "last_code": None if outcome.code is None else str(outcome.code),
+        "last_text": outcome.text,
+    }
+    if target in (State.SENT, State.DELIVERED):
+        values["sent_at"] = now
+    if target == State.DELIVERED:
+        values["delivered_at"] = now
+    if outcome.next_attempt_at is not None:
+        values["next_attempt_at"] = outcome.next_attempt_at
+    for key in ("remote_id", "gateway", "pages", "line_seconds"):
+        value = getattr(outcome, key)
+        if value is not None:
+            values[key] = value
+    if not outcome.counts_as_try:
+        values["attempts"] = D.c.attempts - 1
+    return values
+
+
+class Lifecycle:
+    """The moves of a letter's life: claims, outcomes, late reports, hand-backs, releases to the
+    queue, expiry, closing, digests. Every method is one transaction."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # ------------------------------------------------------------------ the worker's path
+
+    def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
+        """Take a waiting, due delivery for sending; None if it is not ours to send."""
+        # One statement, UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL): the worker's hot path.
+        stmt = statement(
+            E.CLAIMED,
+            D.c.id == delivery_id,
+            # A queued letter was released already: no second guess with this worker's clock,
+            # which may run behind the releasing machine's. A planned one (a retry, a deferral)
+            # must be due.
+            or_(D.c.state == State.QUEUED, D.c.next_attempt_at <= now),
+            values={
+                "claimed_by": worker,
+                "claimed_at": now,
+                "attempts": D.c.attempts + 1,
+                "updated_at": now,
+            },
+        ).returning(
+            D.c.id,
+            D.c.appeal_id,
+            D.c.campaign,
+            D.c.section,
+            D.c.target,
+            D.c.channel,
+            D.c.recipient,
+            D.c.language,
+            D.c.message_id,
+            D.c.attempts,
+            D.c.queued_at,
+            D.c.created_at,
+            D.c.kind,
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).one_or_none()
+        if row is None:
+            return None
+        return Claim(
+            id=row.id,
+            appeal_id=row.appeal_id,
+            campaign=row.campaign,
+            section=row.section,
+            target=row.target,
+            channel=row.channel,
+            recipient=row.recipient,
+            language=row.language,
+            message_id=row.message_id,
+            attempt=row.attempts,
+            queued_at=row.queued_at,
+            created_at=row.created_at,
+            kind=row.kind,
+        )
+
+    def finish(self, claim: Claim, outcome: Result, *, worker: str, started_at: datetime, now: datetime) -> bool:
+        """Record one try and move the delivery out of 'sending'.
+
+        Returns False when the claim was no longer ours (a reconciler took it back, a closed
+        campaign cancelled it first); the attempt is still recorded, because it happened.
+        """
+        _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
+        values = {**_outcome_values(outcome, now), "claimed_by": None, "claimed_at": None}
+        with self.engine.begin() as conn:
+            # A deferral is not a try (the letter was held back by our own policy): no attempt row.
+            if outcome.outcome != "deferred":
+                conn.execute(
+                    insert(A).values(
+                        delivery_id=claim.id,
+                        number=claim.attempt,
+                        started_at=started_at,
+                        duration_ms=(now - started_at).total_seconds() * 1000.0,
+                        outcome=outcome.outcome,
+                        code=values["last_code"],
+                        text=outcome.text,
+                        worker=worker,
+                        remote_id=outcome.remote_id,
+                        pages=outcome.pages,
+                    )
+                )
+            moved = move(
+                conn,
+                outcome.event,
+                D.c.id == claim.id,
+                D.c.claimed_by == worker,
+                sources=[State.SENDING],
+                values=values,
+            )
+            if moved and claim.kind == "digest":
+                mirror_digest(conn, claim.id, now, values)
+        return moved == 1
+
+    # ------------------------------------------------------------------ late outcomes
+
+    def settle(self, delivery_id: str, remote_id: str, outcome: Result, *, now: datetime) -> bool:
+        """Apply a channel's later word (a gateway's report, a bounce) on a letter it accepted.
+
+        Only a delivery still ``sent`` with this very remote id moves, so a duplicate report, a
+        late one for an older try, or one arriving after another final one changes nothing. The
+        try's attempt row gets the final outcome.
+        """
+        values = _outcome_values(outcome, now)
+        values.pop("sent_at", None)  # it went out when it was sent, not when the report came
+        with self.engine.begin() as conn:
+            moved = move(
+                conn,
+                outcome.event,
+                D.c.id == delivery_id,
+                D.c.remote_id == remote_id,
+                sources=[State.SENT],
+                values=values,
+            )
+            if moved:
+                conn.execute(
+                    update(A)
+                    .where(A.c.delivery_id == delivery_id, A.c.remote_id == remote_id)
+                    .values(outcome=outcome.outcome, code=values["last_code"], text=outcome.text, pages=outcome.pages)
+                )
+                mirror_digest(conn, delivery_id, now, values)
+        return moved == 1
+
+    # ------------------------------------------------------------------ claims given back
+
+    def hand_back(self, worker: str, now: datetime) -> list[str]:
+        """A stopping worker gives back the letters it could not finish: each of ``worker``'s
+        claims still in 'sending' goes to 'queued' (the caller puts a message on the queue for
+        it), with a transient attempt, as a stale claim would, but at once.
+
+        Compare-and-set on state and claimant: a letter the worker's thread recorded meanwhile, or
+        that the reconciler already took back, is left alone.
+        """
+        return self._release(
+            E.HANDED_BACK,
+            [D.c.claimed_by == worker],
+            now,
+            state_text="handed back by {worker} at shutdown, mid-send",
+            attempt_text="worker shut down mid-send; handed back (the letter may have gone out)",
+            extra={"queued_at": func.coalesce(D.c.queued_at, now)},
+        )
+
+    def release_claims(
+        self,
+        now: datetime,
+        *,
+        claimed_before: datetime | None = None,
+        workers: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Claims whose worker died mid-send go back to planned, due now: those taken before
+        ``claimed_before`` (stale), or held by ``workers`` (seen dead).
+
+        For email this is the one place a letter may repeat: the worker may have died after
+        the relay accepted DATA and before it recorded that. The repeat carries the same
+        Message-ID, so a deduplicating relay or mail client drops it.
+        """
+        where: list[ColumnElement[bool]] = []
+        if claimed_before is not None:
+            where.append(D.c.claimed_at <= claimed_before)
+        if workers is not None:
+            if not workers:
+                return []
+            where.append(D.c.claimed_by.in_(list(workers)))
+        if not where:
+            raise ValueError("release which claims? give claimed_before or workers")
+        return self._release(
+            E.CLAIM_RELEASED,
+            where,
+            now,
+            state_text="claim by {worker} "
+            + ("went stale" if workers is None else "ended with its worker")
+            + "; released for another try",
+            attempt_text="worker stopped answering mid-send ("
+            + ("stale claim" if workers is None else "its liveness lapsed")
+            + ")",
+            extra={"next_attempt_at": now},
+        )
+
+    def _release(
+        self,
+        event: Event,
+        where: list[ColumnElement[bool]],
+        now: datetime,
+        *,
+        state_text: str,
+        attempt_text: str,
+        extra: Mapping[str, Any],
+    ) -> list[str]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(D.c.id, D.c.attempts, D.c.claimed_by, D.c.claimed_at).where(D.c.state == State.SENDING, *where)
+            ).all()
+            released = []
+            for row in rows:
+                moved = move(
+                    conn,
+                    event,
+                    D.c.id == row.id,
+                    D.c.claimed_by == row.claimed_by,
+                    values={
+                        "claimed_by": None,
+                        "claimed_at": None,
+                        "updated_at": now,
+                        "last_outcome": "transient",
+                        "last_text": state_text.format(worker=row.claimed_by),
+                        **extra,
+                    },
+                )
+                if moved:
+                    started = row.claimed_at or now
+                    conn.execute(
+                        insert(A).values(
+                            delivery_id=row.id,
+                            number=row.attempts,
+                            started_at=started,
+                            duration_ms=(now - started).total_seconds() * 1000.0,
+                            outcome="transient",
+                            code=None,
+                            text=attempt_text,
+                            worker=row.claimed_by,
+                        )
+                    )
+                    released.append(row.id)
+        return released
+
+    # ------------------------------------------------------------------ the outbox
+
+    def mark_queued(self, ids: Sequence[str], now: datetime) -> int:
+        """Record that messages for ``ids`` are about to go on the queue.
+
+        Called *before* the messages are sent: marked afterwards, a fast worker could have
+        claimed the letter, failed or deferred it back to planned, and the late mark would
+        turn it into a "queued" letter with no message, stranded until the requeue timeout.
+        Planned rows become queued; queued rows (a lost message sent again) restart their
+        requeue clock; rows a worker already holds keep their state but get ``queued_at`` if
+        they lack it.
+        """
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            released = move(
+                conn,
+                E.RELEASED,
+                among(ids),
+                values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
+            )
+            # Not a move: a letter a fast worker already holds only learns when it was queued.
+            noted = conn.execute(
+                update(D)
+                .where(among(ids), D.c.state.not_in([State.PLANNED, State.QUEUED]), D.c.queued_at.is_(None))
+                .values(queued_at=now, updated_at=now)
+            ).rowcount
+        return released + noted
+
+    def unmark_queued(self, ids: Sequence[str], now: datetime) -> None:
+        """Back to planned: the queue refused these messages (the reconciler sends them later)."""
+        if ids:
+            with self.engine.begin() as conn:
+                move(conn, E.WITHDRAWN, among(ids), values={"updated_at": now})
+
+    # ------------------------------------------------------------------ the campaign's end
+
+    def expire(self, campaign: str, section: str, deadline: datetime, now: datetime) -> int:
+        """Every letter of ``campaign`` in ``section`` not yet out expires once its deadline passed."""
+        if now < deadline:
+            return 0
+        with self.engine.begin() as conn:
+            return move(
+                conn,
+                E.EXPIRED,
+                D.c.campaign == campaign,
+                D.c.section == section,
+                sources=PENDING,
+                values={
+                    "updated_at": now,
+                    "last_outcome": "expired",
+                    "last_text": f"campaign deadline {deadline.isoformat()} passed before sending",
+                },
+            )
+
+    @staticmethod
+    def cancel_campaign(conn: Connection, campaign: str, reason: str, now: datetime) -> int:
+        """Cancel every waiting letter of ``campaign``, in every section (within the caller's
+        transaction, which records the closure: letters being sent or sent now are cancelled
+        by :func:`move` should they come back to waiting)."""
+        return move(
+            conn,
+            E.CANCELLED,
+            D.c.campaign == campaign,
+            sources=PENDING,
+            values={"updated_at": now, "last_outcome": CANCELLED_OUTCOME, "last_text": f"campaign closed: {reason}"},
+        )
+
+    # ------------------------------------------------------------------ dead letters
+
+    @staticmethod
+    def withdraw(conn: Connection, delivery_id: str, now: datetime, why: str) -> int:
+        """A queued letter whose message will never reach a worker is made due again at once."""
+        return move(
+            conn,
+            E.WITHDRAWN,
+            D.c.id == delivery_id,
+            values={"next_attempt_at": now, "updated_at": now, "last_text": why},
+        )
+
+    # ------------------------------------------------------------------ digests
+
+    def bundle(
+        self, member_ids: Sequence[str], route: DigestRoute, now: datetime, *, oldest: datetime
+    ) -> tuple[str, int] | None:
+        """Bundle these planned, never-tried letters into a digest for ``route``: the route's
+        digest still waiting for its first try if there is one, else a new one, dated ``oldest``
+        (its oldest letter's creation: it takes that letter's place in the recipient's line).
+        Returns the digest's id and how many letters joined it (None if none could: they moved
+        meanwhile)."""
+        try:
+            return self._bundle(member_ids, route, now, oldest)
+        except _NothingJoined:
+            return None  # rolled back: no empty digest is left behind
+
+    def _bundle(
+        self, member_ids: Sequence[str], route: DigestRoute, now: datetime, oldest: datetime
+    ) -> tuple[str, int]:
+        with self.engine.begin() as conn:
+            digest_id = conn.execute(
+                select(D.c.id).where(
+                    D.c.kind == "digest",
+                    D.c.campaign == route.campaign,
+                    D.c.section == route.section,
+                    D.c.target == route.target,
+                    D.c.channel == route.channel,
+                    D.c.language == route.language,
+                    D.c.state == initial(),
+                    D.c.attempts == 0,
+                )
+            ).scalar()
+            if digest_id is None:
+                digest_id = new_id("dg")
+                conn.execute(
+                    insert(D).values(
+                        **planned_values(
+                            id=digest_id,
+                            appeal_id=None,
+                            kind="digest",
+                            campaign=route.campaign,
+                            section=route.section,
+                            target=route.target,
+                            channel=route.channel,
+                            recipient=route.recipient,
+                            language=route.language,
+                            next_attempt_at=now,
+                            message_id=f"<{digest_id}@{route.domain}>",
+                            created_at=oldest,
+                            updated_at=now,
+                        )
+                    )
+                )
+            joined = move(
+                conn,
+                E.BUNDLED,
+                among(member_ids),
+                D.c.kind == "letter",
+                D.c.attempts == 0,
+                values={"digest_id": digest_id, "updated_at": now, "last_text": f"bundled into {digest_id}"},
+            )
+            if not joined:
+                raise _NothingJoined
+        return digest_id, joined
+
+
+@dataclass(frozen=True)
+class DigestRoute:
+    """Where a digest goes: one target of one section's campaign, by one channel, in one language."""
+
+    campaign: str
+    section: str
+    target: str
+    channel: str
+    recipient: str
+    language: str
+    #: the section sender's domain, for the digest's Message-ID
+    domain: str
+
+
+class _NothingJoined(Exception):
+    pass
+
+
+def settled(now: datetime, sent_final_after: Mapping[str, timedelta | None]) -> ColumnElement[bool]:
+    """Deliveries nothing more will happen to: terminal, or ``sent`` on a channel whose sends
+    settle (``sent_final_after[channel]``: at once for timedelta(0), after a bounce window,
+    never for None, as for a fax awaiting its gateway's report)."""
+    final_sends = [
+        and_(D.c.channel == channel, D.c.sent_at <= now - after)
+        for channel, after in sorted(sent_final_after.items())
+        if after is not None
+    ]
+    return or_(D.c.state.in_(sorted(TERMINAL)), and_(D.c.state == State.SENT, or_(*final_sends, literal(False))))
