@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from dispatcher.app import Service
 from dispatcher.channels.fax.base import FailureKind, FaxGateway, FaxJob, FaxStatus, NoFaxToneError
 from dispatcher.channels.fax.http import FaxNotFound, http_error, parse_retry_after
 from dispatcher.channels.fax.telnyx import (
@@ -28,12 +29,16 @@ from dispatcher.channels.fax.telnyx import (
 from dispatcher.errors import (
     AuthenticationFailed,
     BlipError,
+    ConfigError,
     OperationalError,
     PermanentError,
     SignatureExpired,
     TransientError,
 )
+from dispatcher.settings import Settings
+from tests.conftest import make_settings
 from tests.support.fax_providers import TelnyxServer, WebhookReceiver
+from tests.support.services import RedisServer, free_port
 
 API_KEY = "KEY0123456789ABCDEF"
 CONNECTION = "1494404757140276705"
@@ -492,6 +497,44 @@ def test_public_key_forms_and_header_case(api: TelnyxServer) -> None:
         assert (report.remote_id, report.status, report.tag) == ("f1", FaxStatus.QUEUED, None)
     with pytest.raises(ValueError):
         parse_webhook(body, headers, "not a key", now=1_700_000_010)
+
+
+# ------------------------------------------------------------------------------ webhooks through our API
+
+#: (key, what the refusal says): a key cut short, text of the raw key's length, the wrong kind
+MALFORMED_KEYS = [
+    ("not a key", "not base64"),
+    (base64.b64encode(bytes(24)).decode(), "decodes to 24 bytes"),
+    ("0123456789abcdef0123456789abcdef", "decodes to 24 bytes"),
+    ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", "not readable PEM"),
+    ("clé publique", "non-ASCII"),
+]
+
+
+@pytest.fixture
+def live_settings(tmp_path, sqlite_url: str, redis_server: RedisServer, telnyx_server: TelnyxServer) -> Settings:
+    return make_settings(tmp_path, database_url=sqlite_url, redis_url=redis_server.url, smtp_port=free_port()).but(
+        mode="live", telnyx_public_key=telnyx_server.public_key_b64
+    )
+
+
+@pytest.mark.parametrize("key, why", MALFORMED_KEYS)
+def test_malformed_key_is_refused_when_the_settings_are_read(
+    monkeypatch: pytest.MonkeyPatch, key: str, why: str
+) -> None:
+    monkeypatch.setenv("DISPATCH_TELNYX_PUBLIC_KEY", key)
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env()
+    [problem] = err.value.problems
+    assert problem.key == "DISPATCH_TELNYX_PUBLIC_KEY" and why in problem.message
+    assert key not in str(err.value)
+
+
+@pytest.mark.parametrize("key, why", MALFORMED_KEYS[:2])
+def test_malformed_key_stops_the_api_from_being_built(live_settings: Settings, key: str, why: str) -> None:
+    service = Service(live_settings.but(telnyx_public_key=key), environ={})
+    with pytest.raises(ConfigError, match=f"DISPATCH_TELNYX_PUBLIC_KEY: .*{why}"):
+        service.api()
 
 
 def test_retry_after_parsing() -> None:
