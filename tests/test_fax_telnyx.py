@@ -14,6 +14,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fastapi.testclient import TestClient
+from structlog.testing import capture_logs
 
 from dispatcher.app import Service
 from dispatcher.channels.fax.base import FailureKind, FaxGateway, FaxJob, FaxStatus, NoFaxToneError
@@ -501,6 +503,10 @@ def test_public_key_forms_and_header_case(api: TelnyxServer) -> None:
 
 # ------------------------------------------------------------------------------ webhooks through our API
 
+WEBHOOK = "/v1/webhooks/fax/telnyx"
+#: in the bodies below, so that a log line carrying a body is noticed
+FAX_ID = "fax-in-the-body-0001"
+
 #: (key, what the refusal says): a key cut short, text of the raw key's length, the wrong kind
 MALFORMED_KEYS = [
     ("not a key", "not base64"),
@@ -516,6 +522,27 @@ def live_settings(tmp_path, sqlite_url: str, redis_server: RedisServer, telnyx_s
     return make_settings(tmp_path, database_url=sqlite_url, redis_url=redis_server.url, smtp_port=free_port()).but(
         mode="live", telnyx_public_key=telnyx_server.public_key_b64
     )
+
+
+def our_api(settings: Settings) -> Iterator[TestClient]:
+    service = Service(settings, environ={})
+    service.ledger.migrate()
+    with TestClient(service.api(), raise_server_exceptions=False) as client:
+        yield client
+    service.ledger.dispose()
+
+
+@pytest.fixture
+def client(live_settings: Settings) -> Iterator[TestClient]:
+    yield from our_api(live_settings)
+
+
+def refusals(logs: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [line for line in logs if line["event"] == "webhook.refused"]
+
+
+def fax_event(**payload: object) -> bytes:
+    return json.dumps({"data": {"event_type": "fax.failed", "payload": {"fax_id": FAX_ID, **payload}}}).encode()
 
 
 @pytest.mark.parametrize("key, why", MALFORMED_KEYS)
@@ -535,6 +562,52 @@ def test_malformed_key_stops_the_api_from_being_built(live_settings: Settings, k
     service = Service(live_settings.but(telnyx_public_key=key), environ={})
     with pytest.raises(ConfigError, match=f"DISPATCH_TELNYX_PUBLIC_KEY: .*{why}"):
         service.api()
+
+
+@pytest.mark.parametrize("how", ["another key", "stale", "unsigned"])
+def test_refused_webhook_is_a_401_and_a_warning_without_the_body(
+    client: TestClient, telnyx_server: TelnyxServer, how: str
+) -> None:
+    body = fax_event(failure_reason="user_busy")
+    now = int(time.time())
+    headers = {
+        # a well-formed key, just not the account's: the old symptom was 401s and silence
+        "another key": telnyx_server.sign(body, now, Ed25519PrivateKey.generate()),
+        "stale": telnyx_server.sign(body, now - 301),
+        "unsigned": {},
+    }[how]
+    with capture_logs() as logs:
+        response = client.post(WEBHOOK, content=body, headers=headers)
+    assert response.status_code == 401
+    reason = response.json()["error"]["code"]
+    assert reason == ("stale_signature" if how == "stale" else "invalid_signature")
+    [line] = refusals(logs)
+    assert line["log_level"] == "warning"
+    assert (line["gateway"], line["reason"], line["status"], line["remote_addr"]) == (
+        "telnyx",
+        reason,
+        401,
+        "testclient",
+    )
+    shown = json.dumps(logs)
+    assert FAX_ID not in shown and "user_busy" not in shown
+    assert all(value not in shown for value in headers.values())
+
+
+def test_webhooks_refused_before_any_check_are_logged_too(live_settings: Settings) -> None:
+    body = fax_event()
+    with capture_logs() as logs:
+        for client in our_api(live_settings.but(telnyx_public_key="")):
+            not_configured = client.post(WEBHOOK, content=body)
+            unknown = client.post("/v1/webhooks/fax/faxomatic", content=body)
+        for client in our_api(live_settings.but(mode="sandbox")):
+            sandbox = client.post(WEBHOOK, content=body)
+    assert [r.status_code for r in (not_configured, unknown, sandbox)] == [503, 404, 409]
+    assert [(line["gateway"], line["reason"], line["status"]) for line in refusals(logs)] == [
+        ("telnyx", "webhook_not_configured", 503),
+        ("faxomatic", "not_found", 404),
+        ("telnyx", "sandbox_mode", 409),
+    ]
 
 
 def test_retry_after_parsing() -> None:
