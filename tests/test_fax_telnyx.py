@@ -594,6 +594,29 @@ def test_refused_webhook_is_a_401_and_a_warning_without_the_body(
     assert all(value not in shown for value in headers.values())
 
 
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"not json at all", "body"),
+        (b"[" * 5000 + b"]" * 5000, "body"),  # deeper than the JSON parser's stack
+        (b"[]", "body"),
+        (fax_event(failure_reason=5), "payload.failure_reason"),
+        (fax_event(failure_reason=["user_busy"]), "payload.failure_reason"),
+    ],
+)
+def test_signed_garbage_is_a_422_naming_what_is_wrong_never_a_500(
+    client: TestClient, telnyx_server: TelnyxServer, body: bytes, field: str
+) -> None:
+    with capture_logs() as logs:
+        response = client.post(WEBHOOK, content=body, headers=telnyx_server.sign(body, int(time.time())))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_webhook" and error["fields"][0]["field"] == field
+    [line] = refusals(logs)
+    assert (line["reason"], line["status"]) == ("invalid_webhook", 422)
+    assert FAX_ID not in json.dumps(logs)
+
+
 def test_webhooks_refused_before_any_check_are_logged_too(live_settings: Settings) -> None:
     body = fax_event()
     with capture_logs() as logs:
