@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 from rich.console import Console
@@ -25,9 +25,14 @@ def _settings() -> Settings:
     try:
         return Settings.from_env()
     except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]error[/red] {problem}")
-        sys.exit(2)
+        _refuse_to_start(exc)
+
+
+def _refuse_to_start(exc: ConfigError) -> NoReturn:
+    for problem in exc.problems:
+        # One line per problem, however narrow the terminal: these end up in service logs.
+        err.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def _iso(value: object) -> str:
@@ -359,7 +364,11 @@ def api(host: str, port: int) -> None:
     """Run the intake API."""
     import uvicorn
 
-    uvicorn.run(_service().api(), host=host, port=port, log_level="warning")
+    try:
+        app = _service().api()
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @main.command()
@@ -410,7 +419,11 @@ def dev(port: int, smtp_port: int) -> None:
     """Run the whole service locally on embedded defaults (sandbox mode)."""
     from dispatcher.dev import run_dev
 
-    sys.exit(run_dev(api_port=port, smtp_port=smtp_port))
+    try:
+        code = run_dev(api_port=port, smtp_port=smtp_port)
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,6 +92,12 @@ class ValidationFailed(IntakeError):
         super().__init__(msg, fields=[p.as_dict() for p in problems])
 
 
+class InvalidWebhook(ValidationFailed):
+    """A gateway's webhook that authenticated but cannot be read as a report."""
+
+    code = "invalid_webhook"
+
+
 class BodyTooLarge(IntakeError):
     status = 413
     code = "body_too_large"

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from dispatcher.errors import ConfigError, ConfigProblem
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 Mode = Literal["sandbox", "live"]
 
@@ -128,6 +131,8 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings of this process; ConfigError naming the variable for any unusable value,
+        so that a process refuses to start rather than fail on its first request."""
         root = project_root()
         var_dir = Path(os.environ.get("DISPATCH_VAR_DIR", root / "var"))
         mode = os.environ.get("DISPATCH_MODE", "sandbox").strip().lower()
@@ -141,7 +146,7 @@ class Settings:
             raise ConfigError(
                 [ConfigProblem("environment", "DISPATCH_SANDBOX_SMTP", f"expected host:port, got {sandbox!r}")]
             )
-        return cls(
+        settings = cls(
             config_dir=Path(os.environ.get("DISPATCH_CONFIG_DIR", root / "config")),
             templates_dir=Path(os.environ.get("DISPATCH_TEMPLATES_DIR", root / "templates")),
             var_dir=var_dir,
@@ -169,6 +174,21 @@ class Settings:
             sinch_callback_token=os.environ.get("DISPATCH_SINCH_CALLBACK_TOKEN", ""),
             pepper=os.environ.get("DISPATCH_PEPPER", ""),
         )
+        settings.telnyx_webhook_key()
+        return settings
+
+    def telnyx_webhook_key(self) -> Ed25519PublicKey | None:
+        """The key Telnyx webhooks are verified with; None when none is set. A key that cannot
+        be read is a ConfigError naming DISPATCH_TELNYX_PUBLIC_KEY: otherwise the API would start,
+        look healthy, and answer every webhook with a 500."""
+        if not self.telnyx_public_key.strip():
+            return None
+        from dispatcher.channels.fax.telnyx import load_public_key
+
+        try:
+            return load_public_key(self.telnyx_public_key)
+        except ValueError as exc:
+            raise ConfigError([ConfigProblem("environment", "DISPATCH_TELNYX_PUBLIC_KEY", str(exc))]) from None
 
     def but(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

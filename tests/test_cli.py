@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -63,6 +66,42 @@ def test_config_check_reports_file_and_key(run, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "sections/us.toml: campaigns.UA-002-19.writes[0].target" in result.output
     assert "presidnet" in result.output
+
+
+def test_config_check_env_names_a_malformed_telnyx_key(run, environ, monkeypatch):
+    for name, value in environ.items():  # every secret the config names is set: only the key is wrong
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DISPATCH_TELNYX_PUBLIC_KEY", "0123456789abcdef0123456789abcdef")
+    result = run("config", "check", "--env")
+    assert result.exit_code == 2
+    assert "DISPATCH_TELNYX_PUBLIC_KEY" in result.output and "decodes to 24 bytes" in result.output
+    assert "0123456789abcdef" not in result.output
+
+
+def test_api_refuses_to_start_with_a_malformed_telnyx_key(tmp_path, database_url):
+    from tests.conftest import ROOT
+    from tests.support.services import free_port
+
+    env = {
+        **os.environ,
+        "DISPATCH_TELNYX_PUBLIC_KEY": "not a key",
+        "DISPATCH_VAR_DIR": str(tmp_path / "var"),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    # Before the fix the API started and answered every webhook with a 500: here it would run
+    # until the timeout.
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "api", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "DISPATCH_TELNYX_PUBLIC_KEY" in done.stderr and "not base64" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_forecast_says_when_a_recipients_capacity_is_short(run, service, monkeypatch):

@@ -14,7 +14,10 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fastapi.testclient import TestClient
+from structlog.testing import capture_logs
 
+from dispatcher.app import Service
 from dispatcher.channels.fax.base import FailureKind, FaxGateway, FaxJob, FaxStatus, NoFaxToneError
 from dispatcher.channels.fax.http import FaxNotFound, http_error, parse_retry_after
 from dispatcher.channels.fax.telnyx import (
@@ -28,12 +31,16 @@ from dispatcher.channels.fax.telnyx import (
 from dispatcher.errors import (
     AuthenticationFailed,
     BlipError,
+    ConfigError,
     OperationalError,
     PermanentError,
     SignatureExpired,
     TransientError,
 )
+from dispatcher.settings import Settings
+from tests.conftest import make_settings
 from tests.support.fax_providers import TelnyxServer, WebhookReceiver
+from tests.support.services import RedisServer, free_port
 
 API_KEY = "KEY0123456789ABCDEF"
 CONNECTION = "1494404757140276705"
@@ -492,6 +499,138 @@ def test_public_key_forms_and_header_case(api: TelnyxServer) -> None:
         assert (report.remote_id, report.status, report.tag) == ("f1", FaxStatus.QUEUED, None)
     with pytest.raises(ValueError):
         parse_webhook(body, headers, "not a key", now=1_700_000_010)
+
+
+# ------------------------------------------------------------------------------ webhooks through our API
+
+WEBHOOK = "/v1/webhooks/fax/telnyx"
+#: in the bodies below, so that a log line carrying a body is noticed
+FAX_ID = "fax-in-the-body-0001"
+
+#: (key, what the refusal says): a key cut short, text of the raw key's length, the wrong kind
+MALFORMED_KEYS = [
+    ("not a key", "not base64"),
+    (base64.b64encode(bytes(24)).decode(), "decodes to 24 bytes"),
+    ("0123456789abcdef0123456789abcdef", "decodes to 24 bytes"),
+    ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", "not readable PEM"),
+    ("clé publique", "non-ASCII"),
+]
+
+
+@pytest.fixture
+def live_settings(tmp_path, sqlite_url: str, redis_server: RedisServer, telnyx_server: TelnyxServer) -> Settings:
+    return make_settings(tmp_path, database_url=sqlite_url, redis_url=redis_server.url, smtp_port=free_port()).but(
+        mode="live", telnyx_public_key=telnyx_server.public_key_b64
+    )
+
+
+def our_api(settings: Settings) -> Iterator[TestClient]:
+    service = Service(settings, environ={})
+    service.ledger.migrate()
+    with TestClient(service.api(), raise_server_exceptions=False) as client:
+        yield client
+    service.ledger.dispose()
+
+
+@pytest.fixture
+def client(live_settings: Settings) -> Iterator[TestClient]:
+    yield from our_api(live_settings)
+
+
+def refusals(logs: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [line for line in logs if line["event"] == "webhook.refused"]
+
+
+def fax_event(**payload: object) -> bytes:
+    return json.dumps({"data": {"event_type": "fax.failed", "payload": {"fax_id": FAX_ID, **payload}}}).encode()
+
+
+@pytest.mark.parametrize("key, why", MALFORMED_KEYS)
+def test_malformed_key_is_refused_when_the_settings_are_read(
+    monkeypatch: pytest.MonkeyPatch, key: str, why: str
+) -> None:
+    monkeypatch.setenv("DISPATCH_TELNYX_PUBLIC_KEY", key)
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env()
+    [problem] = err.value.problems
+    assert problem.key == "DISPATCH_TELNYX_PUBLIC_KEY" and why in problem.message
+    assert key not in str(err.value)
+
+
+@pytest.mark.parametrize("key, why", MALFORMED_KEYS[:2])
+def test_malformed_key_stops_the_api_from_being_built(live_settings: Settings, key: str, why: str) -> None:
+    service = Service(live_settings.but(telnyx_public_key=key), environ={})
+    with pytest.raises(ConfigError, match=f"DISPATCH_TELNYX_PUBLIC_KEY: .*{why}"):
+        service.api()
+
+
+@pytest.mark.parametrize("how", ["another key", "stale", "unsigned"])
+def test_refused_webhook_is_a_401_and_a_warning_without_the_body(
+    client: TestClient, telnyx_server: TelnyxServer, how: str
+) -> None:
+    body = fax_event(failure_reason="user_busy")
+    now = int(time.time())
+    headers = {
+        # a well-formed key, just not the account's: the old symptom was 401s and silence
+        "another key": telnyx_server.sign(body, now, Ed25519PrivateKey.generate()),
+        "stale": telnyx_server.sign(body, now - 301),
+        "unsigned": {},
+    }[how]
+    with capture_logs() as logs:
+        response = client.post(WEBHOOK, content=body, headers=headers)
+    assert response.status_code == 401
+    reason = response.json()["error"]["code"]
+    assert reason == ("stale_signature" if how == "stale" else "invalid_signature")
+    [line] = refusals(logs)
+    assert line["log_level"] == "warning"
+    assert (line["gateway"], line["reason"], line["status"], line["remote_addr"]) == (
+        "telnyx",
+        reason,
+        401,
+        "testclient",
+    )
+    shown = json.dumps(logs)
+    assert FAX_ID not in shown and "user_busy" not in shown
+    assert all(value not in shown for value in headers.values())
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"not json at all", "body"),
+        (b"[" * 5000 + b"]" * 5000, "body"),  # deeper than the JSON parser's stack
+        (b"[]", "body"),
+        (fax_event(failure_reason=5), "payload.failure_reason"),
+        (fax_event(failure_reason=["user_busy"]), "payload.failure_reason"),
+    ],
+)
+def test_signed_garbage_is_a_422_naming_what_is_wrong_never_a_500(
+    client: TestClient, telnyx_server: TelnyxServer, body: bytes, field: str
+) -> None:
+    with capture_logs() as logs:
+        response = client.post(WEBHOOK, content=body, headers=telnyx_server.sign(body, int(time.time())))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_webhook" and error["fields"][0]["field"] == field
+    [line] = refusals(logs)
+    assert (line["reason"], line["status"]) == ("invalid_webhook", 422)
+    assert FAX_ID not in json.dumps(logs)
+
+
+def test_webhooks_refused_before_any_check_are_logged_too(live_settings: Settings) -> None:
+    body = fax_event()
+    with capture_logs() as logs:
+        for client in our_api(live_settings.but(telnyx_public_key="")):
+            not_configured = client.post(WEBHOOK, content=body)
+            unknown = client.post("/v1/webhooks/fax/faxomatic", content=body)
+        for client in our_api(live_settings.but(mode="sandbox")):
+            sandbox = client.post(WEBHOOK, content=body)
+    assert [r.status_code for r in (not_configured, unknown, sandbox)] == [503, 404, 409]
+    assert [(line["gateway"], line["reason"], line["status"]) for line in refusals(logs)] == [
+        ("telnyx", "webhook_not_configured", 503),
+        ("faxomatic", "not_found", 404),
+        ("telnyx", "sandbox_mode", 409),
+    ]
 
 
 def test_retry_after_parsing() -> None:

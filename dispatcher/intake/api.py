@@ -21,6 +21,10 @@ from dispatcher.logging import get_logger
 log = get_logger("dispatcher.api")
 
 
+#: gateways whose status webhooks this API takes
+GATEWAYS = ("telnyx", "sinch")
+
+
 class SandboxWebhook(IntakeError):
     status = 409
     code = "sandbox_mode"
@@ -74,17 +78,33 @@ def create_app(service: IntakeService, *, health: Any = None, fax_webhooks: Any 
         counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
         return JSONResponse(counted.as_json())
 
-    @app.post("/v1/webhooks/fax/{gateway}")
-    async def fax_webhook(gateway: str, request: Request) -> JSONResponse:
-        if fax_webhooks is None or gateway not in ("telnyx", "sinch"):
-            raise NotFound(f"no fax webhook for {gateway!r}")
+    async def fax_webhook_result(gateway: str, request: Request) -> str:
+        if fax_webhooks is None or gateway not in GATEWAYS:
+            raise NotFound(f"no fax webhook for {gateway[:40]!r}")
         if not service.settings.live:
             raise SandboxWebhook("sandbox mode sends faxes through the fax lab; gateway webhooks are not accepted")
         raw = await _read_limited(request, service.settings.max_body_bytes)
         if gateway == "telnyx":
-            result = await fax_webhooks.telnyx(raw, request.headers)
-        else:
-            result = await fax_webhooks.sinch(raw, request.headers, request.query_params)
+            return str(await fax_webhooks.telnyx(raw, request.headers))
+        return str(await fax_webhooks.sinch(raw, request.headers, request.query_params))
+
+    @app.post("/v1/webhooks/fax/{gateway}")
+    async def fax_webhook(gateway: str, request: Request) -> JSONResponse:
+        try:
+            result = await fax_webhook_result(gateway, request)
+        except IntakeError as exc:
+            # The gateway keeps quiet about refusals (at most it retries), so a wrong key, a
+            # skewed clock or a wrong URL would otherwise show only as faxes that never settle.
+            # Our own message and code only: the body and headers are the sender's.
+            log.warning(
+                "webhook.refused",
+                gateway=gateway[:40],
+                reason=exc.code,
+                status=exc.status,
+                detail=exc.message,
+                remote_addr=request.client.host if request.client else None,
+            )
+            raise
         return JSONResponse({"result": result})
 
     @app.get("/healthz")

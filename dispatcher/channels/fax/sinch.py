@@ -45,8 +45,8 @@ from dispatcher.errors import (
     AuthenticationFailed,
     DeliveryError,
     FieldProblem,
+    InvalidWebhook,
     TransientError,
-    ValidationFailed,
 )
 
 GATEWAY = "sinch"
@@ -106,7 +106,7 @@ _BY_TYPE = {"CALL_ERROR": CALL_ERRORS, "FAX_ERROR": FAX_ERRORS, "DOCUMENT_CONVER
 
 def failure_for(error_type: str | None, error_code: object, message: str | None = None) -> FaxFailure:
     """Our FaxFailure for Sinch's (errorType, errorCode); code kept as ``"TYPE/code"``."""
-    kind_type = (error_type or "").upper()
+    kind_type = error_type.upper() if isinstance(error_type, str) else ""
     code = error_code if isinstance(error_code, int) and not isinstance(error_code, bool) else None
     if code is None and isinstance(error_code, str) and error_code.isdigit():
         code = int(error_code)
@@ -180,10 +180,10 @@ def parse_callback(
     if isinstance(fax, str):  # multipart callbacks carry the fax as a JSON text field
         try:
             fax = json.loads(fax)
-        except ValueError:
+        except (ValueError, RecursionError):
             fax = None
     if not isinstance(fax, Mapping) or not fax.get("id"):
-        raise ValidationFailed([FieldProblem(("fax",), "not a Sinch fax callback")])
+        raise InvalidWebhook([FieldProblem(("fax",), "not a Sinch fax callback")])
     report = report_from_fax(fax)
     extra = {**report.extra, "event": str(event.get("event") or ""), "confirmed": "false"}
     occurred = parse_time(event.get("eventTime")) or report.occurred_at
@@ -365,8 +365,8 @@ def _callback_fields(raw_body: bytes, content_type: str) -> Mapping[str, Any]:
         return fields
     try:
         doc = json.loads(raw_body)
-    except ValueError:
-        raise ValidationFailed([FieldProblem(("body",), "not JSON")]) from None
+    except (ValueError, RecursionError):  # deep nesting exhausts the parser's stack
+        raise InvalidWebhook([FieldProblem(("body",), "not JSON")]) from None
     if not isinstance(doc, Mapping):
-        raise ValidationFailed([FieldProblem(("body",), "not a JSON object")])
+        raise InvalidWebhook([FieldProblem(("body",), "not a JSON object")])
     return doc

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -47,9 +47,9 @@ from dispatcher.errors import (
     AuthenticationFailed,
     DeliveryError,
     FieldProblem,
+    InvalidWebhook,
     SignatureExpired,
     TransientError,
-    ValidationFailed,
 )
 
 GATEWAY = "telnyx"
@@ -144,7 +144,10 @@ def decode_tag(client_state: object) -> str | None:
         return None  # a fax somebody else created on the account, with their own state
 
 
-def failure_for(reason: str | None) -> FaxFailure:
+def failure_for(reason: object) -> FaxFailure:
+    """TypeError for a reason that is not text: the caller decides whose mistake that is."""
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"failure_reason is {type(reason).__name__}, not text")
     if not reason:
         return FaxFailure(FailureKind.UNKNOWN, None, "failed without a reason")
     return FaxFailure(FAILURE_REASONS.get(reason, FailureKind.UNKNOWN), reason, reason.replace("_", " "))
@@ -180,6 +183,10 @@ def report_from_event(event: Mapping[str, Any]) -> FaxReport:
         raise _malformed("event_type" if not event_type.startswith("fax.") else "payload")
     raw = str(payload.get("status") or "")
     status = EVENTS.get(event_type) or STATUSES.get(raw, FaxStatus.QUEUED)
+    try:
+        failure = failure_for(payload.get("failure_reason")) if status is FaxStatus.FAILED else None
+    except TypeError:
+        raise _malformed("payload", "failure_reason") from None
     return FaxReport(
         gateway=GATEWAY,
         remote_id=str(payload["fax_id"]),
@@ -187,7 +194,7 @@ def report_from_event(event: Mapping[str, Any]) -> FaxReport:
         tag=decode_tag(payload.get("client_state")),
         pages=as_int(payload.get("page_count")),
         duration_s=as_float(payload.get("call_duration_secs")),
-        failure=failure_for(payload.get("failure_reason")) if status is FaxStatus.FAILED else None,
+        failure=failure,
         occurred_at=parse_time(data.get("occurred_at")),
         raw_status=raw or event_type,
         extra={"event_id": str(data.get("id") or ""), "event_type": event_type},
@@ -354,7 +361,7 @@ def parse_webhook(
         raise SignatureExpired(f"telnyx webhook timestamp is {int(now - sent_at)} s from now")
     try:
         event = json.loads(raw_body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts the parser's stack
         raise _malformed("body") from None
     if not isinstance(event, Mapping):
         raise _malformed("body")
@@ -362,23 +369,34 @@ def parse_webhook(
 
 
 def load_public_key(key: bytes | str | Ed25519PublicKey) -> Ed25519PublicKey:
-    """The Ed25519 public key from base64 text, 32 raw bytes or PEM. ValueError if it is none
-    of those: a configuration mistake, not the sender's."""
+    """The Ed25519 public key from base64 text, PEM, or 32 raw bytes (``bytes`` only: 32
+    characters of text are a truncated or mistyped key, not raw bytes). ValueError saying what
+    is wrong if it is none of those: a configuration mistake, not the sender's. The messages
+    never quote the key: a secret pasted into the wrong variable must not reach a log."""
     if isinstance(key, Ed25519PublicKey):
         return key
-    data = key.strip().encode("ascii") if isinstance(key, str) else key
+    if isinstance(key, str):
+        try:
+            data = key.strip().encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError("the Telnyx public key has non-ASCII characters; expected base64 or PEM") from None
+    else:
+        data = key
     if data.startswith(b"-----BEGIN"):
-        loaded = load_pem_public_key(data)
+        try:
+            loaded = load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError("the Telnyx public key is not readable PEM") from None
         if not isinstance(loaded, Ed25519PublicKey):
-            raise ValueError("the telnyx public key is not an Ed25519 key")
+            raise ValueError("the Telnyx public key is PEM but not an Ed25519 key")
         return loaded
-    if len(data) != 32:
+    if isinstance(key, str) or len(data) != 32:
         try:
             data = base64.b64decode(data, validate=True)
         except binascii.Error:
-            raise ValueError("the telnyx public key is neither base64, 32 raw bytes nor PEM") from None
+            raise ValueError("the Telnyx public key is not base64 (nor PEM)") from None
     if len(data) != 32:
-        raise ValueError("an Ed25519 public key has 32 bytes")
+        raise ValueError(f"the Telnyx public key decodes to {len(data)} bytes; an Ed25519 public key has 32")
     return Ed25519PublicKey.from_public_bytes(data)
 
 
@@ -409,5 +427,5 @@ def _pointer(error: Mapping[str, Any]) -> str:
     return str(source.get("pointer") or "") if isinstance(source, Mapping) else ""
 
 
-def _malformed(where: str) -> ValidationFailed:
-    return ValidationFailed([FieldProblem((where,), "not a Telnyx fax event")])
+def _malformed(*where: str) -> InvalidWebhook:
+    return InvalidWebhook([FieldProblem(where, "not a Telnyx fax event")])

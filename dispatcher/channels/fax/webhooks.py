@@ -42,13 +42,15 @@ class FaxWebhooks:
         self.apply = apply
         self.channel = channel
         self.clock = clock
+        # Read once, here: a key that cannot be read stops the API from being built at all.
+        self._telnyx_key = settings.telnyx_webhook_key()
 
     async def telnyx(self, raw: bytes, headers: Mapping[str, str]) -> str:
         from dispatcher.channels.fax.telnyx import parse_webhook
 
-        if not self.settings.telnyx_public_key:
+        if self._telnyx_key is None:
             raise WebhookNotConfigured("DISPATCH_TELNYX_PUBLIC_KEY is not set on this server")
-        report = parse_webhook(raw, headers, self.settings.telnyx_public_key, now=self.clock())
+        report = parse_webhook(raw, headers, self._telnyx_key, now=self.clock())
         return await run_in_threadpool(self.apply, report)
 
     async def sinch(self, raw: bytes, headers: Mapping[str, str], query: Mapping[str, str]) -> str:
