@@ -36,12 +36,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from dispatcher.channels.fax.base import FaxJob  # noqa: E402
-from dispatcher.channels.fax.lab import FaxLab  # noqa: E402
 from dispatcher.config.loader import load_catalog  # noqa: E402
 from dispatcher.logging import configure  # noqa: E402
 from dispatcher.render.fax import FaxRenderer, paper_for, pdf_to_fax_tiff  # noqa: E402
 from dispatcher.render.faxraster import Resolution  # noqa: E402
 from dispatcher.render.letters import LetterRequest, Renderer, Supporter  # noqa: E402
+from dispatcher.sandbox.faxlab import FaxLab  # noqa: E402
 
 CAMPAIGN = "UA-002-19-DEMO"
 SENT_AT = datetime(2019, 5, 10, 9, 30, tzinfo=UTC)

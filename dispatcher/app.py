@@ -5,23 +5,45 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dispatcher.channels.base import Channel
+from dispatcher.channels.builtin import builtin_channels
+from dispatcher.channels.fax.base import FaxGateway
+from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.loader import load_catalog
 from dispatcher.intake.service import IntakeService
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
+from dispatcher.policy.gate import SendingGate
+from dispatcher.policy.limits import RateLimiter
+from dispatcher.policy.lines import Lines
+from dispatcher.policy.pacing import PacingPolicy
+from dispatcher.queue.deliver import DeliveryProcessor
+from dispatcher.queue.leader import Lease
+from dispatcher.queue.loop import LoopThread
+from dispatcher.queue.outcomes import Outcomes
+from dispatcher.queue.pacer import Pacer
+from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
+from dispatcher.queue.reports import ReportApplier
+from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
+from dispatcher.retry import RetryPolicy
 from dispatcher.settings import Settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
-def load_configured_catalog(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Catalog:
-    catalog = load_catalog(settings.config_dir, settings.templates_dir)
+
+def load_configured_catalog(
+    settings: Settings, clock: Callable[[], datetime] = utcnow, channels: Channels | None = None
+) -> Catalog:
+    catalog = load_catalog(settings.config_dir, settings.templates_dir, channels=channels)
     if settings.demo_campaigns:
         catalog = catalog.with_demo_copies(clock().date())
     return catalog
@@ -36,10 +58,31 @@ class Service:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     clock: Callable[[], datetime] = utcnow
     catalog_override: Catalog | None = None
+    #: channels besides the shipped ones: (kind, factory) pairs, e.g. a print-and-mail channel
+    plugins: Sequence[tuple[type[Any], Callable[[], Channel]]] = ()
+
+    def _channels(self) -> Channels:
+        """A registry whose channels are built on first use: one per process part (a worker's
+        email channel belongs to that worker's event loop)."""
+        registry = builtin_channels(self.settings, self.environ, fax_lab=self._fax_lab)
+        for kind, factory in self.plugins:
+            registry.register(kind, factory)
+        return registry
+
+    def _fax_lab(self) -> FaxGateway:
+        # Imported on the first sandbox fax: the lab loads spandsp and Pillow, which an API or
+        # an email-only worker does not need.
+        from dispatcher.sandbox.faxlab import FaxLab
+
+        return FaxLab(self.settings.var_dir / "sandbox" / "fax")
+
+    @cached_property
+    def channels(self) -> Channels:
+        return self._channels()
 
     @cached_property
     def catalog(self) -> Catalog:
-        return self.catalog_override or load_configured_catalog(self.settings, self.clock)
+        return self.catalog_override or load_configured_catalog(self.settings, self.clock, self.channels)
 
     @cached_property
     def ledger(self) -> Ledger:
@@ -47,11 +90,15 @@ class Service:
             path = self.settings.database_url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return Ledger(self.settings.database_url, sent_final_after={"email": timedelta(0)})
+        return Ledger(self.settings.database_url, sent_final_after=self.channels.sent_final_after())
 
     @cached_property
     def renderer(self) -> Renderer:
         return Renderer(self.settings.templates_dir)
+
+    @cached_property
+    def documents(self) -> Documents:
+        return standard_documents(self.renderer)
 
     @cached_property
     def broker(self) -> Any:
@@ -76,28 +123,19 @@ class Service:
             clock=self.clock,
             environ=self.environ,
             paced=lambda target, channel: bool(self.gate.rate_texts(target, channel)),
+            channels=self.channels,
         )
 
     @cached_property
-    def fax_lines(self) -> Any:
-        from dispatcher.channels.fax.lines import FaxLines
-
-        return FaxLines(self.broker.client, self.settings.redis_namespace)
+    def lines(self) -> Lines:
+        return Lines(self.broker.client, self.settings.redis_namespace)
 
     @cached_property
-    def gate(self) -> Any:
-        from dispatcher.policy.gate import SendingGate
-        from dispatcher.policy.limits import RateLimiter
-
-        return SendingGate(RateLimiter(self.broker.client, self.settings.redis_namespace), self.settings)
+    def gate(self) -> SendingGate:
+        return SendingGate(RateLimiter(self.broker.client, self.settings.redis_namespace), self.settings, self.channels)
 
     @cached_property
-    def pacer(self) -> Any:
-        from datetime import timedelta
-
-        from dispatcher.policy.pacing import PacingPolicy
-        from dispatcher.queue.pacer import Pacer
-
+    def pacer(self) -> Pacer:
         policy = PacingPolicy(
             margin=timedelta(hours=self.settings.pacing_margin_hours),
             slowest_share=self.settings.pacing_slowest_share,
@@ -105,10 +143,7 @@ class Service:
         return Pacer(ledger=self.ledger, catalog=self.catalog, gate=self.gate, policy=policy)
 
     @cached_property
-    def outcomes(self) -> Any:
-        from dispatcher.queue.outcomes import Outcomes
-        from dispatcher.retry import RetryPolicy
-
+    def outcomes(self) -> Outcomes:
         return Outcomes(
             RetryPolicy(
                 base_seconds=self.settings.retry_base_seconds,
@@ -119,24 +154,14 @@ class Service:
         )
 
     @cached_property
-    def fax_status(self) -> Any:
-        from dispatcher.queue.faxstatus import FaxStatusApplier
-
-        return FaxStatusApplier(
-            catalog=self.catalog, ledger=self.ledger, outcomes=self.outcomes, lines=self.fax_lines, clock=self.clock
-        )
-
-    @cached_property
-    def fax_webhooks(self) -> Any:
-        from dispatcher.channels.fax.channel import FaxChannel
-        from dispatcher.channels.fax.webhooks import FaxWebhooks
-
-        return FaxWebhooks(
-            settings=self.settings,
+    def reports(self) -> ReportApplier:
+        return ReportApplier(
             catalog=self.catalog,
             ledger=self.ledger,
-            apply=self.fax_status.apply,
-            channel=FaxChannel(self.settings, self.environ),
+            outcomes=self.outcomes,
+            channels=self.channels,
+            lines=self.lines,
+            clock=self.clock,
         )
 
     def health(self) -> dict[str, str]:
@@ -157,15 +182,21 @@ class Service:
         out["mode"] = self.settings.mode
         return out
 
-    def api(self) -> Any:
+    def api(self) -> FastAPI:
         from dispatcher.intake.api import create_app
 
-        return create_app(self.intake, health=self.health, fax_webhooks=self.fax_webhooks)
+        # Channels that take webhooks are built now: one that cannot read its keys stops the
+        # API from starting instead of failing every webhook.
+        for name in self.channels.names():
+            self.channels.get(name)
+        return create_app(
+            self.intake,
+            health=self.health,
+            channels=self.channels if self.settings.live else None,
+            reports=self.reports,
+        )
 
-    def reconciler(self, **config: Any) -> Any:
-        from dispatcher.queue.leader import Lease
-        from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
-
+    def reconciler(self, **config: Any) -> Reconciler:
         cfg = ReconcilerConfig(**config)
         return Reconciler(
             settings=self.settings,
@@ -181,34 +212,32 @@ class Service:
             ),
             config=cfg,
             clock=self.clock,
+            # its own channels: a poll's HTTP clients belong to the reconciler's event loop
+            channels=self._channels(),
+            reports=self.reports,
         )
 
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
         """A dramatiq worker consuming deliveries in this process (not yet started)."""
         import dramatiq
 
-        from dispatcher.channels.email.channel import EmailChannel
-        from dispatcher.channels.fax.channel import FaxChannel
         from dispatcher.queue.actors import declare_deliver
-        from dispatcher.queue.deliver import DeliveryProcessor
-        from dispatcher.queue.loop import LoopThread
 
         loop = LoopThread()
-        email = EmailChannel(self.settings, self.environ)
-        fax = FaxChannel(self.settings, self.environ)
+        # its own channels: an email channel and its pools belong to this worker's event loop
+        channels = self._channels()
         processor = DeliveryProcessor(
             settings=self.settings,
             catalog=self.catalog,
             ledger=self.ledger,
-            renderer=self.renderer,
-            email=email,
-            fax=fax,
-            fax_renderer=LazyFaxRenderer(self.renderer),
-            lines=self.fax_lines,
+            channels=channels,
+            documents=self.documents,
+            lines=self.lines,
             outcomes=self.outcomes,
             gate=self.gate,
             loop=loop,
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{id(loop) % 10_000}",
+            parked_reports=self.reports.apply_parked,
             clock=self.clock,
             **processor_options,
         )
@@ -216,7 +245,7 @@ class Service:
         in_flight = self._worker_middleware()
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
         return WorkerHandle(
-            worker, loop, email, processor, fax, in_flight=in_flight, ledger=self.ledger, enqueuer=self.enqueuer
+            worker, loop, channels, processor, in_flight=in_flight, ledger=self.ledger, enqueuer=self.enqueuer
         )
 
     def _worker_middleware(self) -> Any:
@@ -235,34 +264,14 @@ class Service:
         return in_flight
 
 
-class LazyFaxRenderer:
-    """The fax renderer, imported on the first fax: WeasyPrint costs an email-only worker about
-    30 MB and a second of start-up for nothing."""
-
-    def __init__(self, renderer: Renderer):
-        self._renderer = renderer
-        self._fax: Any = None
-        self._lock = threading.Lock()
-
-    def render(self, req: Any, *, sent_at: datetime) -> Any:
-        if self._fax is None:
-            with self._lock:
-                if self._fax is None:
-                    from dispatcher.render.fax import FaxRenderer
-
-                    self._fax = FaxRenderer(self._renderer)
-        return self._fax.render(req, sent_at=sent_at)
-
-
 @dataclass
 class WorkerHandle:
     worker: Any
-    loop: Any
-    email: Any
-    processor: Any
-    fax: Any = None
+    loop: LoopThread
+    channels: Channels
+    processor: DeliveryProcessor
     in_flight: Any = None
-    ledger: Any = None
+    ledger: Ledger | None = None
     enqueuer: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -294,9 +303,8 @@ class WorkerHandle:
             # wait on it: leave them to the process exit.
             return report
         try:
-            self.loop.run(self.email.aclose(), timeout=10)
-            if self.fax is not None:
-                self.loop.run(self.fax.aclose(), timeout=10)
+            for channel in self.channels.built():
+                self.loop.run(channel.aclose(), timeout=10)
         finally:
             self.loop.stop()
         return report

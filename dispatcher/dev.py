@@ -129,14 +129,9 @@ def _start_private_redis(settings: Settings, stack: ExitStack) -> str:
 
 def example_body(catalog: Catalog) -> tuple[str, dict[str, Any]]:
     demo = "UA-002-19-DEMO" if "UA-002-19-DEMO" in catalog.campaigns else next(iter(catalog.campaigns))
-    section = next(
-        (
-            s
-            for s in catalog.sections.values()
-            if demo in s.campaigns and any(r.channel == "email" for r in catalog.routes(demo, s.code))
-        ),
-        next(iter(catalog.sections.values())),
-    )
+    # the section whose appeal shows the most: the one writing the most letters
+    taking_part = [s for s in catalog.sections.values() if demo in s.campaigns] or list(catalog.sections.values())
+    section = max(taking_part, key=lambda s: (len(catalog.routes(demo, s.code)) if demo in s.campaigns else 0, s.code))
     return section.code, {
         "campaign": demo,
         "section": section.code,
@@ -164,7 +159,7 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
     import uvicorn
 
     from dispatcher.app import Service, load_configured_catalog
-    from dispatcher.channels.email.sandbox import SandboxSMTP
+    from dispatcher.sandbox.smtp import SandboxSMTP
 
     settings = Settings.from_env()
     if settings.live:

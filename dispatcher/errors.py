@@ -12,6 +12,7 @@ Three families hang off :class:`DispatchError`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -184,3 +185,22 @@ class OperationalError(DeliveryError):
 
 class HeaderInjection(PermanentError):
     """Supporter input that would have become a header holds control characters or '=?'."""
+
+
+class SuspectRecipient(TransientError):
+    """The recipient's address answered, but not as its channel expects (a fax number answered
+    by a voice line). Retried a few times at long intervals; after that the address is flagged
+    for an operator rather than failed silently."""
+
+
+class DocumentRejected(PermanentError):
+    """Our document was refused by the far side (its format, its size): a bug on our side, never
+    just a letter's bad luck, so operators are alerted."""
+
+
+class UnknownChannel(DispatchError, LookupError):
+    """A channel name no registered channel answers to."""
+
+    def __init__(self, name: str, known: Sequence[str]):
+        self.name = name
+        super().__init__(f"no channel {name!r} (registered: {', '.join(sorted(known)) or 'none'})")

@@ -120,6 +120,9 @@ class Settings:
     fax_line_wait_seconds: float = 60.0
     #: wait between tries on a fax line that answers without a fax tone
     fax_no_tone_interval_seconds: float = 3600.0
+    #: a fax accepted by its gateway whose final webhook has not come after this long is asked
+    #: about (the webhook may be lost); operators see "awaiting the gateway's report" meanwhile
+    fax_report_wait_seconds: float = 1800.0
     #: this API's address as gateways reach it (their webhooks), e.g. https://dispatch.example.org
     public_url: str = ""
     #: Telnyx's webhook public key (base64 Ed25519), for /v1/webhooks/fax/telnyx
@@ -169,6 +172,7 @@ class Settings:
             pacing_margin_hours=_env_float("DISPATCH_PACING_MARGIN_HOURS", 24.0, low=0.0, high=24.0 * 60),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
             fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
+            fax_report_wait_seconds=float(_env_int("DISPATCH_FAX_REPORT_WAIT_SECONDS", 1800)),
             public_url=os.environ.get("DISPATCH_PUBLIC_URL", "").rstrip("/"),
             telnyx_public_key=os.environ.get("DISPATCH_TELNYX_PUBLIC_KEY", ""),
             sinch_callback_token=os.environ.get("DISPATCH_SINCH_CALLBACK_TOKEN", ""),

@@ -15,7 +15,9 @@ from zoneinfo import ZoneInfo
 import phonenumbers
 import pytest
 
-from dispatcher.config import Catalog, check_environment, load_catalog
+from dispatcher.channels.builtin import builtin_channels
+from dispatcher.config.catalog import Catalog
+from dispatcher.config.loader import check_environment, load_catalog
 from dispatcher.errors import ConfigError, ConfigProblem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +89,7 @@ def test_each_section_plans_the_letters_its_document_describes(
     routes = catalog.routes(UA, section)
     assert {(r.target.id, r.channel, r.kind) for r in routes} == expected
     assert len(routes) == len(expected)
-    assert all(r.target.address_for(r.channel) for r in routes)
+    assert all(builtin_channels().address_of(r.target, r.channel) for r in routes)
 
 
 def test_swiss_deadline_is_the_end_of_26_february_in_zurich(catalog: Catalog) -> None:
@@ -339,7 +341,7 @@ BROKEN: dict[str, tuple[Edit, str, str, str]] = {
         lambda t: t.edit(SECTION_FILE, 'channels = ["email"]', 'channels = ["pigeon"]'),
         SECTION_FILE,
         "campaigns.UA-900-24.writes[1].channels[0]",
-        "'email' or 'fax'",
+        "no channel 'pigeon' (this service has: email, fax)",
     ),
     "campaign target under copies_to": (
         lambda t: t.edit(SECTION_FILE, 'target = "consulate"', 'target = "office"'),

@@ -23,7 +23,7 @@ import pytest
 
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.email.message import build_message
-from dispatcher.channels.email.sandbox import SandboxSMTP, safe_file_stem
+from dispatcher.sandbox.smtp import SandboxSMTP, safe_file_stem
 from dispatcher.settings import Settings
 from tests.support.smtp import make_section
 
@@ -153,7 +153,7 @@ def next_event(proc: subprocess.Popen[bytes], name: str, seen: list[str], timeou
 async def test_command_line_logs_id_and_size_but_no_personal_data(tmp_path: Path) -> None:
     directory = tmp_path / "mail"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.channels.email.sandbox", "--port", "0", "--dir", str(directory)],
+        [sys.executable, "-m", "dispatcher.sandbox.smtp", "--port", "0", "--dir", str(directory)],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,

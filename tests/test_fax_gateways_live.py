@@ -140,7 +140,7 @@ def test_telnyx_fax_is_sent_then_settled_by_its_signed_webhook(tmp_path, databas
         view = next(d for d in service.ledger.views.appeal(_appeal(service, delivery_id)).as_json()["deliveries"])
         assert view["state"] == "delivered" and view["pages"] == 3 and view["line_seconds"] == 95
         # the line is free again for the next fax to that number
-        assert service.fax_lines.holder("+442079460100") is None
+        assert service.lines.holder("+442079460100") is None
 
 
 def test_telnyx_webhooks_that_fail_verification_are_refused(tmp_path, database_url, redis_server, telnyx):

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageFont, ImageSequence
 
 from dispatcher.channels.fax.base import FailureKind, FaxGateway, FaxJob, FaxStatus, NoFaxToneError
-from dispatcher.channels.fax.lab import (
+from dispatcher.errors import OperationalError, PermanentError, TransientError
+from dispatcher.sandbox.faxlab import (
     LAB_NUMBERS,
     Behaviour,
     DocumentProblem,
@@ -22,8 +23,7 @@ from dispatcher.channels.fax.lab import (
     LabFaxNotFound,
     prepare_document,
 )
-from dispatcher.channels.fax.spandsp import SpandspUnavailable, T30Error, T30Stats, completion_text
-from dispatcher.errors import OperationalError, PermanentError, TransientError
+from dispatcher.sandbox.spandsp import SpandspUnavailable, T30Error, T30Stats, completion_text
 
 NORMAL = "+44 20 7946 0100"
 BUSY = "+44 20 7946 0101"
@@ -354,7 +354,7 @@ async def test_missing_libspandsp_pauses_the_channel(
     def unavailable() -> None:
         raise SpandspUnavailable("cannot load libspandsp.so.2")
 
-    monkeypatch.setattr("dispatcher.channels.fax.lab.library", unavailable)
+    monkeypatch.setattr("dispatcher.sandbox.faxlab.library", unavailable)
     with pytest.raises(OperationalError, match="libspandsp"):
         await lab.send(job(letter, NORMAL))
     assert await lab.find_by_tag("delivery-1") is None

@@ -12,9 +12,9 @@ import pypdfium2
 import pytest
 from PIL import Image, ImageChops
 
-from dispatcher.channels.fax.lab import Behaviour, FaxLab
 from dispatcher.render.fax import FaxRenderer, pdf_to_fax_tiff
 from dispatcher.render.letters import LetterRequest, Supporter
+from dispatcher.sandbox.faxlab import Behaviour, FaxLab
 from tests.conftest import appeal_body, signed_post, wait_for
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -22,6 +22,7 @@ from dispatcher.channels.fax.sinch import (
 )
 from dispatcher.errors import (
     AuthenticationFailed,
+    DocumentRejected,
     InvalidWebhook,
     OperationalError,
     PermanentError,
@@ -253,7 +254,7 @@ ERROR_CLASS = {
     FailureKind.UNKNOWN: TransientError,
     FailureKind.NO_FAX_TONE: NoFaxToneError,
     FailureKind.INVALID_NUMBER: PermanentError,
-    FailureKind.DOCUMENT_REJECTED: PermanentError,
+    FailureKind.DOCUMENT_REJECTED: DocumentRejected,
     FailureKind.AUTHENTICATION: OperationalError,
     FailureKind.FUNDS: OperationalError,
 }

@@ -9,19 +9,38 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
+from dispatcher.channels.base import Status
 from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxReport, FaxStatus
-from dispatcher.channels.fax.lines import FaxLines
+from dispatcher.channels.fax.channel import as_report
 from dispatcher.ledger.lifecycle import Result
 from dispatcher.ledger.states import Event
-from dispatcher.queue.faxstatus import FaxStatusApplier
+from dispatcher.policy.lines import Lines
+from dispatcher.queue.reports import ReportApplier
 from tests.conftest import appeal_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
-def lines(service) -> FaxLines:
-    return FaxLines(redis.Redis.from_url(service.settings.redis_url), service.settings.redis_namespace)
+def lines(service) -> Lines:
+    return Lines(redis.Redis.from_url(service.settings.redis_url), service.settings.redis_namespace)
+
+
+class FaxReports:
+    """Gateway reports as the webhook route hands them over: read by the fax channel, applied to
+    the ledger by the report applier."""
+
+    def __init__(self, service, lines: Lines):
+        self.applier = ReportApplier(
+            catalog=service.catalog,
+            ledger=service.ledger,
+            outcomes=service.outcomes,
+            channels=service.channels,
+            lines=lines,
+        )
+
+    def apply(self, found: FaxReport) -> str:
+        return self.applier.apply("fax", as_report(found, unsettled=Status.PENDING))
 
 
 def report(tag: str, remote_id: str, status: FaxStatus, *, failure: FaxFailure | None = None, pages=None, raw=None):
@@ -74,7 +93,7 @@ def test_line_frees_itself_when_its_holder_dies(lines):
 
 
 def test_delivered_report_settles_the_letter_with_its_fax_facts(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, number = fax_sent_via_gateway(service, "fx-1")
     lines.take(number, delivery_id)
     assert applier.apply(report(delivery_id, "fx-1", FaxStatus.QUEUED)) == "ignored: not final"
@@ -94,7 +113,7 @@ def test_delivered_report_settles_the_letter_with_its_fax_facts(service, lines):
 
 
 def test_failure_arriving_after_delivered_does_not_move_it_back(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-2")
     applier.apply(report(delivery_id, "fx-2", FaxStatus.DELIVERED, pages=2))
     busy = FaxFailure(FailureKind.BUSY, code="user_busy", text="line busy")
@@ -103,7 +122,7 @@ def test_failure_arriving_after_delivered_does_not_move_it_back(service, lines):
 
 
 def test_busy_failure_schedules_a_new_try(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-3")
     busy = FaxFailure(FailureKind.BUSY, code="user_busy", text="line busy")
     assert applier.apply(report(delivery_id, "fx-3", FaxStatus.FAILED, failure=busy)) == "applied"
@@ -118,14 +137,14 @@ def test_busy_failure_schedules_a_new_try(service, lines):
 
 
 def test_report_about_an_earlier_try_is_ignored(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-new")
     assert applier.apply(report(delivery_id, "fx-old", FaxStatus.DELIVERED)) == "ignored: earlier try"
     assert service.ledger.views.state_of(delivery_id) == "sent"
 
 
 def test_invalid_number_fails_at_once(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-4")
     bad = FaxFailure(FailureKind.INVALID_NUMBER, code="invalid_number", text="unallocated number")
     applier.apply(report(delivery_id, "fx-4", FaxStatus.FAILED, failure=bad))
@@ -134,7 +153,7 @@ def test_invalid_number_fails_at_once(service, lines):
 
 
 def test_no_fax_tone_on_the_last_try_flags_the_number(service, lines):
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, number = fax_sent_via_gateway(service, "fx-5")
     silent = FaxFailure(FailureKind.NO_FAX_TONE, code="T0", text="timed out waiting for initial communication")
     # first try: retried after the long no-tone interval
@@ -178,7 +197,7 @@ def _view(service, delivery_id: str) -> dict:
 def test_rejected_document_fails_at_once_and_loudly(service, lines):
     from structlog.testing import capture_logs
 
-    applier = FaxStatusApplier(catalog=service.catalog, ledger=service.ledger, outcomes=service.outcomes, lines=lines)
+    applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-6")
     rejected = FaxFailure(FailureKind.DOCUMENT_REJECTED, code="file_too_big", text="the file exceeds the limit")
     with capture_logs() as logs:

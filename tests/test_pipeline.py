@@ -199,7 +199,7 @@ def test_worker_dying_after_sending_gets_its_message_requeued_and_nothing_is_res
     # the dying worker sends with the real processor, records "sent", and never acks
     dying_handle.processor(email_id)
     assert len(smtp.messages) == 1
-    dying_handle.loop.run(dying_handle.email.aclose())
+    dying_handle.loop.run(dying_handle.channels.get("email").aclose())
     dying_handle.loop.stop()
     del consumer  # it dies: no more heartbeats, its messages stay unacknowledged
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from dispatcher.channels.builtin import builtin_channels
 from tests.conftest import ROOT, make_settings
 
 
@@ -20,7 +21,7 @@ def test_relay_limit_holds_across_recipients_and_gives_back_the_recipients_slot(
     settings = make_settings(
         ROOT, database_url="sqlite://", redis_url=redis_server.url, smtp_port=1, email_limits=("5/minute",)
     )
-    gate = SendingGate(limiter, settings)
+    gate = SendingGate(limiter, settings, builtin_channels())
     target = catalog.target("UA-002-19", "us", "ambassador-us")
     now = datetime.now(UTC)
     admitted = []

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from dispatcher.errors import PermanentError, TransientError
-from dispatcher.queue import deliver
 from dispatcher.queue.window import SendWindow, WindowClosed, WindowTicket
 from tests.conftest import appeal_body, wait_for
 from tests.support.smtp import DROP, HANG, SmtpTestServer
@@ -37,7 +36,7 @@ def processor(service: Any) -> Iterator[Any]:
     """The worker's DeliveryProcessor (its loop thread, email channel and window), no dramatiq."""
     handle = service.worker(threads=1)
     yield handle.processor
-    handle.loop.run(handle.email.aclose(), timeout=10)
+    handle.loop.run(handle.channels.get("email").aclose(), timeout=10)
     handle.loop.stop()
 
 
@@ -200,7 +199,7 @@ def test_window_is_left_when_recording_the_outcome_fails(service, smtp, processo
 
 @sqlite_only
 def test_send_timing_out_in_data_leaves_the_window(service, smtp, processor, monkeypatch):
-    monkeypatch.setattr(deliver, "SEND_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(processor.channels.get("email"), "send_timeout", 0.5)
     smtp.script_data([HANG])
     stalled, later = email_letters(service, 2)
 
@@ -216,7 +215,7 @@ def test_send_timing_out_in_data_leaves_the_window(service, smtp, processor, mon
 
 @sqlite_only
 def test_send_given_up_while_waiting_for_the_window_never_enters_it(service, smtp, processor, monkeypatch):
-    monkeypatch.setattr(deliver, "SEND_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(processor.channels.get("email"), "send_timeout", 0.5)
     waiting, later = email_letters(service, 2)
     # another letter of the process sits in the window (its recording is stuck)
     holder = WindowTicket(processor.window)

@@ -1,15 +1,43 @@
-"""The small interface every delivery channel (email now, fax later) implements.
+"""The channel protocol: what every way of delivering a letter tells the core.
 
-A channel's ``send`` signature is channel-specific for now (an email channel takes a built
-``EmailMessage``, a fax gateway will take a document), so the Protocol only fixes what the
-worker needs from all of them: a name for logs and metrics, and a way to release connections.
-Failures are raised as :class:`dispatcher.errors.DeliveryError` subclasses, never returned.
+A channel is to this service what a broker is to dramatiq: the worker, the sending gate, config
+validation, the webhooks and the views ask the registry (:mod:`dispatcher.channels.registry`)
+and never name one. Email and fax implement this protocol; a new channel (postal letters
+through a print-and-mail API, say) is one folder and its tests — docs/adding-a-channel.md.
+
+What a channel declares:
+
+* **its facts** (class attributes, read by config validation and the ledger without building
+  one): ``name``; ``document``, the kind of document the worker renders for it
+  (:mod:`dispatcher.render.documents`); ``address_noun`` for config errors;
+  ``sent_final_after``, when a ``sent`` letter is settled (at once, after a bounce window, or
+  never: only by a later report); ``one_at_a_time``, one letter in flight per recipient;
+  ``poll_after``, when to ask about a ``sent`` letter whose report has not come;
+* **its config**: where a target receives it (:meth:`Channel.address_of`), which environment
+  variables a section's config names for it (:meth:`Channel.secrets`), the provider account a
+  section's letters go through and that account's limits (:meth:`Channel.provider`), its
+  default caps (from the service's settings) and whether office hours hold it;
+* **its sending**: :meth:`Channel.deliver` takes a rendered letter and returns a
+  :class:`Report`, or raises a classified :class:`dispatcher.errors.DeliveryError` (the error
+  classes are the channel's mapping of its own failures onto the delivery classes);
+* **its late outcomes**: :meth:`Channel.find` looks an uncertain send up by its tag (our
+  delivery id) before a letter is sent again; :meth:`Channel.poll` asks about a letter whose
+  report is late; :meth:`Channel.read_webhook` authenticates and reads a provider's callback.
+
+:class:`BaseChannel` gives the defaults of a channel that learns nothing later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from dispatcher.config.models import Section, Target
+from dispatcher.errors import DeliveryError, NotFound
+from dispatcher.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -26,8 +54,169 @@ class SendResult:
     duration_ms: float
 
 
+class Status(StrEnum):
+    ACCEPTED = "accepted"  # taken by the relay or gateway; a later report may still come
+    PENDING = "pending"  # progress (queued, dialling): nothing to record
+    DELIVERED = "delivered"  # confirmed by the far end
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a channel says about one letter: at send, from a lookup by tag, or later."""
+
+    status: Status
+    #: the provider's id for this try's letter (a new try has a new one)
+    remote_id: str | None
+    #: our delivery id, as the letter carried it (Message-ID, client_state, label)
+    tag: str | None = None
+    code: int | str | None = None
+    text: str = ""
+    #: with FAILED: the failure as a delivery class
+    error: DeliveryError | None = None
+    #: the provider that carried it, shown to operators (a fax gateway's name)
+    provider: str | None = None
+    pages: int | None = None
+    line_seconds: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in (Status.DELIVERED, Status.FAILED)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One rendered letter handed to a channel."""
+
+    #: our delivery id: the key a send carries so it can be found again
+    tag: str
+    #: the letter's stable Message-ID (the same on every try)
+    message_id: str
+    recipient: str
+    section: Section
+    target: Target
+    #: who signs: "Jane Doe" (empty for a digest, which the section signs)
+    sender_name: str
+    #: where replies go: the supporter's address, or the section's for a digest
+    reply_to: str
+    #: what the renderer made for this channel's ``document`` kind
+    document: Any
+    date: datetime
+    attempt: int
+    #: the worker's send window: entered just before the step that cannot be taken back (SMTP
+    #: DATA), so at most one letter per process is between that step and its recorded outcome
+    window: Any = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """The account a section's letters go through, and the provider's limits on it."""
+
+    key: str
+    rates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Secret:
+    """An environment variable a section's config names for a channel."""
+
+    #: the config key that names it ("smtp.password_env")
+    key: str
+    env: str
+    #: what it holds, for the error when it is unset
+    what: str
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    raw: bytes
+    headers: Mapping[str, str]
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+#: finds the section of a delivery a report names (None: no such delivery)
+SectionOf = Callable[[str], Awaitable[Section | None]]
+
+
+class NoWebhooks(NotFound):
+    code = "no_webhook"
+
+
 @runtime_checkable
 class Channel(Protocol):
-    name: str
+    name: ClassVar[str]
+    document: ClassVar[str]
+    address_noun: ClassVar[str]
+    sent_final_after: ClassVar[timedelta | None]
+    one_at_a_time: ClassVar[bool]
+    #: after this long in `sent` without a final report, ask (None: never); may differ per instance
+    poll_after: timedelta | None
+    #: a send taking longer is abandoned and retried
+    send_timeout: float
+
+    @staticmethod
+    def address_of(target: Target) -> str | None: ...
+
+    @staticmethod
+    def secrets(section: Section, *, live: bool) -> list[Secret]: ...
+
+    @staticmethod
+    def default_limits(settings: Settings) -> tuple[str, ...]: ...
+
+    @staticmethod
+    def holds_to_office_hours(target: Target) -> bool: ...
+
+    def provider(self, section: Section) -> Provider | None: ...
+
+    async def deliver(self, letter: Outgoing) -> Report: ...
+
+    async def find(self, tag: str, section: Section) -> Report | None: ...
+
+    async def poll(self, tag: str, remote_id: str, section: Section) -> Report | None: ...
+
+    async def read_webhook(self, provider: str, request: WebhookRequest, section_of: SectionOf) -> Report: ...
 
     async def aclose(self) -> None: ...
+
+
+class BaseChannel:
+    """Defaults for a channel that learns nothing after a send: ``sent`` is final at once, no
+    lookups, no webhooks, no caps of its own, office hours do not hold it."""
+
+    name: ClassVar[str]
+    document: ClassVar[str]
+    address_noun: ClassVar[str] = "address"
+    sent_final_after: ClassVar[timedelta | None] = timedelta(0)
+    one_at_a_time: ClassVar[bool] = False
+    poll_after: timedelta | None = None
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.send_timeout = 120.0
+
+    @staticmethod
+    def secrets(section: Section, *, live: bool) -> list[Secret]:
+        return []
+
+    @staticmethod
+    def default_limits(settings: Settings) -> tuple[str, ...]:
+        return ()
+
+    @staticmethod
+    def holds_to_office_hours(target: Target) -> bool:
+        return False
+
+    def provider(self, section: Section) -> Provider | None:
+        return None
+
+    async def find(self, tag: str, section: Section) -> Report | None:
+        return None
+
+    async def poll(self, tag: str, remote_id: str, section: Section) -> Report | None:
+        return None
+
+    async def read_webhook(self, provider: str, request: WebhookRequest, section_of: SectionOf) -> Report:
+        raise NoWebhooks(f"the {self.name} channel takes no webhooks")
+
+    async def aclose(self) -> None:
+        return None

@@ -1,32 +1,6 @@
-"""Configuration: campaigns, targets and sections, read from config/ and cross-checked."""
+"""Configuration: campaigns, targets and sections, read from config/ and cross-checked.
 
-from dispatcher.config.catalog import DEMO_SUFFIX, Catalog, PlannedRoute
-from dispatcher.config.loader import check_environment, load_catalog
-from dispatcher.config.models import (
-    CHANNELS,
-    Campaign,
-    Channel,
-    Participation,
-    Route,
-    Section,
-    Sender,
-    SmtpRelay,
-    Target,
-)
-
-__all__ = [
-    "CHANNELS",
-    "DEMO_SUFFIX",
-    "Campaign",
-    "Catalog",
-    "Channel",
-    "Participation",
-    "PlannedRoute",
-    "Route",
-    "Section",
-    "Sender",
-    "SmtpRelay",
-    "Target",
-    "check_environment",
-    "load_catalog",
-]
+``models`` (the validated shapes) sits below the channel packages, which read their sections'
+tables from it; ``loader`` sits above them, since it checks every channel a file names against
+a channel registry. So this package's face imports neither: import the module you need.
+"""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from dispatcher.config.models import Campaign, Channel, Participation, Section, Target
+from dispatcher.config.models import Campaign, Participation, Section, Target
 
 DEMO_SUFFIX = "-DEMO"
 
@@ -19,7 +19,7 @@ class PlannedRoute:
     """One letter an appeal turns into: a target reached through one channel."""
 
     target: Target
-    channel: Channel
+    channel: str
     #: "campaign" for the UA's own targets, "copy" for a section's copies-to targets
     kind: Literal["campaign", "copy"]
 

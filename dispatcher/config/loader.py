@@ -26,9 +26,11 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from dispatcher.channels.builtin import builtin_channels
+from dispatcher.channels.registry import Channels
 from dispatcher.config import models
 from dispatcher.config.catalog import DEMO_SUFFIX, Catalog
-from dispatcher.config.models import CHANNELS, Campaign, Participation, Route, Section, Target
+from dispatcher.config.models import Campaign, Participation, Route, Section, Target
 from dispatcher.errors import ConfigError, ConfigProblem
 
 __all__ = ["check_environment", "load_catalog"]
@@ -74,12 +76,14 @@ class _File:
 # --------------------------------------------------------------------------- public API
 
 
-def load_catalog(config_dir: Path, templates_dir: Path | None = None) -> Catalog:
+def load_catalog(config_dir: Path, templates_dir: Path | None = None, *, channels: Channels | None = None) -> Catalog:
     """Load and cross-check ``config_dir``; raise :class:`ConfigError` listing every problem.
 
     With ``templates_dir``, also check that every letter language of every campaign has its
-    folder ``templates_dir/<campaign.templates>/<lang>/``.
+    folder ``templates_dir/<campaign.templates>/<lang>/``. Every channel a file names must be
+    one of ``channels`` (default: the shipped ones) and reach its target.
     """
+    channels = builtin_channels() if channels is None else channels
     config_dir = Path(config_dir).resolve()
     problems: list[ConfigProblem] = []
     campaign_files = _read_dir(config_dir / "campaigns", config_dir.parent, "campaign", problems)
@@ -106,8 +110,8 @@ def load_catalog(config_dir: Path, templates_dir: Path | None = None) -> Catalog
     known_ids = {cid for f in campaign_files if (cid := f.raw_id(_CAMPAIGN)) is not None}
 
     for file, campaign in campaigns.values():
-        problems.extend(_check_campaign(file, campaign))
-    problems.extend(_check_sections(parts, campaigns, known_ids))
+        problems.extend(_check_campaign(file, campaign, channels))
+    problems.extend(_check_sections(parts, campaigns, known_ids, channels))
     if templates_dir is not None:
         for file, campaign in campaigns.values():
             problems.extend(_check_templates(file, campaign, Path(templates_dir).resolve()))
@@ -126,25 +130,22 @@ def load_catalog(config_dir: Path, templates_dir: Path | None = None) -> Catalog
     )
 
 
-def check_environment(catalog: Catalog, environ: Mapping[str, str], *, live: bool) -> list[ConfigProblem]:
+def check_environment(
+    catalog: Catalog, environ: Mapping[str, str], *, live: bool, channels: Channels | None = None
+) -> list[ConfigProblem]:
     """Name every environment variable the catalog relies on that is unset or empty.
 
     Intake keys are always needed (an appeal cannot be authenticated without one); relay
     credentials only in live mode, because sandbox mode never talks to the sections' relays.
     Messages name variables, never their values.
     """
+    channels = builtin_channels() if channels is None else channels
     problems: list[ConfigProblem] = []
     for code, section in sorted(catalog.sections.items()):
         shown = _section_file_shown(catalog, code)
         needed = [("section.intake_key_env", section.intake_key_env, "the section's intake key")]
-        if live:
-            if section.smtp.username_env:
-                needed.append(("smtp.username_env", section.smtp.username_env, "the relay user name"))
-            if section.smtp.password_env:
-                needed.append(("smtp.password_env", section.smtp.password_env, "the relay password"))
-            if section.fax is not None:
-                for key, env in section.fax.secret_envs():
-                    needed.append((f"fax.{key}", env, f"the {section.fax.gateway} credentials"))
+        for kind in channels:
+            needed += [(s.key, s.env, s.what) for s in kind.secrets(section, live=live)]
         for key, var, what in needed:
             value = environ.get(var)
             if value is None or not value.strip():
@@ -525,8 +526,8 @@ def _model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
 # --------------------------------------------------------------------------- cross-checks
 
 
-def _check_campaign(file: _File, campaign: Campaign) -> list[ConfigProblem]:
-    problems: list[ConfigProblem] = []
+def _check_campaign(file: _File, campaign: Campaign, channels: Channels) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = _check_limits(file, campaign.targets, channels)
     if campaign.id.endswith(DEMO_SUFFIX):
         problems.append(
             ConfigProblem(
@@ -558,11 +559,13 @@ def _check_sections(
     sections: Sequence[_SectionParts],
     campaigns: Mapping[str, tuple[_File, Campaign]],
     known_ids: set[str],
+    channels: Channels,
 ) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     key_users: dict[str, str] = {}
     for section in sections:
         shown = section.file.shown
+        problems.extend(_check_limits(section.file, section.targets, channels))
         # A shared intake key would let one section's form post appeals as another section.
         if section.intake_key_env is not None:
             other = key_users.setdefault(section.intake_key_env, shown)
@@ -581,7 +584,7 @@ def _check_sections(
         for cid in sorted(section.campaign_ids):
             if cid in campaigns:
                 if cid in section.campaigns:
-                    problems.extend(_check_participation(section, campaigns[cid][1]))
+                    problems.extend(_check_participation(section, campaigns[cid][1], channels))
             elif cid not in known_ids:
                 known = ", ".join(sorted(known_ids)) or "none"
                 problems.append(
@@ -592,7 +595,7 @@ def _check_sections(
     return problems
 
 
-def _check_participation(section: _SectionParts, campaign: Campaign) -> list[ConfigProblem]:
+def _check_participation(section: _SectionParts, campaign: Campaign, channels: Channels) -> list[ConfigProblem]:
     file, cid = section.file, campaign.id
     part = section.campaigns[cid]
     problems: list[ConfigProblem] = []
@@ -614,8 +617,8 @@ def _check_participation(section: _SectionParts, campaign: Campaign) -> list[Con
         )
     campaign_pool = _Pool(campaign.targets, frozenset(campaign.targets))
     section_pool = _Pool(section.targets, section.target_ids)
-    problems += _check_routes(file, cid, "writes", part.writes, campaign_pool, section_pool)
-    problems += _check_routes(file, cid, "copies_to", part.copies_to, section_pool, campaign_pool)
+    problems += _check_routes(file, cid, "writes", part.writes, campaign_pool, section_pool, channels)
+    problems += _check_routes(file, cid, "copies_to", part.copies_to, section_pool, campaign_pool, channels)
     for tid in dict.fromkeys(r.target for r in part.copies_to):
         target = section.targets.get(tid)
         problem = target and _salutation_problem(file, tid, target, campaign)
@@ -632,8 +635,38 @@ class _Pool:
     ids: frozenset[str]
 
 
+def _check_limits(file: _File, targets: Mapping[str, Target], channels: Channels) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    for tid, target in targets.items():
+        for channel in target.limits:
+            if channel not in channels:
+                problems.append(
+                    ConfigProblem(
+                        file.shown, _dotted(["targets", tid, "limits", channel]), _unknown_channel(channel, channels)
+                    )
+                )
+        for channel in target.addresses:
+            if channel not in channels:
+                problems.append(
+                    ConfigProblem(
+                        file.shown, _dotted(["targets", tid, "addresses", channel]), _unknown_channel(channel, channels)
+                    )
+                )
+    return problems
+
+
+def _unknown_channel(name: str, channels: Channels) -> str:
+    return f"no channel {name!r} (this service has: {', '.join(channels.names())})"
+
+
 def _check_routes(
-    file: _File, cid: str, kind: str, routes: Sequence[Route], pool: _Pool, elsewhere: _Pool
+    file: _File,
+    cid: str,
+    kind: str,
+    routes: Sequence[Route],
+    pool: _Pool,
+    elsewhere: _Pool,
+    channels: Channels,
 ) -> list[ConfigProblem]:
     """Routes must name a target of the right pool, once, through channels it can receive."""
     problems: list[ConfigProblem] = []
@@ -658,9 +691,13 @@ def _check_routes(
                 problems.append(ConfigProblem(file.shown, _dotted([*key, "target"]), message))
             continue
         for j, channel in enumerate(route.channels):
-            if target.address_for(channel) is None:
+            if channel not in channels:
                 problems.append(
-                    ConfigProblem(file.shown, _dotted([*key, "channels", j]), _unreachable(target, channel))
+                    ConfigProblem(file.shown, _dotted([*key, "channels", j]), _unknown_channel(channel, channels))
+                )
+            elif channels.address_of(target, channel) is None:
+                problems.append(
+                    ConfigProblem(file.shown, _dotted([*key, "channels", j]), _unreachable(target, channel, channels))
                 )
     return problems
 
@@ -678,9 +715,9 @@ def _unknown_target(tid: str, kind: str, cid: str, targets: frozenset[str], else
     return f"no target {tid!r} in {where} (known: {known})"
 
 
-def _unreachable(target: Target, channel: str) -> str:
-    usable = [c for c in CHANNELS if target.address_for(c) is not None]
-    what = "email address" if channel == "email" else "fax number"
+def _unreachable(target: Target, channel: str, channels: Channels) -> str:
+    usable = channels.reachable_by(target)
+    what = channels.kind(channel).address_noun
     if usable:
         return f"target {target.id!r} has no {what}; it can be reached by: {', '.join(usable)}"
     return f"target {target.id!r} has no {what} (nor any other channel)"

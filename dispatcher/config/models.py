@@ -24,8 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-Channel = Literal["email", "fax"]
-CHANNELS: tuple[Channel, ...] = ("email", "fax")
+#: a channel's name, as the channel registry knows it (dispatcher.channels.registry); the loader
+#: checks every name a config file uses against the registry it is given
+ChannelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,15}$")]
 
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
@@ -81,11 +82,14 @@ class Target(_Frozen):
     timezone: str
     email: EmailStr | None = None
     fax: str | None = None
+    #: how the target is reached by channels that are not built in, by channel name
+    #: (e.g. ``addresses = { post = "..." }`` for a print-and-mail channel)
+    addresses: dict[ChannelName, str] = Field(default_factory=dict)
     phone: str | None = None
     twitter: list[str] = Field(default_factory=list)
     #: caps on letters to this recipient per channel, across all campaigns and sections,
     #: e.g. {"fax": ["2/hour", "10/day"]}; channels not named use the service defaults
-    limits: dict[Channel, list[str]] = Field(default_factory=dict)
+    limits: dict[ChannelName, list[str]] = Field(default_factory=dict)
     #: when faxes may arrive, in the target's time zone (docs/policy.md); default Mon–Fri 09–17
     office_hours: dict[str, Any] | None = None
     #: hold emails to office hours too (faxes always are)
@@ -95,7 +99,7 @@ class Target(_Frozen):
 
     @field_validator("limits")
     @classmethod
-    def _rates(cls, value: dict[Channel, list[str]]) -> dict[Channel, list[str]]:
+    def _rates(cls, value: dict[ChannelName, list[str]]) -> dict[ChannelName, list[str]]:
         for rates in value.values():
             _valid_rates(rates)
         return value
@@ -115,9 +119,6 @@ class Target(_Frozen):
             return None
         region = (info.context or {}).get("region") or info.data.get("country")
         return normalise_fax(value, region)
-
-    def address_for(self, channel: Channel) -> str | None:
-        return self.email if channel == "email" else self.fax
 
 
 class Campaign(_Frozen):
@@ -164,7 +165,7 @@ class Route(_Frozen):
     """One target a section writes to, and through which channels."""
 
     target: Slug
-    channels: list[Channel] = Field(min_length=1)
+    channels: list[ChannelName] = Field(min_length=1)
     #: when this target's line cannot carry every letter before the deadline, send one digest
     #: (the model letter and the list of supporters) instead of the letters that would not make
     #: it (docs/digests.md). Off by default: individual letters carry more weight.
@@ -172,7 +173,7 @@ class Route(_Frozen):
 
     @field_validator("channels")
     @classmethod
-    def _unique(cls, value: list[Channel]) -> list[Channel]:
+    def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("a channel is listed twice")
         return value

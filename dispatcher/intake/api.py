@@ -13,16 +13,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from dispatcher.channels.base import WebhookRequest
+from dispatcher.channels.registry import Channels
+from dispatcher.config.models import Section
 from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
 from dispatcher.intake.service import IntakeService
 from dispatcher.intake.signature import HEADER
 from dispatcher.logging import get_logger
+from dispatcher.queue.reports import ReportApplier
 
 log = get_logger("dispatcher.api")
-
-
-#: gateways whose status webhooks this API takes
-GATEWAYS = ("telnyx", "sinch")
 
 
 class SandboxWebhook(IntakeError):
@@ -44,9 +44,16 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: IntakeService, *, health: Any = None, fax_webhooks: Any = None) -> FastAPI:
+def create_app(
+    service: IntakeService,
+    *,
+    health: Any = None,
+    channels: Channels | None = None,
+    reports: ReportApplier | None = None,
+) -> FastAPI:
     """``health`` is an optional callable returning a dict of component states for /healthz;
-    ``fax_webhooks`` (a FaxWebhooks) enables the gateways' status webhooks."""
+    ``channels`` and ``reports`` enable the channels' status webhooks (live mode only: sandbox
+    mode delivers to local sinks, which call no webhooks)."""
     app = FastAPI(
         title="Appeal dispatch service",
         version="1",
@@ -78,26 +85,33 @@ def create_app(service: IntakeService, *, health: Any = None, fax_webhooks: Any 
         counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
         return JSONResponse(counted.as_json())
 
-    async def fax_webhook_result(gateway: str, request: Request) -> str:
-        if fax_webhooks is None or gateway not in GATEWAYS:
-            raise NotFound(f"no fax webhook for {gateway[:40]!r}")
-        if not service.settings.live:
-            raise SandboxWebhook("sandbox mode sends faxes through the fax lab; gateway webhooks are not accepted")
-        raw = await _read_limited(request, service.settings.max_body_bytes)
-        if gateway == "telnyx":
-            return str(await fax_webhooks.telnyx(raw, request.headers))
-        return str(await fax_webhooks.sinch(raw, request.headers, request.query_params))
+    async def section_of(delivery_id: str) -> Section | None:
+        # The ledger is synchronous: off the event loop.
+        row = await run_in_threadpool(service.ledger.views.delivery, delivery_id)
+        return None if row is None else service.catalog.sections.get(row.section)
 
-    @app.post("/v1/webhooks/fax/{gateway}")
-    async def fax_webhook(gateway: str, request: Request) -> JSONResponse:
+    async def webhook_result(channel_name: str, gateway: str, request: Request) -> str:
+        if not service.settings.live:
+            raise SandboxWebhook("sandbox mode delivers to local sinks; providers' webhooks are not accepted")
+        if channels is None or reports is None or channel_name not in channels:
+            raise NotFound(f"no webhook for {channel_name[:20]!r}")
+        channel = channels.get(channel_name)
+        raw = await _read_limited(request, service.settings.max_body_bytes)
+        webhook = WebhookRequest(raw, request.headers, request.query_params)
+        report = await channel.read_webhook(gateway, webhook, section_of)
+        return await run_in_threadpool(reports.apply, channel_name, report)
+
+    @app.post("/v1/webhooks/{channel_name}/{gateway}")
+    async def webhook(channel_name: str, gateway: str, request: Request) -> JSONResponse:
         try:
-            result = await fax_webhook_result(gateway, request)
+            result = await webhook_result(channel_name, gateway, request)
         except IntakeError as exc:
             # The gateway keeps quiet about refusals (at most it retries), so a wrong key, a
             # skewed clock or a wrong URL would otherwise show only as faxes that never settle.
             # Our own message and code only: the body and headers are the sender's.
             log.warning(
                 "webhook.refused",
+                channel=channel_name[:20],
                 gateway=gateway[:40],
                 reason=exc.code,
                 status=exc.status,

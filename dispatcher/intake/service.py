@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from dispatcher.channels.builtin import builtin_channels
+from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog, PlannedRoute
 from dispatcher.config.models import Campaign, Target
 from dispatcher.errors import (
@@ -114,8 +116,11 @@ class IntakeService:
         clock: Clock = utcnow,
         environ: Mapping[str, str] | None = None,
         paced: Callable[[Target, str], bool] | None = None,
+        channels: Channels | None = None,
     ):
+        """``channels``: where each target receives each channel (default: the shipped channels)."""
         self.settings = settings
+        self.channels = channels if channels is not None else builtin_channels()
         self.catalog = catalog
         self.ledger = ledger
         self.enqueuer = enqueuer
@@ -251,7 +256,7 @@ class IntakeService:
                 for route in routes:
                     delivery_id = new_id("dl")
                     language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
-                    recipient = route.target.address_for(route.channel)
+                    recipient = self.channels.address_of(route.target, route.channel)
                     assert recipient is not None  # routes are planned only for channels the target has
                     session.add(
                         Delivery(

@@ -214,3 +214,19 @@ class DeadLetter(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     failed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EarlyReport(Base):
+    """A channel's final word on a letter that came before the letter's send was recorded (a
+    gateway's webhook overtaking its own create answer). Kept, and applied once the send is
+    recorded: the gateway sends it only once. ``report`` is the report as JSON (no personal
+    data: ids, status, the provider's reason)."""
+
+    __tablename__ = "early_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(40), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    remote_id: Mapped[str] = mapped_column(String(128))
+    report: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())

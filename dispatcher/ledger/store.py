@@ -5,7 +5,8 @@
 * :class:`~dispatcher.ledger.controls.Controls`: operators' pauses, flags and closures;
 * :class:`~dispatcher.ledger.schedule.Schedule`: what the pacer and reconciler ask;
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
-* :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters.
+* :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
+* :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dispatcher.ledger.engine import make_engine
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.migrate import upgrade
+from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
 from dispatcher.ledger.views import Views
 
@@ -44,6 +46,7 @@ class Ledger:
         self.schedule = Schedule(self.engine)
         self.views = Views(self.engine)
         self.housekeeping = Housekeeping(self.engine, sent_final_after or {})
+        self.early_reports = EarlyReports(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

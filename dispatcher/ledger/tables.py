@@ -12,6 +12,7 @@ from dispatcher.ledger.models import (
     CampaignClosure,
     DeadLetter,
     Delivery,
+    EarlyReport,
     FlaggedNumber,
     PausedChannel,
     UsedSignature,
@@ -25,3 +26,4 @@ PC = cast(Table, PausedChannel.__table__)
 CC = cast(Table, CampaignClosure.__table__)
 DL = cast(Table, DeadLetter.__table__)
 US = cast(Table, UsedSignature.__table__)
+ER = cast(Table, EarlyReport.__table__)

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from dispatcher.config.models import Channel, Target
+from dispatcher.channels.registry import Channels
+from dispatcher.config.models import Target
 from dispatcher.errors import DeferredError
 from dispatcher.policy.hours import OfficeHours
 from dispatcher.policy.limits import Rate, RateLimiter
@@ -44,28 +45,33 @@ def _frozen(spec: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
 
 
 class SendingGate:
-    def __init__(self, limiter: RateLimiter, settings: Settings):
+    """Each channel says whether office hours hold its letters and what its default caps are
+    (the registry); a target's own ``limits`` for a channel replace that channel's defaults."""
+
+    def __init__(self, limiter: RateLimiter, settings: Settings, channels: Channels):
         self.limiter = limiter
         self.settings = settings
+        self.channels = channels
 
-    def hours_for(self, target: Target, channel: Channel) -> OfficeHours | None:
+    def hours_for(self, target: Target, channel: str) -> OfficeHours | None:
         if not self.settings.office_hours:
             return None
-        if channel == "email" and not target.email_in_office_hours:
+        if not self.channels.kind(channel).holds_to_office_hours(target):
             return None
         return _hours(target.timezone, _frozen(target.office_hours))
 
-    def rate_texts(self, target: Target, channel: Channel) -> tuple[str, ...]:
+    def rate_texts(self, target: Target, channel: str) -> tuple[str, ...]:
         own = target.limits.get(channel)
         if own is not None:
             return tuple(own)
-        return self.settings.fax_limits if channel == "fax" else self.settings.email_limits
+        defaults: tuple[str, ...] = self.channels.kind(channel).default_limits(self.settings)
+        return defaults
 
     def admit(
         self,
         *,
         target: Target,
-        channel: Channel,
+        channel: str,
         recipient: str,
         token: str,
         now: datetime,
@@ -96,9 +102,7 @@ class SendingGate:
                     self.limiter.cancel(recipient_key, token)  # not sent: the recipient's slot goes back
                 raise
 
-    def _reserve(
-        self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: Channel
-    ) -> None:
+    def _reserve(self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: str) -> None:
         if not texts:
             return
         rates = parsed_rates(tuple(texts))
@@ -115,7 +119,7 @@ class SendingGate:
                 f"{what} is used up ({', '.join(texts)})", retry_after=wait + self._spread(target, channel)
             )
 
-    def _spread(self, target: Target, channel: Channel) -> float:
+    def _spread(self, target: Target, channel: str) -> float:
         # Letters held back together would all come back at the same instant and all but one be
         # held back again: spread them over one cap interval.
         rates = parsed_rates(self.rate_texts(target, channel))

@@ -17,31 +17,35 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
-from dispatcher.channels.email.channel import EmailChannel
-from dispatcher.channels.email.message import build_message
-from dispatcher.channels.fax.base import FailureKind, FaxJob, FaxReport, FaxStatus
-from dispatcher.channels.fax.lines import FaxLines
+from dispatcher.channels.base import Channel, Outgoing, Report, Status
+from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Section, Target
-from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
+from dispatcher.errors import (
+    DeferredError,
+    DeliveryError,
+    DocumentRejected,
+    OperationalError,
+    Outcome,
+    TransientError,
+    UnknownChannel,
+)
 from dispatcher.ledger.controls import Pause
 from dispatcher.ledger.lifecycle import Claim
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import Event, State
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
+from dispatcher.policy.gate import SendingGate
+from dispatcher.policy.lines import Lines
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes, Result
 from dispatcher.queue.window import SendWindow
-from dispatcher.render.letters import LetterRequest, Renderer, Supporter, TemplateMissing
+from dispatcher.render.documents import Documents
+from dispatcher.render.letters import LetterRequest, Supporter, TemplateMissing
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.delivery")
-
-#: a send that takes longer than this is abandoned and retried (the SMTP pool has its own timeouts)
-SEND_TIMEOUT_SECONDS = 120.0
-#: a fax lab call is simulated in well under a second; a gateway create call is one HTTP request
-FAX_TIMEOUT_SECONDS = 300.0
 
 EVENTS = {
     State.SENT: "delivery.sent",
@@ -52,18 +56,9 @@ EVENTS = {
 }
 
 
-def _provider(section: Section, channel: str) -> tuple[str | None, tuple[str, ...]]:
-    """The relay or gateway account a letter of ``section`` goes through, and its limits."""
-    if channel == "email":
-        return f"relay:{section.smtp.host}:{section.smtp.port}", section.smtp.rate
-    if channel == "fax" and section.fax is not None:
-        return f"gateway:{section.fax.gateway}:{section.code}", section.fax.rate
-    return None, ()
-
-
 class Sender(NamedTuple):
-    """Whom an email letter is from ("Jane Doe via <section>"; the section alone for a digest)
-    and where replies go."""
+    """Whom a letter is from ("Jane Doe via <section>"; the section alone for a digest) and where
+    replies go."""
 
     name: str
     reply_to: str
@@ -85,37 +80,46 @@ def channel_faults() -> Iterator[None]:
         raise ChannelFault(exc) from exc
 
 
+def log_document_rejected(channel: str, error: DeliveryError, **context: Any) -> None:
+    # Our document was refused: a bug on our side, never just a letter's bad luck.
+    log.error(f"{channel}.document_rejected", **context, code=error.code, reason=error.message)
+
+
 class DeliveryProcessor:
+    """Channel-agnostic: the channel registry says how each letter is rendered and sent, which
+    caps and office hours hold it, whether one letter at a time goes to its recipient, and how an
+    uncertain earlier try is found again."""
+
     def __init__(
         self,
         *,
         settings: Settings,
         catalog: Catalog,
         ledger: Ledger,
-        renderer: Renderer,
-        email: EmailChannel,
+        channels: Channels,
+        documents: Documents,
         loop: LoopThread,
         worker_id: str,
-        fax: Any = None,
-        fax_renderer: Any = None,
-        lines: FaxLines | None = None,
         outcomes: Outcomes,
-        gate: Any = None,
+        lines: Lines | None = None,
+        gate: SendingGate | None = None,
+        parked_reports: Callable[[str], int] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
+        """``parked_reports``: applies the reports that overtook a letter's send once the send
+        is recorded (:meth:`dispatcher.queue.reports.ReportApplier.apply_parked`)."""
         self.settings = settings
         self.catalog = catalog
         self.ledger = ledger
-        self.renderer = renderer
-        self.email = email
-        self.fax = fax
-        self.fax_renderer = fax_renderer
+        self.channels = channels
+        self.documents = documents
         self.lines = lines
         self.loop = loop
         self.worker_id = worker_id
         self.outcomes = outcomes
         self.gate = gate
-        self._paused_cache: tuple[float, dict[str, Pause]] | None = None
+        self.parked_reports = parked_reports
+        self._controls_cache: tuple[float, dict[str, Pause], frozenset[str]] | None = None
         self.clock = clock
         #: at most one letter of this process between DATA and its recorded `sent` (window.py)
         self.window = SendWindow()
@@ -160,9 +164,17 @@ class DeliveryProcessor:
         self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
         # The outcome is committed: the next letter of this process may start its DATA.
         self.window.close()
+        if (
+            result.state == State.SENT
+            and self.parked_reports is not None
+            and claim.channel in self.channels
+            and self.channels.kind(claim.channel).sent_final_after is None
+        ):
+            # Its report may have overtaken the send's own answer.
+            self.parked_reports(claim.id)
         if result.flag_number:
-            self.ledger.controls.flag_number(claim.recipient, result.text or "no fax tone", claim.id, finished)
-            log.error("fax.number_flagged", **context, reason=result.text)
+            self.ledger.controls.flag_number(claim.recipient, result.text or "suspect recipient", claim.id, finished)
+            log.error(f"{claim.channel}.recipient_flagged", **context, reason=result.text)
         level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
         level(
             EVENTS.get(result.state, "delivery.retry_scheduled"),
@@ -181,13 +193,22 @@ class DeliveryProcessor:
             else None,
         )
 
-    def _paused(self) -> dict[str, Pause]:
-        """Paused channels, read at most once a second: a pause matters within seconds, and the
-        hot path should not pay a query per letter for it."""
+    def _controls(self, fresh: bool = False) -> tuple[dict[str, Pause], frozenset[str]]:
+        """Paused channels and flagged recipients, read at most once a second: a pause matters
+        within seconds, and the hot path should not pay two queries per letter for it."""
         now = time.monotonic()
-        if self._paused_cache is None or now - self._paused_cache[0] > 1.0:
-            self._paused_cache = (now, self.ledger.controls.paused_channels())
-        return self._paused_cache[1]
+        if fresh or self._controls_cache is None or now - self._controls_cache[0] > 1.0:
+            flagged = frozenset(f.number for f in self.ledger.controls.flagged_numbers())
+            self._controls_cache = (now, self.ledger.controls.paused_channels(), flagged)
+        return self._controls_cache[1], self._controls_cache[2]
+
+    def _held_back(self, channel_key: str, recipient: str) -> tuple[Pause | None, bool]:
+        paused, flagged = self._controls()
+        if channel_key in paused or recipient in flagged:
+            # Trust the cache only for "go ahead": a resume or an unflag must take effect at
+            # once, not after a stale cache has held the letter back for another interval.
+            paused, flagged = self._controls(fresh=True)
+        return paused.get(channel_key), recipient in flagged
 
     # ------------------------------------------------------------------ one try
 
@@ -215,79 +236,48 @@ class DeliveryProcessor:
             return self.outcomes.operational(
                 OperationalError(f"campaign {campaign.id!r} is sandbox-only: its targets are example data"), now=now
             )
+        try:
+            channel = self.channels.get(claim.channel)
+        except UnknownChannel as exc:
+            # Not the letter's fault: it waits for a worker that has the channel, like any pause.
+            return self.outcomes.operational(OperationalError(f"this worker cannot send it: {exc}"), now=now)
         target = self.catalog.target(claim.campaign, claim.section, claim.target)
-        # the day it is where the letter arrives
-        day = now.astimezone(ZoneInfo(target.timezone)).date()
-        if claim.kind == "digest":
-            signers = self.ledger.schedule.digest_signers(claim.id)
-            if not signers:
-                return Result(Event.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
-            # The section signs a digest and takes the replies; the supporters are listed below it.
-            sender = Sender("", str(section.sender.address))
-            request = LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=target,
-                language=claim.language,
-                supporter=Supporter(section.sender.name, str(section.sender.address)),
-                message=None,
-                date=day,
-                signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
-            )
-        else:
-            assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
-            supporter = self.ledger.views.supporter(claim.appeal_id)
-            if supporter is None:
-                return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
-            sender = Sender(supporter.name, supporter.email)
-            request = LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=target,
-                language=claim.language,
-                supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
-                message=supporter.message,
-                date=day,
-            )
+        built = self._request(claim, section, target, now)
+        if isinstance(built, Result):
+            return built
+        sender, request = built
         channel_key = f"{claim.channel}:{claim.section}"
         try:
-            paused = self._paused().get(channel_key)
-            if paused is not None:
-                # Trust the cache only for "not paused": a resume must take effect at once, not
-                # after a stale cache has held the letter back for another pause interval.
-                self._paused_cache = None
-                paused = self._paused().get(channel_key)
+            paused, flagged = self._held_back(channel_key, claim.recipient)
             if paused is not None:
                 raise DeferredError(
                     f"channel {channel_key} is paused ({paused.reason}); `dispatcher channel resume {channel_key}`",
                     retry_after=self.outcomes.retry.operational_pause_seconds,
                 )
+            if flagged:
+                reason = self.ledger.controls.flagged(claim.recipient)
+                raise OperationalError(f"recipient flagged for an operator ({reason}); clear it to resume")
             if self.gate is not None:
                 # Office hours and the recipient's caps: a letter that may not go now is deferred.
-                provider, provider_rates = _provider(section, claim.channel)
+                provider = channel.provider(section)
                 self.gate.admit(
                     target=target,
                     channel=claim.channel,
                     recipient=claim.recipient,
                     token=f"{claim.id}:{claim.attempt}",
                     now=now,
-                    provider=provider,
-                    provider_rates=provider_rates,
+                    provider=provider.key if provider else None,
+                    provider_rates=provider.rates if provider else (),
                 )
             try:
-                if claim.channel == "email":
-                    return self._send_email(claim, section, target, sender, request)
-                if claim.channel == "fax" and self.fax is not None:
-                    return self._send_fax(claim, section, request, now, deadline)
+                return self._send(channel, claim, section, target, sender, request, now, deadline)
             except ChannelFault as fault:
                 # The relay or gateway refuses us (credentials, funds, our sender): pause the
                 # channel so its other letters wait instead of each hitting the same wall.
                 if self.ledger.controls.pause_channel(channel_key, str(fault.error), now):  # code and text
                     log.error("channel.paused", channel=channel_key, reason=fault.error.message, code=fault.error.code)
-                self._paused_cache = None
+                self._controls_cache = None
                 raise fault.error from None
-            # Not the letter's fault: it waits for a worker that has the channel, like any pause.
-            raise OperationalError(f"no {claim.channel} channel is available in this worker")
         except DeliveryError as exc:
             return self.outcomes.of_error(
                 exc, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
@@ -298,100 +288,106 @@ class DeliveryProcessor:
                 OperationalError(f"letter cannot be rendered: {type(exc).__name__}: {exc}"), now=now
             )
 
-    def _send_email(
-        self, claim: Claim, section: Section, target: Target, sender: Sender, request: LetterRequest
-    ) -> Result:
-        rendered = self.renderer.render_email(request)
-        message = build_message(
-            delivery_id=claim.id,
+    def _request(
+        self, claim: Claim, section: Section, target: Target, now: datetime
+    ) -> tuple[Sender, LetterRequest] | Result:
+        campaign = self.catalog.campaigns[claim.campaign]
+        # the day it is where the letter arrives
+        day = now.astimezone(ZoneInfo(target.timezone)).date()
+        if claim.kind == "digest":
+            signers = self.ledger.schedule.digest_signers(claim.id)
+            if not signers:
+                return Result(Event.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
+            # The section signs a digest and takes the replies; the supporters are listed below it.
+            return Sender("", str(section.sender.address)), LetterRequest(
+                campaign=campaign,
+                section=section,
+                target=target,
+                language=claim.language,
+                supporter=Supporter(section.sender.name, str(section.sender.address)),
+                message=None,
+                date=day,
+                signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
+            )
+        assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
+        supporter = self.ledger.views.supporter(claim.appeal_id)
+        if supporter is None:
+            return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
+        return Sender(supporter.name, supporter.email), LetterRequest(
+            campaign=campaign,
             section=section,
-            to_name=target.name,
-            to_address=claim.recipient,
-            supporter_name=sender.name,
-            supporter_email=sender.reply_to,
-            subject=rendered.subject,
-            text=rendered.text,
-            html=rendered.html,
-            language=rendered.language,
-            date=self.clock(),
-            # the Message-ID planned at intake: the stable key of this letter on every try
-            message_id=claim.message_id,
-        )
-        with channel_faults():
-            sent = self.loop.run(
-                self.email.send(message, section=section, recipient=claim.recipient, window=self.window.ticket()),
-                timeout=SEND_TIMEOUT_SECONDS,
-            )
-        return Result(Event.SENT, Outcome.SENT, code=sent.code, text=sent.text, remote_id=sent.remote_id)
-
-    def _fax_result(self, report: FaxReport, claim: Claim, now: datetime, deadline: datetime) -> Result:
-        if report.status is FaxStatus.DELIVERED:
-            result = Result(Event.DELIVERED, Outcome.SENT, text="delivered")
-        elif report.status is FaxStatus.FAILED:
-            if report.failure is not None and report.failure.kind is FailureKind.DOCUMENT_REJECTED:
-                # Our PDF or TIFF was refused: a bug on our side, never just a letter's bad luck.
-                log.error(
-                    "fax.document_rejected",
-                    delivery=claim.id,
-                    gateway=report.gateway,
-                    code=report.failure.code,
-                    reason=report.failure.text,
-                )
-            error = report.failure.error() if report.failure else TransientError("failed without a reason")
-            result = self.outcomes.of_error(
-                error, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
-            )
-        else:
-            result = Result(Event.SENT, Outcome.SENT, code=report.raw_status, text=f"accepted by {report.gateway}")
-        return replace(
-            result,
-            remote_id=report.remote_id,
-            gateway=report.gateway,
-            pages=report.pages,
-            line_seconds=report.duration_s,
+            target=target,
+            language=claim.language,
+            supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
+            message=supporter.message,
+            date=day,
         )
 
-    def _send_fax(
+    def _send(
         self,
+        channel: Channel,
         claim: Claim,
         section: Section,
+        target: Target,
+        sender: Sender,
         request: LetterRequest,
         now: datetime,
         deadline: datetime,
     ) -> Result:
-        flagged = self.ledger.controls.flagged(claim.recipient)
-        if flagged is not None:
-            raise OperationalError(f"number flagged for an operator ({flagged}); clear it to resume")
-        assert self.lines is not None and self.fax_renderer is not None
-        if not self.lines.take(claim.recipient, claim.id):
+        lines = self.lines if channel.one_at_a_time else None
+        if lines is not None and not lines.take(claim.recipient, claim.id):
             raise DeferredError(
-                "another fax to this number is in flight", retry_after=self.settings.fax_line_wait_seconds
+                f"another {claim.channel} letter to this recipient is in flight",
+                retry_after=getattr(channel, "line_wait_seconds", 60.0),
             )
         keep_line = False
         try:
             if claim.attempt > 1:
-                # No gateway has an idempotency key: an earlier try's fax may exist although its
-                # answer was lost or its worker died. Adopt it rather than fax the letter twice.
-                earlier = self.loop.run(self.fax.find_by_tag(claim.id, section=section), timeout=FAX_TIMEOUT_SECONDS)
-                if earlier is not None and earlier.status is not FaxStatus.FAILED:
+                # An earlier try may have gone out although its answer was lost or its worker
+                # died: adopt it rather than send the letter twice.
+                earlier = self.loop.run(channel.find(claim.id, section), timeout=channel.send_timeout)
+                if earlier is not None and earlier.status is not Status.FAILED:
                     keep_line = not earlier.final
-                    return self._fax_result(earlier, claim, now, deadline)
-            document = self.fax_renderer.render(request, sent_at=now)
-            fax_settings = section.fax
-            job = FaxJob(
+                    return self._result(earlier, claim, now, deadline)
+            document = self.documents.render(channel.document, request, now)
+            letter = Outgoing(
                 tag=claim.id,
-                to_number=claim.recipient,
-                pdf=document.pdf,
-                tiff=document.tiff,
-                pages=document.pages,
-                from_number=fax_settings.from_number if fax_settings else None,
-                station_id=fax_settings.station_id if fax_settings else None,
+                message_id=claim.message_id,
+                recipient=claim.recipient,
+                section=section,
+                target=target,
+                sender_name=sender.name,
+                reply_to=sender.reply_to,
+                document=document,
+                date=self.clock(),
+                attempt=claim.attempt,
+                window=self.window.ticket(),
             )
             with channel_faults():
-                report = self.loop.run(self.fax.send(job, section=section), timeout=FAX_TIMEOUT_SECONDS)
-            # Accepted by a gateway that calls later: the line stays ours until its final webhook.
+                report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
+            # Accepted by a far side that reports later: the line stays ours until its report.
             keep_line = not report.final
-            return self._fax_result(report, claim, now, deadline)
+            return self._result(report, claim, now, deadline)
         finally:
-            if not keep_line:
-                self.lines.give_back(claim.recipient, claim.id)
+            if lines is not None and not keep_line:
+                lines.give_back(claim.recipient, claim.id)
+
+    def _result(self, report: Report, claim: Claim, now: datetime, deadline: datetime) -> Result:
+        if report.status is Status.DELIVERED:
+            result = Result(Event.DELIVERED, Outcome.SENT, text=report.text or "delivered")
+        elif report.status is Status.FAILED:
+            error = report.error or TransientError("failed without a reason")
+            if isinstance(error, DocumentRejected):
+                log_document_rejected(claim.channel, error, delivery=claim.id, gateway=report.provider)
+            result = self.outcomes.of_error(
+                error, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
+            )
+        else:
+            result = Result(Event.SENT, Outcome.SENT, code=report.code, text=report.text)
+        return replace(
+            result,
+            remote_id=report.remote_id,
+            gateway=report.provider,
+            pages=report.pages,
+            line_seconds=report.line_seconds,
+        )

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from dispatcher.channels.fax.base import NoFaxToneError
-from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, TransientError
+from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, SuspectRecipient, TransientError
 from dispatcher.ledger.lifecycle import Result as TryResult
 from dispatcher.ledger.states import Event
 from dispatcher.retry import RetryPolicy
@@ -15,16 +14,17 @@ from dispatcher.retry import RetryPolicy
 
 @dataclass(frozen=True)
 class Result(TryResult):
-    #: the number answered with no fax tone too often: flag it for an operator
+    #: the recipient's address answered wrongly too often (a fax number without a fax tone): flag
+    #: it for an operator
     flag_number: bool = False
 
 
 @dataclass(frozen=True)
 class Outcomes:
     retry: RetryPolicy
-    #: tries in all on a line that answers without a fax tone, before the number is flagged
+    #: tries in all at a recipient that answers wrongly (SuspectRecipient), before it is flagged
     no_tone_attempts: int = 3
-    #: wait between those tries: the line may be a fax machine switched to voice for the day
+    #: wait between those tries: a fax machine may be switched to voice for the day
     no_tone_interval_seconds: float = 3600.0
 
     def of_error(
@@ -32,7 +32,7 @@ class Outcomes:
     ) -> Result:
         """``deadline`` is the campaign's; ``created_at`` (the letter's) bounds its tries by the
         retry policy's lifetime cap as well."""
-        if isinstance(exc, NoFaxToneError):
+        if isinstance(exc, SuspectRecipient):
             return self._no_tone(exc, attempt, now, self.retry.retry_until(created_at, deadline))
         if isinstance(exc, DeferredError):
             wait = exc.retry_after if exc.retry_after is not None else 60.0
@@ -81,14 +81,14 @@ class Outcomes:
             counts_as_try=False,
         )
 
-    def _no_tone(self, exc: NoFaxToneError, attempt: int, now: datetime, deadline: datetime) -> Result:
+    def _no_tone(self, exc: SuspectRecipient, attempt: int, now: datetime, deadline: datetime) -> Result:
         due = now + timedelta(seconds=self.no_tone_interval_seconds)
         if attempt >= self.no_tone_attempts or due >= deadline:
             return Result(
                 Event.FAILED,
                 Outcome.TRANSIENT,
                 code=exc.code,
-                text=f"no fax machine answered in {attempt} tries; number flagged for an operator ({exc.message})",
+                text=f"answered wrongly in {attempt} tries; recipient flagged for an operator ({exc.message})",
                 flag_number=True,
             )
         return Result(Event.RETRY, Outcome.TRANSIENT, code=exc.code, text=exc.message, next_attempt_at=due)

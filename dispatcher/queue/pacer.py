@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from dispatcher.config.catalog import Catalog
-from dispatcher.config.models import Channel, Target
+from dispatcher.config.models import Target
 from dispatcher.ledger.lifecycle import DigestRoute
 from dispatcher.ledger.schedule import DueRecipient
 from dispatcher.ledger.store import Ledger
@@ -91,10 +91,10 @@ class Pacer:
 
     def paces(self, due: DueRecipient) -> bool:
         target = self.target_of(due.campaign, due.section, due.target)
-        return target is not None and bool(self.gate.rate_texts(target, cast(Channel, due.channel)))
+        return target is not None and bool(self.gate.rate_texts(target, due.channel))
 
     def backlog(self, channel: str, recipient: str, target: Target, now: datetime) -> Backlog:
-        rates = parsed_rates(self.gate.rate_texts(target, cast(Channel, channel)))
+        rates = parsed_rates(self.gate.rate_texts(target, channel))
         window = timedelta(seconds=max((r.seconds for r in rates), default=0))
         found = self.ledger.schedule.recipient_backlog(channel, recipient, now, window)
         dated = [
@@ -108,7 +108,7 @@ class Pacer:
             recipient=f"{channel}:{recipient}",
             deadlines=[d for d, _ in dated],
             rates=rates,
-            hours=self.gate.hours_for(target, cast(Channel, channel)),
+            hours=self.gate.hours_for(target, channel),
             sent_recently=found.released,
         )
         return Backlog(channel, recipient, load, [r for _, r in dated])

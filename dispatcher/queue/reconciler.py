@@ -5,7 +5,9 @@ immediate enqueue failed (Redis was down) or that joined a recipient's backlog, 
 backoff ran out, and queued letters whose message was lost. A recipient with caps gets its
 letters paced over the time left before their deadlines (:mod:`dispatcher.queue.pacer`), not
 all at once. Less often it takes back claims that went stale (a worker died mid-send), expires
-letters whose campaign deadline passed, and purges personal data whose retention ran out.
+letters whose campaign deadline passed, and purges personal data whose retention ran out. And
+it settles letters whose channel's final report is late: it asks the channel (a fax gateway's
+``get``) once the report is ``poll_after`` late, and applies reports that overtook their send.
 
 Several reconcilers may run (one per machine): a lease in Redis lets one release at a time
 (:mod:`dispatcher.queue.leader`). Housekeeping is compare-and-set on every row, so all run it.
@@ -17,11 +19,12 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
@@ -29,7 +32,9 @@ from dispatcher.logging import get_logger
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
 from dispatcher.queue.deadletters import DeadLetterSweep
 from dispatcher.queue.leader import Lease
+from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.pacer import Pacer
+from dispatcher.queue.reports import ReportApplier
 from dispatcher.queue.strays import StrandedMessages
 from dispatcher.settings import Settings
 
@@ -71,7 +76,11 @@ class Reconciler:
         lease: Lease | None = None,
         config: ReconcilerConfig | None = None,
         clock: Callable[[], datetime] = utcnow,
+        channels: Channels | None = None,
+        reports: ReportApplier | None = None,
     ):
+        """``channels`` and ``reports``: to ask channels about late reports and apply them
+        (None: this reconciler does not; a test's)."""
         self.settings = settings
         self.catalog = catalog
         self.ledger = ledger
@@ -81,6 +90,10 @@ class Reconciler:
         self.lease = lease
         self.config = config or ReconcilerConfig()
         self.clock = clock
+        self.channels = channels
+        self.reports = reports
+        #: the event loop the channels' polls run on (built on the first poll)
+        self._loop: LoopThread | None = None
         self._last_housekeeping: datetime | None = None
         # Both look at Redis itself, so only with a Redis broker (None with tests' stub queues).
         broker = getattr(enqueuer, "broker", None)
@@ -152,6 +165,56 @@ class Reconciler:
         self.sweep_dead_letters()
         if self.strays is not None:
             _on_its_own("reconciler.stranded_check_failed", self.strays.sweep)
+        if self.lease is None or self.lease.held:
+            # One reconciler asks the providers; the others would only ask again.
+            _on_its_own("reconciler.late_reports_failed", lambda: self.settle_late_reports(now))
+
+    def settle_late_reports(self, now: datetime) -> int:
+        """Apply reports that overtook their send, and ask each channel that can about letters
+        whose final report is late; returns how many letters were settled."""
+        if self.channels is None or self.reports is None:
+            return 0
+        settled = self.reports.apply_parked()
+        for kind in self.channels:
+            if kind.poll_after is None:
+                continue
+            channel = self.channels.get(kind.name)
+            if channel.poll_after is None:
+                continue
+            waiting = self.ledger.schedule.awaiting_reports(
+                [kind.name], sent_before=now - channel.poll_after, limit=self.config.batch
+            )
+            for letter in waiting:
+                section = self.catalog.sections.get(letter.section)
+                if section is None or letter.remote_id is None:
+                    continue
+                try:
+                    report = self._run(channel.poll(letter.id, letter.remote_id, section), channel.send_timeout)
+                except Exception as exc:  # noqa: BLE001 - the provider is away: ask again next time
+                    log.warning(f"{kind.name}.poll_failed", delivery=letter.id, error=f"{type(exc).__name__}: {exc}")
+                    continue
+                if report is None or not report.final:
+                    log.info(f"{kind.name}.report_late", delivery=letter.id, remote_id=letter.remote_id)
+                    continue
+                answer = self.reports.apply(kind.name, replace(report, tag=letter.id))
+                log.info(f"{kind.name}.report_polled", delivery=letter.id, remote_id=letter.remote_id, result=answer)
+                settled += answer == "applied"
+        return settled
+
+    def _run(self, work: Coroutine[Any, Any, T], timeout: float) -> T:
+        if self._loop is None:
+            self._loop = LoopThread()
+        return self._loop.run(work, timeout=timeout)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            for channel in self.channels.built() if self.channels is not None else []:
+                try:
+                    self._run(channel.aclose(), 10)
+                except Exception as exc:  # noqa: BLE001 - stopping anyway
+                    log.warning("reconciler.channel_close_failed", error=f"{type(exc).__name__}: {exc}")
+            self._loop.stop()
+            self._loop = None
 
     def run(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval=self.config.interval)
@@ -163,6 +226,7 @@ class Reconciler:
             stop.wait(self.config.interval)
         if self.lease is not None:
             self.lease.release()  # a successor need not wait for it to expire
+        self.close()
         log.info("reconciler.stopped")
 
     def sweep_dead_letters(self) -> int:

@@ -35,8 +35,8 @@ from typing import Any, TypeAlias
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from dispatcher.channels.email.sandbox import LoopbackController
 from dispatcher.config.models import Section, Sender, SmtpRelay
+from dispatcher.sandbox.smtp import LoopbackController
 
 
 class Action(enum.Enum):

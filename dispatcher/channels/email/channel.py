@@ -17,7 +17,9 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from email.message import EmailMessage
+from typing import ClassVar
 
 from tenacity import (
     AsyncRetrying,
@@ -28,9 +30,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from dispatcher.channels.base import SendResult
+from dispatcher.channels.base import BaseChannel, Outgoing, Provider, Report, Secret, SendResult, Status
+from dispatcher.channels.email.message import build_message
 from dispatcher.channels.email.pool import DataWindow, SmtpPool
-from dispatcher.config.models import Section, SmtpRelay
+from dispatcher.config.models import Section, SmtpRelay, Target
 from dispatcher.errors import BlipError, OperationalError, TransientError
 from dispatcher.logging import get_logger
 from dispatcher.settings import Settings
@@ -53,8 +56,17 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-class EmailChannel:
-    name = "email"
+#: how long after `sent` a bounce may still come: a relay retries a deferred message for up to
+#: about five days (Postfix's maximal_queue_lifetime, Exim's and Sendmail's defaults alike)
+#: before it gives up and bounces
+BOUNCE_WINDOW = timedelta(days=5)
+
+
+class EmailChannel(BaseChannel):
+    name: ClassVar[str] = "email"
+    document: ClassVar[str] = "email"
+    address_noun: ClassVar[str] = "email address"
+    sent_final_after: ClassVar[timedelta | None] = BOUNCE_WINDOW
 
     def __init__(
         self,
@@ -68,7 +80,7 @@ class EmailChannel:
         """``blip_*``: in-process retries of BlipError, ``blip_attempts`` tries in all, the
         first waits about ``blip_wait`` seconds and doubling, none started after
         ``blip_deadline`` seconds."""
-        self.settings = settings
+        super().__init__(settings)
         self._environ = environ
         self._blip_attempts = blip_attempts
         self._blip_wait = blip_wait
@@ -138,6 +150,55 @@ class EmailChannel:
             remote_id=match.group(1) if match else None,
             duration_ms=duration_ms,
         )
+
+    # ------------------------------------------------------------------ the channel protocol
+
+    @staticmethod
+    def address_of(target: Target) -> str | None:
+        return None if target.email is None else str(target.email)
+
+    @staticmethod
+    def secrets(section: Section, *, live: bool) -> list[Secret]:
+        # sandbox mode never talks to the sections' relays
+        if not live:
+            return []
+        found = []
+        if section.smtp.username_env:
+            found.append(Secret("smtp.username_env", section.smtp.username_env, "the relay user name"))
+        if section.smtp.password_env:
+            found.append(Secret("smtp.password_env", section.smtp.password_env, "the relay password"))
+        return found
+
+    def provider(self, section: Section) -> Provider | None:
+        return Provider(f"relay:{section.smtp.host}:{section.smtp.port}", section.smtp.rate)
+
+    @staticmethod
+    def default_limits(settings: Settings) -> tuple[str, ...]:
+        return settings.email_limits
+
+    @staticmethod
+    def holds_to_office_hours(target: Target) -> bool:
+        return target.email_in_office_hours
+
+    async def deliver(self, letter: Outgoing) -> Report:
+        rendered = letter.document
+        message = build_message(
+            delivery_id=letter.tag,
+            section=letter.section,
+            to_name=letter.target.name,
+            to_address=letter.recipient,
+            supporter_name=letter.sender_name,
+            supporter_email=letter.reply_to,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            language=rendered.language,
+            date=letter.date,
+            # the Message-ID planned at intake: the stable key of this letter on every try
+            message_id=letter.message_id,
+        )
+        sent = await self.send(message, section=letter.section, recipient=letter.recipient, window=letter.window)
+        return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)
 
     async def aclose(self) -> None:
         self._closed = True

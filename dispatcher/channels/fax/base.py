@@ -17,8 +17,10 @@ from typing import Protocol, runtime_checkable
 
 from dispatcher.errors import (
     DeliveryError,
+    DocumentRejected,
     OperationalError,
     PermanentError,
+    SuspectRecipient,
     TransientError,
 )
 
@@ -50,9 +52,8 @@ class FailureKind(StrEnum):
     UNKNOWN = "unknown"
 
 
-class NoFaxToneError(TransientError):
-    """Answered by something that is not a fax machine. Retried a few times at long intervals;
-    after that the number is flagged for an operator rather than failed silently."""
+class NoFaxToneError(SuspectRecipient):
+    """Answered by something that is not a fax machine."""
 
 
 #: transient kinds worth retrying on the normal backoff
@@ -78,7 +79,9 @@ def failure_error(failure: FaxFailure) -> DeliveryError:
         return TransientError(message, code=failure.code)
     if failure.kind is FailureKind.NO_FAX_TONE:
         return NoFaxToneError(message, code=failure.code)
-    if failure.kind in (FailureKind.INVALID_NUMBER, FailureKind.DOCUMENT_REJECTED):
+    if failure.kind is FailureKind.DOCUMENT_REJECTED:
+        return DocumentRejected(message, code=failure.code)
+    if failure.kind is FailureKind.INVALID_NUMBER:
         return PermanentError(message, code=failure.code)
     return OperationalError(message, code=failure.code)
 

@@ -12,7 +12,7 @@ this module answers for all of them is "did the create certainly not happen?":
 | 429 (Retry-After honoured)                        | no       | TransientError                           |
 | 401 / 403                                         | no       | OperationalError (credentials)           |
 | 402                                               | no       | OperationalError (funds)                 |
-| 413, or a 4xx blaming the document                | no       | PermanentError (document rejected)       |
+| 413, or a 4xx blaming the document                | no       | DocumentRejected (a PermanentError)      |
 | 4xx blaming the destination number                | no       | PermanentError (invalid number)          |
 | other 4xx: our request does not fit the API       | no       | OperationalError (pause, fail nothing)   |
 """

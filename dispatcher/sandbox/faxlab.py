@@ -46,7 +46,9 @@ from dispatcher.channels.fax.base import (
     failure_error,
     newest,
 )
-from dispatcher.channels.fax.spandsp import (
+from dispatcher.errors import OperationalError, PermanentError
+from dispatcher.logging import get_logger
+from dispatcher.sandbox.spandsp import (
     SAMPLE_RATE,
     AudioBlock,
     Compression,
@@ -59,8 +61,6 @@ from dispatcher.channels.fax.spandsp import (
     completion_text,
     library,
 )
-from dispatcher.errors import OperationalError, PermanentError
-from dispatcher.logging import get_logger
 from dispatcher.settings import Settings
 
 log = get_logger(__name__)

@@ -7,7 +7,7 @@ top, ``X-Sandbox-Envelope-From`` and ``X-Sandbox-Envelope-To``, because the enve
 was really asked for and it need not match the To: header. Files appear atomically (written
 under a temporary name, then renamed), so a reader never sees half a message.
 
-Run it with ``python -m dispatcher.channels.email.sandbox --port 2525 --dir var/sandbox/mail``.
+Run it with ``python -m dispatcher.sandbox.smtp --port 2525 --dir var/sandbox/mail``.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def _header_value(value: str) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.channels.email.sandbox",
+        prog="python -m dispatcher.sandbox.smtp",
         description="Local SMTP sink for sandbox mode: keeps every message as a .eml file.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="IP address to listen on")
