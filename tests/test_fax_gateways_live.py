@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -68,7 +68,9 @@ class LiveApi:
         self.thread.join(10)
 
 
-def live_service(tmp_path, database_url, redis_server, provider, gateway: str, **extra) -> tuple[Service, LiveApi]:
+def live_service(
+    tmp_path, database_url, redis_server, provider, gateway: str, clock=None, **extra
+) -> tuple[Service, LiveApi]:
     port = free_port()
     settings = make_settings(
         tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=free_port(), **extra
@@ -85,7 +87,7 @@ def live_service(tmp_path, database_url, redis_server, provider, gateway: str, *
         "TEST_SINCH_KEY_ID": "key-id",
         "TEST_SINCH_SECRET": "key-secret",
     }
-    service = Service(settings, environ=environ)
+    service = Service(settings, environ=environ, **({"clock": clock} if clock else {}))
     service.ledger.migrate()
     return service, LiveApi(service, port)
 
@@ -265,3 +267,87 @@ def _appeal(service: Service, delivery_id: str) -> str:
 
     with service.ledger.session() as s:
         return s.scalar(select(Delivery.appeal_id).where(Delivery.id == delivery_id))
+
+
+# ---------------------------------------------------------------------------- late and early reports
+
+
+class Clock:
+    """The service's clock, which a test moves forward (the real time plus a shift)."""
+
+    def __init__(self) -> None:
+        self.shift = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.shift
+
+
+def test_a_lost_telnyx_webhook_is_made_up_for_by_asking_telnyx(tmp_path, database_url, redis_server, telnyx):
+    clock = Clock()
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", clock=clock, telnyx_public_key=telnyx.public_key_b64
+    )
+    assert service.settings.fax_report_wait_seconds == 30 * 60  # the production default
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        fax_id = delivery(service, delivery_id)["remote_id"]
+        # The fax went through, but its webhook never comes.
+        telnyx.complete(fax_id, "delivered", page_count=2, call_duration_secs=70)
+        time.sleep(1.5)  # several housekeeping passes of the reconciler
+        view = _view(service, delivery_id)
+        assert view["state"] == "sent" and "awaiting the gateway's report" in view["last_text"]
+        assert telnyx.requests_to("GET", f"/v2/faxes/{fax_id}") == []  # not asked before its time
+        assert service.lines.holder("+442079460100") == delivery_id
+        clock.shift = timedelta(minutes=31)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "delivered", timeout=30)
+    # (Telnyx's fax resource has no page count or call time: only its webhooks carry them)
+    assert _view(service, delivery_id)["last_text"] == "delivered"
+    assert len(telnyx.requests_to("GET", f"/v2/faxes/{fax_id}")) >= 1
+    # the number's line is free for the next fax at once, not when its lock expires
+    assert service.lines.holder("+442079460100") is None
+
+
+def test_a_final_webhook_that_overtakes_the_create_answer_is_kept_and_applied(
+    tmp_path, database_url, redis_server, telnyx
+):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    # Telnyx creates the fax at once but its 202 takes 1.5 s to reach us.
+    telnyx.fail_next("create", None, after_create=True, delay=1.5)
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: len(telnyx.faxes) == 1, timeout=30)
+        [fax_id] = telnyx.faxes
+        telnyx.complete(fax_id, "delivered", page_count=1, call_duration_secs=40)
+        answer = telnyx.send_webhook(fax_id, "fax.delivered")
+        assert answer.status_code == 200 and answer.json()["result"].startswith("parked")
+        assert delivery(service, delivery_id)["state"] == "sending"
+        # once the create's answer is recorded, the kept report settles the letter
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "delivered", timeout=30)
+    assert delivery(service, delivery_id)["remote_id"] == fax_id
+    assert service.ledger.early_reports.of(delivery_id) == []
+    assert service.lines.holder("+442079460100") is None
+    assert len(telnyx.faxes) == 1
+
+
+def test_a_retryable_failure_reported_after_the_campaign_closed_cancels_the_letter(
+    tmp_path, database_url, redis_server, telnyx
+):
+    service, api = live_service(
+        tmp_path, database_url, redis_server, telnyx, "telnyx", telnyx_public_key=telnyx.public_key_b64
+    )
+    with api, Running(service):
+        delivery_id = submit(service)
+        wait_for(lambda: delivery(service, delivery_id)["state"] == "sent", timeout=30)
+        fax_id = delivery(service, delivery_id)["remote_id"]
+        assert service.ledger.controls.close_campaign("TEST-LIVE", "the detainee was released", datetime.now(UTC)) == 0
+        telnyx.complete(fax_id, "failed", failure_reason="user_busy")
+        assert telnyx.send_webhook(fax_id, "fax.failed").json() == {"result": "applied"}
+        view = _view(service, delivery_id)
+        assert view["state"] == "cancelled"
+        assert view["last_text"] == "campaign closed: the detainee was released"
+        time.sleep(1.5)  # the reconciler has had its chances to send it again
+    assert len(telnyx.faxes) == 1
+    assert service.lines.holder("+442079460100") is None

@@ -165,12 +165,12 @@ class DeliveryProcessor:
         # The outcome is committed: the next letter of this process may start its DATA.
         self.window.close()
         if (
-            result.state == State.SENT
-            and self.parked_reports is not None
+            self.parked_reports is not None
             and claim.channel in self.channels
             and self.channels.kind(claim.channel).sent_final_after is None
         ):
-            # Its report may have overtaken the send's own answer.
+            # A report may have overtaken the send's own answer: apply it now that the send is
+            # recorded (or drop it, if the answer itself was final or the try failed).
             self.parked_reports(claim.id)
         if result.flag_number:
             self.ledger.controls.flag_number(claim.recipient, result.text or "suspect recipient", claim.id, finished)

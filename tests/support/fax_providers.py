@@ -471,6 +471,8 @@ class TelnyxServer(ProviderServer):
         if fault and not fault.after_create and (early := await self._faulted(fault)):
             return early
         fax = self._check_create(recorded)
+        # the answer describes the fax as it was created, however long it takes to arrive
+        answer = dict(fax)
 
         def store() -> None:
             with self._lock:
@@ -479,7 +481,7 @@ class TelnyxServer(ProviderServer):
         if fault and (late := await self._faulted(fault, store)):
             return late
         store()
-        return JSONResponse({"data": fax}, status_code=202)
+        return JSONResponse({"data": answer}, status_code=202)
 
     def _check_create(self, recorded: Recorded) -> dict[str, Any]:
         where = "POST /v2/faxes"
