@@ -146,6 +146,17 @@ def ledger_migrate() -> None:
     Console().print(f"ledger at {service.ledger.engine.url.render_as_string(hide_password=True)} is up to date")
 
 
+@ledger.command("states")
+@click.option("--mermaid", "form", flag_value="mermaid", default=True, help="A Mermaid state diagram (the default).")
+@click.option("--table", "form", flag_value="table", help="A Markdown table: event, from, to, why.")
+def ledger_states(form: str) -> None:
+    """Print a letter's states and moves, generated from the state table (docs/architecture.md
+    holds this very text)."""
+    from dispatcher.ledger import states
+
+    click.echo(states.mermaid() if form == "mermaid" else states.table_markdown(), nl=False)
+
+
 @ledger.command("show")
 @click.argument("appeal_id")
 def ledger_show(appeal_id: str) -> None:

@@ -77,11 +77,15 @@ class Channels:
         if factory is None:
             raise UnknownChannel(f"{name} (registered without a way to build it)", self.names())
         with self._lock:
-            built = self._built.get(name)
-            if built is None:
-                built = self._built[name] = factory()
-        assert isinstance(built, kind)
-        return built
+            made = self._built.get(name)
+            if made is None:
+                made = factory()
+                if not isinstance(made, kind):
+                    raise TypeError(
+                        f"the factory of channel {name!r} built a {type(made).__name__}, not a {kind.__name__}"
+                    )
+                self._built[name] = made
+        return made
 
     def built(self) -> list[Channel]:
         """The channels built so far (to close them)."""
