@@ -8,12 +8,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from dispatcher.app import Service
 from dispatcher.channels.base import BaseChannel, Outgoing, Report, Status
+from dispatcher.channels.builtin import builtin_channels
 from dispatcher.config.loader import load_catalog
 from dispatcher.config.models import Target
 from dispatcher.errors import ConfigError
@@ -30,6 +32,7 @@ class Posted:
     recipient: str
     tag: str
     text: str
+    service: str
 
 
 class PrintHouse:
@@ -40,11 +43,21 @@ class PrintHouse:
         self.lock = threading.Lock()
 
 
+class PostSettings(BaseModel):
+    """A section's ``[channels.post]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: the print house's product: how the letter is posted
+    service: Literal["first_class", "standard"] = "first_class"
+    return_address: str = Field(min_length=1)
+
+
 class PostChannel(BaseChannel):
     name: ClassVar[str] = "post"
     # the printed letter is the text of the model letter, as an email's body
     document: ClassVar[str] = "email"
     address_noun: ClassVar[str] = "postal address"
+    config_model: ClassVar[type[BaseModel] | None] = PostSettings
 
     def __init__(self, settings: Settings, house: PrintHouse):
         super().__init__(settings)
@@ -59,20 +72,29 @@ class PostChannel(BaseChannel):
         return ("2/hour",)
 
     async def deliver(self, letter: Outgoing) -> Report:
+        settings = self.section_config(letter.section)
+        assert isinstance(settings, PostSettings)
         with self.house.lock:
-            self.house.letters.append(Posted(letter.recipient, letter.tag, letter.document.text))
+            self.house.letters.append(Posted(letter.recipient, letter.tag, letter.document.text, settings.service))
             job = f"job-{len(self.house.letters)}"
         return Report(Status.ACCEPTED, job, tag=letter.tag, code=201, text="queued for printing")
 
 
-def post_service(tmp_path, database_url, redis_server, house: PrintHouse) -> Service:
-    config = write_config(
+POST_TABLE = '[smtp]\nhost = "127.0.0.1"\n\n[channels.post]\nservice = "standard"\nreturn_address = "Test Section"\n'
+
+
+def post_config(tmp_path, table: str = POST_TABLE):
+    return write_config(
         tmp_path,
         campaign_id="TEST-POST",
         channel="post",
         address_line='addresses = { post = "Ministry of Examples, 1 Example Street, London" }',
-        relay_and_gateway='[smtp]\nhost = "127.0.0.1"\n',
+        relay_and_gateway=table,
     )
+
+
+def post_service(tmp_path, database_url, redis_server, house: PrintHouse) -> Service:
+    config = post_config(tmp_path)
     settings = make_settings(
         tmp_path, database_url=database_url, redis_url=redis_server.url, smtp_port=free_port()
     ).but(demo_campaigns=False, config_dir=config, templates_dir=ROOT / "templates")
@@ -117,6 +139,7 @@ def test_an_appeal_goes_out_through_a_channel_registered_by_the_tests(tmp_path, 
     posted = house.letters[0]
     assert posted.recipient == "Ministry of Examples, 1 Example Street, London"
     assert "Please release him." in posted.text and "Jane Doe" in posted.text
+    assert posted.service == "standard"  # the section's own [channels.post] table
     view = service.ledger.views.delivery(posted.tag)
     assert view is not None and view.remote_id in ("job-1", "job-2") and view.last_code == "201"
     [held] = [service.ledger.views.delivery(i) for i in ids if i not in {p.tag for p in house.letters}]
@@ -128,16 +151,24 @@ def test_an_appeal_goes_out_through_a_channel_registered_by_the_tests(tmp_path, 
 
 
 def test_config_naming_the_channel_is_refused_where_it_is_not_registered(tmp_path):
-    config = write_config(
-        tmp_path,
-        campaign_id="TEST-POST",
-        channel="post",
-        address_line='addresses = { post = "Ministry of Examples" }',
-        relay_and_gateway='[smtp]\nhost = "127.0.0.1"\n',
-    )
     with pytest.raises(ConfigError) as raised:
-        load_catalog(config, ROOT / "templates")
-    [writes, address] = sorted(raised.value.problems, key=lambda p: p.key)
+        load_catalog(post_config(tmp_path), ROOT / "templates")
+    [writes, table, address] = sorted(raised.value.problems, key=lambda p: p.key)
     assert (writes.file, writes.key) == ("config/sections/zz.toml", "campaigns.TEST-POST.writes[0].channels[0]")
     assert "no channel 'post' (this service has: email, fax)" in writes.message
+    assert (table.file, table.key) == ("config/sections/zz.toml", "channels.post")
     assert (address.file, address.key) == ("config/campaigns/TEST-POST.toml", "targets.minister.addresses.post")
+
+
+def test_the_channels_own_settings_are_checked_by_its_model(tmp_path):
+    channels = builtin_channels().register(PostChannel)
+    broken = POST_TABLE.replace('service = "standard"', 'service = "pigeon"').replace(
+        'return_address = "Test Section"', ""
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_catalog(post_config(tmp_path, broken), ROOT / "templates", channels=channels)
+    problems = {(p.file, p.key) for p in raised.value.problems}
+    assert problems == {
+        ("config/sections/zz.toml", "channels.post.service"),
+        ("config/sections/zz.toml", "channels.post.return_address"),
+    }

@@ -13,10 +13,12 @@ What a channel declares:
   ``sent_final_after``, when a ``sent`` letter is settled (at once, after a bounce window, or
   never: only by a later report); ``one_at_a_time``, one letter in flight per recipient;
   ``poll_after``, when to ask about a ``sent`` letter whose report has not come;
-* **its config**: where a target receives it (:meth:`Channel.address_of`), which environment
-  variables a section's config names for it (:meth:`Channel.secrets`), the provider account a
-  section's letters go through and that account's limits (:meth:`Channel.provider`), its
-  default caps (from the service's settings) and whether office hours hold it;
+* **its config**: the model of a section's ``[channels.<name>]`` table (``config_model``;
+  email and fax keep their historic ``[smtp]`` and ``[fax]``), where a target receives it
+  (:meth:`Channel.address_of`), which environment variables a section's config names for it
+  (:meth:`Channel.secrets`), the provider account a section's letters go through and that
+  account's limits (:meth:`Channel.provider`), its default caps (from the service's settings)
+  and whether office hours hold it;
 * **its sending**: :meth:`Channel.deliver` takes a rendered letter and returns a
   :class:`Report`, or raises a classified :class:`dispatcher.errors.DeliveryError` (the error
   classes are the channel's mapping of its own failures onto the delivery classes);
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
 
 from dispatcher.config.models import Section, Target
 from dispatcher.errors import DeliveryError, NotFound
@@ -149,6 +153,8 @@ class Channel(Protocol):
     address_noun: ClassVar[str]
     sent_final_after: ClassVar[timedelta | None]
     one_at_a_time: ClassVar[bool]
+    #: the model of the section's ``[channels.<name>]`` table (None: the channel takes none)
+    config_model: ClassVar[type[BaseModel] | None]
     #: after this long in `sent` without a final report, ask (None: never); may differ per instance
     poll_after: timedelta | None
     #: a send taking longer is abandoned and retried
@@ -188,6 +194,7 @@ class BaseChannel:
     address_noun: ClassVar[str] = "address"
     sent_final_after: ClassVar[timedelta | None] = timedelta(0)
     one_at_a_time: ClassVar[bool] = False
+    config_model: ClassVar[type[BaseModel] | None] = None
     poll_after: timedelta | None = None
 
     def __init__(self, settings: Settings):
@@ -197,6 +204,13 @@ class BaseChannel:
     @staticmethod
     def secrets(section: Section, *, live: bool) -> list[Secret]:
         return []
+
+    @classmethod
+    def section_config(cls, section: Section) -> BaseModel | None:
+        """The section's ``[channels.<name>]`` table, as the channel's model (validated at load)."""
+        if cls.config_model is None:
+            return None
+        return cls.config_model.model_validate(section.channels.get(cls.name, {}))
 
     @staticmethod
     def default_limits(settings: Settings) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ class _Layout:
 
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
-_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "targets", "campaigns"))
+_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "channels", "targets", "campaigns"))
 
 
 @dataclass(frozen=True)
@@ -249,12 +249,21 @@ class _SectionParts:
     target_ids: frozenset[str]
     #: every campaign the file takes part in, valid entry or not
     campaign_ids: frozenset[str]
+    #: ``[channels.<name>]`` tables, for their channels to validate
+    channel_tables: Mapping[str, Any]
 
     @classmethod
     def of(cls, file: _File, section: Section) -> _SectionParts:
         targets, campaigns = section.targets, section.campaigns
         return cls(
-            file, section.code, section.intake_key_env, targets, campaigns, frozenset(targets), frozenset(campaigns)
+            file,
+            section.code,
+            section.intake_key_env,
+            targets,
+            campaigns,
+            frozenset(targets),
+            frozenset(campaigns),
+            section.channels,
         )
 
     @classmethod
@@ -271,6 +280,9 @@ class _SectionParts:
             _each_valid(data.get("campaigns"), Participation, context),
             _keys(raw_targets),
             _keys(data.get("campaigns")),
+            {k: v for k, v in (data.get("channels") or {}).items() if isinstance(v, dict)}
+            if isinstance(data.get("channels"), dict)
+            else {},
         )
 
 
@@ -566,6 +578,7 @@ def _check_sections(
     for section in sections:
         shown = section.file.shown
         problems.extend(_check_limits(section.file, section.targets, channels))
+        problems.extend(_check_channel_tables(section, channels))
         # A shared intake key would let one section's form post appeals as another section.
         if section.intake_key_env is not None:
             other = key_users.setdefault(section.intake_key_env, shown)
@@ -652,6 +665,32 @@ def _check_limits(file: _File, targets: Mapping[str, Target], channels: Channels
                         file.shown, _dotted(["targets", tid, "addresses", channel]), _unknown_channel(channel, channels)
                     )
                 )
+    return problems
+
+
+def _check_channel_tables(section: _SectionParts, channels: Channels) -> list[ConfigProblem]:
+    """Each ``[channels.<name>]`` table is a registered channel's, and valid by its own model."""
+    problems: list[ConfigProblem] = []
+    for name, table in section.channel_tables.items():
+        if name not in channels:
+            problems.append(
+                ConfigProblem(section.file.shown, _dotted(["channels", name]), _unknown_channel(name, channels))
+            )
+            continue
+        model = channels.kind(name).config_model
+        if model is None:
+            problems.append(
+                ConfigProblem(
+                    section.file.shown, _dotted(["channels", name]), f"the {name} channel takes no settings here"
+                )
+            )
+            continue
+        try:
+            model.model_validate(table)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                key = _dotted(["channels", name, *error["loc"]])
+                problems.append(ConfigProblem(section.file.shown, key, _plain_message(error)))
     return problems
 
 

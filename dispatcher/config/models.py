@@ -314,6 +314,10 @@ class Section(_Frozen):
     sender: Sender
     smtp: SmtpRelay
     fax: FaxConfig | None = None
+    #: the section's settings of channels that are not built in, by channel name
+    #: (``[channels.post]``); each channel validates its own table (``Channel.config_model``).
+    #: Email and fax keep their historic tables, ``[smtp]`` and ``[fax]``.
+    channels: dict[ChannelName, dict[str, Any]] = Field(default_factory=dict)
     targets: dict[str, Target] = Field(default_factory=dict)
     campaigns: dict[str, Participation] = Field(default_factory=dict)
 
