@@ -125,11 +125,13 @@ def test_busy_failure_schedules_a_new_try(service, lines):
     applier = FaxReports(service, lines)
     delivery_id, _ = fax_sent_via_gateway(service, "fx-3")
     busy = FaxFailure(FailureKind.BUSY, code="user_busy", text="line busy")
+    reported = datetime.now(UTC)
     assert applier.apply(report(delivery_id, "fx-3", FaxStatus.FAILED, failure=busy)) == "applied"
     view = _view(service, delivery_id)
     assert view["state"] == "planned"
     assert view["last_outcome"] == "transient" and view["last_code"] == "user_busy"
-    assert datetime.fromisoformat(view["next_attempt_at"]) > datetime.now(UTC)
+    # a later try (the tests' backoff is a fraction of a second: compared with the report's time)
+    assert datetime.fromisoformat(view["next_attempt_at"]) > reported
     # the try's attempt row carries the final outcome
     assert [a.outcome for a in service.ledger.views.attempts(delivery_id)] == ["transient"]
     # a report about this (now superseded) fax arriving again changes nothing
