@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from dispatcher.policy.lines import Lines
 from dispatcher.policy.pacing import PacingPolicy
 from dispatcher.queue.deliver import DeliveryProcessor
 from dispatcher.queue.leader import Lease
+from dispatcher.queue.liveness import Heartbeat
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes
 from dispatcher.queue.pacer import Pacer
@@ -224,6 +226,9 @@ class Service:
         from dispatcher.queue.actors import declare_deliver
 
         loop = LoopThread()
+        # Host and pid for operators; a random part because a container restarted after a kill
+        # gets the same host name and pid, and must not pass for (and keep alive) the dead one.
+        worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # its own channels: an email channel and its pools belong to this worker's event loop
         channels = self._channels()
         processor = DeliveryProcessor(
@@ -236,7 +241,7 @@ class Service:
             outcomes=self.outcomes,
             gate=self.gate,
             loop=loop,
-            worker_id=f"{socket.gethostname()}:{os.getpid()}:{id(loop) % 10_000}",
+            worker_id=worker_id,
             parked_reports=self.reports.apply_parked,
             clock=self.clock,
             **processor_options,
@@ -245,7 +250,16 @@ class Service:
         in_flight = self._worker_middleware()
         worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=250)
         return WorkerHandle(
-            worker, loop, channels, processor, in_flight=in_flight, ledger=self.ledger, enqueuer=self.enqueuer
+            worker,
+            loop,
+            channels,
+            processor,
+            in_flight=in_flight,
+            ledger=self.ledger,
+            enqueuer=self.enqueuer,
+            liveness=Heartbeat(
+                self.broker.client, self.settings.redis_namespace, worker_id, self.settings.worker_liveness_seconds
+            ),
         )
 
     def _worker_middleware(self) -> Any:
@@ -273,9 +287,14 @@ class WorkerHandle:
     in_flight: Any = None
     ledger: Ledger | None = None
     enqueuer: Any = None
+    #: the process's liveness key (dispatcher/queue/liveness.py); None: the worker has none, and a
+    #: death leaves its claims to the stale-claim timeout
+    liveness: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        if self.liveness is not None:
+            self.liveness.start()  # registered before the first claim
         self.worker.start()
 
     def stop(self, timeout_ms: int | None = None, *, hurry: threading.Event | None = None) -> Any:
@@ -288,16 +307,22 @@ class WorkerHandle:
         if self._stopped.is_set():
             return None
         self._stopped.set()
-        report = stop_worker(
-            self.worker,
-            timeout=DEFAULT_SHUTDOWN_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000,
-            in_flight=self.in_flight or InFlight(),
-            ledger=self.ledger if self.ledger is not None else self.processor.ledger,
-            enqueuer=self.enqueuer or Enqueuer(self.worker.broker),
-            worker_id=self.processor.worker_id,
-            hurry=hurry,
-            clock=self.processor.clock,
-        )
+        try:
+            report = stop_worker(
+                self.worker,
+                timeout=DEFAULT_SHUTDOWN_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000,
+                in_flight=self.in_flight or InFlight(),
+                ledger=self.ledger if self.ledger is not None else self.processor.ledger,
+                enqueuer=self.enqueuer or Enqueuer(self.worker.broker),
+                worker_id=self.processor.worker_id,
+                hurry=hurry,
+                clock=self.processor.clock,
+            )
+        finally:
+            # Alive until its claims are handed back (the wait for letters in flight may take the
+            # whole shutdown timeout); then nothing is left for the reconciler to take back.
+            if self.liveness is not None:
+                self.liveness.stop()
         if report.stragglers:
             # A send still runs on the loop; its letter was handed back. Closing the pools would
             # wait on it: leave them to the process exit.

@@ -118,6 +118,10 @@ class Settings:
     pacing_margin_hours: float = 24.0
     #: how long a fax waits when another fax to the same number is in flight
     fax_line_wait_seconds: float = 60.0
+    #: a worker's liveness key in Redis lives this long and is set again every sixth of it; the
+    #: reconciler takes a worker's claims back once its key has been gone for a sixth more
+    #: (docs/architecture.md, "A worker that dies mid-send")
+    worker_liveness_seconds: float = 30.0
     #: wait between tries on a fax line that answers without a fax tone
     fax_no_tone_interval_seconds: float = 3600.0
     #: a fax accepted by its gateway whose final webhook has not come after this long is asked
@@ -171,6 +175,7 @@ class Settings:
             pacing_slowest_share=_env_float("DISPATCH_PACING_SLOWEST_SHARE", 0.25, low=0.01, high=1.0),
             pacing_margin_hours=_env_float("DISPATCH_PACING_MARGIN_HOURS", 24.0, low=0.0, high=24.0 * 60),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),
+            worker_liveness_seconds=_env_float("DISPATCH_WORKER_LIVENESS_SECONDS", 30.0, low=1.0, high=600.0),
             fax_no_tone_interval_seconds=float(_env_int("DISPATCH_FAX_NO_TONE_INTERVAL_SECONDS", 3600)),
             fax_report_wait_seconds=float(_env_int("DISPATCH_FAX_REPORT_WAIT_SECONDS", 1800)),
             public_url=os.environ.get("DISPATCH_PUBLIC_URL", "").rstrip("/"),

@@ -6,17 +6,20 @@ plus a Message-ID log, so duplicates are counted across sink restarts) and the B
 policy out of the way (``DISPATCH_EMAIL_LIMITS=1000000/hour``, ``DISPATCH_OFFICE_HOURS=0``):
 
 * **kill** — two ``dispatcher worker --threads 4`` processes; one is ``kill -9``ed three times at
-  random moments (random fractions of the letters sent) and restarted each time. The reconciler
-  runs in this process with ``stale_claim_after`` = 20 s (the CLI has no flag for it; the default
-  is 11 minutes), so the dead worker's claims come back within the run; dramatiq requeues the
-  dead worker's unacknowledged messages after its 20 s heartbeat timeout.
+  random moments (random fractions of the letters sent) and restarted each time. Production
+  defaults throughout: the dead worker's claims come back when the reconciler sees its liveness
+  key lapse (30 s TTL, dispatcher/queue/liveness.py), dramatiq requeues its unacknowledged
+  messages after its 20 s heartbeat timeout. Per kill the run reports the seconds until the last
+  of the dead worker's letters was sent, and the letters still in ``sending`` 60 s after the kill.
 * **redis** — Redis is stopped (SIGTERM, AOF fsynced) and started again on the same port and
   data dir mid-run.
 * **smtp** — the sink is stopped for 60 s mid-run and a new one started on the same port.
 
-Every scenario must end with every delivery ``sent``; duplicates at the sink (same Message-ID
-accepted twice) are counted (kill: at most one per kill, and each must be a letter whose claim
-the dead worker held), and attempts per letter are read from the ``attempts`` table. A letter not
+The reconciler runs in this process (its releases are counted), with the production
+configuration of ``dispatcher reconcile``. Every scenario must end with every delivery ``sent``;
+duplicates at the sink (same Message-ID accepted twice) are counted (kill: at most one per kill,
+and each must be a letter whose claim the dead worker held), and attempts per letter are read
+from the ``attempts`` table. A letter not
 sent at the end is reported with where its message sits in Redis. Everything listens on
 127.0.0.1; every scenario is bounded (``--timeout``) and cleans up. Results: a table on stdout
 (also as Markdown) and one JSON line per invocation in bench/chaos/results.jsonl; see
@@ -44,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,10 @@ log = tp.log
 console = tp.console
 TERMINAL = ("sent", "delivered", "failed", "expired", "cancelled")
 THREADS = 4
-KILL_STALE_CLAIM = timedelta(seconds=20)
+#: the contract for a kill: the dead worker's letters are sent within this many seconds
+KILL_RECOVERY_S = 60.0
+#: attempt rows written when the reconciler takes a dead worker's claim back (either way)
+RELEASED_TEXT = "worker stopped answering mid-send%"
 SMTP_DOWN_S = 60.0
 REDIS_DOWN_S = 5.0
 RESULTS = CHAOS / "results.jsonl"
@@ -125,7 +131,15 @@ class Outcome:
     max_attempts: int = 0
     attempt_outcomes: dict[str, int] = field(default_factory=dict)
     retried_letters: int = 0
+    #: claims the reconciler took back because they went stale (the 11-minute backstop)
     claims_released: int = 0
+    #: claims the reconciler took back because their worker's liveness key lapsed
+    liveness_released: int = 0
+    #: per kill: seconds from the kill until the last of the dead worker's letters was sent
+    #: (its claims and the messages it had fetched); None if one was never sent
+    recovery_s: list[float | None] = field(default_factory=list)
+    #: per kill: the dead worker's letters still in `sending` 60 s after it (None: not looked at)
+    sending_after_60s: list[int | None] = field(default_factory=list)
     #: letters the reconciler put on the queue again because they sat in `queued`, unclaimed, for
     #: requeue_after (their message was lost or stranded in Redis)
     requeued_by_reconciler: int = 0
@@ -164,14 +178,10 @@ class LedgerSpy:
         self._ledger = ledger
         self.requeued: set[str] = set()
         self.outbox: set[str] = set()
+        self.lifecycle = _LifecycleSpy(ledger.lifecycle, self._note)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
-
-    def mark_queued(self, ids: list[str], now: datetime) -> int:
-        # Every release of the reconciler's (paced or not) is marked queued just before it is sent.
-        self._note(ids)
-        return self._ledger.mark_queued(ids, now)
 
     def _note(self, ids: list[str]) -> None:
         if ids:
@@ -187,10 +197,26 @@ class LedgerSpy:
                     self.outbox.add(row.id)
 
 
+class _LifecycleSpy:
+    """``ledger.lifecycle`` with its ``mark_queued`` noted first: every release of the
+    reconciler's (paced or not) is marked queued just before it is sent."""
+
+    def __init__(self, lifecycle: Any, note: Any):
+        self._lifecycle = lifecycle
+        self._note = note
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lifecycle, name)
+
+    def mark_queued(self, ids: list[str], now: datetime) -> int:
+        self._note(ids)
+        return int(self._lifecycle.mark_queued(ids, now))
+
+
 class Stack:
     """Redis (AOF), sink, ledger, reconciler (in a thread of this process) and worker slots."""
 
-    def __init__(self, name: str, workdir: Path, *, stale_claim_after: timedelta | None):
+    def __init__(self, name: str, workdir: Path):
         self.name = name
         self.workdir = workdir
         self.run = secrets.token_hex(3)
@@ -223,9 +249,8 @@ class Stack:
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.broker_ids: dict[int, str] = {}
         self.worker_logs: dict[int, Path] = {}
-        config: dict[str, Any] = {"interval": 0.5}
-        if stale_claim_after is not None:
-            config |= {"stale_claim_after": stale_claim_after, "housekeeping_every": 2.0}
+        # Production defaults (those of `dispatcher reconcile`), but for --requeue-after.
+        config: dict[str, Any] = {}
         if REQUEUE_AFTER is not None:
             config["requeue_after"] = REQUEUE_AFTER
         self.reconciler_config = config
@@ -275,18 +300,60 @@ class Stack:
         else:
             self.broker_ids.pop(slot, None)
 
-    def kill_worker(self, slot: int) -> tuple[int, int, int]:
-        """SIGKILL; returns (pid, its claims left in `sending`, its unacked messages in Redis)."""
+    def kill_worker(self, slot: int) -> Kill:
+        """SIGKILL; what the dead worker left: its claims in `sending`, its unacked messages."""
         proc = self.workers[slot]
         pid = tp.find_worker_pid(proc.pid)
         os.kill(pid, signal.SIGKILL)
+        at, at_monotonic = datetime.now(UTC), time.monotonic()
         proc.wait(timeout=10)
         with self.service.ledger.engine.connect() as conn:
-            claims = conn.execute(
-                text("SELECT count(*) FROM deliveries WHERE state = 'sending' AND claimed_by LIKE :p"),
-                {"p": f"%:{pid}:%"},
-            ).scalar_one()
-        return pid, int(claims), self.unacked(slot)
+            claims = [
+                str(r.id)
+                for r in conn.execute(
+                    text("SELECT id FROM deliveries WHERE state = 'sending' AND claimed_by LIKE :p"),
+                    {"p": f"%:{pid}:%"},
+                )
+            ]
+        broker_id = self.broker_ids.get(slot)
+        # the letters of messages it had fetched and not started: those come back another way
+        fetched = [d for d in self.fetched_by(broker_id) if d not in claims] if broker_id is not None else []
+        return Kill(pid, at, at_monotonic, claims, fetched, self.unacked(slot), broker_id)
+
+    def fetched_by(self, broker_id: str) -> list[str]:
+        """Deliveries whose messages sit in a broker's ack sets (fetched, not acknowledged)."""
+        ns = self.settings.redis_namespace
+        out: list[str] = []
+        with contextlib.suppress(redis.RedisError):
+            for key in self.client.scan_iter(f"{ns}:__acks__.{broker_id}.*", count=1000):
+                queue = key.decode().rsplit(".", 1)[1]
+                members = list(self.client.smembers(key))
+                if not members:
+                    continue
+                for data in self.client.hmget(f"{ns}:{queue}.msgs", members):
+                    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                        out.append(str(json.loads(data)["args"][0]))
+        return out
+
+    def sent_at(self, ids: list[str]) -> dict[str, datetime | None]:
+        """When each letter was sent (None: not sent)."""
+        if not ids:
+            return {}
+        with self.service.ledger.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, state, sent_at FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids))"),
+                {"ids": json.dumps(ids)},
+            ).all()
+        return {str(r.id): stack_time(r.sent_at) if r.state in ("sent", "delivered") else None for r in rows}
+
+    def sending_of(self, pid: int) -> int:
+        with self.service.ledger.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM deliveries WHERE state = 'sending' AND claimed_by LIKE :p"),
+                    {"p": f"%:{pid}:%"},
+                ).scalar_one()
+            )
 
     def unacked(self, slot: int) -> int:
         broker_id = self.broker_ids.get(slot)
@@ -456,6 +523,9 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
         outcome.claims_released = conn.execute(
             text("SELECT count(*) FROM attempts WHERE text LIKE '%(stale claim)%'")
         ).scalar_one()
+        outcome.liveness_released = conn.execute(
+            text("SELECT count(*) FROM attempts WHERE text LIKE '%(its liveness lapsed)%'")
+        ).scalar_one()
         rows = conn.execute(
             text("SELECT created_at, sent_at FROM deliveries WHERE state = 'sent' AND sent_at IS NOT NULL")
         ).all()
@@ -486,14 +556,15 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
                 f"in Redis: {'; '.join(where.get(row.id, [])) or 'nowhere'}"
             )
     if outcome.duplicate_ids:
-        # the contract's one window: the letter's claim went stale (its worker died mid-send)
+        # the contract's one window: the letter's claim was taken back (its worker died mid-send)
         with stack.service.ledger.engine.connect() as conn:
             stale = dict(
                 conn.execute(
                     text(
                         "SELECT d.message_id, a.worker FROM deliveries d JOIN attempts a ON a.delivery_id = d.id "
-                        "WHERE a.text LIKE '%(stale claim)%'"
-                    )
+                        "WHERE a.text LIKE :t"
+                    ),
+                    {"t": RELEASED_TEXT},
                 ).all()
             )
         by_worker = Counter(stale[m] for m in outcome.duplicate_ids if m in stale)
@@ -502,15 +573,45 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
         for worker, count in sorted(by_worker.items()):
             outcome.events.append(f"duplicates from letters claimed by dead worker {worker}: {count}")
         if outcome.dups_outside_window:
-            outcome.notes.append(f"{outcome.dups_outside_window} duplicate(s) of letters with no stale claim")
+            outcome.notes.append(f"{outcome.dups_outside_window} duplicate(s) of letters with no released claim")
         outcome.notes.append("duplicate Message-IDs: " + ", ".join(outcome.duplicate_ids[:10]))
 
 
 def stack_time(value: Any) -> datetime | None:
-    """A ledger timestamp read through a raw text() query (SQLite gives strings)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
+    """A ledger timestamp read through a raw text() query (SQLite gives strings), in UTC."""
+    if value is None:
+        return None
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+@dataclass
+class Kill:
+    """One ``kill -9`` and what the dead worker left behind."""
+
+    pid: int
+    at: datetime
+    at_monotonic: float
+    #: its claims in `sending`
+    claims: list[str]
+    #: letters whose messages it had fetched and not acknowledged, other than its claims
+    fetched: list[str]
+    unacked: int
+    broker_id: str | None
+    #: its letters still in `sending` KILL_RECOVERY_S after the kill (None: not yet looked)
+    sending_after: int | None = None
+
+    def recovery(self, sent: dict[str, datetime | None]) -> tuple[float | None, float | None]:
+        """Seconds from the kill until the last of its claimed letters and of its fetched letters
+        was sent (None: one was not sent)."""
+
+        def last(ids: list[str]) -> float | None:
+            times = [sent.get(i) for i in ids]
+            if any(t is None for t in times):
+                return None
+            return max(((t - self.at).total_seconds() for t in times if t is not None), default=0.0)
+
+        return last(self.claims), last(self.fetched)
 
 
 def event(outcome: Outcome, started: float, msg: str) -> None:
@@ -524,7 +625,7 @@ def event(outcome: Outcome, started: float, msg: str) -> None:
 
 def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -> Outcome:
     out = Outcome("kill", disruption_label="kill -9 of worker 1 (restarted)")
-    stack = Stack("kill", workdir, stale_claim_after=KILL_STALE_CLAIM)
+    stack = Stack("kill", workdir)
     try:
         stack.start_worker(0)
         stack.start_worker(1)
@@ -537,7 +638,7 @@ def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -
                 break
         thresholds = [int(m * n) for m in marks]
         started = time.monotonic()
-        killed: list[tuple[int, int]] = []  # (slot, pid)
+        kills: list[Kill] = []
         #: dead brokers whose ack sets still hold messages: broker id -> when it was killed
         unreturned: dict[str, float] = {}
 
@@ -552,22 +653,31 @@ def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -
                         f"the killed worker's unacked messages were back on the queue after "
                         f"{time.monotonic() - at:.1f} s",
                     )
+            for kill in kills:
+                if kill.sending_after is None and time.monotonic() - kill.at_monotonic >= KILL_RECOVERY_S:
+                    kill.sending_after = stack.sending_of(kill.pid)
+                    event(
+                        out,
+                        started,
+                        f"{KILL_RECOVERY_S:.0f} s after the kill of pid {kill.pid}: {kill.sending_after} of its "
+                        f"letters in `sending`, {stack.states().get('sending', 0)} in all",
+                    )
             if sent is None:
-                # every letter is final; check once more that the dead workers' ack sets went back
-                return not unreturned
+                # every letter is final; wait until the dead workers' ack sets went back and the
+                # last kill is 60 s old (nothing may be left in `sending` then)
+                return not unreturned and all(k.sending_after is not None for k in kills)
             if thresholds and sent >= thresholds[0]:
                 thresholds.pop(0)
-                dead_broker = stack.broker_ids.get(1)
-                pid, claims, unacked = stack.kill_worker(1)
-                if dead_broker is not None and unacked > 0:
-                    unreturned[dead_broker] = time.monotonic()
-                killed.append((1, pid))
+                kill = stack.kill_worker(1)
+                if kill.broker_id is not None and kill.unacked > 0:
+                    unreturned[kill.broker_id] = time.monotonic()
+                kills.append(kill)
                 out.disruptions += 1
                 event(
                     out,
                     started,
-                    f"kill -9 worker pid {pid} at {sent}/{n} sent: {claims} claim(s) left in `sending`, "
-                    f"{unacked} unacked message(s) in its dramatiq ack set",
+                    f"kill -9 worker pid {kill.pid} at {sent}/{n} sent: {len(kill.claims)} claim(s) left in "
+                    f"`sending`, {kill.unacked} unacked message(s) in its dramatiq ack set",
                 )
                 stack.start_worker(1)
                 event(out, started, f"worker 1 restarted (pid {stack.workers[1].pid})")
@@ -576,13 +686,33 @@ def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -
         drive(stack, out, appeals, args.timeout, step)
         if thresholds:
             out.notes.append(f"only {out.disruptions} of 3 kills happened (the run ended first)")
-        # the reconciler's releases, from the ledger's point of view: attempts by dead workers
+        # per kill: when the dead worker's letters were taken back and sent (read first: every
+        # ledger transaction begins immediately, so no second one may open inside the next)
+        sent_at = stack.sent_at([i for kill in kills for i in kill.claims + kill.fetched])
         with stack.service.ledger.engine.connect() as conn:
-            for _, pid in killed:
+            for i, kill in enumerate(kills, 1):
                 rows = conn.execute(
-                    text("SELECT count(*) FROM attempts WHERE worker LIKE :p"), {"p": f"%:{pid}:%"}
+                    text("SELECT count(*) FROM attempts WHERE worker LIKE :p"), {"p": f"%:{kill.pid}:%"}
                 ).scalar_one()
-                out.events.append(f"pid {pid}: {rows} attempt row(s) recorded before it died")
+                released = [
+                    stack_time(r.started_at) + timedelta(milliseconds=float(r.duration_ms or 0))  # type: ignore[operator]
+                    for r in conn.execute(
+                        text("SELECT started_at, duration_ms FROM attempts WHERE worker LIKE :p AND text LIKE :t"),
+                        {"p": f"%:{kill.pid}:%", "t": RELEASED_TEXT},
+                    )
+                ]
+                claims_s, fetched_s = kill.recovery(sent_at)
+                both = [claims_s, fetched_s]
+                recovery = None if None in both else max(x for x in both if x is not None)
+                out.recovery_s.append(recovery)
+                out.sending_after_60s.append(kill.sending_after)
+                release_s = ", ".join(f"{(t - kill.at).total_seconds():.1f}" for t in sorted(released))
+                out.events.append(
+                    f"kill {i} (pid {kill.pid}): {len(kill.claims)} claim(s) released after [{release_s}] s, "
+                    f"the last of them sent after {_secs(claims_s)}; {len(kill.fetched)} other fetched letter(s), "
+                    f"the last sent after {_secs(fetched_s)}; all its letters sent after {_secs(recovery)}; "
+                    f"{rows} attempt row(s) by it"
+                )
         ns = stack.settings.redis_namespace
         leftover = [k.decode() for k in stack.client.scan_iter(f"{ns}:__acks__.*") if stack.client.scard(k)]
         out.events.append(f"non-empty dramatiq ack sets at the end: {len(leftover)}")
@@ -591,9 +721,13 @@ def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -
     return out
 
 
+def _secs(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
 def scenario_redis(args: argparse.Namespace, workdir: Path, rng: random.Random) -> Outcome:
     out = Outcome("redis", disruption_label="Redis stop + start (AOF)")
-    stack = Stack("redis", workdir, stale_claim_after=None)
+    stack = Stack("redis", workdir)
     try:
         stack.start_worker(0)
         stack.start_worker(1)
@@ -629,7 +763,7 @@ def scenario_redis(args: argparse.Namespace, workdir: Path, rng: random.Random) 
 
 def scenario_smtp(args: argparse.Namespace, workdir: Path, rng: random.Random) -> Outcome:
     out = Outcome("smtp", disruption_label=f"sink down {SMTP_DOWN_S:.0f} s")
-    stack = Stack("smtp", workdir, stale_claim_after=None)
+    stack = Stack("smtp", workdir)
     try:
         stack.start_worker(0)
         stack.start_worker(1)
@@ -682,6 +816,7 @@ COLUMNS = (
     "max att",
     "retried",
     "stale rel.",
+    "dead rel.",
     "requeued",
     "stranded",
     "outbox",
@@ -705,6 +840,7 @@ def table_rows(outcomes: list[Outcome]) -> list[list[str]]:
             str(o.max_attempts),
             str(o.retried_letters),
             str(o.claims_released),
+            str(o.liveness_released),
             str(o.requeued_by_reconciler),
             str(o.stranded_requeued),
             str(o.outbox_by_reconciler),
@@ -725,7 +861,8 @@ def print_table(outcomes: list[Outcome]) -> None:
     console.print(
         "dups: Message-IDs accepted more than once by the sink(s); disrupt.: kills / restarts done; "
         "att/letter: attempt rows per letter; retried: letters with more than one attempt row; "
-        "stale rel.: claims the reconciler took back; requeued: `queued` letters the reconciler "
+        "stale rel.: claims the reconciler took back as stale (11 min); dead rel.: claims it took back "
+        "because their worker's liveness key lapsed; requeued: `queued` letters the reconciler "
         "queued again after requeue_after (message lost or stranded); stranded: messages the reconciler took "
         "out of a live worker's ack set, never received, and queued again; outbox: letters with no try the reconciler "
         "queued (intake's enqueue failed); max lat.: slowest created → sent"
@@ -759,6 +896,11 @@ def verdict(o: Outcome) -> str:
         problems.append(f"{o.dups_outside_window} dup outside the window")
     if o.max_dups_per_kill > 1:
         problems.append(f"{o.max_dups_per_kill} dup from one kill")
+    for i, (s, left) in enumerate(zip(o.recovery_s, o.sending_after_60s, strict=True), 1):
+        if s is None or s > KILL_RECOVERY_S:
+            problems.append(f"kill {i}: letters sent after {_secs(s)}")
+        if left:
+            problems.append(f"kill {i}: {left} in `sending` after {KILL_RECOVERY_S:.0f} s")
     if o.timed_out:
         problems.append("timed out")
     return "ok" if not problems else "FAIL: " + "; ".join(problems)
@@ -794,6 +936,9 @@ def record(args: argparse.Namespace, outcomes: list[Outcome]) -> None:
                 "attempt_outcomes": o.attempt_outcomes,
                 "retried_letters": o.retried_letters,
                 "claims_released": o.claims_released,
+                "liveness_released": o.liveness_released,
+                "recovery_s": [None if s is None else round(s, 1) for s in o.recovery_s],
+                "sending_after_60s": o.sending_after_60s,
                 "requeued_by_reconciler": o.requeued_by_reconciler,
                 "outbox_by_reconciler": o.outbox_by_reconciler,
                 "stranded_requeued": o.stranded_requeued,

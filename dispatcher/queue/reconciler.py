@@ -4,10 +4,12 @@ Each tick it sends to the queue the deliveries that are due and not on it: new a
 immediate enqueue failed (Redis was down) or that joined a recipient's backlog, retries whose
 backoff ran out, and queued letters whose message was lost. A recipient with caps gets its
 letters paced over the time left before their deadlines (:mod:`dispatcher.queue.pacer`), not
-all at once. Less often it takes back claims that went stale (a worker died mid-send), expires
-letters whose campaign deadline passed, and purges personal data whose retention ran out. And
-it settles letters whose channel's final report is late: it asks the channel (a fax gateway's
-``get``) once the report is ``poll_after`` late, and applies reports that overtook their send.
+all at once. Every few seconds it takes back the claims of workers whose liveness key lapsed (they
+died mid-send: :mod:`dispatcher.queue.liveness`). Less often it takes back claims that went stale
+(the backstop, for a worker that never had a liveness key), expires letters whose campaign
+deadline passed, and purges personal data whose retention ran out. And it settles letters whose
+channel's final report is late: it asks the channel (a fax gateway's ``get``) once the report
+is ``poll_after`` late, and applies reports that overtook their send.
 
 Several reconcilers may run (one per machine): a lease in Redis lets one release at a time
 (:mod:`dispatcher.queue.leader`). Housekeeping is compare-and-set on every row, so all run it.
@@ -32,6 +34,7 @@ from dispatcher.logging import get_logger
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
 from dispatcher.queue.deadletters import DeadLetterSweep
 from dispatcher.queue.leader import Lease
+from dispatcher.queue.liveness import DeadWorkers
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reports import ReportApplier
@@ -52,7 +55,8 @@ class ReconcilerConfig:
     #: a queued delivery nobody claimed for this long gets a new message
     requeue_after: timedelta = timedelta(minutes=15)
     #: a claim older than this is taken back; above the actor's time limit so a slow send
-    #: is never taken from a live worker
+    #: is never taken from a live worker. The backstop: a dead worker's claims normally come back
+    #: through its lapsed liveness key within a minute (settings.worker_liveness_seconds)
     stale_claim_after: timedelta = field(default_factory=lambda: timedelta(milliseconds=TIME_LIMIT_MS + 60_000))
     #: seconds between housekeeping runs (stale claims, deadlines, retention, stranded messages)
     housekeeping_every: float = 30.0
@@ -95,10 +99,12 @@ class Reconciler:
         #: the event loop the channels' polls run on (built on the first poll)
         self._loop: LoopThread | None = None
         self._last_housekeeping: datetime | None = None
+        self._last_liveness: datetime | None = None
         # Both look at Redis itself, so only with a Redis broker (None with tests' stub queues).
         broker = getattr(enqueuer, "broker", None)
         self.dead_letters = DeadLetterSweep.for_broker(broker, ledger, clock=clock)
         self.strays = StrandedMessages.for_broker(broker, ledger.views.state_of, after=self.config.stranded_after)
+        self.dead_workers = DeadWorkers.for_broker(broker, ttl_seconds=settings.worker_liveness_seconds)
 
     def tick(self) -> int:
         """Release what is due; returns how many deliveries were sent to the queue."""
@@ -108,6 +114,12 @@ class Reconciler:
         ):
             self.housekeeping(now)
             self._last_housekeeping = now
+        # Before releasing, so that a dead worker's letters go to the queue in this very tick.
+        if self.dead_workers is not None and (
+            self._last_liveness is None or (now - self._last_liveness).total_seconds() >= self.dead_workers.every
+        ):
+            self._last_liveness = now
+            _on_its_own("reconciler.liveness_check_failed", lambda: self.release_dead_workers(now))
         if not self._leading():
             return 0
         grace = self.config.fresh_grace
@@ -145,6 +157,22 @@ class Reconciler:
         if not was:
             self.pacer.forget()  # another reconciler released letters while we stood by
         return True
+
+    def release_dead_workers(self, now: datetime) -> list[str]:
+        """Claims of workers seen dead back to planned, due now; returns the deliveries. Every
+        reconciler does it: the release is compare-and-set on state and claimant."""
+        if self.dead_workers is None:
+            return []
+        dead = self.dead_workers.look()
+        if not dead:
+            return []
+        released = self.ledger.lifecycle.release_claims(now, workers=dead)
+        for delivery in released:
+            log.warning("delivery.claim_released", delivery=delivery, reason="worker liveness lapsed")
+        log.warning("worker.seen_dead", workers=dead, claims_released=len(released))
+        # Only once the ledger has the release: if it failed, the next look tries again.
+        self.dead_workers.forget(dead)
+        return released
 
     def housekeeping(self, now: datetime) -> None:
         for delivery in self.ledger.lifecycle.release_claims(now, claimed_before=now - self.config.stale_claim_after):
