@@ -24,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from dispatcher.policy.hours import OfficeHours
+from dispatcher.rates import Rate
+
 #: a channel's name, as the channel registry knows it (dispatcher.channels.registry); the loader
 #: checks every name a config file uses against the registry it is given
 ChannelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,15}$")]
@@ -59,8 +62,6 @@ def normalise_fax(raw: str, region: str | None) -> str:
 
 
 def _valid_rates(value: list[str]) -> list[str]:
-    from dispatcher.policy.limits import Rate
-
     for text in value:
         Rate.parse(text)
     return value
@@ -107,8 +108,6 @@ class Target(_Frozen):
     @model_validator(mode="after")
     def _hours(self) -> Target:
         if self.office_hours is not None:
-            from dispatcher.policy.hours import OfficeHours
-
             OfficeHours.parse(self.timezone, self.office_hours)
         return self
 

@@ -7,8 +7,9 @@ message, a second worker, a late webhook or a reconciler racing a worker can nev
 the table does not list, nor make one twice. Asking for a move the table does not have (a
 source the event may not start from) raises :class:`IllegalTransition` before any SQL runs.
 
-A closed campaign's letter never goes back to waiting: a move that would leave one planned,
-queued or bundled cancels it instead, in the same transaction, whatever the section.
+A closed campaign's letter never goes back to waiting: a move that would bring one from a
+worker's hands or from ``sent`` back to planned, queued or bundled cancels it instead, in the
+same statement, whatever the section.
 
 New deliveries start in :func:`dispatcher.ledger.states.initial` (:func:`planned_values`).
 """
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Update, and_, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Update, and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
+from dispatcher.errors import DispatchError
 from dispatcher.ledger.engine import new_id
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
@@ -53,17 +55,39 @@ def _sources(event: Event, sources: Iterable[State] | None) -> frozenset[State]:
     return start
 
 
-def statement(
+def _compare_and_set(
     event: Event,
     *where: ColumnElement[bool],
     sources: Iterable[State] | None = None,
     values: Mapping[str, Any] | None = None,
 ) -> Update:
-    """The compare-and-set for ``event`` (without the closed-campaign guard: use :func:`move`
-    unless the move's target can never be a waiting state, as for a claim)."""
+    """The one statement of ``event``'s move: ``UPDATE ... SET state = <its target> WHERE ... AND
+    state IN (<its sources>)``. ``values`` may hold a ``state`` that is a choice between table
+    targets (the closed-campaign guard below); nothing else sets a state."""
     start = _sources(event, sources)
     target = TRANSITIONS[event].target
-    return update(D).where(D.c.state.in_(sorted(start)), *where).values(state=target, **(values or {}))
+    return update(D).where(D.c.state.in_(sorted(start)), *where).values(**{"state": target, **(values or {})})
+
+
+#: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
+#: channel accepted it and its report may still send it back
+_OUT = frozenset({State.SENDING, State.SENT})
+
+
+def _unless_closed(target: State, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` for a move back to waiting that cancels the letter instead when its campaign
+    was closed meanwhile: one statement, so no window between the check and the move."""
+    closed = D.c.campaign.in_(select(CC.c.campaign))
+    reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
+    return {
+        **values,
+        "state": case((closed, State.CANCELLED.value), else_=target.value),
+        "last_outcome": case((closed, CANCELLED_OUTCOME), else_=values.get("last_outcome", D.c.last_outcome)),
+        "last_text": case(
+            (closed, literal("campaign closed: ") + func.coalesce(reason, "")),
+            else_=values.get("last_text", D.c.last_text),
+        ),
+    }
 
 
 def move(
@@ -74,33 +98,21 @@ def move(
     values: Mapping[str, Any] | None = None,
 ) -> int:
     """Make ``event``'s move for every delivery matching ``where`` that is in one of its source
-    states (or of ``sources``, a subset of them); returns how many moved, counting those a
-    closed campaign cancelled instead."""
+    states (or of ``sources``, a subset of them); returns how many moved (including those a
+    closed campaign cancelled instead)."""
     if not where:
         raise ValueError("a move names the deliveries it applies to")
     start = _sources(event, sources)
     target = TRANSITIONS[event].target
-    moved = 0
-    if target in PENDING:
+    given = dict(values or {})
+    if target in PENDING and start & _OUT:
         # A campaign closed while the letter was out of the waiting states (being sent, or sent
-        # and then reported failed): it does not wait again, it is cancelled.
-        reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
-        cancelled = statement(
-            E.CANCELLED,
-            *where,
-            D.c.campaign.in_(select(CC.c.campaign)),
-            sources=start,
-            values={
-                "claimed_by": None,
-                "claimed_at": None,
-                "last_outcome": CANCELLED_OUTCOME,
-                "last_text": literal("campaign closed: ") + func.coalesce(reason, ""),
-                **{k: v for k, v in (values or {}).items() if k == "updated_at"},
-            },
-        )
-        moved += conn.execute(cancelled).rowcount
-    moved += conn.execute(statement(event, *where, sources=start, values=values)).rowcount
-    return moved
+        # and then reported failed): it does not wait again, it is cancelled. (Closing cancels
+        # the letters that were waiting; a letter planned since is cancelled by the worker
+        # that claims it.)
+        assert start <= TRANSITIONS[E.CANCELLED].sources
+        given = _unless_closed(target, given)
+    return conn.execute(_compare_and_set(event, *where, sources=start, values=given)).rowcount
 
 
 def one(delivery_id: str) -> ColumnElement[bool]:
@@ -215,7 +227,7 @@ class Lifecycle:
     def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
         """Take a waiting, due delivery for sending; None if it is not ours to send."""
         # One statement, UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL): the worker's hot path.
-        stmt = statement(
+        stmt = _compare_and_set(
             E.CLAIMED,
             D.c.id == delivery_id,
             # A queued letter was released already: no second guess with this worker's clock,
@@ -590,7 +602,7 @@ class DigestRoute:
     domain: str
 
 
-class _NothingJoined(Exception):
+class _NothingJoined(DispatchError):
     pass
 
 

@@ -291,7 +291,8 @@ class Views:
     def deliveries(
         self, where: DeliveryFilter = DeliveryFilter(), *, after: str | None = None, limit: int = 50
     ) -> Page:
-        """One page of deliveries, newest first (by id within a second), filtered."""
+        """One page of deliveries matching ``where``, in id order (stable across pages: pass the
+        last page's ``next_after`` as ``after``)."""
         conds = []
         for column, value in (
             (D.c.campaign, where.campaign),

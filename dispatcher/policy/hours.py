@@ -23,6 +23,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from dispatcher.errors import DispatchError
+
 #: an end of "24:00" (midnight at the end of the day) is stored as this
 END_OF_DAY = time.max
 
@@ -209,7 +211,7 @@ class OfficeHours:
         return cls(timezone, week, closed)
 
 
-class HoursSpecError(ValueError):
+class HoursSpecError(DispatchError, ValueError):
     """A problem in an office-hours table; ``key`` and ``value`` say where."""
 
     def __init__(self, key: str, value: Any, message: str):

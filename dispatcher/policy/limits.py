@@ -17,17 +17,17 @@ See docs/policy.md.
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis
+
+from dispatcher.rates import MICROS
+from dispatcher.rates import Rate as Rate
 
 # Times travel as integer microseconds: exact in a Lua double (2**53 µs is 285 years), and
 # scores that are whole numbers let "strictly after now - W" be written as ">= now - W + 1"
 # without string-formatting a number in Lua (its tostring keeps only 14 digits).
-_MICROS = 1_000_000
 
 #: KEYS[1] log, KEYS[2] horizon; ARGV: now_us or "", token, then count and window_us per rate.
 #: Returns 0 when a slot was taken under every rate, else the microseconds until one frees.
@@ -99,51 +99,9 @@ end
 return counts
 """
 
-_UNITS = {
-    "s": 1, "sec": 1, "second": 1, "seconds": 1,
-    "m": 60, "min": 60, "minute": 60, "minutes": 60,
-    "h": 3600, "hour": 3600, "hours": 3600,
-    "d": 86400, "day": 86400, "days": 86400,
-}  # fmt: skip
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([A-Za-z]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Rate:
-    """At most ``count`` letters in any ``seconds``-long window."""
-
-    count: int
-    seconds: float
-
-    def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError(f"a rate's count must be a whole number of at least 1, not {self.count!r}")
-        # A window under a millisecond would expire its keys before it ends (PEXPIRE is in ms).
-        if not self.seconds >= 0.001 or math.isinf(self.seconds):
-            raise ValueError(f"a rate's window must be at least 1 ms, not {self.seconds!r} s")
-
-    @classmethod
-    def parse(cls, text: str) -> Rate:
-        """``"2/hour"``, ``"10/minute"``, ``"100/day"``, ``"5/30s"``, ``"3/2h"``."""
-        match = _RATE.match(text) if isinstance(text, str) else None
-        unit = _UNITS.get(match.group(3).lower()) if match else None
-        if match is None or unit is None:
-            raise ValueError(
-                f"rate {text!r} is not 'N/window' with a unit, e.g. '2/hour', '10/minute', '100/day' or '5/30s'"
-            )
-        multiple = float(match.group(2)) if match.group(2) else 1.0
-        return cls(int(match.group(1)), multiple * unit)
-
-    @property
-    def micros(self) -> int:
-        return round(self.seconds * _MICROS)
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.seconds:g}s"
-
 
 def _micros(now: float | None) -> str:
-    return "" if now is None else str(round(now * _MICROS))
+    return "" if now is None else str(round(now * MICROS))
 
 
 class RateLimiter:
@@ -181,11 +139,11 @@ class RateLimiter:
         wait_us = int(self._reserve(keys=self._keys(key), args=args))
         if wait_us <= 0:
             return 0.0
-        wait = wait_us / _MICROS
+        wait = wait_us / MICROS
         if now is not None:
             # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
-            target = round(now * _MICROS) + wait_us
-            while round((now + wait) * _MICROS) < target:
+            target = round(now * MICROS) + wait_us
+            while round((now + wait) * MICROS) < target:
                 wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
         return wait
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 import dramatiq
 from dramatiq import Broker, Message
 
+from dispatcher.errors import DispatchError
+
 QUEUE = "deliveries"
 ACTOR = "deliver"
 #: dramatiq's own retries cover crashes of the actor itself (a database blip); sending
@@ -33,7 +35,7 @@ def declare_deliver(broker: Broker, process: Callable[[str], None]) -> dramatiq.
     )(process)
 
 
-class EnqueueFailed(Exception):
+class EnqueueFailed(DispatchError):
     """The queue refused a message; ``sent`` are the ids that made it before it did."""
 
     def __init__(self, sent: list[str], cause: BaseException):

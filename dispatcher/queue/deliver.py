@@ -24,6 +24,7 @@ from dispatcher.config.models import Section, Target
 from dispatcher.errors import (
     DeferredError,
     DeliveryError,
+    DispatchError,
     DocumentRejected,
     OperationalError,
     Outcome,
@@ -64,7 +65,7 @@ class Sender(NamedTuple):
     reply_to: str
 
 
-class ChannelFault(Exception):
+class ChannelFault(DispatchError):
     """An OperationalError raised by a channel's own send: the channel itself is unusable."""
 
     def __init__(self, error: OperationalError):

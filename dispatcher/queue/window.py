@@ -33,8 +33,10 @@ import asyncio
 import contextlib
 import threading
 
+from dispatcher.errors import DispatchError
 
-class WindowClosed(RuntimeError):
+
+class WindowClosed(DispatchError, RuntimeError):
     """The worker thread gave up on this letter before its DATA could start."""
 
 

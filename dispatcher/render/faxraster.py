@@ -42,6 +42,8 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image, ImageChops
 
+from dispatcher.errors import DispatchError
+
 Resolution = Literal["fine", "standard"]
 Paper = Literal["a4", "letter"]
 Compression = Literal["group4", "group3"]
@@ -75,7 +77,7 @@ _TAG_PHOTOMETRIC = 262
 _PHOTOMETRIC_WHITE_IS_ZERO = 0
 
 
-class FaxRasterError(ValueError):
+class FaxRasterError(DispatchError, ValueError):
     """The PDF cannot be turned into fax pages (unreadable, empty, or not the paper expected)."""
 
 

@@ -46,7 +46,7 @@ from dispatcher.channels.fax.base import (
     failure_error,
     newest,
 )
-from dispatcher.errors import OperationalError, PermanentError
+from dispatcher.errors import DispatchError, OperationalError, PermanentError
 from dispatcher.logging import get_logger
 from dispatcher.sandbox.spandsp import (
     SAMPLE_RATE,
@@ -125,7 +125,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 # --------------------------------------------------------------------------- documents
 
 
-class DocumentProblem(ValueError):
+class DocumentProblem(DispatchError, ValueError):
     """The job's TIFF is not a fax-ready document."""
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
+from dispatcher.errors import DispatchError
+
 __all__ = [
     "SAMPLE_RATE",
     "AudioBlock",
@@ -41,7 +43,7 @@ __all__ = [
 SAMPLE_RATE = 8000
 
 
-class SpandspUnavailable(RuntimeError):
+class SpandspUnavailable(DispatchError, RuntimeError):
     """libspandsp2 is not installed (scripts/ensure-system-deps.sh installs it)."""
 
 

@@ -38,7 +38,7 @@ from aiosmtplib.email import flatten_message, parse_address
 
 from dispatcher.channels.email.classify import Stage, classify
 from dispatcher.config.models import SmtpRelay
-from dispatcher.errors import OperationalError, PermanentError
+from dispatcher.errors import DispatchError, OperationalError, PermanentError
 from dispatcher.logging import get_logger
 
 log = get_logger(__name__)
@@ -349,7 +349,7 @@ class SmtpPool:
             log.debug("smtp.connection_dropped", relay=f"{self.host}:{self.port}", reason=reason)
 
 
-class _StaleConnection(Exception):
+class _StaleConnection(DispatchError):
     """The connection died before MAIL FROM was accepted: nothing reached the relay."""
 
     def __init__(self, cause: aiosmtplib.SMTPServerDisconnected) -> None:

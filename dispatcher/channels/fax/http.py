@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from dispatcher.channels.fax.base import FailureKind, FaxFailure, FaxJob, FaxReport, newest
-from dispatcher.errors import BlipError, DeliveryError, OperationalError, PermanentError, TransientError
+from dispatcher.errors import BlipError, DeliveryError, DispatchError, OperationalError, PermanentError, TransientError
 
 #: connect fast (a dead gateway should not hold a worker), but give an upload time to finish
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -42,7 +42,7 @@ class FaxNotFound(PermanentError):
     """The gateway has no fax with this id (or not in our account)."""
 
 
-class UncertainCreate(Exception):
+class UncertainCreate(DispatchError):
     """A create whose outcome we do not know: the fax may exist. Carries the error to raise
     if a lookup by tag finds nothing."""
 
