@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import dramatiq
+
 from dispatcher.channels.base import Channel
 from dispatcher.channels.builtin import builtin_channels
 from dispatcher.channels.fax.base import FaxGateway
@@ -25,6 +27,9 @@ from dispatcher.policy.gate import SendingGate
 from dispatcher.policy.limits import RateLimiter
 from dispatcher.policy.lines import Lines
 from dispatcher.policy.pacing import PacingPolicy
+from dispatcher.queue.actors import Enqueuer, declare_deliver
+from dispatcher.queue.broker import make_broker
+from dispatcher.queue.deadletters import DeadLetters
 from dispatcher.queue.deliver import DeliveryProcessor
 from dispatcher.queue.leader import Lease
 from dispatcher.queue.liveness import Heartbeat
@@ -33,12 +38,14 @@ from dispatcher.queue.outcomes import Outcomes
 from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
 from dispatcher.queue.reports import ReportApplier
+from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, ShutdownReport, stop_worker
 from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
 from dispatcher.retry import RetryPolicy
 from dispatcher.settings import Settings
 
 if TYPE_CHECKING:
+    from dramatiq.brokers.redis import RedisBroker
     from fastapi import FastAPI
 
 
@@ -103,15 +110,11 @@ class Service:
         return standard_documents(self.renderer)
 
     @cached_property
-    def broker(self) -> Any:
-        from dispatcher.queue.broker import make_broker
-
+    def broker(self) -> RedisBroker:
         return make_broker(self.settings)
 
     @cached_property
-    def enqueuer(self) -> Any:
-        from dispatcher.queue.actors import Enqueuer
-
+    def enqueuer(self) -> Enqueuer:
         return Enqueuer(self.broker)
 
     @cached_property
@@ -221,10 +224,6 @@ class Service:
 
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
         """A dramatiq worker consuming deliveries in this process (not yet started)."""
-        import dramatiq
-
-        from dispatcher.queue.actors import declare_deliver
-
         loop = LoopThread()
         # Host and pid for operators; a random part because a container restarted after a kill
         # gets the same host name and pid, and must not pass for (and keep alive) the dead one.
@@ -262,12 +261,9 @@ class Service:
             ),
         )
 
-    def _worker_middleware(self) -> Any:
+    def _worker_middleware(self) -> InFlight:
         """Dead letters recorded in the ledger; in-flight messages tracked for a clean shutdown.
         Installed once per broker (a test may build several workers on one service)."""
-        from dispatcher.queue.deadletters import DeadLetters
-        from dispatcher.queue.shutdown import InFlight
-
         middleware = self.broker.middleware
         if not any(isinstance(m, DeadLetters) for m in middleware):
             self.broker.add_middleware(DeadLetters(self.ledger, self.clock))
@@ -280,16 +276,16 @@ class Service:
 
 @dataclass
 class WorkerHandle:
-    worker: Any
+    worker: dramatiq.Worker
     loop: LoopThread
     channels: Channels
     processor: DeliveryProcessor
-    in_flight: Any = None
+    in_flight: InFlight | None = None
     ledger: Ledger | None = None
-    enqueuer: Any = None
+    enqueuer: Enqueuer | None = None
     #: the process's liveness key (dispatcher/queue/liveness.py); None: the worker has none, and a
     #: death leaves its claims to the stale-claim timeout
-    liveness: Any = None
+    liveness: Heartbeat | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -297,13 +293,10 @@ class WorkerHandle:
             self.liveness.start()  # registered before the first claim
         self.worker.start()
 
-    def stop(self, timeout_ms: int | None = None, *, hurry: threading.Event | None = None) -> Any:
+    def stop(self, timeout_ms: int | None = None, *, hurry: threading.Event | None = None) -> ShutdownReport | None:
         """Finish in-flight letters (up to ``timeout_ms``, default 60 s), hand unstarted messages
         back to Redis at once, hand back what is still in flight at the timeout, close connections.
         Returns a :class:`dispatcher.queue.shutdown.ShutdownReport` (None if already stopped)."""
-        from dispatcher.queue.actors import Enqueuer
-        from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, stop_worker
-
         if self._stopped.is_set():
             return None
         self._stopped.set()

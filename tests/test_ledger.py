@@ -191,3 +191,30 @@ def test_worker_expires_a_letter_whose_deadline_passed_while_it_waited(service):
         handle.loop.stop()
     stored = row(service, email.id)
     assert stored.state == State.EXPIRED and "deadline" in stored.last_text
+
+
+def test_deliveries_are_listed_filtered_and_paged_for_operators(service):
+    from dispatcher.ledger.views import DeliveryFilter
+
+    service.intake.enqueuer = None
+    appeals = [accept(service, client_ref=f"page-{n}") for n in range(5)]
+    emails = {d.id for a in appeals for d in a.deliveries if d.channel == "email"}
+    now = datetime.now(UTC)
+    sent = sorted(emails)[0]
+    claim = service.ledger.lifecycle.claim(sent, "w1", now)
+    service.ledger.lifecycle.finish(claim, Result(Event.SENT, "sent"), worker="w1", started_at=now, now=now)
+
+    where = DeliveryFilter(campaign=appeals[0].campaign, channel="email", states=(State.PLANNED,))
+    seen, after, pages = [], None, 0
+    while True:
+        page = service.ledger.views.deliveries(where, after=after, limit=2)
+        assert page.total == len(emails) - 1
+        seen += [d.id for d in page.items]
+        assert all(d.channel == "email" and d.state == State.PLANNED for d in page.items)
+        pages += 1
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert sorted(seen) == sorted(emails - {sent}) and pages == 2
+    [only] = service.ledger.views.deliveries(DeliveryFilter(states=(State.SENT,))).items
+    assert only.id == sent and only.sent_at is not None
