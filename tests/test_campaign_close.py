@@ -9,6 +9,7 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import Running, appeal_body, wait_for
 from tests.support.smtp import HANG
@@ -36,13 +37,14 @@ def test_a_letter_being_sent_when_the_campaign_closes_is_cancelled_not_retried(s
     processor.channels.get("email").send_timeout = 2.0
     smtp.script_rcpt([HANG])
     try:
-        sending = threading.Thread(target=processor, args=(letter,))
-        sending.start()
-        wait_for(lambda: service.ledger.views.state_of(letter) == "sending", timeout=10)
-        wait_for(lambda: "RCPT" in smtp.commands, timeout=10)
-        cancelled = service.ledger.controls.close_campaign(CAMPAIGN, "the detainee was released", datetime.now(UTC))
-        assert cancelled is not None and cancelled >= 1  # the other section's letters, at once
-        sending.join(30)
+        with capture_logs() as logs:
+            sending = threading.Thread(target=processor, args=(letter,))
+            sending.start()
+            wait_for(lambda: service.ledger.views.state_of(letter) == "sending", timeout=10)
+            wait_for(lambda: "RCPT" in smtp.commands, timeout=10)
+            cancelled = service.ledger.controls.close_campaign(CAMPAIGN, "the detainee was released", datetime.now(UTC))
+            assert cancelled is not None and cancelled >= 1  # the other section's letters, at once
+            sending.join(30)
     finally:
         handle.loop.run(processor.channels.get("email").aclose(), timeout=10)
         handle.loop.stop()
@@ -52,6 +54,9 @@ def test_a_letter_being_sent_when_the_campaign_closes_is_cancelled_not_retried(s
     # the try that was under way is on record; none follows
     assert [a.outcome for a in service.ledger.views.attempts(letter)] == ["transient"]
     assert service.ledger.views.state_of(elsewhere) == "cancelled"
+    # operators read what happened, not a retry that will never come
+    [ended] = [e for e in logs if e.get("delivery") == letter and e["event"].startswith("delivery.") and "reason" in e]
+    assert (ended["event"], ended["reason"]) == ("delivery.cancelled", "the campaign was closed meanwhile")
 
 
 @SQLITE

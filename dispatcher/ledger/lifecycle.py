@@ -100,6 +100,27 @@ def move(
     """Make ``event``'s move for every delivery matching ``where`` that is in one of its source
     states (or of ``sources``, a subset of them); returns how many moved (including those a
     closed campaign cancelled instead)."""
+    return conn.execute(_guarded(event, where, sources, values)).rowcount
+
+
+def move_one(
+    conn: Connection,
+    event: Event,
+    *where: ColumnElement[bool],
+    sources: Iterable[State] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> State | None:
+    """:func:`move` for one delivery: the state it is in now, or None if it did not move."""
+    row = conn.execute(_guarded(event, where, sources, values).returning(D.c.state)).first()
+    return None if row is None else State(row.state)
+
+
+def _guarded(
+    event: Event,
+    where: Sequence[ColumnElement[bool]],
+    sources: Iterable[State] | None,
+    values: Mapping[str, Any] | None,
+) -> Update:
     if not where:
         raise ValueError("a move names the deliveries it applies to")
     start = _sources(event, sources)
@@ -112,7 +133,7 @@ def move(
         # that claims it.)
         assert start <= TRANSITIONS[E.CANCELLED].sources
         given = _unless_closed(target, given)
-    return conn.execute(_compare_and_set(event, *where, sources=start, values=given)).rowcount
+    return _compare_and_set(event, *where, sources=start, values=given)
 
 
 def one(delivery_id: str) -> ColumnElement[bool]:
@@ -275,11 +296,13 @@ class Lifecycle:
             kind=row.kind,
         )
 
-    def finish(self, claim: Claim, outcome: Result, *, worker: str, started_at: datetime, now: datetime) -> bool:
-        """Record one try and move the delivery out of 'sending'.
-
-        Returns False when the claim was no longer ours (a reconciler took it back, a closed
-        campaign cancelled it first); the attempt is still recorded, because it happened.
+    def finish(
+        self, claim: Claim, outcome: Result, *, worker: str, started_at: datetime, now: datetime
+    ) -> State | None:
+        """Record one try and move the delivery out of 'sending'. Returns the state it moved to
+        (``cancelled`` rather than waiting again when its campaign was closed meanwhile), or
+        None when the claim was no longer ours (a reconciler took it back); the attempt is
+        recorded either way, because it happened.
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
         values = {**_outcome_values(outcome, now), "claimed_by": None, "claimed_at": None}
@@ -300,7 +323,7 @@ class Lifecycle:
                         pages=outcome.pages,
                     )
                 )
-            moved = move(
+            moved = move_one(
                 conn,
                 outcome.event,
                 D.c.id == claim.id,
@@ -310,12 +333,13 @@ class Lifecycle:
             )
             if moved and claim.kind == "digest":
                 mirror_digest(conn, claim.id, now, values)
-        return moved == 1
+        return moved
 
     # ------------------------------------------------------------------ late outcomes
 
-    def settle(self, delivery_id: str, remote_id: str, outcome: Result, *, now: datetime) -> bool:
-        """Apply a channel's later word (a gateway's report, a bounce) on a letter it accepted.
+    def settle(self, delivery_id: str, remote_id: str, outcome: Result, *, now: datetime) -> State | None:
+        """Apply a channel's later word (a gateway's report, a bounce) on a letter it accepted;
+        returns the state it moved to, None if it did not move.
 
         Only a delivery still ``sent`` with this very remote id moves, so a duplicate report, a
         late one for an older try, or one arriving after another final one changes nothing. The
@@ -324,7 +348,7 @@ class Lifecycle:
         values = _outcome_values(outcome, now)
         values.pop("sent_at", None)  # it went out when it was sent, not when the report came
         with self.engine.begin() as conn:
-            moved = move(
+            moved = move_one(
                 conn,
                 outcome.event,
                 D.c.id == delivery_id,
@@ -339,7 +363,7 @@ class Lifecycle:
                     .values(outcome=outcome.outcome, code=values["last_code"], text=outcome.text, pages=outcome.pages)
                 )
                 mirror_digest(conn, delivery_id, now, values)
-        return moved == 1
+        return moved
 
     # ------------------------------------------------------------------ claims given back
 

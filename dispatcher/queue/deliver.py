@@ -162,7 +162,7 @@ class DeliveryProcessor:
                 created_at=claim.created_at,
             )
         finished = max(self.clock(), now)
-        self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
+        moved = self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
         # The outcome is committed: the next letter of this process may start its DATA.
         self.window.close()
         if (
@@ -176,13 +176,17 @@ class DeliveryProcessor:
         if result.flag_number:
             self.ledger.controls.flag_number(claim.recipient, result.text or "suspect recipient", claim.id, finished)
             log.error(f"{claim.channel}.recipient_flagged", **context, reason=result.text)
+        # (cancelled instead of waiting again when its campaign closed meanwhile)
+        closed = moved is State.CANCELLED and result.state is not State.CANCELLED
         level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
         level(
-            EVENTS.get(result.state, "delivery.retry_scheduled"),
+            EVENTS.get(moved or result.state, "delivery.retry_scheduled"),
             **context,
             outcome=result.outcome,
             code=result.code,
-            reason=result.text if result.state not in (State.SENT, State.DELIVERED) else None,
+            reason="the campaign was closed meanwhile"
+            if closed
+            else (result.text if result.state not in (State.SENT, State.DELIVERED) else None),
             next_attempt_at=result.next_attempt_at.isoformat() if result.next_attempt_at else None,
             remote_id=result.remote_id,
             gateway=result.gateway,

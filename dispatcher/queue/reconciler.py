@@ -64,6 +64,10 @@ class ReconcilerConfig:
     #: back on the queue (stranded by a Redis restart: dispatcher/queue/strays.py)
     stranded_after: timedelta = timedelta(minutes=2)
     batch: int = 1000
+    #: letters whose report is late asked about per housekeeping pass, and how often one letter is
+    #: asked again while its provider has nothing final to say
+    polls_per_pass: int = 50
+    repoll_after: timedelta = timedelta(minutes=5)
     #: a reconciler that stops renewing its lease for this long is replaced by another
     lease_seconds: float = 15.0
 
@@ -98,6 +102,8 @@ class Reconciler:
         self.reports = reports
         #: the event loop the channels' polls run on (built on the first poll)
         self._loop: LoopThread | None = None
+        #: per channel, when each letter awaiting a report was last asked about
+        self._polled: dict[str, dict[str, datetime]] = {}
         self._last_housekeeping: datetime | None = None
         self._last_liveness: datetime | None = None
         # Both look at Redis itself, so only with a Redis broker (None with tests' stub queues).
@@ -212,12 +218,21 @@ class Reconciler:
             waiting = self.ledger.schedule.awaiting_reports(
                 [kind.name], sent_before=now - channel.poll_after, limit=self.config.batch
             )
-            for letter in waiting:
+            # Bounded: housekeeping runs inside the tick, and a provider that is slow to answer
+            # must not hold up the release of due letters; a letter still unsettled is asked
+            # again only after a while. Only letters still waiting are remembered.
+            asked = {w.id: at for w in waiting if (at := self._polled.get(kind.name, {}).get(w.id))}
+            self._polled[kind.name] = asked
+            due = [w for w in waiting if w.id not in asked or now - asked[w.id] >= self.config.repoll_after]
+            for letter in due[: self.config.polls_per_pass]:
                 section = self.catalog.sections.get(letter.section)
                 if section is None or letter.remote_id is None:
                     continue
+                asked[letter.id] = now
                 try:
-                    report = self._run(channel.poll(letter.id, letter.remote_id, section), channel.send_timeout)
+                    report = self._run(
+                        channel.poll(letter.id, letter.remote_id, section), min(channel.send_timeout, 30.0)
+                    )
                 except Exception as exc:  # noqa: BLE001 - the provider is away: ask again next time
                     log.warning(f"{kind.name}.poll_failed", delivery=letter.id, error=f"{type(exc).__name__}: {exc}")
                     continue

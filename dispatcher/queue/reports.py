@@ -108,7 +108,8 @@ class ReportApplier:
             )
             result, flag = found, found.flag_number
         result = replace(result, pages=report.pages, line_seconds=report.line_seconds)
-        if not self.ledger.lifecycle.settle(row.id, report.remote_id, result, now=now):
+        state = self.ledger.lifecycle.settle(row.id, report.remote_id, result, now=now)
+        if state is None:
             return "ignored: raced"
         if result.outcome == Outcome.OPERATIONAL:
             # the far side refuses us (funds, credentials): the section's channel waits
@@ -120,10 +121,9 @@ class ReportApplier:
             log.error(f"{channel}.recipient_flagged", **context)
         if self.lines is not None and self.channels.kind(channel).one_at_a_time:
             self.lines.give_back(row.recipient, row.id)
-        # (read back: a closed campaign's letter is cancelled rather than retried)
-        state = self.ledger.views.state_of(row.id)
+        # (a closed campaign's letter is cancelled rather than retried)
         log.info(
-            _SETTLED.get(state or State.PLANNED, "delivery.retry_scheduled"),
+            _SETTLED.get(state, "delivery.retry_scheduled"),
             **context,
             pages=report.pages,
             line_seconds=report.line_seconds,
