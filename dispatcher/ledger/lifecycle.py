@@ -189,6 +189,9 @@ class Claim:
     created_at: datetime | None = None
     #: "letter" or "digest"
     kind: str = "letter"
+    #: when this claim was taken: with the worker, what tells it from a later claim of the same
+    #: worker on the same letter (after this one was taken back as stale)
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,7 @@ class Lifecycle:
             D.c.queued_at,
             D.c.created_at,
             D.c.kind,
+            D.c.claimed_at,
         )
         with self.engine.begin() as conn:
             row = conn.execute(stmt).one_or_none()
@@ -294,6 +298,7 @@ class Lifecycle:
             queued_at=row.queued_at,
             created_at=row.created_at,
             kind=row.kind,
+            claimed_at=row.claimed_at,
         )
 
     def finish(
@@ -306,6 +311,13 @@ class Lifecycle:
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
         values = {**_outcome_values(outcome, now), "claimed_by": None, "claimed_at": None}
+        if outcome.counts_as_try:
+            # the far side's id of *this* try (none if it named none): a report about an earlier
+            # try must not settle this one
+            values["remote_id"] = outcome.remote_id
+        mine = [D.c.id == claim.id, D.c.claimed_by == worker]
+        if claim.claimed_at is not None:
+            mine.append(D.c.claimed_at == claim.claimed_at)
         with self.engine.begin() as conn:
             # A deferral is not a try (the letter was held back by our own policy): no attempt row.
             if outcome.outcome != "deferred":
@@ -323,14 +335,7 @@ class Lifecycle:
                         pages=outcome.pages,
                     )
                 )
-            moved = move_one(
-                conn,
-                outcome.event,
-                D.c.id == claim.id,
-                D.c.claimed_by == worker,
-                sources=[State.SENDING],
-                values=values,
-            )
+            moved = move_one(conn, outcome.event, *mine, sources=[State.SENDING], values=values)
             if moved and claim.kind == "digest":
                 mirror_digest(conn, claim.id, now, values)
         return moved
