@@ -9,8 +9,10 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import update
 from structlog.testing import capture_logs
 
+from dispatcher.ledger.models import Delivery
 from tests.conftest import Running, appeal_body, wait_for
 from tests.support.smtp import HANG
 
@@ -57,6 +59,21 @@ def test_a_letter_being_sent_when_the_campaign_closes_is_cancelled_not_retried(s
     # operators read what happened, not a retry that will never come
     [ended] = [e for e in logs if e.get("delivery") == letter and e["event"].startswith("delivery.") and "reason" in e]
     assert (ended["event"], ended["reason"]) == ("delivery.cancelled", "the campaign was closed meanwhile")
+
+
+@SQLITE
+def test_a_letter_left_waiting_by_a_race_with_the_close_is_cancelled_by_its_claim(service, smtp):
+    service.intake.enqueuer = None
+    letter = email_of(service)
+    service.ledger.controls.close_campaign(CAMPAIGN, "resolved", datetime.now(UTC))
+    # As an appeal accepted while its campaign was being closed would be (or, on PostgreSQL, a
+    # retry that read the closures just before the close committed): waiting, campaign closed.
+    with service.ledger.engine.begin() as conn:
+        conn.execute(update(Delivery).where(Delivery.id == letter).values(state="planned"))
+    assert service.ledger.lifecycle.claim(letter, "w1", datetime.now(UTC)) is None
+    view = service.ledger.views.delivery(letter)
+    assert view is not None and (view.state, view.last_text) == ("cancelled", "campaign closed: resolved")
+    assert view.attempts == 0 and smtp.messages == []
 
 
 @SQLITE

@@ -28,7 +28,7 @@ from dispatcher.queue.liveness import DeadWorkers, Heartbeat, registry_key, work
 from dispatcher.settings import Settings
 from tests.conftest import email_letters, enqueue, make_settings, wait_for
 from tests.support.services import RedisServer
-from tests.test_shutdown import Worker, message_ids, planned_message_id, sent_by, worker_env
+from tests.support.workers import Worker, message_ids, planned_message_id, sent_by, worker_env
 
 sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

@@ -66,7 +66,10 @@ def _compare_and_set(
     targets (the closed-campaign guard below); nothing else sets a state."""
     start = _sources(event, sources)
     target = TRANSITIONS[event].target
-    return update(D).where(D.c.state.in_(sorted(start)), *where).values(**{"state": target, **(values or {})})
+    # Equalities, not an expanding IN: the statement's SQL stays the same from one call to the
+    # next (compiled once, and one entry in the database's statement cache).
+    in_start = or_(*(D.c.state == s.value for s in sorted(start)))
+    return update(D).where(in_start, *where).values(**{"state": target, **(values or {})})
 
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
@@ -249,8 +252,14 @@ class Lifecycle:
     # ------------------------------------------------------------------ the worker's path
 
     def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
-        """Take a waiting, due delivery for sending; None if it is not ours to send."""
-        # One statement, UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL): the worker's hot path.
+        """Take a waiting, due delivery for sending; None if it is not ours to send. A letter
+        of a closed campaign is cancelled instead of claimed (an appeal accepted while its
+        campaign was being closed; on PostgreSQL, a move that raced the close)."""
+        # One statement, UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL): the worker's hot path,
+        # closed-campaign check included.
+        assert TRANSITIONS[E.CLAIMED].sources <= TRANSITIONS[E.CANCELLED].sources
+        closed = D.c.campaign.in_(select(CC.c.campaign))
+        reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
         stmt = _compare_and_set(
             E.CLAIMED,
             D.c.id == delivery_id,
@@ -259,12 +268,20 @@ class Lifecycle:
             # must be due.
             or_(D.c.state == State.QUEUED, D.c.next_attempt_at <= now),
             values={
-                "claimed_by": worker,
-                "claimed_at": now,
-                "attempts": D.c.attempts + 1,
+                "state": case(
+                    (closed, TRANSITIONS[E.CANCELLED].target.value), else_=TRANSITIONS[E.CLAIMED].target.value
+                ),
+                "claimed_by": case((closed, None), else_=worker),
+                "claimed_at": case((closed, None), else_=literal(now, D.c.claimed_at.type)),
+                "attempts": case((closed, D.c.attempts), else_=D.c.attempts + 1),
+                "last_outcome": case((closed, CANCELLED_OUTCOME), else_=D.c.last_outcome),
+                "last_text": case(
+                    (closed, literal("campaign closed: ") + func.coalesce(reason, "")), else_=D.c.last_text
+                ),
                 "updated_at": now,
             },
         ).returning(
+            D.c.state,
             D.c.id,
             D.c.appeal_id,
             D.c.campaign,
@@ -282,7 +299,7 @@ class Lifecycle:
         )
         with self.engine.begin() as conn:
             row = conn.execute(stmt).one_or_none()
-        if row is None:
+        if row is None or row.state != State.SENDING:
             return None
         return Claim(
             id=row.id,

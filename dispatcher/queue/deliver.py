@@ -229,11 +229,6 @@ class DeliveryProcessor:
             return Result(
                 Event.CANCELLED, "cancelled", text=f"campaign closed: {campaign.closed_reason or 'no reason given'}"
             )
-        # Closed by an operator since the letter was claimed (the close cancels waiting letters;
-        # this one was already in a worker's hands).
-        closure = self.ledger.controls.closure(campaign.id)
-        if closure is not None:
-            return Result(Event.CANCELLED, "cancelled", text=f"campaign closed: {closure.reason}")
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             return Result(Event.EXPIRED, "expired", text=f"campaign deadline {deadline.isoformat()} passed")
