@@ -19,7 +19,8 @@ What a channel declares:
   (:meth:`Channel.secrets`), the provider account a section's letters go through and that
   account's limits (:meth:`Channel.provider`), its default caps (from the service's settings)
   and whether office hours hold it;
-* **its sending**: :meth:`Channel.deliver` takes a rendered letter and returns a
+* **its sending**: :meth:`Channel.prepare` (in the worker's thread) and :meth:`Channel.deliver`
+  (on the event loop) take a rendered letter; ``deliver`` returns a
   :class:`Report`, or raises a classified :class:`dispatcher.errors.DeliveryError` (the error
   classes are the channel's mapping of its own failures onto the delivery classes);
 * **its late outcomes**: :meth:`Channel.find` looks an uncertain send up by its tag (our
@@ -174,6 +175,8 @@ class Channel(Protocol):
 
     def provider(self, section: Section) -> Provider | None: ...
 
+    def prepare(self, letter: Outgoing) -> Outgoing: ...
+
     async def deliver(self, letter: Outgoing) -> Report: ...
 
     async def find(self, tag: str, section: Section) -> Report | None: ...
@@ -222,6 +225,13 @@ class BaseChannel:
 
     def provider(self, section: Section) -> Provider | None:
         return None
+
+    def prepare(self, letter: Outgoing) -> Outgoing:
+        """Runs in the worker's own thread before :meth:`deliver`: the CPU work of turning the
+        rendered document into what is sent (a MIME message, a fax job), kept off the event loop
+        that every worker thread of the process shares. May raise a DeliveryError. Default: the
+        letter as it is."""
+        return letter
 
     async def find(self, tag: str, section: Section) -> Report | None:
         return None

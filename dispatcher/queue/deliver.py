@@ -363,6 +363,8 @@ class DeliveryProcessor:
                 attempt=claim.attempt,
                 window=self.window.ticket(),
             )
+            # the CPU work in this thread; the shared event loop only sends
+            letter = channel.prepare(letter)
             with channel_faults():
                 report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
             # Accepted by a far side that reports later: the line stays ours until its report.

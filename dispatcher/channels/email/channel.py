@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import ClassVar
@@ -181,7 +182,7 @@ class EmailChannel(BaseChannel):
     def holds_to_office_hours(target: Target) -> bool:
         return target.email_in_office_hours
 
-    async def deliver(self, letter: Outgoing) -> Report:
+    def prepare(self, letter: Outgoing) -> Outgoing:
         rendered = letter.document
         message = build_message(
             delivery_id=letter.tag,
@@ -198,6 +199,10 @@ class EmailChannel(BaseChannel):
             # the Message-ID planned at intake: the stable key of this letter on every try
             message_id=letter.message_id,
         )
+        return replace(letter, document=message)
+
+    async def deliver(self, letter: Outgoing) -> Report:
+        message: EmailMessage = letter.document  # built by prepare()
         sent = await self.send(message, section=letter.section, recipient=letter.recipient, window=letter.window)
         return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)
 

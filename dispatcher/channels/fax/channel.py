@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import timedelta
 from typing import ClassVar
 
@@ -158,7 +159,7 @@ class FaxChannel(BaseChannel):
     async def send(self, job: FaxJob, *, section: Section) -> FaxReport:
         return await self.gateway_for(section).send(job)
 
-    async def deliver(self, letter: Outgoing) -> Report:
+    def prepare(self, letter: Outgoing) -> Outgoing:
         document = letter.document
         fax = letter.section.fax
         job = FaxJob(
@@ -170,6 +171,10 @@ class FaxChannel(BaseChannel):
             from_number=fax.from_number if fax else None,
             station_id=fax.station_id if fax else None,
         )
+        return replace(letter, document=job)
+
+    async def deliver(self, letter: Outgoing) -> Report:
+        job: FaxJob = letter.document  # made by prepare()
         return as_report(await self.send(job, section=letter.section))
 
     async def find_by_tag(self, tag: str, *, section: Section) -> FaxReport | None:
