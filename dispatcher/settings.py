@@ -7,19 +7,16 @@ passwords) are never here: config/ names the environment variables that hold the
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from typing import TYPE_CHECKING, Literal
 
 from dispatcher.errors import ConfigError, ConfigProblem
 from dispatcher.rates import Rate
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 Mode = Literal["sandbox", "live"]
 
@@ -195,6 +192,9 @@ class Settings:
         if not self.telnyx_public_key.strip():
             return None
         try:
+            # (cryptography's OpenSSL bindings only where a key is set)
+            from dispatcher.keys import load_public_key
+
             return load_public_key(self.telnyx_public_key)
         except ValueError as exc:
             raise ConfigError([ConfigProblem("environment", "DISPATCH_TELNYX_PUBLIC_KEY", str(exc))]) from None
@@ -209,35 +209,3 @@ class Settings:
     @property
     def live(self) -> bool:
         return self.mode == "live"
-
-
-def load_public_key(key: bytes | str | Ed25519PublicKey) -> Ed25519PublicKey:
-    """The Ed25519 public key from base64 text, PEM, or 32 raw bytes (``bytes`` only: 32
-    characters of text are a truncated or mistyped key, not raw bytes). ValueError saying what
-    is wrong if it is none of those: a configuration mistake, not the sender's. The messages
-    never quote the key: a secret pasted into the wrong variable must not reach a log."""
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    if isinstance(key, str):
-        try:
-            data = key.strip().encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError("the Telnyx public key has non-ASCII characters; expected base64 or PEM") from None
-    else:
-        data = key
-    if data.startswith(b"-----BEGIN"):
-        try:
-            loaded = load_pem_public_key(data)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ValueError("the Telnyx public key is not readable PEM") from None
-        if not isinstance(loaded, Ed25519PublicKey):
-            raise ValueError("the Telnyx public key is PEM but not an Ed25519 key")
-        return loaded
-    if isinstance(key, str) or len(data) != 32:
-        try:
-            data = base64.b64decode(data, validate=True)
-        except binascii.Error:
-            raise ValueError("the Telnyx public key is not base64 (nor PEM)") from None
-    if len(data) != 32:
-        raise ValueError(f"the Telnyx public key decodes to {len(data)} bytes; an Ed25519 public key has 32")
-    return Ed25519PublicKey.from_public_bytes(data)

@@ -22,7 +22,6 @@ from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
-from dispatcher.ledger.migrate import upgrade
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
 from dispatcher.ledger.views import Views
@@ -54,6 +53,10 @@ class Ledger:
             yield session
 
     def migrate(self) -> None:
+        # Alembic (and Mako) only for the processes that migrate: a worker or an API never does,
+        # and they would carry about 10 MB of it.
+        from dispatcher.ledger.migrate import upgrade
+
         upgrade(self.engine)
 
     def dispose(self) -> None:

@@ -31,8 +31,6 @@ from dispatcher.channels.base import (
 )
 from dispatcher.channels.fax.base import FaxGateway, FaxJob, FaxReport, FaxStatus
 from dispatcher.channels.fax.gateways import SINCH_CALLBACK_USER, build_gateway
-from dispatcher.channels.fax.sinch import parse_callback
-from dispatcher.channels.fax.telnyx import parse_webhook
 from dispatcher.config.models import Section, Target
 from dispatcher.errors import IntakeError, NotFound, OperationalError, TransientError
 from dispatcher.settings import Settings
@@ -195,12 +193,18 @@ class FaxChannel(BaseChannel):
         """Telnyx signs its webhooks (Ed25519 over ``"{timestamp}|{raw body}"``); Sinch does not,
         so its callbacks carry credentials in the URL we gave it and every one is confirmed by
         asking Sinch for the fax, through the section's own account, before it is believed."""
+        # The gateways' modules (httpx, cryptography) are imported by the API process that takes
+        # their webhooks and by live workers (gateways.py), not by every process with a fax channel.
         if provider == "telnyx":
+            from dispatcher.channels.fax.telnyx import parse_webhook
+
             if self._telnyx_key is None:
                 raise WebhookNotConfigured("DISPATCH_TELNYX_PUBLIC_KEY is not set on this server")
             found = parse_webhook(request.raw, request.headers, self._telnyx_key, now=self._clock())
             return as_report(found, unsettled=Status.PENDING)
         if provider == "sinch":
+            from dispatcher.channels.fax.sinch import parse_callback
+
             found = parse_callback(
                 request.raw,
                 request.headers,

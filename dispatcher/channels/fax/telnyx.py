@@ -50,7 +50,7 @@ from dispatcher.errors import (
     SignatureExpired,
     TransientError,
 )
-from dispatcher.settings import load_public_key
+from dispatcher.keys import load_public_key
 
 GATEWAY = "telnyx"
 DEFAULT_BASE_URL = "https://api.telnyx.com"
