@@ -85,3 +85,27 @@ def test_no_channel_is_named_outside_its_own_package():
             if _NAMED.search(line):
                 named.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
     assert named == []
+
+
+def test_only_the_lifecycle_writes_a_state():
+    """Every write of ``deliveries.state`` is built from the state table in ledger/lifecycle.py:
+    no ``.values(state=...)`` nor ``Delivery(state=...)`` anywhere else."""
+    writers = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "ledger" / "lifecycle.py" or "migrations" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            keys = {k.arg for k in node.keywords}
+            keys |= {
+                k.value
+                for arg in node.args
+                if isinstance(arg, ast.Dict)
+                for k in arg.keys
+                if isinstance(k, ast.Constant)
+            }
+            if name in ("values", "Delivery") and "state" in keys:
+                writers.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert writers == []

@@ -1,8 +1,10 @@
 """A letter's life in the ledger: the one writer of a delivery's state, and every move built on it.
 
-:func:`move` is the only code that changes ``deliveries.state``. It takes an :class:`Event`,
-looks the move up in :data:`dispatcher.ledger.states.TRANSITIONS` and writes it as one
-compare-and-set (``... WHERE state IN (<the event's sources>)``), so a redelivered queue
+:func:`move` makes a move: it takes an :class:`Event`, looks it up in
+:data:`dispatcher.ledger.states.TRANSITIONS` and writes it as one compare-and-set (``... WHERE
+state IN (<the event's sources>)``) built by ``_compare_and_set``, the only code that writes
+``deliveries.state`` (the claim and the release to the queue use it directly, to fold a check
+into the same statement on the hot paths). So a redelivered queue
 message, a second worker, a late webhook or a reconciler racing a worker can never make a move
 the table does not list, nor make one twice. Asking for a move the table does not have (a
 source the event may not start from) raises :class:`IllegalTransition` before any SQL runs.
@@ -60,16 +62,22 @@ def _compare_and_set(
     *where: ColumnElement[bool],
     sources: Iterable[State] | None = None,
     values: Mapping[str, Any] | None = None,
+    also: ColumnElement[bool] | None = None,
 ) -> Update:
-    """The one statement of ``event``'s move: ``UPDATE ... SET state = <its target> WHERE ... AND
-    state IN (<its sources>)``. ``values`` may hold a ``state`` that is a choice between table
-    targets (the closed-campaign guard below); nothing else sets a state."""
+    """The one statement of ``event``'s move, and the only code that writes a state: ``UPDATE
+    ... SET state = <its target> WHERE ... AND state IN (<its sources>)``. ``values`` may hold a
+    ``state`` that is a choice between table targets (the closed-campaign guard below).
+    ``also`` matches further rows that keep their state while the statement sets their other
+    ``values`` (a release stamps ``queued_at`` on a letter a worker already holds)."""
     start = _sources(event, sources)
     target = TRANSITIONS[event].target
     # Equalities, not an expanding IN: the statement's SQL stays the same from one call to the
     # next (compiled once, and one entry in the database's statement cache).
     in_start = or_(*(D.c.state == s.value for s in sorted(start)))
-    return update(D).where(in_start, *where).values(**{"state": target, **(values or {})})
+    if also is None:
+        return update(D).where(in_start, *where).values(**{"state": target, **(values or {})})
+    state = case((in_start, target.value), else_=D.c.state)
+    return update(D).where(or_(in_start, also), *where).values(**{"state": state, **(values or {})})
 
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
@@ -503,20 +511,15 @@ class Lifecycle:
         """
         if not ids:
             return 0
+        # One statement on the intake's and the reconciler's path.
+        stmt = _compare_and_set(
+            E.RELEASED,
+            among(ids),
+            values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
+            also=D.c.queued_at.is_(None),
+        )
         with self.engine.begin() as conn:
-            released = move(
-                conn,
-                E.RELEASED,
-                among(ids),
-                values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
-            )
-            # Not a move: a letter a fast worker already holds only learns when it was queued.
-            noted = conn.execute(
-                update(D)
-                .where(among(ids), D.c.state.not_in([State.PLANNED, State.QUEUED]), D.c.queued_at.is_(None))
-                .values(queued_at=now, updated_at=now)
-            ).rowcount
-        return released + noted
+            return conn.execute(stmt).rowcount
 
     def unmark_queued(self, ids: Sequence[str], now: datetime) -> None:
         """Back to planned: the queue refused these messages (the reconciler sends them later)."""
