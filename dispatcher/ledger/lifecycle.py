@@ -18,12 +18,13 @@ New deliveries start in :func:`dispatcher.ledger.states.initial` (:func:`planned
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Update, and_, case, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Update, and_, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
@@ -71,14 +72,27 @@ def _compare_and_set(
     ``values`` (a release stamps ``queued_at`` on a letter a worker already holds)."""
     start = _sources(event, sources)
     target = TRANSITIONS[event].target
-    # Equalities, not an expanding IN: the statement's SQL stays the same from one call to the
-    # next (compiled once, and one entry in the database's statement cache).
-    in_start = or_(*(D.c.state == s.value for s in sorted(start)))
+    in_start = _state_in(start)
     if also is None:
         return update(D).where(in_start, *where).values(**{"state": target, **(values or {})})
     state = case((in_start, target.value), else_=D.c.state)
     return update(D).where(or_(in_start, also), *where).values(**{"state": state, **(values or {})})
 
+
+#: an attempt row, values bound at execution
+_INSERT_ATTEMPT = insert(A)
+
+
+@functools.lru_cache(maxsize=64)
+def _state_in(states: frozenset[State]) -> ColumnElement[bool]:
+    """``state = 'a' OR state = 'b'``: equalities, not an expanding IN, so that a statement's SQL
+    stays the same from one call to the next (compiled once, one entry in the database's
+    statement cache); built once per set of states (these clauses are immutable)."""
+    return or_(*(D.c.state == s.value for s in sorted(states)))
+
+
+#: the letter's campaign was closed (campaign_closures holds a few rows at most)
+_CLOSED = D.c.campaign.in_(select(CC.c.campaign))
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
 #: channel accepted it and its report may still send it back
@@ -88,7 +102,7 @@ _OUT = frozenset({State.SENDING, State.SENT})
 def _unless_closed(target: State, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` for a move back to waiting that cancels the letter instead when its campaign
     was closed meanwhile: one statement, so no window between the check and the move."""
-    closed = D.c.campaign.in_(select(CC.c.campaign))
+    closed = _CLOSED
     reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
     return {
         **values,
@@ -256,40 +270,25 @@ class Lifecycle:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-
-    # ------------------------------------------------------------------ the worker's path
-
-    def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
-        """Take a waiting, due delivery for sending; None if it is not ours to send. A letter
-        of a closed campaign is cancelled instead of claimed (an appeal accepted while its
-        campaign was being closed; on PostgreSQL, a move that raced the close)."""
-        # One statement, UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL): the worker's hot path,
-        # closed-campaign check included.
-        assert TRANSITIONS[E.CLAIMED].sources <= TRANSITIONS[E.CANCELLED].sources
-        closed = D.c.campaign.in_(select(CC.c.campaign))
-        reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
-        stmt = _compare_and_set(
+        self._finishes: dict[tuple[Event, bool, bool], Update] = {}
+        # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
+        # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
+        now = bindparam("p_now", type_=D.c.claimed_at.type)
+        self._claim = _compare_and_set(
             E.CLAIMED,
-            D.c.id == delivery_id,
+            D.c.id == bindparam("p_delivery_id"),
             # A queued letter was released already: no second guess with this worker's clock,
             # which may run behind the releasing machine's. A planned one (a retry, a deferral)
             # must be due.
             or_(D.c.state == State.QUEUED, D.c.next_attempt_at <= now),
+            ~_CLOSED,
             values={
-                "state": case(
-                    (closed, TRANSITIONS[E.CANCELLED].target.value), else_=TRANSITIONS[E.CLAIMED].target.value
-                ),
-                "claimed_by": case((closed, None), else_=worker),
-                "claimed_at": case((closed, None), else_=literal(now, D.c.claimed_at.type)),
-                "attempts": case((closed, D.c.attempts), else_=D.c.attempts + 1),
-                "last_outcome": case((closed, CANCELLED_OUTCOME), else_=D.c.last_outcome),
-                "last_text": case(
-                    (closed, literal("campaign closed: ") + func.coalesce(reason, "")), else_=D.c.last_text
-                ),
+                "claimed_by": bindparam("p_worker"),
+                "claimed_at": now,
+                "attempts": D.c.attempts + 1,
                 "updated_at": now,
             },
         ).returning(
-            D.c.state,
             D.c.id,
             D.c.appeal_id,
             D.c.campaign,
@@ -305,10 +304,22 @@ class Lifecycle:
             D.c.kind,
             D.c.claimed_at,
         )
+
+    # ------------------------------------------------------------------ the worker's path
+
+    def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
+        """Take a waiting, due delivery for sending; None if it is not ours to send. A letter
+        of a closed campaign is cancelled instead of claimed (an appeal accepted while its
+        campaign was being closed; on PostgreSQL, a move that raced the close)."""
         with self.engine.begin() as conn:
-            row = conn.execute(stmt).one_or_none()
-        if row is None or row.state != State.SENDING:
-            return None
+            row = conn.execute(
+                self._claim, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker}
+            ).one_or_none()
+            if row is None:
+                # Not ours: sent already, held by another worker, not due — or its campaign was
+                # closed, and then it is cancelled here rather than left waiting for ever.
+                self.cancel_closed(conn, delivery_id, now)
+                return None
         return Claim(
             id=row.id,
             appeal_id=row.appeal_id,
@@ -335,35 +346,85 @@ class Lifecycle:
         recorded either way, because it happened.
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
-        values = {**_outcome_values(outcome, now), "claimed_by": None, "claimed_at": None}
-        if outcome.counts_as_try:
-            # the far side's id of *this* try (none if it named none): a report about an earlier
-            # try must not settle this one
-            values["remote_id"] = outcome.remote_id
-        mine = [D.c.id == claim.id, D.c.claimed_by == worker]
-        if claim.claimed_at is not None:
-            mine.append(D.c.claimed_at == claim.claimed_at)
+        code = None if outcome.code is None else str(outcome.code)
+        params = {
+            "p_delivery_id": claim.id,
+            "p_worker": worker,
+            "p_claimed_at": claim.claimed_at,
+            "p_now": now,
+            "p_outcome": outcome.outcome,
+            "p_code": code,
+            "p_text": outcome.text,
+            "p_next_attempt_at": outcome.next_attempt_at,
+            "p_remote_id": outcome.remote_id,
+            "p_gateway": outcome.gateway,
+            "p_pages": outcome.pages,
+            "p_line_seconds": outcome.line_seconds,
+        }
         with self.engine.begin() as conn:
             # A deferral is not a try (the letter was held back by our own policy): no attempt row.
             if outcome.outcome != "deferred":
                 conn.execute(
-                    insert(A).values(
-                        delivery_id=claim.id,
-                        number=claim.attempt,
-                        started_at=started_at,
-                        duration_ms=(now - started_at).total_seconds() * 1000.0,
-                        outcome=outcome.outcome,
-                        code=values["last_code"],
-                        text=outcome.text,
-                        worker=worker,
-                        remote_id=outcome.remote_id,
-                        pages=outcome.pages,
-                    )
+                    _INSERT_ATTEMPT,
+                    {
+                        "delivery_id": claim.id,
+                        "number": claim.attempt,
+                        "started_at": started_at,
+                        "duration_ms": (now - started_at).total_seconds() * 1000.0,
+                        "outcome": outcome.outcome,
+                        "code": code,
+                        "text": outcome.text,
+                        "worker": worker,
+                        "remote_id": outcome.remote_id,
+                        "pages": outcome.pages,
+                    },
                 )
-            moved = move_one(conn, outcome.event, *mine, sources=[State.SENDING], values=values)
+            statement = self._finish_statement(outcome.event, outcome.counts_as_try, claim.claimed_at is not None)
+            row = conn.execute(statement, params).first()
+            moved = None if row is None else State(row.state)
             if moved and claim.kind == "digest":
-                mirror_digest(conn, claim.id, now, values)
+                mirror_digest(conn, claim.id, now, _outcome_values(outcome, now))
         return moved
+
+    def _finish_statement(self, event: Event, counts_as_try: bool, by_claim_time: bool) -> Update:
+        """The finish of a send with ``event``, built once per kind of outcome (the worker's
+        second-hottest statement): every value a bound parameter."""
+        key = (event, counts_as_try, by_claim_time)
+        found = self._finishes.get(key)
+        if found is not None:
+            return found
+        target = TRANSITIONS[event].target
+        now = bindparam("p_now", type_=D.c.updated_at.type)
+        values: dict[str, Any] = {
+            "claimed_by": None,
+            "claimed_at": None,
+            "updated_at": now,
+            "last_outcome": bindparam("p_outcome", type_=D.c.last_outcome.type),
+            "last_code": bindparam("p_code", type_=D.c.last_code.type),
+            "last_text": bindparam("p_text", type_=D.c.last_text.type),
+            "next_attempt_at": func.coalesce(
+                bindparam("p_next_attempt_at", type_=D.c.next_attempt_at.type), D.c.next_attempt_at
+            ),
+        }
+        if target in (State.SENT, State.DELIVERED):
+            values["sent_at"] = now
+        if target == State.DELIVERED:
+            values["delivered_at"] = now
+        for key_ in ("gateway", "pages", "line_seconds"):
+            column = D.c[key_]
+            values[key_] = func.coalesce(bindparam(f"p_{key_}", type_=column.type), column)
+        if counts_as_try:
+            # the far side's id of *this* try (none if it named none): a report about an earlier
+            # try must not settle this one
+            values["remote_id"] = bindparam("p_remote_id", type_=D.c.remote_id.type)
+        else:
+            values["attempts"] = D.c.attempts - 1
+        mine = [D.c.id == bindparam("p_delivery_id"), D.c.claimed_by == bindparam("p_worker")]
+        if by_claim_time:
+            mine.append(D.c.claimed_at == bindparam("p_claimed_at", type_=D.c.claimed_at.type))
+        statement = _guarded(event, mine, [State.SENDING], values).returning(D.c.state)
+        self._finishes[key] = statement
+        return statement
 
     # ------------------------------------------------------------------ late outcomes
 
@@ -546,6 +607,24 @@ class Lifecycle:
                     "last_text": f"campaign deadline {deadline.isoformat()} passed before sending",
                 },
             )
+
+    @staticmethod
+    def cancel_closed(conn: Connection, delivery_id: str, now: datetime) -> int:
+        """Cancel this waiting letter if its campaign is closed (an appeal accepted while its
+        campaign was being closed; on PostgreSQL, a move that raced the close)."""
+        reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
+        return move(
+            conn,
+            E.CANCELLED,
+            D.c.id == delivery_id,
+            D.c.campaign.in_(select(CC.c.campaign)),
+            sources=PENDING,
+            values={
+                "updated_at": now,
+                "last_outcome": CANCELLED_OUTCOME,
+                "last_text": literal("campaign closed: ") + func.coalesce(reason, ""),
+            },
+        )
 
     @staticmethod
     def cancel_campaign(conn: Connection, campaign: str, reason: str, now: datetime) -> int:
