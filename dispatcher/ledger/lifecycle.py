@@ -102,14 +102,13 @@ _OUT = frozenset({State.SENDING, State.SENT})
 def _unless_closed(target: State, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` for a move back to waiting that cancels the letter instead when its campaign
     was closed meanwhile: one statement, so no window between the check and the move."""
-    closed = _CLOSED
     reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
     return {
         **values,
-        "state": case((closed, State.CANCELLED.value), else_=target.value),
-        "last_outcome": case((closed, CANCELLED_OUTCOME), else_=values.get("last_outcome", D.c.last_outcome)),
+        "state": case((_CLOSED, State.CANCELLED.value), else_=target.value),
+        "last_outcome": case((_CLOSED, CANCELLED_OUTCOME), else_=values.get("last_outcome", D.c.last_outcome)),
         "last_text": case(
-            (closed, literal("campaign closed: ") + func.coalesce(reason, "")),
+            (_CLOSED, literal("campaign closed: ") + func.coalesce(reason, "")),
             else_=values.get("last_text", D.c.last_text),
         ),
     }
@@ -617,7 +616,7 @@ class Lifecycle:
             conn,
             E.CANCELLED,
             D.c.id == delivery_id,
-            D.c.campaign.in_(select(CC.c.campaign)),
+            _CLOSED,
             sources=PENDING,
             values={
                 "updated_at": now,
