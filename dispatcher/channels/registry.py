@@ -45,13 +45,6 @@ class Channels:
         self._built.pop(name, None)
         return self
 
-    def copy(self) -> Channels:
-        """The same kinds and factories, nothing built yet (a test adds its own channel to it)."""
-        other = Channels()
-        other._kinds = dict(self._kinds)
-        other._factories = dict(self._factories)
-        return other
-
     def names(self) -> list[str]:
         return sorted(self._kinds)
 
@@ -102,7 +95,3 @@ class Channels:
 
     def sent_final_after(self) -> dict[str, timedelta | None]:
         return {name: kind.sent_final_after for name, kind in self._kinds.items()}
-
-    def polled(self) -> dict[str, timedelta]:
-        """Channels that ask about a letter whose report is late, and after how long."""
-        return {name: kind.poll_after for name, kind in self._kinds.items() if kind.poll_after is not None}

@@ -55,11 +55,6 @@ class Controls:
             row = conn.execute(select(CC).where(CC.c.campaign == campaign)).one_or_none()
         return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
 
-    def closed_campaigns(self) -> dict[str, Closure]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(CC)).all()
-        return {r.campaign: Closure(r.campaign, r.reason, r.closed_at) for r in rows}
-
     # ------------------------------------------------------------------ paused channels
 
     def pause_channel(self, key: str, reason: str, now: datetime) -> bool:

@@ -152,24 +152,6 @@ class IllegalTransition(DispatchError, ValueError):
         super().__init__(f"{who} in state {state!r} cannot take event {event.value!r} (it starts from: {allowed})")
 
 
-def rule(event: Event) -> Rule:
-    return TRANSITIONS[event]
-
-
-def target(event: Event, state: State | str | None = None) -> State:
-    """The state ``event`` leads to from ``state``; raises IllegalTransition if it may not.
-    ``state`` None asks only where the event leads."""
-    found = TRANSITIONS[event]
-    if state is not None and State(state) not in found.sources:
-        raise IllegalTransition(event, state)
-    return found.target
-
-
-def allowed(source: State | str | None, event: Event) -> bool:
-    found = TRANSITIONS[event]
-    return (not found.sources) if source is None else State(source) in found.sources
-
-
 def initial() -> State:
     """The state a new delivery is written in."""
     return TRANSITIONS[E.PLANNED].target

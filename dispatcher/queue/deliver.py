@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -375,21 +374,8 @@ class DeliveryProcessor:
                 lines.give_back(claim.recipient, claim.id)
 
     def _result(self, report: Report, claim: Claim, now: datetime, deadline: datetime) -> Result:
-        if report.status is Status.DELIVERED:
-            result = Result(Event.DELIVERED, Outcome.SENT, text=report.text or "delivered")
-        elif report.status is Status.FAILED:
-            error = report.error or TransientError("failed without a reason")
-            if isinstance(error, DocumentRejected):
-                log_document_rejected(claim.channel, error, delivery=claim.id, gateway=report.provider)
-            result = self.outcomes.of_error(
-                error, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
-            )
-        else:
-            result = Result(Event.SENT, Outcome.SENT, code=report.code, text=report.text)
-        return replace(
-            result,
-            remote_id=report.remote_id,
-            gateway=report.provider,
-            pages=report.pages,
-            line_seconds=report.line_seconds,
+        if isinstance(report.error, DocumentRejected):
+            log_document_rejected(claim.channel, report.error, delivery=claim.id, gateway=report.provider)
+        return self.outcomes.of_report(
+            report, attempt=claim.attempt, now=now, deadline=deadline, created_at=claim.created_at
         )

@@ -3,9 +3,10 @@ raised while sending) and for gateway webhooks (failures reported after a fax wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from dispatcher.channels.base import Report, Status
 from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, SuspectRecipient, TransientError
 from dispatcher.ledger.lifecycle import Result as TryResult
 from dispatcher.ledger.states import Event
@@ -26,6 +27,26 @@ class Outcomes:
     no_tone_attempts: int = 3
     #: wait between those tries: a fax machine may be switched to voice for the day
     no_tone_interval_seconds: float = 3600.0
+
+    def of_report(
+        self, report: Report, *, attempt: int, now: datetime, deadline: datetime, created_at: datetime | None = None
+    ) -> Result:
+        """What a channel's report makes of a try, at send time or later: delivered, a failure
+        classified as any other, or accepted (``sent``); with the far side's facts."""
+        if report.status is Status.DELIVERED:
+            result = Result(Event.DELIVERED, Outcome.SENT, text=report.text or "delivered")
+        elif report.status is Status.FAILED:
+            error = report.error or TransientError("failed without a reason")
+            result = self.of_error(error, attempt=attempt, now=now, deadline=deadline, created_at=created_at)
+        else:
+            result = Result(Event.SENT, Outcome.SENT, code=report.code, text=report.text)
+        return replace(
+            result,
+            remote_id=report.remote_id,
+            gateway=report.provider,
+            pages=report.pages,
+            line_seconds=report.line_seconds,
+        )
 
     def of_error(
         self, exc: DeliveryError, *, attempt: int, now: datetime, deadline: datetime, created_at: datetime | None = None

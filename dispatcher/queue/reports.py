@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -23,25 +22,18 @@ from dispatcher.channels.base import Report, Status
 from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
 from dispatcher.errors import DeliveryError, DocumentRejected, Outcome, TransientError
-from dispatcher.ledger.lifecycle import Result
 from dispatcher.ledger.models import utcnow
-from dispatcher.ledger.states import Event, State
+from dispatcher.ledger.states import State
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.policy.lines import Lines
-from dispatcher.queue.deliver import log_document_rejected
+from dispatcher.queue.deliver import EVENTS, log_document_rejected
 from dispatcher.queue.outcomes import Outcomes
 
 log = get_logger("dispatcher.reports")
 
 #: what apply() answers for a report kept until its send is recorded
 PARKED = "parked: the send is not recorded yet"
-
-_SETTLED = {
-    State.DELIVERED: "delivery.delivered",
-    State.FAILED: "delivery.failed",
-    State.CANCELLED: "delivery.cancelled",
-}
 
 
 class ReportApplier:
@@ -95,19 +87,12 @@ class ReportApplier:
             return f"ignored: already {row.state}"
         assert report.remote_id is not None
         now = self.clock()
-        if report.status is Status.DELIVERED:
-            result = Result(Event.DELIVERED, Outcome.SENT, text="delivered")
-            flag = False
-        else:
-            error = report.error or TransientError("failed without a reason")
-            if isinstance(error, DocumentRejected):
-                log_document_rejected(channel, error, **{k: v for k, v in context.items() if k != "channel"})
-            deadline = self.catalog.deadline_at(row.campaign, row.section)
-            found = self.outcomes.of_error(
-                error, attempt=row.attempts, now=now, deadline=deadline, created_at=row.created_at
-            )
-            result, flag = found, found.flag_number
-        result = replace(result, pages=report.pages, line_seconds=report.line_seconds)
+        if isinstance(report.error, DocumentRejected):
+            log_document_rejected(channel, report.error, **{k: v for k, v in context.items() if k != "channel"})
+        deadline = self.catalog.deadline_at(row.campaign, row.section)
+        result = self.outcomes.of_report(
+            report, attempt=row.attempts, now=now, deadline=deadline, created_at=row.created_at
+        )
         state = self.ledger.lifecycle.settle(row.id, report.remote_id, result, now=now)
         if state is None:
             return "ignored: raced"
@@ -116,14 +101,14 @@ class ReportApplier:
             key = f"{channel}:{row.section}"
             self.ledger.controls.pause_channel(key, result.text or "operational failure", now)
             log.error("channel.paused", channel=key, reason=result.text)
-        if flag:
+        if result.flag_number:
             self.ledger.controls.flag_number(row.recipient, result.text or "suspect recipient", row.id, now)
             log.error(f"{channel}.recipient_flagged", **context)
         if self.lines is not None and self.channels.kind(channel).one_at_a_time:
             self.lines.give_back(row.recipient, row.id)
         # (a closed campaign's letter is cancelled rather than retried)
         log.info(
-            _SETTLED.get(state, "delivery.retry_scheduled"),
+            EVENTS.get(state, "delivery.retry_scheduled"),
             **context,
             pages=report.pages,
             line_seconds=report.line_seconds,

@@ -68,7 +68,7 @@ class EmailChannel(BaseChannel):
     document: ClassVar[str] = "email"
     address_noun: ClassVar[str] = "email address"
     sent_final_after: ClassVar[timedelta | None] = BOUNCE_WINDOW
-    #: (its settings are the section's historic ``[smtp]`` table: SmtpRelay)
+    # (its settings are the section's historic [smtp] table, SmtpRelay, not a [channels.email] one)
 
     def __init__(
         self,

@@ -154,9 +154,6 @@ class FaxChannel(BaseChannel):
 
     # ------------------------------------------------------------------ sending
 
-    async def send(self, job: FaxJob, *, section: Section) -> FaxReport:
-        return await self.gateway_for(section).send(job)
-
     def prepare(self, letter: Outgoing) -> Outgoing:
         document = letter.document
         fax = letter.section.fax
@@ -173,15 +170,12 @@ class FaxChannel(BaseChannel):
 
     async def deliver(self, letter: Outgoing) -> Report:
         job: FaxJob = letter.document  # made by prepare()
-        return as_report(await self.send(job, section=letter.section))
-
-    async def find_by_tag(self, tag: str, *, section: Section) -> FaxReport | None:
-        return await self.gateway_for(section).find_by_tag(tag)
+        return as_report(await self.gateway_for(letter.section).send(job))
 
     async def find(self, tag: str, section: Section) -> Report | None:
         # No gateway has an idempotency key: an earlier try's fax may exist although its answer
         # was lost or its worker died. The worker adopts it rather than fax the letter twice.
-        found = await self.find_by_tag(tag, section=section)
+        found = await self.gateway_for(section).find_by_tag(tag)
         return None if found is None else as_report(found)
 
     async def poll(self, tag: str, remote_id: str, section: Section) -> Report | None:
