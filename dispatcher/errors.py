@@ -183,6 +183,17 @@ class OperationalError(DeliveryError):
     outcome = Outcome.OPERATIONAL
 
 
+class Bounced(PermanentError):
+    """The far end refused the letter for good: a 5xx at RCPT or DATA, or a bounce that came
+    back later. The letter ends ``bounced``; ``suppress`` says whether the refusal is about the
+    address (unknown user, no such domain: nobody should write to it again by this channel) or
+    about this letter or its sender (rejected as spam, DMARC), which suppresses nothing."""
+
+    def __init__(self, message: str, *, code: int | str | None = None, suppress: bool = False):
+        super().__init__(message, code=code)
+        self.suppress = suppress
+
+
 class HeaderInjection(PermanentError):
     """Supporter input that would have become a header holds control characters or '=?'."""
 

@@ -134,6 +134,15 @@ class Settings:
     sinch_callback_token: str = field(default="", repr=False)
     #: key for the one-way supporter reference used in logs and for duplicate detection
     pepper: str = field(default="", repr=False)
+    #: key of the MAC in each letter's VERP envelope sender (docs/email.md, "Bounces"); live
+    #: mode needs it, sandbox mode uses a fixed key of its own when it is unset
+    verp_key: str = field(default="", repr=False)
+    #: where ``dispatcher bounces`` listens for the bounce domain's mail (its MX points here)
+    bounces_host: str = "127.0.0.1"
+    bounces_port: int = 2526
+    #: soft bounces (a full mailbox) for one address within the window that count as a hard one
+    soft_bounce_limit: int = 3
+    soft_bounce_window_days: int = 7
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -151,6 +160,12 @@ class Settings:
         if not host or not port.isdigit():
             raise ConfigError(
                 [ConfigProblem("environment", "DISPATCH_SANDBOX_SMTP", f"expected host:port, got {sandbox!r}")]
+            )
+        listen = os.environ.get("DISPATCH_BOUNCES_LISTEN", "127.0.0.1:2526")
+        bounce_host, _, bounce_port = listen.rpartition(":")
+        if not bounce_host or not bounce_port.isdigit():
+            raise ConfigError(
+                [ConfigProblem("environment", "DISPATCH_BOUNCES_LISTEN", f"expected host:port, got {listen!r}")]
             )
         settings = cls(
             config_dir=Path(os.environ.get("DISPATCH_CONFIG_DIR", root / "config")),
@@ -181,6 +196,11 @@ class Settings:
             telnyx_public_key=os.environ.get("DISPATCH_TELNYX_PUBLIC_KEY", ""),
             sinch_callback_token=os.environ.get("DISPATCH_SINCH_CALLBACK_TOKEN", ""),
             pepper=os.environ.get("DISPATCH_PEPPER", ""),
+            verp_key=os.environ.get("DISPATCH_VERP_KEY", ""),
+            bounces_host=bounce_host.strip("[]"),
+            bounces_port=int(bounce_port),
+            soft_bounce_limit=_env_int("DISPATCH_SOFT_BOUNCE_LIMIT", 3),
+            soft_bounce_window_days=_env_int("DISPATCH_SOFT_BOUNCE_WINDOW_DAYS", 7),
         )
         settings.telnyx_webhook_key()
         return settings
@@ -198,6 +218,34 @@ class Settings:
             return load_public_key(self.telnyx_public_key)
         except ValueError as exc:
             raise ConfigError([ConfigProblem("environment", "DISPATCH_TELNYX_PUBLIC_KEY", str(exc))]) from None
+
+    def verp_secret(self) -> bytes:
+        """The VERP MAC key. Unset in live mode: ConfigError naming DISPATCH_VERP_KEY (bounces
+        could not be told from forgeries); in sandbox mode a fixed key, since nothing real
+        bounces there."""
+        key = self.verp_key.strip()
+        if key:
+            if len(key) < 16:
+                raise ConfigError(
+                    [
+                        ConfigProblem(
+                            "environment", "DISPATCH_VERP_KEY", "is shorter than 16 characters; use a random key"
+                        )
+                    ]
+                )
+            return key.encode()
+        if self.live:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "environment",
+                        "DISPATCH_VERP_KEY",
+                        "is not set: live mode signs every letter's bounce address with it "
+                        "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+                    )
+                ]
+            )
+        return b"sandbox-verp-key-not-secret"
 
     def but(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 from dispatcher.channels.email.classify import classify, retry_after_hint
 from dispatcher.errors import (
     BlipError,
+    Bounced,
     DeliveryError,
     OperationalError,
     PermanentError,
@@ -25,9 +26,11 @@ def caused_by(exc: BaseException, cause: BaseException) -> BaseException:
 
 CASES: list[tuple[str, BaseException, str | None, type[DeliveryError], int | None]] = [
     ("rcpt 550", aiosmtplib.SMTPRecipientRefused(550, "5.1.1 <x@y.org>: unknown user", "x@y.org"), None,
-     PermanentError, 550),
+     Bounced, 550),
     ("all rcpts refused", aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(550, "5.1.1 no", "x")]),
-     None, PermanentError, 550),
+     None, Bounced, 550),
+    ("rcpt 552 mailbox full", aiosmtplib.SMTPRecipientRefused(552, "5.2.2 Mailbox full", "x"), None,
+     TransientError, 552),
     ("rcpt 450 greylisted", aiosmtplib.SMTPRecipientRefused(450, "4.7.1 Greylisted", "x"), None, TransientError, 450),
     ("rcpt 421", aiosmtplib.SMTPRecipientRefused(421, "4.3.2 Shutting down", "x"), None, TransientError, 421),
     ("rcpt 452 full", aiosmtplib.SMTPRecipientRefused(452, "4.2.2 Mailbox full", "x"), None, TransientError, 452),
@@ -40,10 +43,10 @@ CASES: list[tuple[str, BaseException, str | None, type[DeliveryError], int | Non
     ("mail 451", aiosmtplib.SMTPSenderRefused(451, "4.3.0 Try later", "a@b.org"), None, TransientError, 451),
     ("mail 530", aiosmtplib.SMTPSenderRefused(530, "5.7.0 Authentication required", "a"), None,
      OperationalError, 530),
-    ("data 554", aiosmtplib.SMTPDataError(554, "5.6.0 Content rejected"), None, PermanentError, 554),
-    ("data 552", aiosmtplib.SMTPDataError(552, "5.3.4 Message too big"), None, PermanentError, 552),
+    ("data 554", aiosmtplib.SMTPDataError(554, "5.6.0 Content rejected"), None, Bounced, 554),
+    ("data 552", aiosmtplib.SMTPDataError(552, "5.3.4 Message too big"), None, Bounced, 552),
     ("data 451", aiosmtplib.SMTPDataError(451, "4.3.0 Queue full"), None, TransientError, 451),
-    ("generic 5xx at rcpt stage", aiosmtplib.SMTPResponseException(550, "5.1.1 no"), "rcpt", PermanentError, 550),
+    ("generic 5xx at rcpt stage", aiosmtplib.SMTPResponseException(550, "5.1.1 no"), "rcpt", Bounced, 550),
     ("generic 5xx at mail stage", aiosmtplib.SMTPResponseException(550, "5.7.1 no"), "mail", OperationalError, 550),
     ("auth 535", aiosmtplib.SMTPAuthenticationError(535, "5.7.8 Authentication credentials invalid"), None,
      OperationalError, 535),
@@ -131,3 +134,22 @@ def test_greylisting_hint_becomes_retry_after() -> None:
 )
 def test_retry_after_hint(text: str, seconds: float | None) -> None:
     assert retry_after_hint(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("error", "suppressed"),
+    [
+        (aiosmtplib.SMTPRecipientRefused(550, "5.1.1 <x@y.org>: unknown user", "x@y.org"), True),
+        (aiosmtplib.SMTPRecipientRefused(550, "Requested action not taken: mailbox unavailable", "x"), True),
+        (aiosmtplib.SMTPRecipientRefused(550, "5.7.1 Rejected by DMARC policy", "x"), False),
+        (aiosmtplib.SMTPDataError(550, "5.1.10 RecipientNotFound; not found by SMTP address lookup"), True),
+        (aiosmtplib.SMTPDataError(554, "5.7.1 Message rejected as spam"), False),
+        (aiosmtplib.SMTPDataError(554, "Transaction failed"), False),
+    ],
+)
+def test_a_refusal_suppresses_the_address_only_when_it_is_about_the_address(
+    error: BaseException, suppressed: bool
+) -> None:
+    result = classify(error)
+    assert isinstance(result, Bounced)
+    assert result.suppress is suppressed

@@ -105,16 +105,29 @@ def test_450_is_retried_then_delivered(client, environ, catalog, smtp, service, 
     assert len(smtp.messages) == 1
 
 
-def test_550_fails_permanently_with_code_and_text(client, environ, catalog, smtp, service, running):
+def test_550_at_rcpt_bounces_suppresses_the_address_and_the_next_letter_is_not_sent(
+    client, environ, catalog, smtp, service, running
+):
     smtp.script_rcpt([(550, "5.1.1 <nobody>: Recipient address rejected: User unknown")])
     r = signed_post(client, environ, catalog, appeal_body())
     appeal_id = r.json()["appeal_id"]
-    wait_for(lambda: set(email_states(client, appeal_id).values()) == {"failed"})
+    wait_for(lambda: set(email_states(client, appeal_id).values()) == {"bounced"})
     [email] = [d for d in deliveries(client, appeal_id).values() if d["channel"] == "email"]
     assert email["last_outcome"] == "permanent"
     assert email["last_code"] == "550"
     assert "User unknown" in email["last_text"]
     assert len(service.ledger.views.attempts(email["id"])) == 1
+    assert smtp.messages == []
+    recipient = service.ledger.views.delivery(email["id"]).recipient
+    assert service.ledger.suppressions.find("email", recipient.upper()) is not None
+
+    # the relay would take it now, but the address is known to bounce: nothing is sent
+    second = signed_post(client, environ, catalog, appeal_body()).json()["appeal_id"]
+    wait_for(lambda: set(email_states(client, second).values()) == {"failed"})
+    [again] = [d for d in deliveries(client, second).values() if d["channel"] == "email"]
+    assert again["last_code"] == "suppressed"
+    assert "address known to bounce" in again["last_text"]
+    assert f"dispatcher suppressions remove {recipient.lower()}" in again["last_text"]
     assert smtp.messages == []
 
 

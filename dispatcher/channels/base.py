@@ -32,7 +32,7 @@ What a channel declares:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -139,6 +139,30 @@ class WebhookRequest:
     query: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Bounce:
+    """A message that came back about a letter (an email bounce, an auto-reply), as its channel
+    read it: the facts only, nothing of the message itself."""
+
+    #: "hard", "soft", "delayed" (a warning: the far side still tries), "auto_reply" (someone's
+    #: robot answered: the address exists), "not_a_bounce", "unreadable"
+    kind: str
+    #: our delivery id, read from the bounce address's token; None when none could be read
+    tag: str | None = None
+    #: why there is no tag ("forged", "malformed", "not_ours", "no_token"), for the counters
+    untagged: str | None = None
+    status: str | None = None
+    diagnostic: str | None = None
+    reporting_mta: str | None = None
+    #: the official's address that failed, as the bounce names it
+    recipient: str | None = None
+    reported_at: datetime | None = None
+    #: the failure is about the address itself (no such user), not this letter
+    suppress: bool = False
+    #: why the message could not be read, for the log
+    reason: str | None = None
+
+
 #: finds the section of a delivery a report names (None: no such delivery)
 SectionOf = Callable[[str], Awaitable[Section | None]]
 
@@ -184,6 +208,10 @@ class Channel(Protocol):
     async def poll(self, tag: str, remote_id: str, section: Section) -> Report | None: ...
 
     async def read_webhook(self, provider: str, request: WebhookRequest, section_of: SectionOf) -> Report: ...
+
+    def read_bounce(
+        self, raw: bytes, *, envelope_recipients: Sequence[str], truncated: bool, sections: Iterable[Section]
+    ) -> Bounce | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -241,6 +269,14 @@ class BaseChannel:
 
     async def read_webhook(self, provider: str, request: WebhookRequest, section_of: SectionOf) -> Report:
         raise NoWebhooks(f"the {self.name} channel takes no webhooks")
+
+    def read_bounce(
+        self, raw: bytes, *, envelope_recipients: Sequence[str], truncated: bool, sections: Iterable[Section]
+    ) -> Bounce | None:
+        """What a message that came back to one of ``sections``' bounce addresses says; None for
+        a channel that has no bounces. ``truncated``: ``raw`` is only the head of a longer
+        message. Never raises on bad input: an unreadable message is a Bounce of that kind."""
+        return None
 
     async def aclose(self) -> None:
         return None

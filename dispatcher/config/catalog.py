@@ -63,6 +63,17 @@ class Catalog:
             return False
         return any(route.digest for route in (*part.writes, *part.copies_to) if route.target == target_id)
 
+    def fallback(self, campaign_id: str, section_code: str, target_id: str, channel: str) -> list[str]:
+        """The channels that stand in for ``channel`` on the section's route to ``target_id``, in order."""
+        section = self.sections.get(section_code)
+        part = section.campaigns.get(campaign_id) if section is not None else None
+        if part is None:
+            return []
+        for route in (*part.writes, *part.copies_to):
+            if route.target == target_id and channel in route.channels:
+                return list(route.fallback)
+        return []
+
     def target(self, campaign_id: str, section_code: str, target_id: str) -> Target:
         campaign = self.campaigns[campaign_id]
         if target_id in campaign.targets:

@@ -56,7 +56,9 @@ class _Layout:
 
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
-_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "channels", "targets", "campaigns"))
+_SECTION = _Layout(
+    Section, "section", "code", ("sender", "smtp", "fax", "bounces", "channels", "targets", "campaigns")
+)
 
 
 @dataclass(frozen=True)
@@ -738,6 +740,21 @@ def _check_routes(
                 problems.append(
                     ConfigProblem(file.shown, _dotted([*key, "channels", j]), _unreachable(target, channel, channels))
                 )
+        for j, channel in enumerate(route.fallback):
+            where = _dotted([*key, "fallback", j])
+            if channel not in channels:
+                problems.append(ConfigProblem(file.shown, where, _unknown_channel(channel, channels)))
+            elif channel in route.channels:
+                problems.append(
+                    ConfigProblem(
+                        file.shown,
+                        where,
+                        f"{channel!r} is already one of the route's channels: every appeal sends by it, "
+                        "so it cannot also stand in for another (one letter per target and channel)",
+                    )
+                )
+            elif channels.address_of(target, channel) is None:
+                problems.append(ConfigProblem(file.shown, where, _unreachable(target, channel, channels)))
     return problems
 
 

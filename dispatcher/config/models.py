@@ -169,8 +169,13 @@ class Route(_Frozen):
     #: (the model letter and the list of supporters) instead of the letters that would not make
     #: it (docs/digests.md). Off by default: individual letters carry more weight.
     digest: bool = False
+    #: channels that carry the letter instead, in this order, when the route's own channel
+    #: refuses the target's address for good (an email address that bounced or is known to
+    #: bounce): ``fallback = ["fax"]``. One letter per target still: the first fallback the
+    #: target can receive replaces the refused letter (docs/email.md, "Fallback").
+    fallback: list[ChannelName] = Field(default_factory=list)
 
-    @field_validator("channels")
+    @field_validator("channels", "fallback")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
@@ -296,6 +301,35 @@ class FaxConfig(_Frozen):
         return [(key, getattr(self, key)) for key in keys]
 
 
+_HOSTNAME = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+
+
+class BounceMailbox(_Frozen):
+    """An IMAP mailbox the section's bounces land in, polled by ``dispatcher bounces``."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(993, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    username_env: EnvVarName
+    password_env: EnvVarName
+    folder: str = Field("INBOX", min_length=1)
+    #: a PEM of CAs trusted beside the system's (a private CA); relative to config/
+    ca_file: str | None = None
+    #: seconds between polls
+    interval: float = Field(60.0, ge=5.0, le=3600.0)
+
+
+class Bounces(_Frozen):
+    """Where the section's bounces come back: every letter's envelope sender is
+    ``<local_part>+<token>@<domain>`` (VERP), the token naming the letter under a MAC."""
+
+    #: the bounce domain, the sender's domain or a subdomain of it (SPF then aligns with the From
+    #: domain under DMARC's relaxed alignment); its MX points at ``dispatcher bounces``
+    domain: str = Field(max_length=253, pattern=_HOSTNAME)
+    local_part: str = Field("bounces", pattern=r"^[a-z0-9][a-z0-9._-]{0,15}$")
+    imap: BounceMailbox | None = None
+
+
 _SECTION_CODE = re.compile(r"^[a-z]{2,8}$")
 
 
@@ -313,6 +347,8 @@ class Section(_Frozen):
     sender: Sender
     smtp: SmtpRelay
     fax: FaxConfig | None = None
+    #: per-letter bounce addresses and where bounces are read (docs/email.md, "Bounces")
+    bounces: Bounces | None = None
     #: the section's settings of channels that are not built in, by channel name
     #: (``[channels.post]``); each channel validates its own table (``Channel.config_model``).
     #: Email and fax keep their historic tables, ``[smtp]`` and ``[fax]``.
@@ -321,6 +357,18 @@ class Section(_Frozen):
     campaigns: dict[str, Participation] = Field(default_factory=dict)
 
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _check_timezone(v)))
+
+    @model_validator(mode="after")
+    def _bounce_domain(self) -> Section:
+        if self.bounces is not None:
+            ours = self.sender.domain.lower()
+            theirs = self.bounces.domain.lower()
+            if theirs != ours and not theirs.endswith("." + ours):
+                raise ValueError(
+                    f"bounces.domain {self.bounces.domain!r} is not the sender's domain {ours!r} nor a "
+                    "subdomain of it (DMARC alignment)"
+                )
+        return self
 
     @field_validator("code")
     @classmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -194,6 +194,49 @@ def mirror_digest(conn: Connection, digest_id: str, now: datetime, values: Mappi
     )
 
 
+#: the states a letter leaves for good with another letter planned in its place
+_REPLANNED = frozenset({State.BOUNCED, State.REROUTED})
+
+
+def _replan(conn: Connection, delivery_id: str, replan: Replan, now: datetime) -> bool:
+    """Plan ``replan`` in place of ``delivery_id``: same appeal, target and language, another
+    channel; linked by ``replaces``. Never a second letter on a channel the appeal already has
+    for that target (one letter per target and channel), and never for a digest."""
+    old = conn.execute(
+        select(D.c.appeal_id, D.c.campaign, D.c.section, D.c.target, D.c.language, D.c.message_id).where(
+            D.c.id == delivery_id
+        )
+    ).one()
+    if old.appeal_id is None:
+        return False
+    taken = conn.execute(
+        select(D.c.id).where(D.c.appeal_id == old.appeal_id, D.c.target == old.target, D.c.channel == replan.channel)
+    ).first()
+    if taken is not None:
+        return False
+    domain = old.message_id.rpartition("@")[2].rstrip(">")
+    conn.execute(
+        insert(D).values(
+            **planned_values(
+                id=replan.id,
+                appeal_id=old.appeal_id,
+                campaign=old.campaign,
+                section=old.section,
+                target=old.target,
+                channel=replan.channel,
+                recipient=replan.recipient,
+                language=old.language,
+                next_attempt_at=now,
+                message_id=f"<{replan.id}@{domain}>",
+                created_at=now,
+                updated_at=now,
+                replaces=delivery_id,
+            )
+        )
+    )
+    return True
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a worker holds while it sends one letter."""
@@ -219,6 +262,18 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Replan:
+    """A letter planned on another channel in place of one refused for good (a route's
+    fallback): written in the same transaction as the refused letter's move, so neither can be
+    recorded without the other."""
+
+    channel: str
+    recipient: str
+    #: the new letter's id, chosen by the caller so that it can log it
+    id: str = field(default_factory=lambda: new_id("dl"))
+
+
+@dataclass(frozen=True)
 class Result:
     """What became of one try, as the worker or a late report records it."""
 
@@ -234,6 +289,8 @@ class Result:
     gateway: str | None = None
     pages: int | None = None
     line_seconds: float | None = None
+    #: with ``bounced`` or ``rerouted``: the letter that takes this one's place
+    replan: Replan | None = None
 
     @property
     def state(self) -> State:
@@ -383,6 +440,8 @@ class Lifecycle:
             moved = None if row is None else State(row.state)
             if moved and claim.kind == "digest":
                 mirror_digest(conn, claim.id, now, _outcome_values(outcome, now))
+            if moved in _REPLANNED and outcome.replan is not None:
+                _replan(conn, claim.id, outcome.replan, now)
         return moved
 
     def _finish_statement(self, event: Event, counts_as_try: bool, by_claim_time: bool) -> Update:
@@ -427,13 +486,14 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ late outcomes
 
-    def settle(self, delivery_id: str, remote_id: str, outcome: Result, *, now: datetime) -> State | None:
+    def settle(self, delivery_id: str, remote_id: str | None, outcome: Result, *, now: datetime) -> State | None:
         """Apply a channel's later word (a gateway's report, a bounce) on a letter it accepted;
         returns the state it moved to, None if it did not move.
 
         Only a delivery still ``sent`` with this very remote id moves, so a duplicate report, a
         late one for an older try, or one arriving after another final one changes nothing. The
-        try's attempt row gets the final outcome.
+        try's attempt row gets the final outcome. ``remote_id`` None: the far side named no id
+        for the try (a relay whose answer we could not read an id from); its last try settles.
         """
         values = _outcome_values(outcome, now)
         values.pop("sent_at", None)  # it went out when it was sent, not when the report came
@@ -447,12 +507,19 @@ class Lifecycle:
                 values=values,
             )
             if moved:
+                this_try = (
+                    A.c.remote_id == remote_id
+                    if remote_id is not None
+                    else A.c.id == select(func.max(A.c.id)).where(A.c.delivery_id == delivery_id).scalar_subquery()
+                )
                 conn.execute(
                     update(A)
-                    .where(A.c.delivery_id == delivery_id, A.c.remote_id == remote_id)
+                    .where(A.c.delivery_id == delivery_id, this_try)
                     .values(outcome=outcome.outcome, code=values["last_code"], text=outcome.text, pages=outcome.pages)
                 )
                 mirror_digest(conn, delivery_id, now, values)
+                if moved in _REPLANNED and outcome.replan is not None:
+                    _replan(conn, delivery_id, outcome.replan, now)
         return moved
 
     # ------------------------------------------------------------------ claims given back

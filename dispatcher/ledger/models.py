@@ -123,6 +123,9 @@ class Delivery(Base):
     gateway: Mapped[str | None] = mapped_column(String(32))
     pages: Mapped[int | None] = mapped_column(Integer)
     line_seconds: Mapped[float | None] = mapped_column(Float)
+    #: the letter this one stands in for: planned again on a route's fallback channel after the
+    #: other's address bounced or was known to bounce (docs/email.md, "Fallback")
+    replaces: Mapped[str | None] = mapped_column(String(40), index=True)
 
     __table_args__ = (
         UniqueConstraint("appeal_id", "target", "channel", name="uq_delivery_route"),
@@ -230,3 +233,48 @@ class EarlyReport(Base):
     remote_id: Mapped[str] = mapped_column(String(128))
     report: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Suppression(Base):
+    """An address a channel no longer sends to, shared by every campaign and section: it bounced
+    for good (or soft-bounced too often). An official's address, not personal data."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    #: lower-cased
+    address: Mapped[str] = mapped_column(String(320))
+    #: "bounced" (a hard bounce), "soft_bounces" (too many soft ones), "rejected" (refused at
+    #: RCPT/DATA), "operator"
+    reason: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+    #: the letter whose bounce put it here
+    delivery_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (UniqueConstraint("channel", "address", name="uq_suppression_address"),)
+
+
+class BounceFact(Base):
+    """What a bounce or an auto-reply said about one letter, and nothing else of it: the facts an
+    operator needs (status, diagnostic, reporting MTA, time). The message itself is not kept."""
+
+    __tablename__ = "bounces"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(40), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    #: the official's address the letter went to (lower-cased)
+    address: Mapped[str] = mapped_column(String(320))
+    #: hard, soft, delayed, auto_reply
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str | None] = mapped_column(String(16))
+    diagnostic: Mapped[str | None] = mapped_column(Text)
+    reporting_mta: Mapped[str | None] = mapped_column(String(255))
+    #: when the reporting MTA says it happened, if it says
+    arrived_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_bounces_address", "channel", "address", "kind", "received_at"),)

@@ -26,7 +26,8 @@ class State(StrEnum):
     SENDING = "sending"  # claimed by a worker
     SENT = "sent"  # accepted by the relay / gateway; final only where the channel learns nothing later
     DELIVERED = "delivered"  # confirmed by the far end (a fax gateway's report)
-    BOUNCED = "bounced"  # accepted, then reported undeliverable (an email bounce)
+    BOUNCED = "bounced"  # refused for good by the far end: an email bounce, at once or later
+    REROUTED = "rerouted"  # not sent: its address is known to bounce, another channel carries it
     FAILED = "failed"
     EXPIRED = "expired"  # the campaign deadline passed first
     CANCELLED = "cancelled"  # the campaign was closed
@@ -40,7 +41,8 @@ class Event(StrEnum):
     CLAIMED = "claimed"  # a worker takes it for sending
     SENT = "sent"  # the relay or gateway accepted it
     DELIVERED = "delivered"  # the far end confirmed it
-    BOUNCED = "bounced"  # the far end reported it undeliverable after accepting it
+    BOUNCED = "bounced"  # the far end refused it for good, at once (5xx) or later (a bounce)
+    REROUTED = "rerouted"  # its address is suppressed: a letter on the route's fallback replaces it
     RETRY = "retry"  # a transient failure: try again after a backoff
     DEFERRED = "deferred"  # not now, by our own policy or because our side is broken; no try counted
     FAILED = "failed"  # a permanent failure, or retries exhausted
@@ -81,7 +83,13 @@ RULES: tuple[Rule, ...] = (
     _rule(E.CLAIMED, (S.PLANNED, S.QUEUED), S.SENDING, "a worker wins the claim"),
     _rule(E.SENT, (S.SENDING,), S.SENT, "the relay or gateway accepted the letter"),
     _rule(E.DELIVERED, (S.SENDING, S.SENT), S.DELIVERED, "confirmed at once (fax lab) or by a later report"),
-    _rule(E.BOUNCED, (S.SENT,), S.BOUNCED, "accepted, then bounced"),
+    _rule(E.BOUNCED, (S.SENDING, S.SENT), S.BOUNCED, "refused for good: a 5xx to the address, or a bounce later"),
+    _rule(
+        E.REROUTED,
+        (S.SENDING,),
+        S.REROUTED,
+        "its address is known to bounce: planned again on the route's fallback channel",
+    ),
     _rule(E.RETRY, (S.SENDING, S.SENT), S.PLANNED, "a transient failure, during the send or reported later"),
     _rule(
         E.DEFERRED,
@@ -114,7 +122,7 @@ RULES: tuple[Rule, ...] = (
 TRANSITIONS: Mapping[Event, Rule] = MappingProxyType({rule.event: rule for rule in RULES})
 
 #: no move leaves these
-TERMINAL: frozenset[State] = frozenset({S.DELIVERED, S.BOUNCED, S.FAILED, S.EXPIRED, S.CANCELLED})
+TERMINAL: frozenset[State] = frozenset({S.DELIVERED, S.BOUNCED, S.REROUTED, S.FAILED, S.EXPIRED, S.CANCELLED})
 #: waiting for the queue or a worker, in the ledger's hands
 WAITING: tuple[State, ...] = (S.PLANNED, S.QUEUED)
 #: not yet out nor in a worker's hands: what expiry and a campaign's closing cancel
@@ -130,7 +138,8 @@ DIGEST_FOLLOWS: Mapping[State, Event] = MappingProxyType(
         S.SENT: E.DIGEST_SENT,
         S.DELIVERED: E.DIGEST_DELIVERED,
         S.FAILED: E.DIGEST_FAILED,
-        S.BOUNCED: E.BOUNCED,
+        # (a digest refused for good: its letters fail with it, bundled or sent)
+        S.BOUNCED: E.DIGEST_FAILED,
         S.PLANNED: E.DIGEST_WAITING,
         S.QUEUED: E.DIGEST_WAITING,
         S.EXPIRED: E.EXPIRED,

@@ -6,7 +6,9 @@
 * :class:`~dispatcher.ledger.schedule.Schedule`: what the pacer and reconciler ask;
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
-* :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send.
+* :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
+* :class:`~dispatcher.ledger.bounces.Suppressions` and
+  :class:`~dispatcher.ledger.bounces.BounceFacts`: addresses known to bounce, and what bounces said.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine
 from dispatcher.ledger.housekeeping import Housekeeping
@@ -46,6 +49,8 @@ class Ledger:
         self.views = Views(self.engine)
         self.housekeeping = Housekeeping(self.engine, sent_final_after or {})
         self.early_reports = EarlyReports(self.engine)
+        self.suppressions = Suppressions(self.engine)
+        self.bounces = BounceFacts(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -9,12 +9,14 @@ from sqlalchemy import Table
 from dispatcher.ledger.models import (
     Appeal,
     Attempt,
+    BounceFact,
     CampaignClosure,
     DeadLetter,
     Delivery,
     EarlyReport,
     FlaggedNumber,
     PausedChannel,
+    Suppression,
     UsedSignature,
 )
 
@@ -27,3 +29,5 @@ CC = cast(Table, CampaignClosure.__table__)
 DL = cast(Table, DeadLetter.__table__)
 US = cast(Table, UsedSignature.__table__)
 ER = cast(Table, EarlyReport.__table__)
+SU = cast(Table, Suppression.__table__)
+BF = cast(Table, BounceFact.__table__)

@@ -82,6 +82,8 @@ class DeliveryView:
     pages: int | None
     line_seconds: float | None
     tries: tuple[TryView, ...] = ()
+    #: the letter this one stands in for (planned on a fallback channel after that one's bounce)
+    replaces: str | None = None
 
     @classmethod
     def of(cls, r: Any, tries: Sequence[TryView] = ()) -> DeliveryView:
@@ -111,6 +113,7 @@ class DeliveryView:
             pages=r.pages,
             line_seconds=r.line_seconds,
             tries=tuple(tries),
+            replaces=r.replaces,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -127,6 +130,7 @@ class DeliveryView:
             "last_code": self.last_code,
             "last_text": self.last_text,
             **({"digest": self.digest_id} if self.digest_id else {}),
+            **({"replaces": self.replaces} if self.replaces else {}),
             # the far side's facts: its id for the letter, and what a gateway reported (a relay
             # names no gateway, pages or line time)
             "gateway": self.gateway,

@@ -38,6 +38,7 @@ from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.policy.gate import SendingGate
 from dispatcher.policy.lines import Lines
+from dispatcher.queue.fallback import Fallback
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.outcomes import Outcomes, Result
 from dispatcher.queue.window import SendWindow
@@ -51,6 +52,8 @@ EVENTS = {
     State.SENT: "delivery.sent",
     State.DELIVERED: "delivery.delivered",
     State.FAILED: "delivery.failed",
+    State.BOUNCED: "delivery.bounced",
+    State.REROUTED: "delivery.rerouted",
     State.EXPIRED: "delivery.expired",
     State.CANCELLED: "delivery.cancelled",
 }
@@ -123,6 +126,7 @@ class DeliveryProcessor:
         self.clock = clock
         #: at most one letter of this process between DATA and its recorded `sent` (window.py)
         self.window = SendWindow()
+        self.fallback = Fallback(catalog=catalog, channels=channels, ledger=ledger)
 
     def __call__(self, delivery_id: str) -> None:
         try:
@@ -160,6 +164,10 @@ class DeliveryProcessor:
                 deadline=self.catalog.deadline_at(claim.campaign, claim.section),
                 created_at=claim.created_at,
             )
+        if claim.kind == "letter":
+            result = self.fallback.with_replan(
+                result, campaign=claim.campaign, section=claim.section, target=claim.target, channel=claim.channel
+            )
         finished = max(self.clock(), now)
         moved = self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
         # The outcome is committed: the next letter of this process may start its DATA.
@@ -175,6 +183,10 @@ class DeliveryProcessor:
         if result.flag_number:
             self.ledger.controls.flag_number(claim.recipient, result.text or "suspect recipient", claim.id, finished)
             log.error(f"{claim.channel}.recipient_flagged", **context, reason=result.text)
+        if moved is not None:
+            self.fallback.record(
+                result, delivery=claim.id, channel=claim.channel, recipient=claim.recipient, now=finished
+            )
         # (cancelled instead of waiting again when its campaign closed meanwhile)
         closed = moved is State.CANCELLED and result.state is not State.CANCELLED
         level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
@@ -191,6 +203,7 @@ class DeliveryProcessor:
             gateway=result.gateway,
             pages=result.pages,
             line_seconds=result.line_seconds,
+            replacement=result.replan.id if result.replan is not None and moved == result.state else None,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
             queued_to_sent_ms=round((finished - claim.queued_at).total_seconds() * 1000, 1)
             if claim.queued_at and result.state in (State.SENT, State.DELIVERED)
@@ -240,6 +253,16 @@ class DeliveryProcessor:
         except UnknownChannel as exc:
             # Not the letter's fault: it waits for a worker that has the channel, like any pause.
             return self.outcomes.operational(OperationalError(f"this worker cannot send it: {exc}"), now=now)
+        suppressed = self.ledger.suppressions.find(claim.channel, claim.recipient)
+        if suppressed is not None:
+            return self.fallback.instead_of(
+                suppressed,
+                campaign=claim.campaign,
+                section=claim.section,
+                target=claim.target,
+                channel=claim.channel,
+                letter=claim.kind == "letter",
+            )
         target = self.catalog.target(claim.campaign, claim.section, claim.target)
         built = self._request(claim, section, target, now)
         if isinstance(built, Result):

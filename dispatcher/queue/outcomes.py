@@ -7,7 +7,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from dispatcher.channels.base import Report, Status
-from dispatcher.errors import DeferredError, DeliveryError, OperationalError, Outcome, SuspectRecipient, TransientError
+from dispatcher.errors import (
+    Bounced,
+    DeferredError,
+    DeliveryError,
+    OperationalError,
+    Outcome,
+    SuspectRecipient,
+    TransientError,
+)
 from dispatcher.ledger.lifecycle import Result as TryResult
 from dispatcher.ledger.states import Event
 from dispatcher.retry import RetryPolicy
@@ -18,6 +26,8 @@ class Result(TryResult):
     #: the recipient's address answered wrongly too often (a fax number without a fax tone): flag
     #: it for an operator
     flag_number: bool = False
+    #: the far end refused the address itself for good: no channel of this kind writes to it again
+    suppress: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class Outcomes:
             return self.transient(exc, attempt=attempt, now=now, deadline=deadline, created_at=created_at)
         if isinstance(exc, OperationalError):
             return self.operational(exc, now=now)
+        if isinstance(exc, Bounced):
+            return Result(Event.BOUNCED, exc.outcome, code=exc.code, text=exc.message, suppress=exc.suppress)
         return Result(Event.FAILED, exc.outcome, code=exc.code, text=exc.message)
 
     def transient(

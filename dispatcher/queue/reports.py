@@ -28,6 +28,7 @@ from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
 from dispatcher.policy.lines import Lines
 from dispatcher.queue.deliver import EVENTS, log_document_rejected
+from dispatcher.queue.fallback import Fallback
 from dispatcher.queue.outcomes import Outcomes
 
 log = get_logger("dispatcher.reports")
@@ -53,6 +54,7 @@ class ReportApplier:
         self.channels = channels
         self.lines = lines
         self.clock = clock
+        self.fallback = Fallback(catalog=catalog, channels=channels, ledger=ledger)
 
     def apply(self, channel: str, report: Report) -> str:
         """Apply one report; returns what happened ("applied", "parked: ...", "ignored: ...")
@@ -85,7 +87,6 @@ class ReportApplier:
         if row.state != State.SENT:
             log.info(f"{channel}.report_ignored", **context, why=f"delivery already {row.state}")
             return f"ignored: already {row.state}"
-        assert report.remote_id is not None
         now = self.clock()
         if isinstance(report.error, DocumentRejected):
             log_document_rejected(channel, report.error, **{k: v for k, v in context.items() if k != "channel"})
@@ -93,9 +94,14 @@ class ReportApplier:
         result = self.outcomes.of_report(
             report, attempt=row.attempts, now=now, deadline=deadline, created_at=row.created_at
         )
+        if row.kind == "letter":
+            result = self.fallback.with_replan(
+                result, campaign=row.campaign, section=row.section, target=row.target, channel=channel
+            )
         state = self.ledger.lifecycle.settle(row.id, report.remote_id, result, now=now)
         if state is None:
             return "ignored: raced"
+        self.fallback.record(result, delivery=row.id, channel=channel, recipient=row.recipient, now=now)
         if result.outcome == Outcome.OPERATIONAL:
             # the far side refuses us (funds, credentials): the section's channel waits
             key = f"{channel}:{row.section}"
@@ -113,7 +119,8 @@ class ReportApplier:
             pages=report.pages,
             line_seconds=report.line_seconds,
             next_attempt_at=result.next_attempt_at.isoformat() if result.next_attempt_at else None,
-            reason=None if report.error is None else report.error.message,
+            reason=None if report.error is None else result.text,
+            replacement=result.replan.id if result.replan is not None and state == result.state else None,
         )
         return "applied"
 

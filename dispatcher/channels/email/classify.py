@@ -8,7 +8,7 @@ code included.
 | --------------------------------------------------- | ----------------------- |
 | 421 anywhere (the server is closing the connection) | TransientError          |
 | other 4xx                                           | TransientError          |
-| 5xx on RCPT or DATA                                 | PermanentError          |
+| 5xx on RCPT or DATA                                 | Bounced (PermanentError)|
 | 5xx on MAIL FROM (the relay refuses our sender)     | OperationalError        |
 | 5xx on the greeting, EHLO, STARTTLS                 | OperationalError        |
 | authentication failed, 530/534/535/538              | OperationalError        |
@@ -27,6 +27,7 @@ import aiosmtplib
 
 from dispatcher.errors import (
     BlipError,
+    Bounced,
     DeliveryError,
     OperationalError,
     PermanentError,
@@ -93,15 +94,39 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException, stage: Stage | None) -> D
     if 400 <= code < 500:
         return TransientError(text, code=code, retry_after=retry_after_hint(text))
     if 500 <= code < 600:
+        if _MAILBOX_FULL.match(text):
+            # persistent by RFC 3463, temporary in practice: the official empties the mailbox
+            return TransientError(text, code=code, retry_after=retry_after_hint(text))
         if isinstance(exc, aiosmtplib.SMTPSenderRefused) or stage == "mail":
             return OperationalError(text, code=code)
-        if isinstance(exc, (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError)) or (stage in ("rcpt", "data")):
-            return PermanentError(text, code=code)
+        if isinstance(exc, aiosmtplib.SMTPRecipientRefused) or stage == "rcpt":
+            return Bounced(text, code=code, suppress=refuses_address(text, at_rcpt=True))
+        if isinstance(exc, aiosmtplib.SMTPDataError) or stage == "data":
+            return Bounced(text, code=code, suppress=refuses_address(text, at_rcpt=False))
         # Greeting, EHLO, STARTTLS, RSET: a refusal that has nothing to do with the letter.
         return OperationalError(text, code=code)
     # A malformed or out-of-place reply (aiosmtplib reports those as -1): the conversation
     # is out of step; a fresh connection later is the remedy.
     return TransientError(f"unexpected reply: {text}", code=code)
+
+
+_MAILBOX_FULL = re.compile(r"^\s*5\.2\.2\b")
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def refuses_address(text: str, *, at_rcpt: bool) -> bool:
+    """Whether a 5xx reply refuses the address itself (suppress it for every letter), rather
+    than this letter or its sender (RFC 3463: 5.7.x is policy — spam, DMARC, not authorised —
+    and 5.2.2 a full mailbox, neither a reason to stop writing to the address). At RCPT a
+    reply without an enhanced code is about the address; at DATA only 5.1.x (bad mailbox or
+    domain, reported late by relays that accept every RCPT) is."""
+    match = _ENHANCED.match(text)
+    if match is None:
+        return at_rcpt
+    subject, detail = match.group(2), match.group(3)
+    if subject == "7" or (subject == "2" and detail == "2"):
+        return False
+    return subject == "1" or (at_rcpt and subject in ("0", "2", "4"))
 
 
 def _severity(error: DeliveryError) -> int:
