@@ -60,7 +60,7 @@ class _Handler:
             outcome = await asyncio.get_running_loop().run_in_executor(
                 None, self.handle, content[: self.max_bytes], list(envelope.rcpt_tos), truncated
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: the sender keeps the bounce and retries
             # the message's text may quote a supporter's letter: type and size only
             log.error("email.bounce_failed", error=type(exc).__name__, size=len(content))
             return "451 4.3.0 could not record the bounce; try again later"
