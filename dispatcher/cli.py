@@ -103,6 +103,51 @@ def config_check(check_env: bool) -> None:
     sys.exit(1 if problems else 0)
 
 
+# ---------------------------------------------------------------------------- preflight
+
+
+@main.command()
+@click.option("--section", "section_codes", multiple=True, help="Only this section (repeatable), e.g. ch.")
+def preflight(section_codes: tuple[str, ...]) -> None:
+    """Check everything live mode needs, section by section, and say what to fix: the relay takes
+    our login (nothing is sent), the fax gateway takes our key (a read-only call), the webhooks'
+    address and keys, no sandbox-only campaign routed. Exit status 1 when anything is wrong."""
+    import asyncio
+
+    from rich.markup import escape
+
+    from dispatcher.config.loader import load_catalog
+    from dispatcher.preflight import run
+
+    settings = _settings()
+    try:
+        catalog = load_catalog(settings.config_dir, settings.templates_dir)
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    unknown = [c for c in section_codes if c not in catalog.sections]
+    if unknown:
+        err.print(f"unknown section {unknown[0]!r} (known: {', '.join(sorted(catalog.sections))})", highlight=False)
+        sys.exit(2)
+    out = Console()
+    if not settings.live:
+        out.print(f"DISPATCH_MODE is {settings.mode}: checking as live mode will run", highlight=False)
+    findings = asyncio.run(run(catalog, settings, os.environ, sections=list(section_codes) or None))
+    shown = None
+    for finding in findings:
+        if finding.section != shown:
+            shown = finding.section
+            out.print(f"[bold]section {shown}[/bold]", highlight=False)
+        mark = "[green]ok[/green]     " if finding.ok else "[red]problem[/red]"
+        out.print(f"  {mark} {escape(finding.check)}: {escape(finding.text)}", highlight=False, soft_wrap=True)
+        if finding.fix:
+            out.print(f"          fix: {escape(finding.fix)}", highlight=False, soft_wrap=True)
+    problems = sum(not f.ok for f in findings)
+    if problems:
+        out.print(f"[red]{problems} problem(s)[/red]: live mode would not work as configured", highlight=False)
+        sys.exit(1)
+    out.print("[green]all well[/green]: ready for DISPATCH_MODE=live", highlight=False)
+
+
 # ---------------------------------------------------------------------------- signing
 
 

@@ -324,7 +324,39 @@ BROKEN: dict[str, tuple[Edit, str, str, str]] = {
         "section.name",
         "required key 'name' is missing",
     ),
-    "missing required table": (_drop_smtp_table, SECTION_FILE, "smtp", "[smtp] table missing"),
+    "missing required table": (
+        lambda t: t.edit(SECTION_FILE, "[sender]", "[sendr]"),
+        SECTION_FILE,
+        "sender",
+        "[sender] table missing",
+    ),
+    "email routed without a relay": (
+        _drop_smtp_table,
+        SECTION_FILE,
+        "campaigns.UA-900-24.writes[1].channels[0]",
+        "this section has no [smtp] table",
+    ),
+    "a station id telnyx cannot send": (
+        lambda t: t.edit(
+            SECTION_FILE,
+            "[targets.consulate]",
+            '[fax]\ngateway = "telnyx"\napi_key_env = "K"\nconnection_id = "c"\nstation_id = "AI ZZ"\n\n'
+            "[targets.consulate]",
+        ),
+        SECTION_FILE,
+        "fax.station_id",
+        "station_id cannot be used with telnyx",
+    ),
+    "a relay CA file that is not there": (
+        lambda t: t.edit(
+            SECTION_FILE,
+            'host = "smtp.zz.dispatch.example"',
+            'host = "smtp.zz.dispatch.example"\nca_file = "relay-ca.pem"',
+        ),
+        SECTION_FILE,
+        "smtp.ca_file",
+        "no such file",
+    ),
     "unknown key": (
         lambda t: t.edit(SECTION_FILE, 'languages = ["en"]', 'langauges = ["en"]'),
         SECTION_FILE,
@@ -408,7 +440,37 @@ def test_empty_section_file_names_each_missing_table_once(tree: ConfigTree) -> N
     assert [(p.key, p.message) for p in problems] == [
         ("section", "[section] table missing"),
         ("sender", "[sender] table missing"),
-        ("smtp", "[smtp] table missing"),
+    ]
+
+
+def test_a_section_that_only_faxes_needs_no_relay(tree: ConfigTree) -> None:
+    _drop_smtp_table(tree)
+    tree.edit(SECTION_FILE, 'target = "office"\nchannels = ["email"]', 'target = "minister"\nchannels = ["fax"]')
+    tree.edit(
+        SECTION_FILE,
+        '[[campaigns.UA-900-24.writes]]\ntarget = "minister"\nchannels = ["fax"]\n\n',
+        "",
+    )
+    catalog = load_catalog(tree.dir)
+    assert catalog.section("zz").smtp is None
+    env = {"DISPATCH_INTAKE_KEY_ZZ": "k"}
+    assert check_environment(catalog, env, live=True) == []
+
+
+def test_live_fax_gateway_needs_the_webhook_address_and_key(tree: ConfigTree) -> None:
+    tree.edit(
+        SECTION_FILE,
+        "[targets.consulate]",
+        '[fax]\ngateway = "telnyx"\napi_key_env = "TELNYX_KEY_ZZ"\nconnection_id = "c"\n\n[targets.consulate]',
+    )
+    catalog = load_catalog(tree.dir)
+    env = {"DISPATCH_INTAKE_KEY_ZZ": "k", "DISPATCH_SMTP_USER_ZZ": "u", "DISPATCH_SMTP_PASSWORD_ZZ": "p"}
+    env["TELNYX_KEY_ZZ"] = "key"
+    assert check_environment(catalog, env, live=False) == []
+    problems = check_environment(catalog, env, live=True)
+    assert [(p.key, p.message.split(" is ")[0]) for p in problems] == [
+        ("fax.gateway", "environment variable DISPATCH_PUBLIC_URL"),
+        ("fax.gateway", "environment variable DISPATCH_TELNYX_PUBLIC_KEY"),
     ]
 
 

@@ -187,7 +187,7 @@ async def test_live_sections_with_the_same_relay_share_a_pool(tmp_path: Path, se
     try:
         await channel.send(letter(first, "d-1"), section=first, recipient=TARGET)
         await channel.send(letter(second, "d-2"), section=second, recipient=TARGET)
-        assert list(channel.pools) == [relay]
+        assert len(channel.pools) == 1  # one pool, one connection
     finally:
         await channel.aclose()
     assert server.connections == 1

@@ -16,7 +16,8 @@ What a channel declares:
 * **its config**: the model of a section's ``[channels.<name>]`` table (``config_model``;
   email and fax keep their historic ``[smtp]`` and ``[fax]``), where a target receives it
   (:meth:`Channel.address_of`), which environment variables a section's config names for it
-  (:meth:`Channel.secrets`), the provider account a section's letters go through and that
+  (:meth:`Channel.secrets`), what a section routing letters through it must have
+  (:meth:`Channel.missing_settings`), the provider account a section's letters go through and that
   account's limits (:meth:`Channel.provider`), its default caps (from the service's settings)
   and whether office hours hold it;
 * **its sending**: :meth:`Channel.prepare` (in the worker's thread) and :meth:`Channel.deliver`
@@ -133,6 +134,16 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class Missing:
+    """A setting a section lacks for a channel."""
+
+    #: the config key to add ("smtp", "fax.from_number")
+    key: str
+    #: what is missing and why, for the admin
+    message: str
+
+
+@dataclass(frozen=True)
 class WebhookRequest:
     raw: bytes
     headers: Mapping[str, str]
@@ -192,6 +203,9 @@ class Channel(Protocol):
     def secrets(section: Section, *, live: bool) -> list[Secret]: ...
 
     @staticmethod
+    def missing_settings(section: Section, *, live: bool) -> Missing | None: ...
+
+    @staticmethod
     def default_limits(settings: Settings) -> tuple[str, ...]: ...
 
     @staticmethod
@@ -235,6 +249,14 @@ class BaseChannel:
     @staticmethod
     def secrets(section: Section, *, live: bool) -> list[Secret]:
         return []
+
+    @staticmethod
+    def missing_settings(section: Section, *, live: bool) -> Missing | None:
+        """What ``section`` lacks for this channel to carry its letters (None: nothing), in
+        either mode or in live mode only. Config validation asks with ``live=False`` and reports
+        it at every route of the section through the channel; ``dispatcher preflight`` asks
+        with ``live=True``."""
+        return None
 
     @classmethod
     def section_config(cls, section: Section) -> BaseModel | None:

@@ -253,6 +253,8 @@ class _SectionParts:
     campaign_ids: frozenset[str]
     #: ``[channels.<name>]`` tables, for their channels to validate
     channel_tables: Mapping[str, Any]
+    #: the section, when the file validated (what its channels need of it is checked then)
+    section: Section | None = None
 
     @classmethod
     def of(cls, file: _File, section: Section) -> _SectionParts:
@@ -266,6 +268,7 @@ class _SectionParts:
             frozenset(targets),
             frozenset(campaigns),
             section.channels,
+            section,
         )
 
     @classmethod
@@ -581,6 +584,7 @@ def _check_sections(
         shown = section.file.shown
         problems.extend(_check_limits(section.file, section.targets, channels))
         problems.extend(_check_channel_tables(section, channels))
+        problems.extend(_check_relay_files(section))
         # A shared intake key would let one section's form post appeals as another section.
         if section.intake_key_env is not None:
             other = key_users.setdefault(section.intake_key_env, shown)
@@ -632,8 +636,10 @@ def _check_participation(section: _SectionParts, campaign: Campaign, channels: C
         )
     campaign_pool = _Pool(campaign.targets, frozenset(campaign.targets))
     section_pool = _Pool(section.targets, section.target_ids)
-    problems += _check_routes(file, cid, "writes", part.writes, campaign_pool, section_pool, channels)
-    problems += _check_routes(file, cid, "copies_to", part.copies_to, section_pool, campaign_pool, channels)
+    problems += _check_routes(file, cid, "writes", part.writes, campaign_pool, section_pool, channels, section.section)
+    problems += _check_routes(
+        file, cid, "copies_to", part.copies_to, section_pool, campaign_pool, channels, section.section
+    )
     for tid in dict.fromkeys(r.target for r in part.copies_to):
         target = section.targets.get(tid)
         problem = target and _salutation_problem(file, tid, target, campaign)
@@ -708,8 +714,10 @@ def _check_routes(
     pool: _Pool,
     elsewhere: _Pool,
     channels: Channels,
+    section: Section | None = None,
 ) -> list[ConfigProblem]:
-    """Routes must name a target of the right pool, once, through channels it can receive."""
+    """Routes must name a target of the right pool, once, through channels it can receive and
+    the section is set up for (``section``: None when its file did not validate)."""
     problems: list[ConfigProblem] = []
     first_at: dict[str, int] = {}
     for i, route in enumerate(routes):
@@ -740,6 +748,8 @@ def _check_routes(
                 problems.append(
                     ConfigProblem(file.shown, _dotted([*key, "channels", j]), _unreachable(target, channel, channels))
                 )
+            elif section is not None and (missing := channels.kind(channel).missing_settings(section, live=False)):
+                problems.append(ConfigProblem(file.shown, _dotted([*key, "channels", j]), missing.message))
         for j, channel in enumerate(route.fallback):
             where = _dotted([*key, "fallback", j])
             if channel not in channels:
@@ -755,7 +765,28 @@ def _check_routes(
                 )
             elif channels.address_of(target, channel) is None:
                 problems.append(ConfigProblem(file.shown, where, _unreachable(target, channel, channels)))
+            elif section is not None and (missing := channels.kind(channel).missing_settings(section, live=False)):
+                problems.append(ConfigProblem(file.shown, where, missing.message))
     return problems
+
+
+def _check_relay_files(section: _SectionParts) -> list[ConfigProblem]:
+    """``[smtp] ca_file`` exists: found missing at load, not at the first letter of the day."""
+    relay = section.section.smtp if section.section is not None else None
+    if relay is None or relay.ca_file is None:
+        return []
+    path = Path(relay.ca_file)
+    if not path.is_absolute():
+        path = section.file.path.parent.parent / path  # relative to config/
+    if path.is_file():
+        return []
+    return [
+        ConfigProblem(
+            section.file.shown,
+            "smtp.ca_file",
+            f"no such file: {path} (a PEM file of the CAs to trust, relative to config/ unless absolute)",
+        )
+    ]
 
 
 def _unknown_target(tid: str, kind: str, cid: str, targets: frozenset[str], elsewhere: frozenset[str]) -> str:

@@ -231,6 +231,12 @@ class SmtpRelay(_Frozen):
     host: str = Field(min_length=1)
     port: int = Field(587, ge=1, le=65535)
     tls: Literal["starttls", "implicit", "none"] = "starttls"
+    #: a PEM file of CAs trusted in addition to the system's (a relay with a private CA);
+    #: relative to config/ unless absolute
+    ca_file: str | None = Field(None, min_length=1)
+    #: the name we give in EHLO in live mode; default: the sender's domain (relays that want a
+    #: fully qualified name refuse "localhost")
+    ehlo_name: str | None = Field(None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
     username_env: EnvVarName | None = None
     password_env: EnvVarName | None = None
     #: connections kept open to this relay per worker process
@@ -263,7 +269,8 @@ class FaxConfig(_Frozen):
     gateway: Literal["telnyx", "sinch"]
     #: caller id, E.164 after normalisation with the section's country
     from_number: str | None = None
-    #: the header line some machines print ("TSI"): ASCII, at most 20 characters
+    #: the header line some machines print ("TSI"): ASCII, at most 20 characters. Sinch only:
+    #: Telnyx's API has no field for it (``from_display_name`` is the SIP caller name, not the TSI)
     station_id: str | None = Field(None, max_length=20, pattern=r"^[ -~]*$")
     #: override of the gateway's API address (a regional endpoint)
     base_url: str | None = None
@@ -293,6 +300,12 @@ class FaxConfig(_Frozen):
         missing = [key for key in needed[self.gateway] if getattr(self, key) is None]
         if missing:
             raise ValueError(f"gateway {self.gateway!r} needs {', '.join(missing)}")
+        if self.gateway == "telnyx" and self.station_id is not None:
+            # Refused rather than accepted and silently never sent.
+            raise ValueError(
+                "station_id cannot be used with telnyx: its fax API has no field for the header line "
+                "(machines print the from_number instead); remove station_id"
+            )
         return self
 
     def secret_envs(self) -> list[tuple[str, str]]:
@@ -345,7 +358,8 @@ class Section(_Frozen):
     #: name of the environment variable holding the HMAC intake key (never the key itself)
     intake_key_env: EnvVarName
     sender: Sender
-    smtp: SmtpRelay
+    #: the relay; needed only when a route of the section sends email (the loader checks)
+    smtp: SmtpRelay | None = None
     fax: FaxConfig | None = None
     #: per-letter bounce addresses and where bounces are read (docs/email.md, "Bounces")
     bounces: Bounces | None = None

@@ -83,6 +83,18 @@ def channel_faults() -> Iterator[None]:
         raise ChannelFault(exc) from exc
 
 
+def _context(claim: Claim) -> dict[str, Any]:
+    return {
+        "delivery": claim.id,
+        "appeal": claim.appeal_id,
+        "campaign": claim.campaign,
+        "section": claim.section,
+        "target": claim.target,
+        "channel": claim.channel,
+        "attempt": claim.attempt,
+    }
+
+
 def log_document_rejected(channel: str, error: DeliveryError, **context: Any) -> None:
     # Our document was refused: a bug on our side, never just a letter's bad luck.
     log.error(f"{channel}.document_rejected", **context, code=error.code, reason=error.message)
@@ -142,16 +154,7 @@ class DeliveryProcessor:
             # A redelivered or duplicate message: worth seeing, since it means a worker or Redis hiccuped.
             log.info("delivery.skipped", delivery=delivery_id, state=self.ledger.views.state_of(delivery_id))
             return
-        context = {
-            "delivery": claim.id,
-            "appeal": claim.appeal_id,
-            "campaign": claim.campaign,
-            "section": claim.section,
-            "target": claim.target,
-            "channel": claim.channel,
-            "attempt": claim.attempt,
-        }
-        log.info("delivery.sending", **context)
+        context = _context(claim)
         started = time.perf_counter()
         try:
             result = self._attempt(claim, now)
@@ -189,7 +192,13 @@ class DeliveryProcessor:
             )
         # (cancelled instead of waiting again when its campaign closed meanwhile)
         closed = moved is State.CANCELLED and result.state is not State.CANCELLED
-        level = log.error if result.outcome == Outcome.OPERATIONAL else log.info
+        if result.outcome == Outcome.OPERATIONAL:
+            level = log.error
+        elif (moved or result.state) is State.FAILED:
+            # a letter lost for good (an unknown address, a 550): an operator should see it
+            level = log.warning
+        else:
+            level = log.info
         level(
             EVENTS.get(moved or result.state, "delivery.retry_scheduled"),
             **context,
@@ -291,6 +300,8 @@ class DeliveryProcessor:
                     provider=provider.key if provider else None,
                     provider_rates=provider.rates if provider else (),
                 )
+            # Only now: a letter held back above was never being sent.
+            log.info("delivery.sending", **_context(claim))
             try:
                 return self._send(channel, claim, section, target, sender, request, now, deadline)
             except ChannelFault as fault:

@@ -31,9 +31,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from dispatcher.channels.base import BaseChannel, Outgoing, Provider, Report, Secret, SendResult, Status
+from dispatcher.channels.base import BaseChannel, Missing, Outgoing, Provider, Report, Secret, SendResult, Status
 from dispatcher.channels.email.message import build_message
 from dispatcher.channels.email.pool import DataWindow, SmtpPool
+from dispatcher.channels.email.relay import live_relay, tls_context
 from dispatcher.config.models import Section, SmtpRelay, Target
 from dispatcher.errors import BlipError, OperationalError, TransientError
 from dispatcher.logging import get_logger
@@ -106,8 +107,9 @@ class EmailChannel(BaseChannel):
                     f"sandbox SMTP host {host!r} is not a loopback address; sandbox mode only "
                     "ever sends to a local sandbox server"
                 )
-            return SmtpRelay(host=host, port=self.settings.sandbox_smtp_port, tls="none")
-        return section.smtp
+            # No DNS lookup of our own name for a local sandbox connection.
+            return SmtpRelay(host=host, port=self.settings.sandbox_smtp_port, tls="none", ehlo_name="localhost")
+        return live_relay(section)
 
     async def send(
         self, message: EmailMessage, *, section: Section, recipient: str, window: DataWindow | None = None
@@ -162,7 +164,7 @@ class EmailChannel(BaseChannel):
     @staticmethod
     def secrets(section: Section, *, live: bool) -> list[Secret]:
         # sandbox mode never talks to the sections' relays
-        if not live:
+        if not live or section.smtp is None:
             return []
         found = []
         if section.smtp.username_env:
@@ -171,7 +173,16 @@ class EmailChannel(BaseChannel):
             found.append(Secret("smtp.password_env", section.smtp.password_env, "the relay password"))
         return found
 
+    @staticmethod
+    def missing_settings(section: Section, *, live: bool) -> Missing | None:
+        # in both modes: a section whose email has no relay cannot go live as it is
+        if section.smtp is not None:
+            return None
+        return Missing("smtp", "this section has no [smtp] table (the relay its email goes through): add one")
+
     def provider(self, section: Section) -> Provider | None:
+        if section.smtp is None:
+            return None
         return Provider(f"relay:{section.smtp.host}:{section.smtp.port}", section.smtp.rate)
 
     @staticmethod
@@ -224,10 +235,14 @@ class EmailChannel(BaseChannel):
         if pool is None:
             if self.settings.live:
                 username, password = self._credentials(relay)
-                pool = SmtpPool.for_relay(relay, username=username, password=password)
+                pool = SmtpPool.for_relay(
+                    relay,
+                    username=username,
+                    password=password,
+                    tls_context=tls_context(relay, self.settings.config_dir),
+                )
             else:
-                # No DNS lookup of our own name for a local sandbox connection.
-                pool = SmtpPool.for_relay(relay, local_hostname="localhost")
+                pool = SmtpPool.for_relay(relay)
             self._pools[relay] = pool
         return pool
 

@@ -131,8 +131,9 @@ class SmtpPool:
         *,
         username: str | None = None,
         password: str | None = None,
-        local_hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> SmtpPool:
+        """A pool for ``relay``, saying EHLO with its ``ehlo_name`` (None: our host name)."""
         return cls(
             relay.host,
             relay.port,
@@ -143,7 +144,8 @@ class SmtpPool:
             max_messages_per_connection=relay.max_messages_per_connection,
             idle_timeout=relay.idle_timeout,
             timeout=relay.timeout,
-            local_hostname=local_hostname,
+            local_hostname=relay.ehlo_name,
+            tls_context=tls_context,
         )
 
     def __repr__(self) -> str:

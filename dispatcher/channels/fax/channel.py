@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from dispatcher.channels.base import (
     BaseChannel,
+    Missing,
     Outgoing,
     Provider,
     Report,
@@ -40,6 +41,12 @@ GatewayFactory = Callable[[Section, Mapping[str, str], Settings], FaxGateway]
 
 #: the gateways whose status webhooks the API takes
 WEBHOOK_GATEWAYS = ("telnyx", "sinch")
+
+#: per gateway: the variable holding what authenticates its webhooks, and what that is
+WEBHOOK_KEYS: dict[str, tuple[str, str]] = {
+    "telnyx": ("DISPATCH_TELNYX_PUBLIC_KEY", "Telnyx's webhook public key (base64, from the Telnyx portal)"),
+    "sinch": ("DISPATCH_SINCH_CALLBACK_TOKEN", "a long random secret that Sinch's callback URLs carry"),
+}
 
 
 class WebhookNotConfigured(IntakeError):
@@ -114,10 +121,26 @@ class FaxChannel(BaseChannel):
     def secrets(section: Section, *, live: bool) -> list[Secret]:
         if not live or section.fax is None:
             return []
-        return [
-            Secret(f"fax.{key}", env, f"the {section.fax.gateway} credentials")
-            for key, env in section.fax.secret_envs()
-        ]
+        gateway = section.fax.gateway
+        found = [Secret(f"fax.{key}", env, f"the {gateway} credentials") for key, env in section.fax.secret_envs()]
+        # The gateway's reports come by webhook: without these, every fax stays `sent` until the
+        # reconciler asks, and the API refuses the webhooks it does get.
+        found.append(
+            Secret("fax.gateway", "DISPATCH_PUBLIC_URL", f"this API's public https address, for {gateway}'s webhooks")
+        )
+        found.append(Secret("fax.gateway", *WEBHOOK_KEYS[gateway]))
+        return found
+
+    @staticmethod
+    def missing_settings(section: Section, *, live: bool) -> Missing | None:
+        # Sandbox mode faxes the local fax lab: only live mode needs a gateway.
+        if not live:
+            return None
+        if section.fax is None:
+            return Missing("fax", "this section has no [fax] table: live mode sends faxes through a gateway")
+        if section.fax.from_number is None:
+            return Missing("fax.from_number", "live mode needs the number faxes are sent from")
+        return None
 
     def provider(self, section: Section) -> Provider | None:
         if section.fax is None:

@@ -53,3 +53,18 @@ def build_gateway(section: Section, environ: Mapping[str, str], settings: Settin
         base_url=fax.base_url or sinch.DEFAULT_BASE_URL,
         callback_url=callback,
     )
+
+
+async def check_access(section: Section, environ: Mapping[str, str], settings: Settings) -> None:
+    """Ask the section's live gateway a read-only question with the section's credentials.
+    Raises OperationalError when a credential or ``from_number`` is missing, and the gateway's
+    classified refusal otherwise (BlipError: no answer at all)."""
+    from dispatcher.channels.fax.sinch import SinchGateway
+    from dispatcher.channels.fax.telnyx import TelnyxGateway
+
+    gateway = build_gateway(section, environ, settings)
+    try:
+        assert isinstance(gateway, (TelnyxGateway, SinchGateway))
+        await gateway.check_access()
+    finally:
+        await gateway.aclose()

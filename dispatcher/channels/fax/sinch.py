@@ -242,6 +242,13 @@ class SinchGateway(LookupFirstGateway):
         extra = {**confirmed.extra, "confirmed": "true", "callback_status": report.raw_status or ""}
         return replace(confirmed, extra=extra)
 
+    async def check_access(self) -> None:
+        """A read-only call that proves the key and the project (one fax of the project's list):
+        returns, or raises the classified error of the refusal (401/403: OperationalError)."""
+        response = await self._request("GET", self._faxes, params={"pageSize": 1})
+        if response.is_error:
+            raise _error(response)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

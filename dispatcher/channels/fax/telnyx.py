@@ -244,6 +244,13 @@ class TelnyxGateway(LookupFirstGateway):
         except (KeyError, TypeError, ValueError) as exc:
             raise TransientError(f"telnyx answered an unreadable fax: {exc}") from exc
 
+    async def check_access(self) -> None:
+        """A read-only call that proves the API key (one fax of the account's list): returns, or
+        raises the classified error of the refusal (401/403: OperationalError with that code)."""
+        response = await self._request("GET", "/v2/faxes", params={"page[number]": 1, "page[size]": 1})
+        if response.is_error:
+            raise _error(response)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
