@@ -42,8 +42,9 @@ def redact_personal_data(_logger: Any, _method: str, event: MutableMapping[str, 
 _configured = False
 
 
-#: chatty libraries: their INFO lines are per connection or per migration step
-QUIET_LOGGERS = ("mail.log", "alembic", "aiosmtpd", "uvicorn.access")
+#: chatty libraries: their INFO lines are per connection, per migration step or (flufl.bounce)
+#: per detector tried on each bounce
+QUIET_LOGGERS = ("mail.log", "alembic", "aiosmtpd", "uvicorn.access", "flufl.bounce")
 
 
 def configure(level: str = "INFO", stream: Any = None) -> None:
