@@ -42,9 +42,10 @@ def redact_personal_data(_logger: Any, _method: str, event: MutableMapping[str, 
 _configured = False
 
 
-#: chatty libraries: their INFO lines are per connection, per migration step, or per step of
-#: every fax rendered (WeasyPrint's "Step 4 - Creating layout", fontTools' subsetting)
-QUIET_LOGGERS = ("mail.log", "alembic", "aiosmtpd", "uvicorn.access", "weasyprint", "fontTools")
+#: chatty libraries: their INFO lines are per connection, per migration step, per step of
+#: every fax rendered (WeasyPrint's "Step 4 - Creating layout", fontTools' subsetting) or
+#: (flufl.bounce) per detector tried on each bounce
+QUIET_LOGGERS = ("mail.log", "alembic", "aiosmtpd", "uvicorn.access", "weasyprint", "fontTools", "flufl.bounce")
 
 
 def configure(level: str = "INFO", stream: Any = None) -> None:
