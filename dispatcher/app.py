@@ -20,6 +20,7 @@ from dispatcher.channels.fax.base import FaxGateway
 from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.loader import load_catalog
+from dispatcher.errors import OperationalError
 from dispatcher.intake.service import IntakeService
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
@@ -28,6 +29,7 @@ from dispatcher.policy.limits import RateLimiter
 from dispatcher.policy.lines import Lines
 from dispatcher.policy.pacing import PacingPolicy
 from dispatcher.queue.actors import Enqueuer, declare_deliver
+from dispatcher.queue.bounces import BounceIntake
 from dispatcher.queue.broker import make_broker
 from dispatcher.queue.deadletters import DeadLetters
 from dispatcher.queue.deliver import DeliveryProcessor
@@ -166,6 +168,21 @@ class Service:
             outcomes=self.outcomes,
             channels=self.channels,
             lines=self.lines,
+            clock=self.clock,
+        )
+
+    def bounce_intake(self) -> BounceIntake:
+        """What ``dispatcher bounces`` hands each message to: the channel whose letters come back
+        (email) reads it, the ledger records it."""
+        readers = [name for name in self.channels.names() if self.channels.kind(name).reads_bounces]
+        if not readers:
+            raise OperationalError("no channel of this service reads bounces")
+        return BounceIntake(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            channel=self.channels.get(readers[0]),
+            reports=self.reports,
             clock=self.clock,
         )
 

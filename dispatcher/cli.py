@@ -369,6 +369,79 @@ def fax_unflag(number: str) -> None:
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
 
 
+# ---------------------------------------------------------------------------- bounces
+
+
+@main.group()
+def suppressions() -> None:
+    """Addresses known to bounce: no letter is sent to them by their channel."""
+
+
+@suppressions.command("list")
+@click.option("--channel", default=None, help="Only this channel's (e.g. email).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+def suppressions_list(channel: str | None, as_json: bool) -> None:
+    """Show suppressed addresses, oldest first, with the bounce that put each there."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    rows = _service().ledger.suppressions.all(channel)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_iso, indent=2))
+        return
+    if not rows:
+        Console().print("no suppressed addresses")
+        return
+    table = Table(title="suppressed addresses")
+    for col in ("channel", "address", "since", "reason", "code", "what the far side said", "delivery"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.channel,
+            r.address,
+            r.since.isoformat(timespec="seconds"),
+            r.reason,
+            r.code or "",
+            r.text or "",
+            r.delivery or "",
+        )
+    Console().print(table)
+
+
+@suppressions.command("remove")
+@click.argument("address")
+@click.option("--channel", default=None, help="Only on this channel (default: every channel).")
+def suppressions_remove(address: str, channel: str | None) -> None:
+    """Write to ADDRESS again (after checking it was fixed); letters planned from now on go out."""
+    if not _service().ledger.suppressions.remove(address, channel):
+        err.print(f"{address} is not suppressed")
+        sys.exit(1)
+    Console().print(f"{address} removed from the suppression list")
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [default: DISPATCH_BOUNCES_LISTEN's host].")
+@click.option("--port", default=None, type=int, help="Port [default: DISPATCH_BOUNCES_LISTEN's port, 2526].")
+def bounces(host: str | None, port: int | None) -> None:
+    """Receive bounces: an SMTP server for the bounce domains' MX, and a poller for each
+    section whose bounces land in an IMAP mailbox ([bounces.imap])."""
+    from dispatcher.bounces import BounceReceiver
+
+    service = _service()
+    try:
+        receiver = BounceReceiver(service, host=host, port=port)
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    receiver.start()
+    Console().print(receiver.describe())
+    stop.wait()
+    receiver.stop()
+
+
 # ---------------------------------------------------------------------------- dead letters
 
 

@@ -191,6 +191,8 @@ class Channel(Protocol):
     one_at_a_time: ClassVar[bool]
     #: the model of the section's ``[channels.<name>]`` table (None: the channel takes none)
     config_model: ClassVar[type[BaseModel] | None]
+    #: letters of this channel can come back (email bounces): :meth:`read_bounce` reads them
+    reads_bounces: ClassVar[bool]
     #: after this long in `sent` without a final report, ask (None: never); may differ per instance
     poll_after: timedelta | None
     #: a send taking longer is abandoned and retried
@@ -240,6 +242,7 @@ class BaseChannel:
     sent_final_after: ClassVar[timedelta | None] = timedelta(0)
     one_at_a_time: ClassVar[bool] = False
     config_model: ClassVar[type[BaseModel] | None] = None
+    reads_bounces: ClassVar[bool] = False
     poll_after: timedelta | None = None
 
     def __init__(self, settings: Settings):

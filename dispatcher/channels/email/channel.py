@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from email.message import EmailMessage
@@ -31,10 +31,22 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from dispatcher.channels.base import BaseChannel, Missing, Outgoing, Provider, Report, Secret, SendResult, Status
+from dispatcher.channels.base import (
+    BaseChannel,
+    Bounce,
+    Missing,
+    Outgoing,
+    Provider,
+    Report,
+    Secret,
+    SendResult,
+    Status,
+)
+from dispatcher.channels.email.bounces import read_bounce
 from dispatcher.channels.email.message import build_message
 from dispatcher.channels.email.pool import DataWindow, SmtpPool
 from dispatcher.channels.email.relay import live_relay, tls_context
+from dispatcher.channels.email.verp import Verp
 from dispatcher.config.models import Section, SmtpRelay, Target
 from dispatcher.errors import BlipError, OperationalError, TransientError
 from dispatcher.logging import get_logger
@@ -69,6 +81,7 @@ class EmailChannel(BaseChannel):
     document: ClassVar[str] = "email"
     address_noun: ClassVar[str] = "email address"
     sent_final_after: ClassVar[timedelta | None] = BOUNCE_WINDOW
+    reads_bounces: ClassVar[bool] = True
     # (its settings are the section's historic [smtp] table, SmtpRelay, not a [channels.email] one)
 
     def __init__(
@@ -92,6 +105,7 @@ class EmailChannel(BaseChannel):
         self._pools: dict[SmtpRelay, SmtpPool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._verps: dict[tuple[frozenset[str], frozenset[str]], Verp] = {}
 
     @property
     def pools(self) -> Mapping[SmtpRelay, SmtpPool]:
@@ -112,9 +126,16 @@ class EmailChannel(BaseChannel):
         return live_relay(section)
 
     async def send(
-        self, message: EmailMessage, *, section: Section, recipient: str, window: DataWindow | None = None
+        self,
+        message: EmailMessage,
+        *,
+        section: Section,
+        recipient: str,
+        window: DataWindow | None = None,
+        envelope: str | None = None,
     ) -> SendResult:
-        """Send ``message`` to ``recipient`` from the section's envelope sender.
+        """Send ``message`` to ``recipient`` from ``envelope`` (default: the section's fixed
+        envelope sender).
 
         Raises DeliveryError subclasses only (see classify.py); a blip that outlasts the quick
         retries is raised as TransientError, for the ledger to retry later. ``window``: see
@@ -136,7 +157,9 @@ class EmailChannel(BaseChannel):
             async for attempt in retrying:
                 with attempt:
                     tries += 1
-                    code, text = await pool.send(message, section.sender.envelope_sender, [recipient], window=window)
+                    code, text = await pool.send(
+                        message, envelope or section.sender.envelope_sender, [recipient], window=window
+                    )
         except BlipError as exc:
             raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
         duration_ms = (time.perf_counter() - started) * 1000
@@ -214,8 +237,65 @@ class EmailChannel(BaseChannel):
 
     async def deliver(self, letter: Outgoing) -> Report:
         message: EmailMessage = letter.document  # built by prepare()
-        sent = await self.send(message, section=letter.section, recipient=letter.recipient, window=letter.window)
+        sent = await self.send(
+            message,
+            section=letter.section,
+            recipient=letter.recipient,
+            window=letter.window,
+            envelope=self.envelope_sender(letter.section, letter.tag),
+        )
         return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)
+
+    # ------------------------------------------------------------------ bounces
+
+    def envelope_sender(self, section: Section, tag: str) -> str:
+        """The letter's own bounce address (VERP) when the section has a bounce domain, else the
+        section's fixed envelope sender."""
+        bounces = section.bounces
+        if bounces is None:
+            return section.sender.envelope_sender
+        verp = self._verp([bounces.domain], [bounces.local_part])
+        return verp.address(tag, local_part=bounces.local_part, domain=bounces.domain)
+
+    def read_bounce(
+        self, raw: bytes, *, envelope_recipients: Sequence[str], truncated: bool, sections: Iterable[Section]
+    ) -> Bounce | None:
+        facts = read_bounce(raw, envelope_recipients=envelope_recipients, cut=truncated)
+        ours = [s.bounces for s in sections if s.bounces is not None]
+        tag: str | None = None
+        untagged: str | None = "no_token"
+        if ours and facts.verp_candidates:
+            verp = self._verp([b.domain for b in ours], [b.local_part for b in ours])
+            # the worst reason wins when no candidate reads: a forgery matters more than a stranger
+            order = ("not_an_address", "not_ours", "malformed", "forged")
+            worst = -1
+            for candidate in facts.verp_candidates:
+                reading = verp.check(candidate)
+                if reading.delivery_id is not None:
+                    tag, untagged = reading.delivery_id, None
+                    break
+                if reading.refused is not None and order.index(reading.refused) > worst:
+                    worst = order.index(reading.refused)
+                    untagged = reading.refused
+        return Bounce(
+            kind=facts.kind.value,
+            tag=tag,
+            untagged=untagged,
+            status=facts.status,
+            diagnostic=facts.diagnostic,
+            reporting_mta=facts.reporting_mta,
+            recipient=facts.recipient,
+            reported_at=facts.reported_at,
+            suppress=facts.suppresses_address,
+            reason=facts.reason,
+        )
+
+    def _verp(self, domains: Iterable[str], local_parts: Iterable[str]) -> Verp:
+        key = (frozenset(d.lower() for d in domains), frozenset(local_parts))
+        verp = self._verps.get(key)
+        if verp is None:
+            verp = self._verps[key] = Verp(self.settings.verp_secret(), domains=key[0], local_parts=key[1])
+        return verp
 
     async def aclose(self) -> None:
         self._closed = True

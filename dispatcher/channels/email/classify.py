@@ -25,6 +25,7 @@ from typing import Literal
 
 import aiosmtplib
 
+from dispatcher.channels.email.bounces import BounceKind, classify_reply, reply_status, suppresses_address
 from dispatcher.errors import (
     BlipError,
     Bounced,
@@ -94,15 +95,14 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException, stage: Stage | None) -> D
     if 400 <= code < 500:
         return TransientError(text, code=code, retry_after=retry_after_hint(text))
     if 500 <= code < 600:
-        if _MAILBOX_FULL.match(text):
-            # persistent by RFC 3463, temporary in practice: the official empties the mailbox
-            return TransientError(text, code=code, retry_after=retry_after_hint(text))
         if isinstance(exc, aiosmtplib.SMTPSenderRefused) or stage == "mail":
             return OperationalError(text, code=code)
-        if isinstance(exc, aiosmtplib.SMTPRecipientRefused) or stage == "rcpt":
-            return Bounced(text, code=code, suppress=refuses_address(text, at_rcpt=True))
-        if isinstance(exc, aiosmtplib.SMTPDataError) or stage == "data":
-            return Bounced(text, code=code, suppress=refuses_address(text, at_rcpt=False))
+        at_rcpt = isinstance(exc, aiosmtplib.SMTPRecipientRefused) or stage == "rcpt"
+        if at_rcpt or isinstance(exc, aiosmtplib.SMTPDataError) or stage == "data":
+            if classify_reply(code, text) is BounceKind.SOFT:
+                # a full mailbox (5.2.2, 552): persistent by RFC 3463, emptied in practice
+                return TransientError(text, code=code, retry_after=retry_after_hint(text))
+            return Bounced(text, code=code, suppress=refuses_address(text, at_rcpt=at_rcpt))
         # Greeting, EHLO, STARTTLS, RSET: a refusal that has nothing to do with the letter.
         return OperationalError(text, code=code)
     # A malformed or out-of-place reply (aiosmtplib reports those as -1): the conversation
@@ -110,23 +110,15 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException, stage: Stage | None) -> D
     return TransientError(f"unexpected reply: {text}", code=code)
 
 
-_MAILBOX_FULL = re.compile(r"^\s*5\.2\.2\b")
-_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
 def refuses_address(text: str, *, at_rcpt: bool) -> bool:
-    """Whether a 5xx reply refuses the address itself (suppress it for every letter), rather
-    than this letter or its sender (RFC 3463: 5.7.x is policy — spam, DMARC, not authorised —
-    and 5.2.2 a full mailbox, neither a reason to stop writing to the address). At RCPT a
-    reply without an enhanced code is about the address; at DATA only 5.1.x (bad mailbox or
-    domain, reported late by relays that accept every RCPT) is."""
-    match = _ENHANCED.match(text)
-    if match is None:
+    """Whether a 5xx reply refuses the address itself (suppress it for every letter) rather
+    than this letter or its sender: with an enhanced status, the bounce reader's rule (only
+    5.1.x: :func:`dispatcher.channels.email.bounces.suppresses_address`); without one, a
+    refusal at RCPT is about the address and one at DATA is not."""
+    status = reply_status(text)
+    if status is None:
         return at_rcpt
-    subject, detail = match.group(2), match.group(3)
-    if subject == "7" or (subject == "2" and detail == "2"):
-        return False
-    return subject == "1" or (at_rcpt and subject in ("0", "2", "4"))
+    return suppresses_address(status)
 
 
 def _severity(error: DeliveryError) -> int:
