@@ -213,6 +213,19 @@ def test_a_folder_other_than_inbox(dovecot: DovecotServer) -> None:
     assert len(dovecot.uids()) == 1
 
 
+def test_a_server_without_uidplus_gets_a_plain_expunge() -> None:
+    # dovecot announcing only what an old server would; without UID EXPUNGE we fall back
+    with DovecotServer(extra_config={"imap_capability": "IMAP4rev1 LITERAL+ IDLE"}) as old_server:
+        old_server.append(bounce(1))
+        kept = old_server.append(bounce(2, " FAILS"))
+        handler = Recorder(fail_on=b"FAILS")
+
+        result = mailbox(old_server).poll(handler)
+
+        assert (result.handled, result.failed) == (1, 1)
+        assert old_server.uids() == [kept]
+
+
 # --------------------------------------------------------------------------- server trouble
 
 

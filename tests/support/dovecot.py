@@ -141,8 +141,17 @@ class DovecotServer:
 
     host = LOOPBACK
 
-    def __init__(self, *, tls: bool = False, username: str = "bounces", password: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        username: str = "bounces",
+        password: str | None = None,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
         self.tls = tls
+        #: top-level dovecot settings added last (e.g. ``imap_capability`` to hide one)
+        self.extra_config = dict(extra_config or {})
         self.username = username
         self.password = password or secrets.token_urlsafe(12)
         self.port = 0
@@ -384,6 +393,7 @@ class DovecotServer:
             ]
         else:
             lines.append("ssl = no")
+        lines += [f"{key} = {value}" for key, value in self.extra_config.items()]
         conf = base / "dovecot.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

@@ -19,9 +19,11 @@ What happens to a message, on each :meth:`BounceMailbox.poll`:
   ``max_bytes`` of it is read (a 10 MB bounce costs us 1 MiB, not 10), and the handler is told
   whether it was cut. PEEK leaves the message's flags alone, so a failure changes nothing.
 * Handler returned: the message is flagged ``\\Deleted`` and expunged at the end of the poll
-  (``UID EXPUNGE`` of our UIDs where the server has UIDPLUS; else a plain ``EXPUNGE``, which in
-  a dedicated mailbox removes only what was meant to go). If we die between the two, the next
-  poll skips the flagged message and expunges it.
+  (``UID EXPUNGE`` where the server has UIDPLUS; else a plain ``EXPUNGE``). Every message
+  flagged ``\\Deleted`` in the folder is expunged then: if we died between flag and expunge,
+  the next poll skips the flagged message and removes it. (The folder is dedicated to bounces:
+  nothing flagged there is anyone's to keep. No "Processed" folder: what a handled bounce said
+  is in the ledger, and copies in the mailbox would only grow until someone emptied it.)
 * Handler raised: the message stays where it is and is offered again on the next poll; the
   error is logged by uid, size and exception type only (a bounce quotes our letter, and so a
   supporter's personal data). After ``max_failures`` failures in this process it is set aside
@@ -146,7 +148,9 @@ class BounceMailbox:
                 if outcome:
                     done.append(uid)
             self._expunge(imap, done)
-        log.info(
+        # a pulse line only when there was something: an idle mailbox polled every minute
+        # would otherwise fill the log with nothing
+        (log.info if result.found else log.debug)(
             "imap.polled",
             host=self.host,
             folder=self.folder,
@@ -284,7 +288,9 @@ class BounceMailbox:
         return uids
 
     def _expunge(self, imap: imaplib.IMAP4, uids: list[int]) -> None:
-        """Remove what we flagged this poll and anything a crashed earlier poll left flagged."""
+        """Remove what we flagged this poll, and every other message flagged \\Deleted in the
+        folder: what a poll that died before its expunge left behind (the folder is dedicated to
+        bounces, so nothing flagged there is anyone else's to keep)."""
         leftover = self._command(imap, "UID SEARCH", "SEARCH", "DELETED")
         gone = sorted({*uids, *(int(u) for chunk in leftover if isinstance(chunk, bytes) for u in chunk.split())})
         if not gone:
