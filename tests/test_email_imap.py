@@ -167,22 +167,59 @@ def test_a_failing_handler_keeps_its_bounce_and_the_others_are_handled(dovecot: 
     assert dovecot.uids() == []
 
 
-def test_a_bounce_that_keeps_failing_is_set_aside_and_does_not_block_the_rest(dovecot: DovecotServer) -> None:
-    bad = dovecot.append(bounce(1, " FAILS"))
+def test_a_bounce_that_keeps_failing_does_not_hold_up_the_others(dovecot: DovecotServer) -> None:
+    dovecot.append(bounce(1, " FAILS"))
     dovecot.append(bounce(2))
     dovecot.append(bounce(3))
-    poller = mailbox(dovecot, limit=1, max_failures=2)
+    poller = mailbox(dovecot, limit=1)
     handler = Recorder(fail_on=b"FAILS")
 
-    results = [poller.poll(handler) for _ in range(4)]
+    results = [poller.poll(handler) for _ in range(3)]
 
-    assert [r.more for r in results] == [True, True, True, False]
-    assert [r.set_aside for r in results] == [0, 1, 0, 0]
-    assert handler.handed == [bounce(1, " FAILS"), bounce(1, " FAILS"), bounce(2), bounce(3)]
-    # kept for an operator, marked, and no longer offered
+    # one a poll: the failed one goes behind the others that are waiting
+    assert handler.handed == [bounce(1, " FAILS"), bounce(2), bounce(3)]
+    assert [r.handled for r in results] == [0, 1, 1]
+    assert len(dovecot.uids()) == 1
+    # and it is still offered, now that it is the only one
+    assert poller.poll(handler).found == 1
+    assert handler.handed[-1] == bounce(1, " FAILS")
+
+
+def test_a_bounce_that_keeps_failing_is_set_aside_for_an_operator(dovecot: DovecotServer) -> None:
+    bad = dovecot.append(bounce(1, " FAILS"))
+    dovecot.append(bounce(2))
+    poller = mailbox(dovecot, max_failures=2)
+    handler = Recorder(fail_on=b"FAILS")
+
+    first = poller.poll(handler)
+    dovecot.append(bounce(3))
+    second = poller.poll(handler)
+
+    assert (first.set_aside, second.set_aside) == (0, 1)
+    assert handler.handed == [bounce(1, " FAILS"), bounce(2), bounce(3), bounce(1, " FAILS")]
+    # kept, marked, and no longer offered
     assert dovecot.uids() == [bad]
     assert FAILED_KEYWORD in dovecot.flags(bad)
     assert poller.poll(handler).found == 0
+
+
+def test_a_handler_that_takes_nothing_sets_nothing_aside(dovecot: DovecotServer) -> None:
+    """The handler's own outage (its database down) is no bounce's fault: all are kept, none
+    marked, and all are handed over once it is back."""
+    sent = [bounce(1), bounce(2)]
+    for raw in sent:
+        dovecot.append(raw)
+    poller = mailbox(dovecot, max_failures=2)
+    down = Recorder(fail_on=b"Undelivered")
+
+    results = [poller.poll(down) for _ in range(3)]
+
+    assert [r.set_aside for r in results] == [0, 0, 0]
+    assert all(FAILED_KEYWORD not in dovecot.flags(uid) for uid in dovecot.uids())
+    back = Recorder()
+    poller.poll(back)
+    assert back.handed == sent
+    assert dovecot.uids() == []
 
 
 def test_a_bounce_handled_by_a_poll_that_died_before_expunging_is_not_handed_over_again(

@@ -24,11 +24,14 @@ What happens to a message, on each :meth:`BounceMailbox.poll`:
   the next poll skips the flagged message and removes it. (The folder is dedicated to bounces:
   nothing flagged there is anyone's to keep. No "Processed" folder: what a handled bounce said
   is in the ledger, and copies in the mailbox would only grow until someone emptied it.)
-* Handler raised: the message stays where it is and is offered again on the next poll; the
-  error is logged by uid, size and exception type only (a bounce quotes our letter, and so a
-  supporter's personal data). After ``max_failures`` failures in this process it is set aside
-  (keyword ``$DispatchFailed``, left in the mailbox for an operator) so that it no longer takes
-  a place among the ``limit`` of every poll. Nothing is ever deleted unhandled.
+* Handler raised: the message stays where it is and is offered again on the next poll, after
+  every message that has not failed, so it never holds up the others; the error is logged by
+  uid, size and exception type only (a bounce quotes our letter, and so a supporter's personal
+  data). A failure counts against the message only in a poll where the handler took some other
+  message (when it takes none, the handler itself is likely down, say the ledger's database,
+  and no bounce is to blame). After ``max_failures`` such failures in this process the message
+  is set aside: keyword ``$DispatchFailed``, left in the mailbox for an operator, no longer
+  offered. Nothing is ever deleted unhandled.
 
 Delivery to the handler is at least once: a crash between the handler's return and the
 ``\\Deleted`` flag, or two pollers on one mailbox, can hand a message over twice. The handler
@@ -80,7 +83,7 @@ class PollResult:
     handled: int = 0
     #: the handler raised: left in the mailbox for the next poll
     failed: int = 0
-    #: failed ``max_failures`` times: flagged and no longer offered
+    #: failed ``max_failures`` times (counted as the module says): flagged, no longer offered
     set_aside: int = 0
     #: handed over cut at ``max_bytes``
     truncated: int = 0
@@ -143,10 +146,15 @@ class BounceMailbox:
             result.found = len(uids)
             result.more = len(uids) > self.limit
             done: list[int] = []
+            failed: list[int] = []
             for uid in uids[: self.limit]:
-                outcome = self._one(imap, uidvalidity, uid, handle, keywords, result)
-                if outcome:
+                outcome = self._one(imap, uidvalidity, uid, handle, result)
+                if outcome is True:
                     done.append(uid)
+                elif outcome is False:
+                    failed.append(uid)
+            if result.handled:
+                self._count_failures(imap, uidvalidity, failed, keywords, result)
             self._expunge(imap, done)
         # a pulse line only when there was something: an idle mailbox polled every minute
         # would otherwise fill the log with nothing
@@ -173,8 +181,9 @@ class BounceMailbox:
         """Poll every ``interval`` seconds until ``stop_event`` is set.
 
         An unusable server (down, login refused, TLS broken) is logged and tried again after a
-        doubling wait, capped at ``max_backoff``; a full poll (``more``) is followed at once by
-        the next. Errors of the handler never reach here: :meth:`poll` keeps those messages.
+        doubling wait, capped at ``max_backoff``. A full poll (``more``) that handled something
+        is followed at once by the next. Errors of the handler never reach here: :meth:`poll`
+        keeps those messages.
         """
         outages = 0
         while not stop_event.is_set():
@@ -198,24 +207,21 @@ class BounceMailbox:
             if outages:
                 log.info("imap.recovered", host=self.host, port=self.port, outages=outages)
                 outages = 0
-            if not result.more:
+            # straight on only while the backlog moves: a handler that takes nothing (its
+            # database down) must not turn this into a tight loop against the server
+            if not (result.more and result.handled):
                 stop_event.wait(interval)
 
     # ------------------------------------------------------------------ one message
 
     def _one(
-        self,
-        imap: imaplib.IMAP4,
-        uidvalidity: int,
-        uid: int,
-        handle: BounceHandler,
-        keywords: bool,
-        result: PollResult,
-    ) -> bool:
-        """Fetch and hand over one message; True when it is to be deleted."""
+        self, imap: imaplib.IMAP4, uidvalidity: int, uid: int, handle: BounceHandler, result: PollResult
+    ) -> bool | None:
+        """Fetch and hand over one message: True when handled (flagged for deletion), False
+        when the handler raised, None when the message was gone before we could read it."""
         fetched = self._fetch(imap, uid)
-        if fetched is None:  # gone meanwhile: another poller, or a person, took it
-            return False
+        if fetched is None:  # another poller, or a person, took it meanwhile
+            return None
         raw, size = fetched
         truncated = len(raw) < size
         if truncated:
@@ -224,23 +230,33 @@ class BounceMailbox:
         try:
             handle(raw, truncated)
         except Exception as exc:  # noqa: BLE001 - the handler's bug or bad input: keep the message, go on
-            key = (uidvalidity, uid)
-            failures = self._failures.get(key, 0) + 1
-            self._failures[key] = failures
+            # present, even at 0, puts it behind the messages that never failed
+            self._failures.setdefault((uidvalidity, uid), 0)
             result.failed += 1
             # The exception's text may quote the bounce (and so a supporter): its type only.
-            log.error("imap.bounce_failed", uid=uid, size=size, error_type=type(exc).__name__, failures=failures)
-            if failures >= self.max_failures:
-                if keywords:
-                    self._command(imap, "UID STORE", "STORE", str(uid), "+FLAGS.SILENT", f"({FAILED_KEYWORD})")
-                result.set_aside += 1
-                log.error("imap.bounce_set_aside", uid=uid, size=size, failures=failures, keyword=keywords)
+            log.error("imap.bounce_failed", uid=uid, size=size, error_type=type(exc).__name__)
             return False
         self._failures.pop((uidvalidity, uid), None)
         self._command(imap, "UID STORE", "STORE", str(uid), "+FLAGS.SILENT", r"(\Deleted)")
         result.handled += 1
         log.info("imap.bounce_handled", uid=uid, size=size, truncated=truncated)
         return True
+
+    def _count_failures(
+        self, imap: imaplib.IMAP4, uidvalidity: int, uids: list[int], keywords: bool, result: PollResult
+    ) -> None:
+        """Called only after a poll in which the handler took something: these failures are the
+        messages' own."""
+        for uid in uids:
+            key = (uidvalidity, uid)
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            if failures < self.max_failures:
+                continue
+            if keywords:
+                self._command(imap, "UID STORE", "STORE", str(uid), "+FLAGS.SILENT", f"({FAILED_KEYWORD})")
+            result.set_aside += 1
+            log.error("imap.bounce_set_aside", uid=uid, failures=failures, keyword=FAILED_KEYWORD if keywords else None)
 
     def _fetch(self, imap: imaplib.IMAP4, uid: int) -> tuple[bytes, int] | None:
         data = self._command(imap, "UID FETCH", "FETCH", str(uid), f"(UID RFC822.SIZE BODY.PEEK[]<0.{self.max_bytes}>)")
@@ -282,10 +298,11 @@ class BounceMailbox:
         if keywords:
             criteria += ["UNKEYWORD", FAILED_KEYWORD]
         data = self._command(imap, "UID SEARCH", "SEARCH", *criteria)
-        uids = sorted(int(u) for chunk in data if isinstance(chunk, bytes) for u in chunk.split())
+        uids = [int(u) for chunk in data if isinstance(chunk, bytes) for u in chunk.split()]
         if not keywords:  # set aside in memory only: the server cannot keep the mark
             uids = [u for u in uids if self._failures.get((uidvalidity, u), 0) < self.max_failures]
-        return uids
+        # oldest first, but those that failed before after all the others
+        return sorted(uids, key=lambda u: ((uidvalidity, u) in self._failures, u))
 
     def _expunge(self, imap: imaplib.IMAP4, uids: list[int]) -> None:
         """Remove what we flagged this poll, and every other message flagged \\Deleted in the
