@@ -215,3 +215,18 @@ class UnknownChannel(DispatchError, LookupError):
     def __init__(self, name: str, known: Sequence[str]):
         self.name = name
         super().__init__(f"no channel {name!r} (registered: {', '.join(sorted(known)) or 'none'})")
+
+
+class MailboxError(OperationalError):
+    """The bounce mailbox cannot be read: server unreachable, TLS failed, login refused, folder
+    missing. Names host, port and user; never the password."""
+
+    def __init__(self, message: str, *, host: str, port: int, username: str):
+        super().__init__(f"{message} (IMAP {username}@{host}:{port})")
+        self.host = host
+        self.port = port
+        self.username = username
+
+
+class MailboxLoginRefused(MailboxError):
+    """The IMAP server refused our user name and password: fix the credentials."""

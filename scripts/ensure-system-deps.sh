@@ -25,6 +25,9 @@ REQUIREMENTS=(
   "libpangoft2-1.0-0|lib|libpangoft2-1.0.so.0"
   "libharfbuzz-subset0|lib|libharfbuzz-subset.so.0"
   "fonts-dejavu-core|glob|/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+  # the IMAP bounce poller's tests run a private dovecot (dovecot-core comes with it)
+  "dovecot-imapd|bin|dovecot"
+  "dovecot-imapd|glob|/usr/lib/dovecot/imap-login"
 )
 
 me="ensure-system-deps"

@@ -195,7 +195,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 _OWNER_FILE = "owner.pid"
-_TEMP_PREFIXES = ("dispatch-redis-", "dispatch-pg-")
+_TEMP_PREFIXES = ("dispatch-redis-", "dispatch-pg-", "dispatch-dovecot-")
 _swept_dirs = False
 
 
