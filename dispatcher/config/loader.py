@@ -56,9 +56,7 @@ class _Layout:
 
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
-_SECTION = _Layout(
-    Section, "section", "code", ("sender", "smtp", "fax", "bounces", "channels", "targets", "campaigns")
-)
+_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "bounces", "channels", "targets", "campaigns"))
 
 
 @dataclass(frozen=True)
