@@ -214,7 +214,7 @@ def dkim_keygen(
     click.echo(keys.zone_record(rsa_selector, domain, keys.txt_value(rsa_key)))
     click.echo(keys.zone_record(ed25519_selector, domain, keys.txt_value(ed25519_key)))
     source = catalog.sources.get(section_code)
-    click.echo(f"\nOnce they resolve, put this table in {source or 'the section file'} (replacing any [dkim]):\n")
+    click.echo(f"\nOnce they resolve, put this table in {source or 'the section file'} (in place of an earlier one):\n")
     click.echo("[dkim]")
     click.echo(f'domain = "{domain}"')
     click.echo(f'rsa_selector = "{rsa_selector}"')
