@@ -280,8 +280,12 @@ def test_signatures_verify_for_any_message_shape(keypair: tuple[rsa.RSAPrivateKe
     signer = dkim.DkimSigner("example.org", [dkim.SigningKey("r", keypair[0]), dkim.SigningKey("e", keypair[1])])
     shapes = [
         b"From: a@example.org\r\nSubject: empty body\r\n\r\n",
+        b"From: a@example.org\r\nSubject: blank body\r\n\r\n\r\n\r\n",
         b"From: a@example.org\r\nTo: b@example.net\r\n\r\ntrailing blank lines\r\n\r\n\r\n",
         b"From: a@example.org\r\nX-Long: " + b"word " * 60 + b"\r\n\r\nbody \t with  spaces \r\n",
+        b"From: a@example.org\r\n\r\nspace at a line end \r\nno newline at the end",
+        b"From: a@example.org\nSubject: LF line ends\n\nbody\nlines  \n\n",
+        b"From: a@example.org\r\nSubject: a bare LF\r\n\r\nbody\nmore\r\n",
     ]
     for message in shapes:
         assert verdicts(signer.sign(message), dns) == BOTH_PASS
