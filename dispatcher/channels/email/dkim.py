@@ -8,7 +8,7 @@ look at the topmost signature only. Both are relaxed/relaxed and sign the header
 What we chose for speed: dkimpy does the DKIM parts — parsing the message, relaxed
 canonicalisation, hashing the signed headers together with the signature's own header, folding
 — and ``cryptography`` (OpenSSL) does the private-key operations. dkimpy's own RSA is pure
-Python (about 6 ms a signature with a 2048-bit key, bench/dkim.py) and its Ed25519 needs PyNaCl;
+Python (about 6 ms a signature with a 2048-bit key, bench/dkim_cost.py) and its Ed25519 needs PyNaCl;
 OpenSSL signs the same digest in a fraction of that. Rather than calling ``dkim.sign`` twice,
 which would also parse the message and canonicalise and hash its body twice, :class:`DkimSigner`
 parses once, hashes the body once (both algorithms use SHA-256, so their ``bh=`` is the same)
