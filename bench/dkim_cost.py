@@ -171,7 +171,7 @@ def main() -> None:
     for label, _, _ in rows:
         value = results[label]
         table.add_row(label, f"{value:,.0f}", f"{value / baseline:.2f}", f"{value / pure:.3f}")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":
