@@ -15,13 +15,15 @@ What one repetition does (see docs/benchmarks.md for the reasoning):
    minute, and the default run stays under two).
 
 ``--preload`` submits every appeal before the workers start (a pure drain); ``--pace`` submits
-at a steady rate (latency without a backlog); ``--profile`` adds a run sampled by py-spy.
+at a steady rate (latency without a backlog); ``--profile`` adds a run sampled by py-spy;
+``--dkim`` gives the bench section a [dkim] table (fresh keys), so the workers sign every letter
+with both algorithms (the baseline stays unsigned).
 
 The SMTP sink (bench/smtp_sink.py) runs in a process of its own and counts messages and
 duplicate Message-IDs. Everything listens on 127.0.0.1 only; every wait is bounded.
 
     .venv/bin/python bench/throughput.py [--deliveries 5000] [--workers 1] [--threads 8]
-        [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S] [--preload]
+        [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S] [--preload] [--dkim]
 
 Figures go to stdout (a table) and, one JSON line per invocation, to
 bench/results/throughput.jsonl.
@@ -543,11 +545,12 @@ def run_pipeline(
     timeout: float,
     pace: float = 0.0,
     preload: bool = False,
+    config_dir: Path = CONFIG_DIR,
 ) -> Pipeline:
     run = secrets.token_hex(3)
     key = secrets.token_hex(16)
     settings = Settings(
-        config_dir=CONFIG_DIR,
+        config_dir=config_dir,
         templates_dir=TEMPLATES_DIR,
         var_dir=workdir / f"var-{run}",
         database_url=database_url,
@@ -685,7 +688,28 @@ def run_pipeline(
 # --------------------------------------------------------------------------- one repetition
 
 
-def one_repetition(args: argparse.Namespace, redis_server: RedisServer, workdir: Path, index: int) -> dict[str, Any]:
+def signing_config(workdir: Path) -> Path:
+    """bench/config with a [dkim] table and fresh keys, for --dkim."""
+    from dispatcher.channels.email import dkim
+
+    config = workdir / "config-dkim"
+    shutil.copytree(CONFIG_DIR, config)
+    rsa_key, ed25519_key = dkim.generate_keys()
+    (config / "keys").mkdir()
+    (config / "keys" / "rsa.pem").write_bytes(dkim.private_pem(rsa_key))
+    (config / "keys" / "ed25519.pem").write_bytes(dkim.private_pem(ed25519_key))
+    section = config / "sections" / f"{SECTION}.toml"
+    section.write_text(
+        section.read_text()
+        + '\n[dkim]\nrsa_selector = "rsa"\ned25519_selector = "ed25519"\n'
+        + 'rsa_key_file = "keys/rsa.pem"\ned25519_key_file = "keys/ed25519.pem"\n'
+    )
+    return config
+
+
+def one_repetition(
+    args: argparse.Namespace, redis_server: RedisServer, workdir: Path, index: int, config_dir: Path = CONFIG_DIR
+) -> dict[str, Any]:
     appeals = args.deliveries // 5
     n = appeals * 5
     out: dict[str, Any] = {}
@@ -732,6 +756,7 @@ def one_repetition(args: argparse.Namespace, redis_server: RedisServer, workdir:
                 timeout=args.timeout,
                 pace=args.pace,
                 preload=args.preload,
+                config_dir=config_dir,
             )
         lat = p.latency_ms or [float("nan")]
         out[name] = {
@@ -820,6 +845,7 @@ def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[
         f"{args.threads} threads, {'PostgreSQL' if args.database_url else 'SQLite'}, {os.cpu_count()} CPUs"
         + (f", intake paced at {args.pace:g} appeals/s" if args.pace else "")
         + (", appeals preloaded before the workers start" if args.preload else "")
+        + (", every letter DKIM-signed (RSA + Ed25519)" if args.dkim else "")
         + (f", {len(reps)} repetitions" if len(reps) > 1 else "")
     )
     table = Table(title=title, title_justify="left")
@@ -884,6 +910,7 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "profile": args.profile,
             "pace": args.pace or None,
             "preload": args.preload,
+            "dkim": args.dkim,
         },
         "median": med,
         "runs": [slim(r) for r in reps],
@@ -932,6 +959,9 @@ def main() -> int:
         action="store_true",
         help="submit every appeal before the workers start: intake uncontended, then a pure drain",
     )
+    parser.add_argument(
+        "--dkim", action="store_true", help="the workers DKIM-sign every letter (RSA + Ed25519, fresh keys)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all letters, seconds")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
@@ -949,10 +979,11 @@ def main() -> int:
     try:
         with RedisServer(appendonly=False) as redis_server:
             workdir = Path(tmp)
+            config_dir = signing_config(workdir) if args.dkim else CONFIG_DIR
             for i in range(args.repeat):
                 if args.repeat > 1:
                     log(f"[bold]repetition {i + 1}/{args.repeat}[/bold]")
-                reps.append(one_repetition(args, redis_server, workdir, index=i))
+                reps.append(one_repetition(args, redis_server, workdir, index=i, config_dir=config_dir))
     finally:
         if args.keep:
             log(f"work dir kept: {tmp}")

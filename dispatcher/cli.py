@@ -175,6 +175,99 @@ def sign(section_code: str, timestamp: int | None, file: str) -> None:
     click.echo(make(key.encode(), body, timestamp))
 
 
+# ---------------------------------------------------------------------------- DKIM
+
+
+@main.group()
+def dkim() -> None:
+    """DKIM keys of the sections' letters (docs/email.md)."""
+
+
+@dkim.command("keygen")
+@click.option("--section", "section_code", required=True, help="Section code, e.g. us.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the private keys go (default: <var dir>/dkim/<section>/).",
+)
+@click.option("--force", is_flag=True, help="Overwrite key files that are already there.")
+@click.option("--rsa-selector", default=None, help="Default: rsa-<YYYYMM> (a new selector for a new key).")
+@click.option("--ed25519-selector", default=None, help="Default: ed25519-<YYYYMM>.")
+def dkim_keygen(
+    section_code: str, directory: Path | None, force: bool, rsa_selector: str | None, ed25519_selector: str | None
+) -> None:
+    """Write an RSA-2048 and an Ed25519 private key for a section (mode 0600), and print the DNS
+    TXT records to publish and the [dkim] table for its section file."""
+    from datetime import UTC, datetime
+
+    from dispatcher.channels.email import dkim as keys
+    from dispatcher.config.loader import load_catalog
+    from dispatcher.config.models import DkimConfig, ascii_domain
+
+    settings = _settings()
+    try:
+        catalog = load_catalog(settings.config_dir)
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    if section_code not in catalog.sections:
+        err.print(f"unknown section {section_code!r} (known: {', '.join(sorted(catalog.sections))})")
+        sys.exit(2)
+    section = catalog.section(section_code)
+    month = datetime.now(UTC).strftime("%Y%m")
+    rsa_selector = rsa_selector or f"rsa-{month}"
+    ed25519_selector = ed25519_selector or f"ed25519-{month}"
+    domain = section.dkim.domain if section.dkim and section.dkim.domain else ascii_domain(section.sender.domain)
+    directory = (directory or settings.var_dir / "dkim" / section_code).absolute()
+    paths = {"rsa": directory / f"{rsa_selector}.pem", "ed25519": directory / f"{ed25519_selector}.pem"}
+    # The table printed below must load: check the selectors as the config loader will.
+    try:
+        DkimConfig(
+            domain=domain,
+            rsa_selector=rsa_selector,
+            ed25519_selector=ed25519_selector,
+            rsa_key_file=str(paths["rsa"]),
+            ed25519_key_file=str(paths["ed25519"]),
+        )
+    except ValueError as exc:
+        err.print(f"cannot use these selectors: {exc}", highlight=False)
+        sys.exit(2)
+    existing = [path for path in paths.values() if path.exists()]
+    if existing and not force:
+        err.print(f"{', '.join(map(str, existing))} already there; --force overwrites (and retires the old key)")
+        sys.exit(1)
+    rsa_key, ed25519_key = keys.generate_keys()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, key in ((paths["rsa"], rsa_key), (paths["ed25519"], ed25519_key)):
+        # Created 0600 from the start: the key is never readable by others, not even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(keys.private_pem(key))
+
+    def shown(path: Path) -> str:
+        # Relative to the config directory when both sit in one deployment, as the loader reads it.
+        config_dir = settings.config_dir.absolute()
+        if config_dir.parent in path.parents:
+            return os.path.relpath(path, config_dir)
+        return str(path)
+
+    # click.echo, not rich: a DNS record must come out as one unwrapped line.
+    click.echo(f"Wrote {paths['rsa']} (RSA 2048) and {paths['ed25519']} (Ed25519), readable by their owner only.")
+    click.echo("\nPublish these DNS records (one TXT record per selector):\n")
+    click.echo(keys.zone_record(rsa_selector, domain, keys.txt_value(rsa_key)))
+    click.echo(keys.zone_record(ed25519_selector, domain, keys.txt_value(ed25519_key)))
+    source = catalog.sources.get(section_code)
+    click.echo(f"\nOnce they resolve, put this table in {source or 'the section file'} (in place of an earlier one):\n")
+    click.echo("[dkim]")
+    click.echo(f'domain = "{domain}"')
+    click.echo(f'rsa_selector = "{rsa_selector}"')
+    click.echo(f'ed25519_selector = "{ed25519_selector}"')
+    click.echo(f'rsa_key_file = "{shown(paths["rsa"])}"')
+    click.echo(f'ed25519_key_file = "{shown(paths["ed25519"])}"')
+
+
 # ---------------------------------------------------------------------------- ledger
 
 

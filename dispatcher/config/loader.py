@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from dispatcher.channels.builtin import builtin_channels
+from dispatcher.channels.email.dkim import key_problems
 from dispatcher.channels.registry import Channels
 from dispatcher.config import models
 from dispatcher.config.catalog import DEMO_SUFFIX, Catalog
@@ -56,7 +57,9 @@ class _Layout:
 
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
-_SECTION = _Layout(Section, "section", "code", ("sender", "smtp", "fax", "bounces", "channels", "targets", "campaigns"))
+_SECTION = _Layout(
+    Section, "section", "code", ("sender", "smtp", "dkim", "fax", "bounces", "channels", "targets", "campaigns")
+)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,9 @@ def check_environment(
 
     Intake keys are always needed (an appeal cannot be authenticated without one); relay
     credentials only in live mode, because sandbox mode never talks to the sections' relays.
-    Messages name variables, never their values.
+    A section's DKIM keys are read in both modes (sandbox mode signs too): a key file that is
+    missing, unreadable or not a key of its type, and an unset key variable, are problems.
+    Messages name variables and files, never their values.
     """
     channels = builtin_channels() if channels is None else channels
     problems: list[ConfigProblem] = []
@@ -151,6 +156,7 @@ def check_environment(
             if value is None or not value.strip():
                 state = "not set" if value is None else "empty"
                 problems.append(ConfigProblem(shown, key, f"environment variable {var} is {state}; set it to {what}"))
+        problems.extend(key_problems(section, catalog.root, environ, shown=shown))
     return problems
 
 
@@ -465,6 +471,8 @@ _PATTERN_HINTS = {
     "e.g. 'UA-002-19' or 'embassy-ru'",
     _pattern_of(models.LanguageCode): "a language is a 2 or 3 letter lower-case code, e.g. 'en', 'ru'",
     _pattern_of(models.CountryCode): "a country is a 2 letter upper-case ISO code, e.g. 'CH', 'US'",
+    _pattern_of(models.DkimSelector): "a selector is a DNS label (letters, digits, '-', '_'; labels joined "
+    "by '.'), e.g. 'rsa-2024'",
     # Never echo the value here: an admin may have pasted the secret instead of its name.
     _pattern_of(models.EnvVarName): "must be the NAME of an environment variable (A-Z, 0-9, _), "
     "e.g. 'DISPATCH_INTAKE_KEY_US', never the secret itself",

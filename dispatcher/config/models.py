@@ -263,6 +263,72 @@ class SmtpRelay(_Frozen):
         return self
 
 
+#: a DKIM selector: one or more DNS labels (the name before ``._domainkey.``)
+DkimSelector = Annotated[str, Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*$")]
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+
+
+def ascii_domain(domain: str) -> str:
+    """A domain as it goes into headers and DNS: lower case, IDNA for a non-ASCII one."""
+    domain = domain.lower().rstrip(".")
+    return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+
+
+class DkimConfig(_Frozen):
+    """A section's DKIM keys: every letter carries an Ed25519 and an RSA signature (RFC 8463:
+    receivers that cannot verify Ed25519 yet ignore that one and verify the RSA one).
+
+    Key material never goes in the TOML: each key is read from a PEM file (relative to the
+    config directory unless absolute) or from an environment variable holding the PEM text.
+    """
+
+    #: the signing domain (d=): the sender's domain or a parent of it, so DMARC aligns;
+    #: defaults to the sender's domain
+    domain: str | None = None
+    rsa_selector: DkimSelector
+    ed25519_selector: DkimSelector
+    rsa_key_file: str | None = None
+    rsa_key_env: EnvVarName | None = None
+    ed25519_key_file: str | None = None
+    ed25519_key_env: EnvVarName | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _hostname(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            name = ascii_domain(value)
+        except UnicodeError:
+            name = ""
+        if not _HOSTNAME.match(name):
+            raise ValueError(f"{value!r} is not a domain name")
+        return name
+
+    @field_validator("rsa_key_file", "ed25519_key_file")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        # Never echo the value: an admin may have pasted the key itself.
+        if value is not None and ("-----BEGIN" in value or "\n" in value or not value.strip()):
+            raise ValueError("must be the PATH of a PEM file, never the key itself")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_per_key(self) -> DkimConfig:
+        for algorithm in ("rsa", "ed25519"):
+            file, env = getattr(self, f"{algorithm}_key_file"), getattr(self, f"{algorithm}_key_env")
+            if file is not None and env is not None:
+                raise ValueError(f"{algorithm}_key_file and {algorithm}_key_env are both set; set exactly one")
+            if file is None and env is None:
+                raise ValueError(
+                    f"{algorithm}_key_file or {algorithm}_key_env is needed: the {algorithm} private key's PEM "
+                    "file, or the environment variable holding its PEM text"
+                )
+        if self.rsa_selector.lower() == self.ed25519_selector.lower():
+            raise ValueError("ed25519_selector is the same as rsa_selector; each key needs its own DNS record")
+        return self
+
+
 class FaxConfig(_Frozen):
     """A section's fax gateway for live mode (sandbox mode always uses the local fax lab)."""
 
@@ -360,6 +426,8 @@ class Section(_Frozen):
     sender: Sender
     #: the relay; needed only when a route of the section sends email (the loader checks)
     smtp: SmtpRelay | None = None
+    #: DKIM signing of every email letter (docs/email.md); None: letters go out unsigned
+    dkim: DkimConfig | None = None
     fax: FaxConfig | None = None
     #: per-letter bounce addresses and where bounces are read (docs/email.md, "Bounces")
     bounces: Bounces | None = None
@@ -383,6 +451,22 @@ class Section(_Frozen):
                     "subdomain of it (DMARC alignment)"
                 )
         return self
+
+    @field_validator("dkim")
+    @classmethod
+    def _aligned(cls, value: DkimConfig | None, info: ValidationInfo) -> DkimConfig | None:
+        sender = info.data.get("sender")
+        if value is None or not isinstance(sender, Sender):
+            return value  # an invalid [sender] is reported on its own
+        ours = ascii_domain(sender.domain)
+        if value.domain is None:
+            return value.model_copy(update={"domain": ours})
+        if ours != value.domain and not ours.endswith("." + value.domain):
+            raise ValueError(
+                f"domain {value.domain!r} is neither the sender's domain {ours!r} nor a parent of it, "
+                "so DMARC would not align; leave domain out to sign as the sender's domain"
+            )
+        return value
 
     @field_validator("code")
     @classmethod

@@ -5,6 +5,10 @@ section's relay and whatever the target's address; it refuses a sandbox host tha
 loopback address, so a mistyped setting cannot turn the sandbox into a real relay. Live mode
 uses the section's relay with the credentials from the environment variables it names.
 
+A letter is serialised once, in :meth:`EmailChannel.prepare` (the worker's thread), and DKIM-signed
+there when its section has a ``[dkim]`` table, in sandbox mode too, so what is tested is what
+goes live; the pool sends those very bytes (dkim.py).
+
 A channel, like its pools, belongs to one event loop (the worker runs one loop thread per
 process); using it from a second loop is refused rather than left to fail obscurely.
 """
@@ -43,12 +47,13 @@ from dispatcher.channels.base import (
     Status,
 )
 from dispatcher.channels.email.bounces import read_bounce
-from dispatcher.channels.email.message import build_message
+from dispatcher.channels.email.dkim import Signers
+from dispatcher.channels.email.message import MESSAGE_POLICY, build_message
 from dispatcher.channels.email.pool import DataWindow, SmtpPool
 from dispatcher.channels.email.relay import live_relay, tls_context
 from dispatcher.channels.email.verp import Verp
 from dispatcher.config.models import Section, SmtpRelay, Target
-from dispatcher.errors import BlipError, OperationalError, TransientError
+from dispatcher.errors import BlipError, ConfigError, OperationalError, TransientError
 from dispatcher.logging import get_logger
 from dispatcher.settings import Settings
 
@@ -106,6 +111,7 @@ class EmailChannel(BaseChannel):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._verps: dict[tuple[frozenset[str], frozenset[str]], Verp] = {}
+        self._signers = Signers(settings.config_dir, environ)
 
     @property
     def pools(self) -> Mapping[SmtpRelay, SmtpPool]:
@@ -125,22 +131,41 @@ class EmailChannel(BaseChannel):
             return SmtpRelay(host=host, port=self.settings.sandbox_smtp_port, tls="none", ehlo_name="localhost")
         return live_relay(section)
 
+    def wire(self, message: EmailMessage, section: Section) -> bytes:
+        """The bytes that go into DATA: ``message`` serialised (CRLF line ends) and, when the
+        section has a [dkim] table, signed. Raises OperationalError when the section's DKIM keys
+        cannot be used: our side is broken, no letter's fault."""
+        data = message.as_bytes(policy=MESSAGE_POLICY)
+        try:
+            signer = self._signers.for_section(section)
+        except ConfigError as exc:
+            # The problems name files, keys and variables, never key material.
+            raise OperationalError(f"DKIM keys of section {section.code!r}: {exc}") from None
+        return data if signer is None else signer.sign(data)
+
     async def send(
         self,
-        message: EmailMessage,
+        message: bytes | EmailMessage,
         *,
         section: Section,
         recipient: str,
         window: DataWindow | None = None,
         envelope: str | None = None,
+        delivery: str | None = None,
     ) -> SendResult:
         """Send ``message`` to ``recipient`` from ``envelope`` (default: the section's fixed
         envelope sender).
+
+        ``message``: the bytes :meth:`wire` made, or an EmailMessage, which is made so here;
+        ``delivery``: the delivery id, for the log (default: the message's X-Dispatch-Delivery).
 
         Raises DeliveryError subclasses only (see classify.py); a blip that outlasts the quick
         retries is raised as TransientError, for the ledger to retry later. ``window``: see
         SmtpPool.send (held on success, for the caller to release once the letter is recorded).
         """
+        if isinstance(message, EmailMessage):
+            delivery = delivery or message.get("X-Dispatch-Delivery")
+            message = self.wire(message, section)
         pool = self._pool_for(section)
         started = time.perf_counter()
         retrying = AsyncRetrying(
@@ -166,7 +191,7 @@ class EmailChannel(BaseChannel):
         log.debug(
             "email.sent",
             relay=f"{pool.host}:{pool.port}",
-            delivery=message.get("X-Dispatch-Delivery"),
+            delivery=delivery,
             code=code,
             duration_ms=round(duration_ms, 1),
         )
@@ -233,15 +258,16 @@ class EmailChannel(BaseChannel):
             # the Message-ID planned at intake: the stable key of this letter on every try
             message_id=letter.message_id,
         )
-        return replace(letter, document=message)
+        return replace(letter, document=self.wire(message, letter.section))
 
     async def deliver(self, letter: Outgoing) -> Report:
-        message: EmailMessage = letter.document  # built by prepare()
+        data: bytes = letter.document  # made by prepare()
         sent = await self.send(
-            message,
+            data,
             section=letter.section,
             recipient=letter.recipient,
             window=letter.window,
+            delivery=letter.tag,
             envelope=self.envelope_sender(letter.section, letter.tag),
         )
         return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)

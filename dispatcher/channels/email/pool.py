@@ -156,9 +156,12 @@ class SmtpPool:
         return len(self._idle)
 
     async def send(
-        self, message: EmailMessage, sender: str, recipients: Sequence[str], *, window: DataWindow | None = None
+        self, message: bytes | EmailMessage, sender: str, recipients: Sequence[str], *, window: DataWindow | None = None
     ) -> tuple[int, str]:
         """Send ``message`` in one transaction; the DATA reply's code and text on success.
+
+        ``message``: the bytes to send as they are (CRLF line ends; the channel's, DKIM-signed),
+        or an EmailMessage, serialised here.
 
         ``window``, if given, is acquired just before DATA and still held when this returns
         (see the module's docstring); on any failure it is released before the error is raised.
@@ -173,7 +176,8 @@ class SmtpPool:
         _check_address(sender, "envelope sender", OperationalError)
         for recipient in recipients:
             _check_address(recipient, "recipient", PermanentError)
-        data = flatten_message(message)  # also drops any Bcc header
+        # flatten_message also drops any Bcc header
+        data = message if isinstance(message, bytes) else flatten_message(message)
 
         async with self._slots:
             conn, reused = await self._checkout()
