@@ -380,7 +380,7 @@ class FaxConfig(_Frozen):
         return [(key, getattr(self, key)) for key in keys]
 
 
-_HOSTNAME = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+_BOUNCE_DOMAIN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
 
 
 class BounceMailbox(_Frozen):
@@ -404,7 +404,7 @@ class Bounces(_Frozen):
 
     #: the bounce domain, the sender's domain or a subdomain of it (SPF then aligns with the From
     #: domain under DMARC's relaxed alignment); its MX points at ``dispatcher bounces``
-    domain: str = Field(max_length=253, pattern=_HOSTNAME)
+    domain: str = Field(max_length=253, pattern=_BOUNCE_DOMAIN)
     local_part: str = Field("bounces", pattern=r"^[a-z0-9][a-z0-9._-]{0,15}$")
     imap: BounceMailbox | None = None
 
