@@ -52,7 +52,7 @@ def test_a_letter_the_relay_refuses_for_good_is_a_warning(service, smtp):
     letter = email_letter(service)
     smtp.script_rcpt([(550, "5.1.1 <rusembusa@mid.ru>: Recipient address rejected: User unknown")])
     logs = process(service, letter)
-    [failed] = [e for e in logs if e.get("delivery") == letter and e["event"] == "delivery.failed"]
+    [failed] = [e for e in logs if e.get("delivery") == letter and e["event"] == "delivery.bounced"]
     assert failed["log_level"] == "warning"
     assert failed["code"] == 550
     assert failed["reason"] == "5.1.1 <rusembusa@mid.ru>: Recipient address rejected: User unknown"

@@ -194,7 +194,7 @@ class DeliveryProcessor:
         closed = moved is State.CANCELLED and result.state is not State.CANCELLED
         if result.outcome == Outcome.OPERATIONAL:
             level = log.error
-        elif (moved or result.state) is State.FAILED:
+        elif (moved or result.state) in (State.FAILED, State.BOUNCED):
             # a letter lost for good (an unknown address, a 550): an operator should see it
             level = log.warning
         else:
