@@ -14,6 +14,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from dispatcher.app import Service
+    from dispatcher.queue.forecast import FallbackPreview
 
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
@@ -353,18 +354,31 @@ def schedule_forecast(campaign_id: str) -> None:
     from rich.table import Table
 
     from dispatcher.ledger.models import utcnow
+    from dispatcher.queue.fallback import Fallback
     from dispatcher.queue.forecast import campaign_forecast
 
     service = _service()
     if campaign_id not in service.catalog.campaigns:
         err.print(f"unknown campaign {campaign_id!r} (known: {', '.join(sorted(service.catalog.campaigns))})")
         sys.exit(2)
-    rows = campaign_forecast(ledger=service.ledger, pacer=service.pacer, campaign=campaign_id, now=utcnow())
+    fallback = Fallback(catalog=service.catalog, channels=service.channels, ledger=service.ledger)
+    rows = campaign_forecast(
+        ledger=service.ledger, pacer=service.pacer, campaign=campaign_id, now=utcnow(), fallback=fallback
+    )
     if not rows:
         Console().print(f"no letters of {campaign_id} are waiting")
         return
     table = Table(title=f"forecast for {campaign_id} (all waiting letters of each recipient)")
-    for col in ("recipient", "waiting", "letters/open hour", "first", "last", "before deadline", "with digests"):
+    for col in (
+        "recipient",
+        "waiting",
+        "letters/open hour",
+        "first",
+        "last",
+        "before deadline",
+        "with digests",
+        "by fallback",
+    ):
         table.add_column(col)
     for row in rows:
         f, digest = row.forecast, row.digest
@@ -383,6 +397,7 @@ def schedule_forecast(campaign_id: str) -> None:
             f.last_at.isoformat(timespec="minutes") if f.last_at else "-",
             verdict,
             with_digests,
+            _by_fallback(row.fallback),
         )
     Console().print(table)
     short = [r.forecast for r in rows if not r.forecast.fits and r.digest is None]
@@ -393,6 +408,15 @@ def schedule_forecast(campaign_id: str) -> None:
         )
     if any(r.digest is not None for r in rows):
         Console().print("digests are on for some routes: the scheduler bundles those letters when the line is short")
+
+
+def _by_fallback(preview: FallbackPreview | None) -> str:
+    if preview is None:
+        return "-"
+    parts = [f"{n} by {channel}" for channel, n in sorted(preview.rerouted.items())]
+    if preview.failing:
+        parts.append(f"[red]{preview.failing} will fail (no fallback)[/red]")
+    return f"{preview.reason}: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------- channels

@@ -219,3 +219,35 @@ def test_a_bounce_mailed_back_later_bounces_the_letter_and_reroutes_the_next(
                 assert len(relay.letters) == 1
         finally:
             receiver.stop()
+
+
+@SQLITE
+@pytest.mark.parametrize("fallback", [True, False], ids=["fallback-fax", "no-fallback"])
+def test_the_forecast_shows_letters_that_will_go_by_fallback(
+    tmp_path: Path, database_url: str, redis_server: object, fallback: bool
+) -> None:
+    from dispatcher.ledger.models import utcnow
+    from dispatcher.queue.fallback import Fallback
+    from dispatcher.queue.forecast import campaign_forecast
+
+    service, _ = bounce_service(tmp_path, database_url, redis_server, fallback=fallback)
+    service.intake.enqueuer = None  # no worker: the letters wait
+    for n in range(3):
+        submit(service, n)
+    service.ledger.suppressions.add(
+        "email", MINISTER, reason="bounced", code="5.1.1", text="User unknown", now=utcnow()
+    )
+    rows = campaign_forecast(
+        ledger=service.ledger,
+        pacer=service.pacer,
+        campaign="TEST-BOUNCE",
+        now=utcnow(),
+        fallback=Fallback(catalog=service.catalog, channels=service.channels, ledger=service.ledger),
+    )
+    [row] = rows
+    assert row.forecast.recipient == f"email:{MINISTER}"
+    assert row.fallback is not None and "address known to bounce" in row.fallback.reason
+    if fallback:
+        assert (row.fallback.rerouted, row.fallback.failing) == ({"fax": 3}, 0)
+    else:
+        assert (row.fallback.rerouted, row.fallback.failing) == ({}, 3)
