@@ -661,12 +661,13 @@ def reconcile(interval: float) -> None:
 @main.command()
 @click.option("--port", default=8080, show_default=True, help="API port.")
 @click.option("--smtp-port", default=2525, show_default=True, help="Sandbox SMTP port (0: any free port).")
-def dev(port: int, smtp_port: int) -> None:
+@click.option("--bounces-port", default=2526, show_default=True, help="Bounce listener port (0: any free port).")
+def dev(port: int, smtp_port: int, bounces_port: int) -> None:
     """Run the whole service locally on embedded defaults (sandbox mode)."""
     from dispatcher.dev import run_dev
 
     try:
-        code = run_dev(api_port=port, smtp_port=smtp_port)
+        code = run_dev(api_port=port, smtp_port=smtp_port, bounces_port=bounces_port)
     except ConfigError as exc:
         _refuse_to_start(exc)
     sys.exit(code)

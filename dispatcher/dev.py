@@ -155,7 +155,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
+def run_dev(*, api_port: int = 8080, smtp_port: int = 2525, bounces_port: int = 2526) -> int:
     import uvicorn
 
     from dispatcher.app import Service, load_configured_catalog
@@ -196,6 +196,12 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525) -> int:
         reconciler.start()
         stack.callback(reconciler.join, 5)
         stack.callback(stop.set)
+        # what `dispatcher bounces` does in production: DSNs mailed to a letter's VERP address
+        from dispatcher.bounces import BounceReceiver
+
+        bounces = BounceReceiver(service, host="127.0.0.1", port=bounces_port)
+        bounces.start()
+        stack.callback(bounces.stop)
 
         code, body = example_body(catalog)
         email_caps = ",".join(settings.email_limits) or "none"
@@ -215,6 +221,7 @@ Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   queue        {settings.redis_url.split("@")[-1]}  ({redis_note})
   ledger       {settings.database_url}
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
+  bounces      SMTP 127.0.0.1:{bounces.listener.port} for {", ".join(bounces.domains) or "no bounce domain"}
   fax lab      real T.30 calls in software → {settings.var_dir / "sandbox" / "fax"}/<fax>/page-N.png
   intake keys  environment, else {_keys_file(settings)}
   policy       {policy}
