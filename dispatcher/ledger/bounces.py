@@ -126,8 +126,21 @@ class BounceFacts:
         diagnostic: str | None = None,
         reporting_mta: str | None = None,
         arrived_at: datetime | None = None,
-    ) -> None:
+    ) -> bool:
+        """Keep one bounce's facts; False when the same facts about the same letter are kept
+        already (a bounce handed over twice — an IMAP poller is at least once — counts once)."""
         with self.engine.begin() as conn:
+            same = conn.execute(
+                select(BF.c.id).where(
+                    BF.c.delivery_id == delivery,
+                    BF.c.kind == kind,
+                    BF.c.status.is_(None) if status is None else BF.c.status == status,
+                    BF.c.diagnostic.is_(None) if diagnostic is None else BF.c.diagnostic == diagnostic,
+                    BF.c.arrived_at.is_(None) if arrived_at is None else BF.c.arrived_at == arrived_at,
+                )
+            ).first()
+            if same is not None:
+                return False
             conn.execute(
                 insert(BF).values(
                     delivery_id=delivery,
@@ -141,6 +154,7 @@ class BounceFacts:
                     received_at=now,
                 )
             )
+        return True
 
     def count(self, channel: str, address: str, kind: str, since: datetime) -> int:
         """How many bounces of ``kind`` came for ``address`` since ``since``."""

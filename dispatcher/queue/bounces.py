@@ -93,18 +93,21 @@ class BounceIntake:
             return Handled("later", "its letter is still being sent")
         now = self.clock()
         context = {"delivery": row.id, **_facts(bounce)}
-        if bounce.kind in _KEPT:
-            self.ledger.bounces.record(
-                delivery=row.id,
-                channel=name,
-                address=row.recipient,
-                kind=bounce.kind,
-                now=now,
-                status=bounce.status,
-                diagnostic=bounce.diagnostic,
-                reporting_mta=bounce.reporting_mta,
-                arrived_at=bounce.reported_at,
-            )
+        if bounce.kind in _KEPT and not self.ledger.bounces.record(
+            delivery=row.id,
+            channel=name,
+            address=row.recipient,
+            kind=bounce.kind,
+            now=now,
+            status=bounce.status,
+            diagnostic=bounce.diagnostic,
+            reporting_mta=bounce.reporting_mta,
+            arrived_at=bounce.reported_at,
+        ):
+            # the same bounce again (a mailbox poller hands a message over at least once)
+            self.counts["repeated"] += 1
+            log.info(f"{name}.bounce_repeated", **context)
+            return Handled("recorded", "the same bounce again")
         if bounce.kind == "auto_reply":
             self.counts["auto_reply"] += 1
             log.info(f"{name}.auto_reply", **context, note="the mailbox exists")
