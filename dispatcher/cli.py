@@ -112,7 +112,9 @@ def config_check(check_env: bool) -> None:
 def preflight(section_codes: tuple[str, ...]) -> None:
     """Check everything live mode needs, section by section, and say what to fix: the relay takes
     our login (nothing is sent), the fax gateway takes our key (a read-only call), the webhooks'
-    address and keys, no sandbox-only campaign routed. Exit status 1 when anything is wrong."""
+    address and keys, no sandbox-only campaign routed, the DKIM keys and their DNS records, the
+    bounce domain, its VERP key and mailbox. Exit status 1 when anything is wrong; advice
+    (no DKIM, no [bounces], DNS that did not answer) is shown but does not fail."""
     import asyncio
 
     from rich.markup import escape
@@ -138,7 +140,10 @@ def preflight(section_codes: tuple[str, ...]) -> None:
         if finding.section != shown:
             shown = finding.section
             out.print(f"[bold]section {shown}[/bold]", highlight=False)
-        mark = "[green]ok[/green]     " if finding.ok else "[red]problem[/red]"
+        if finding.advice:
+            mark = "[yellow]advice[/yellow] "
+        else:
+            mark = "[green]ok[/green]     " if finding.ok else "[red]problem[/red]"
         out.print(f"  {mark} {escape(finding.check)}: {escape(finding.text)}", highlight=False, soft_wrap=True)
         if finding.fix:
             out.print(f"          fix: {escape(finding.fix)}", highlight=False, soft_wrap=True)
@@ -146,6 +151,12 @@ def preflight(section_codes: tuple[str, ...]) -> None:
     if problems:
         out.print(f"[red]{problems} problem(s)[/red]: live mode would not work as configured", highlight=False)
         sys.exit(1)
+    advice = sum(f.advice for f in findings)
+    if advice:
+        out.print(
+            f"[green]all well[/green], with {advice} piece(s) of advice: ready for DISPATCH_MODE=live", highlight=False
+        )
+        return
     out.print("[green]all well[/green]: ready for DISPATCH_MODE=live", highlight=False)
 
 

@@ -230,3 +230,7 @@ class MailboxError(OperationalError):
 
 class MailboxLoginRefused(MailboxError):
     """The IMAP server refused our user name and password: fix the credentials."""
+
+
+class MailboxFolderMissing(MailboxError):
+    """We are logged in, but the folder cannot be opened: fix the folder's name."""

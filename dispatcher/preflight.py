@@ -4,25 +4,44 @@ Each check is a coroutine function of (section, :class:`Context`) returning find
 fine, and what is wrong with the file and key, or the environment variable, that fixes it. The
 checks ask in live terms whatever ``DISPATCH_MODE`` says (the preflight is what one runs before
 switching it) and never send anything: the relay is left after AUTH, the fax gateways are asked
-a read-only question.
+a read-only question, the bounce mailbox is opened read-only.
+
+A finding is ok, a problem (live mode would not work as configured: exit status 1), or advice
+(``ok`` and ``advice``: live mode works, but something worth doing is missing, such as DKIM
+keys, or a check that could not be made, such as a DNS lookup with no answer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from dkim.util import InvalidTagValueList, parse_tag_value
+
 from dispatcher.channels.builtin import builtin_channels
+from dispatcher.channels.email import dkim
+from dispatcher.channels.email.channel import EmailChannel
+from dispatcher.channels.email.imap import BounceMailbox
 from dispatcher.channels.email.probe import RelayRefused, check_relay
 from dispatcher.channels.email.relay import ca_path, live_relay, tls_context
 from dispatcher.channels.fax.channel import WEBHOOK_KEYS
 from dispatcher.channels.fax.gateways import check_access
 from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
-from dispatcher.config.models import Section
-from dispatcher.errors import BlipError, DeliveryError, OperationalError
+from dispatcher.config.models import Section, ascii_domain
+from dispatcher.dnslookup import DnsUnanswered, Lookup, SystemDns
+from dispatcher.errors import (
+    BlipError,
+    DeliveryError,
+    MailboxError,
+    MailboxFolderMissing,
+    MailboxLoginRefused,
+    OperationalError,
+)
 from dispatcher.keys import load_public_key
 from dispatcher.settings import Settings
 
@@ -42,6 +61,8 @@ class Finding:
     text: str
     #: "config/sections/ch.toml key smtp.ca_file" or "set DISPATCH_PUBLIC_URL"
     fix: str | None = None
+    #: ok for going live, but worth doing (``fix`` says what): shown, never failing
+    advice: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,7 @@ class Context:
     environ: Mapping[str, str]
     catalog: Catalog
     channels: Channels
+    dns: Lookup
 
     def file_of(self, section: Section) -> str:
         """The section's file as an admin finds it (relative to config/'s parent)."""
@@ -72,6 +94,10 @@ def _ok(section: Section, check: str, text: str) -> Finding:
 
 def _problem(section: Section, check: str, text: str, fix: str) -> Finding:
     return Finding(section.code, check, False, text, fix)
+
+
+def _advice(section: Section, check: str, text: str, fix: str) -> Finding:
+    return Finding(section.code, check, True, text, fix, advice=True)
 
 
 def _unset(environ: Mapping[str, str], names: Sequence[str | None]) -> list[str]:
@@ -151,6 +177,156 @@ async def check_relay_login(section: Section, ctx: Context) -> list[Finding]:
     return [_ok(section, "relay", f"{where} (EHLO {relay.ehlo_name}, tls {relay.tls}): {answer}")]
 
 
+def _sends_email(section: Section, ctx: Context) -> bool:
+    used = {r.channel for cid in section.campaigns for r in ctx.catalog.routes(cid, section.code)}
+    return any(name in ctx.channels and issubclass(ctx.channels.kind(name), EmailChannel) for name in used)
+
+
+async def check_dkim(section: Section, ctx: Context) -> list[Finding]:
+    """The [dkim] keys can be read, and the records published for their selectors match them;
+    where DNS has none or does not answer, the records to publish."""
+    config = section.dkim
+    if config is None:
+        if not _sends_email(section, ctx):
+            return []
+        # Advice, not a problem: the relay may sign for the domain itself.
+        return [
+            _advice(
+                section,
+                "DKIM",
+                "no [dkim] table: letters go out unsigned unless the relay signs them, and receivers "
+                "with a strict DMARC policy may junk or refuse them",
+                f"dispatcher dkim keygen --section {section.code}",
+            )
+        ]
+    unusable = dkim.key_problems(section, ctx.catalog.root, ctx.environ, shown=ctx.file_of(section))
+    if unusable:
+        return [_problem(section, "DKIM", p.message, ctx.key(section, p.key)) for p in unusable]
+    domain = config.domain or ascii_domain(section.sender.domain)
+    findings = []
+    selectors: list[tuple[dkim.Algorithm, str]] = [("rsa", config.rsa_selector), ("ed25519", config.ed25519_selector)]
+    for algorithm, selector in selectors:
+        value = dkim.txt_value(dkim.read_key(config, algorithm, ctx.catalog.root, ctx.environ))
+        findings.append(await _dkim_record(section, ctx, f"DKIM {algorithm}", selector, domain, value))
+    return findings
+
+
+async def _dkim_record(section: Section, ctx: Context, check: str, selector: str, domain: str, value: str) -> Finding:
+    name = f"{selector}._domainkey.{domain}"
+    publish = f"publish {dkim.zone_record(selector, domain, value)}"
+    try:
+        published = await ctx.dns.txt(name)
+    except DnsUnanswered as exc:
+        return _advice(section, check, f"could not check {name}: {exc}", publish)
+    if not published:
+        return _problem(section, check, f"{name}: no record published", publish)
+    if _public_key_of(value) in {_public_key_of(text) for text in published}:
+        return _ok(section, check, f"{name} is published and matches the key")
+    return _problem(section, check, f"{name}: the published key differs from ours", publish)
+
+
+def _public_key_of(record: str) -> str | None:
+    """The p= of a DKIM key record, without the whitespace a zone's line breaks may leave in it."""
+    try:
+        tags = parse_tag_value(record.encode("ascii", "replace"))
+    except InvalidTagValueList:
+        return None
+    key = tags.get(b"p")
+    return None if key is None else "".join(key.decode("ascii", "replace").split())
+
+
+async def check_bounces(section: Section, ctx: Context) -> list[Finding]:
+    """Bounces can come back and be read: the VERP key, the bounce domain's MX, the mailbox."""
+    bounces = section.bounces
+    if bounces is None:
+        if not _sends_email(section, ctx):
+            return []
+        return [
+            _advice(
+                section,
+                "bounces",
+                f"no [bounces] table: bounces go to the fixed envelope sender {section.sender.envelope_sender} "
+                "and are never read, so an address that no longer exists is written to again and again",
+                f'add [bounces] domain = "bounces.{ascii_domain(section.sender.domain)}" to {ctx.file_of(section)} '
+                "and run `dispatcher bounces` (docs/deliverability.md)",
+            )
+        ]
+    findings = [_verp_key(section, ctx.environ.get("DISPATCH_VERP_KEY", "").strip())]
+    try:
+        exchangers = await ctx.dns.mx(bounces.domain)
+    except DnsUnanswered as exc:
+        exchangers = None
+        unanswered: str | None = str(exc)
+    else:
+        unanswered = None
+    where = (
+        "the mail provider of the [bounces.imap] mailbox"
+        if bounces.imap is not None
+        else "the host running `dispatcher bounces`"
+    )
+    if exchangers:
+        findings.append(_ok(section, "bounce domain", f"{bounces.domain} MX {', '.join(exchangers)}"))
+    else:
+        found = f"could not check {bounces.domain} MX: {unanswered}" if unanswered else f"{bounces.domain} has no MX"
+        findings.append(_advice(section, "bounce domain", found, f"point {bounces.domain} MX at {where}"))
+    if bounces.imap is not None:
+        findings.append(await _bounce_mailbox(section, ctx))
+    return findings
+
+
+def _verp_key(section: Section, value: str) -> Finding:
+    fix = "set DISPATCH_VERP_KEY (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+    if not value:
+        return _problem(
+            section, "VERP key", "DISPATCH_VERP_KEY is not set: live mode signs every bounce address with it", fix
+        )
+    if len(value) < 16:
+        return _problem(section, "VERP key", "DISPATCH_VERP_KEY is shorter than 16 characters", fix)
+    return _ok(section, "VERP key", "DISPATCH_VERP_KEY is set")
+
+
+async def _bounce_mailbox(section: Section, ctx: Context) -> Finding:
+    """Log in and open the folder read-only: no message is read, flagged or removed."""
+    config = section.bounces.imap if section.bounces is not None else None
+    assert config is not None
+    names = [config.username_env, config.password_env]
+    unset = _unset(ctx.environ, names)
+    if unset:
+        return _problem(
+            section,
+            "bounce mailbox",
+            f"the mailbox credentials are not set ({', '.join(unset)})",
+            f"set {' and '.join(unset)}",
+        )
+    ca_file = config.ca_file
+    if ca_file is not None and not Path(ca_file).is_absolute():
+        ca_file = str(ctx.catalog.root / ca_file)
+    mailbox = BounceMailbox(
+        config.host,
+        config.port,
+        username=ctx.environ[config.username_env],
+        password=ctx.environ[config.password_env],
+        tls=config.tls,
+        folder=config.folder,
+        ca_file=ca_file,
+        timeout=PROBE_TIMEOUT,
+    )
+    try:
+        count = await asyncio.to_thread(mailbox.check)
+    except MailboxLoginRefused as exc:
+        return _problem(section, "bounce mailbox", str(exc), f"set {' and '.join(names)}")
+    except MailboxFolderMissing as exc:
+        return _problem(section, "bounce mailbox", str(exc), ctx.key(section, "bounces.imap.folder"))
+    except MailboxError as exc:
+        keys = "bounces.imap.host / bounces.imap.port / bounces.imap.tls / bounces.imap.ca_file"
+        return _problem(section, "bounce mailbox", str(exc), ctx.key(section, keys))
+    return _ok(
+        section,
+        "bounce mailbox",
+        f"{config.host}:{config.port} takes our login; {config.folder} holds {count} message(s)",
+    )
+
+
 async def check_fax_gateway(section: Section, ctx: Context) -> list[Finding]:
     """The gateway accepts our credentials, asked a read-only question."""
     fax = section.fax
@@ -216,9 +392,8 @@ CHECKS: list[Check] = [
     check_channels,
     check_intake_key,
     check_relay_login,
-    # DKIM (the lead plugs it in here): the [dkim] key files or variables are readable, and the
-    # published records match them when DNS answers; else the records to publish are printed.
-    # The bounce domain (the lead plugs it in here): [bounces] and its MX / IMAP mailbox.
+    check_dkim,
+    check_bounces,
     check_fax_gateway,
     check_webhooks,
     check_sandbox_only,
@@ -233,9 +408,11 @@ async def run(
     sections: Sequence[str] | None = None,
     checks: Sequence[Check] | None = None,
     channels: Channels | None = None,
+    dns: Lookup | None = None,
 ) -> list[Finding]:
-    """Every finding of every check for ``sections`` (default: all), section by section."""
-    ctx = Context(settings, environ, catalog, channels or builtin_channels())
+    """Every finding of every check for ``sections`` (default: all), section by section;
+    ``dns`` answers the DNS questions (default: this machine's resolvers)."""
+    ctx = Context(settings, environ, catalog, channels or builtin_channels(), dns or SystemDns())
     findings: list[Finding] = []
     for code in sections if sections is not None else sorted(catalog.sections):
         section = catalog.section(code)

@@ -211,10 +211,21 @@ class EmailChannel(BaseChannel):
 
     @staticmethod
     def secrets(section: Section, *, live: bool) -> list[Secret]:
-        # sandbox mode never talks to the sections' relays
-        if not live or section.smtp is None:
+        # sandbox mode never talks to the sections' relays, and signs bounce addresses with a
+        # fixed key (nothing real bounces there)
+        if not live:
             return []
         found = []
+        if section.bounces is not None:
+            found.append(
+                Secret("bounces.domain", "DISPATCH_VERP_KEY", "a random key of 16 characters or more (VERP addresses)")
+            )
+            if section.bounces.imap is not None:
+                imap = section.bounces.imap
+                found.append(Secret("bounces.imap.username_env", imap.username_env, "the bounce mailbox's user name"))
+                found.append(Secret("bounces.imap.password_env", imap.password_env, "the bounce mailbox's password"))
+        if section.smtp is None:
+            return found
         if section.smtp.username_env:
             found.append(Secret("smtp.username_env", section.smtp.username_env, "the relay user name"))
         if section.smtp.password_env:

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from dispatcher.errors import MailboxError, MailboxLoginRefused
+from dispatcher.errors import MailboxError, MailboxFolderMissing, MailboxLoginRefused
 from dispatcher.logging import get_logger
 
 log = get_logger(__name__)
@@ -129,6 +129,19 @@ class BounceMailbox:
 
     def __repr__(self) -> str:
         return f"<BounceMailbox {self.username}@{self.host}:{self.port}/{self.folder} tls={self.tls}>"
+
+    # ------------------------------------------------------------------ checking
+
+    def check(self) -> int:
+        """Log in, open the folder read-only (EXAMINE) and log out: the number of messages in
+        it. Touches no message and no flag, so ``dispatcher preflight`` may run it while a
+        poller works the same folder. Raises :class:`MailboxError` as :meth:`poll` does."""
+        with self._session() as imap:
+            typ, data = imap.select(_quote(self.folder), readonly=True)
+            if typ != "OK":
+                raise self._folder_missing(data)
+            count = data[0] if data else None
+            return int(count) if isinstance(count, bytes) and count.isdigit() else 0
 
     # ------------------------------------------------------------------ polling
 
@@ -283,7 +296,7 @@ class BounceMailbox:
     def _select(self, imap: imaplib.IMAP4) -> int:
         typ, data = imap.select(_quote(self.folder))
         if typ != "OK":
-            raise self._error(f"folder {self.folder!r} cannot be opened: {_text(data)}")
+            raise self._folder_missing(data)
         _, validity = imap.response("UIDVALIDITY")
         found = _UIDVALIDITY_RE.search(validity[0]) if validity and isinstance(validity[0], bytes) else None
         return int(found.group(0)) if found else 0
@@ -414,6 +427,14 @@ class BounceMailbox:
 
     def _error(self, message: str) -> MailboxError:
         return MailboxError(message, host=self.host, port=self.port, username=self.username)
+
+    def _folder_missing(self, data: object) -> MailboxFolderMissing:
+        return MailboxFolderMissing(
+            f"folder {self.folder!r} cannot be opened: {_text(data)}",
+            host=self.host,
+            port=self.port,
+            username=self.username,
+        )
 
 
 def _quote(folder: str) -> str:
