@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 from dispatcher.app import Service
 from dispatcher.channels.email.imap import BounceMailbox
@@ -71,17 +70,8 @@ class BounceReceiver:
                     ]
                 )
             values.append(value)
-        ca_file = config.ca_file
-        if ca_file is not None and not Path(ca_file).is_absolute():
-            ca_file = str(self.service.settings.config_dir / ca_file)
-        return BounceMailbox(
-            config.host,
-            config.port,
-            username=values[0],
-            password=values[1],
-            tls=config.tls,
-            folder=config.folder,
-            ca_file=ca_file,
+        return BounceMailbox.from_config(
+            config, username=values[0], password=values[1], config_dir=self.service.settings.config_dir
         )
 
     def start(self) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -298,17 +297,11 @@ async def _bounce_mailbox(section: Section, ctx: Context) -> Finding:
             f"the mailbox credentials are not set ({', '.join(unset)})",
             f"set {' and '.join(unset)}",
         )
-    ca_file = config.ca_file
-    if ca_file is not None and not Path(ca_file).is_absolute():
-        ca_file = str(ctx.catalog.root / ca_file)
-    mailbox = BounceMailbox(
-        config.host,
-        config.port,
+    mailbox = BounceMailbox.from_config(
+        config,
         username=ctx.environ[config.username_env],
         password=ctx.environ[config.password_env],
-        tls=config.tls,
-        folder=config.folder,
-        ca_file=ca_file,
+        config_dir=ctx.catalog.root,
         timeout=PROBE_TIMEOUT,
     )
     try:

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim import canonicalization
 from dkim.canonicalization import CanonicalizationPolicy
 
-from dispatcher.config.models import DkimConfig, Section
+from dispatcher.config.models import DkimConfig, Section, ascii_domain
 from dispatcher.errors import ConfigError, ConfigProblem, DispatchError
 
 Algorithm = Literal["rsa", "ed25519"]
@@ -244,7 +244,7 @@ def load_signer(
         SigningKey(config.rsa_selector, read_key(config, "rsa", config_dir, environ)),
         SigningKey(config.ed25519_selector, read_key(config, "ed25519", config_dir, environ)),
     ]
-    return DkimSigner(config.domain or section.sender.domain, keys, clock=clock)
+    return DkimSigner(ascii_domain(config.domain or section.sender.domain), keys, clock=clock)
 
 
 class Signers:

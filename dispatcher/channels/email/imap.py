@@ -52,8 +52,10 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from dispatcher.config.models import BounceMailbox as MailboxConfig
 from dispatcher.errors import MailboxError, MailboxFolderMissing, MailboxLoginRefused
 from dispatcher.logging import get_logger
 
@@ -126,6 +128,26 @@ class BounceMailbox:
         self._password = password
         #: (uidvalidity, uid) -> handler failures in this process
         self._failures: dict[tuple[int, int], int] = {}
+
+    @classmethod
+    def from_config(
+        cls, config: MailboxConfig, *, username: str, password: str, config_dir: Path, timeout: float = 30.0
+    ) -> BounceMailbox:
+        """The mailbox a section's ``[bounces.imap]`` table names (``ca_file`` relative to the
+        config directory unless absolute); the credentials come from the variables it names."""
+        ca_file = config.ca_file
+        if ca_file is not None and not Path(ca_file).is_absolute():
+            ca_file = str(config_dir / ca_file)
+        return cls(
+            config.host,
+            config.port,
+            username=username,
+            password=password,
+            tls=config.tls,
+            folder=config.folder,
+            ca_file=ca_file,
+            timeout=timeout,
+        )
 
     def __repr__(self) -> str:
         return f"<BounceMailbox {self.username}@{self.host}:{self.port}/{self.folder} tls={self.tls}>"
