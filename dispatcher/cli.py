@@ -524,7 +524,8 @@ def suppressions_list(channel: str | None, as_json: bool) -> None:
         return
     table = Table(title="suppressed addresses")
     for col in ("channel", "address", "since", "reason", "code", "what the far side said", "delivery"):
-        table.add_column(col)
+        # an address cut in two cannot be copied into `suppressions remove`
+        table.add_column(col, no_wrap=col in ("address", "delivery"))
     for r in rows:
         table.add_row(
             r.channel,

@@ -52,6 +52,32 @@ def test_flagged_numbers_are_listed_and_cleared(run, service):
     assert run("fax", "unflag", "+442079460103").exit_code == 1
 
 
+def test_suppressed_addresses_are_listed_and_lifted(run, service):
+    assert "no suppressed addresses" in run("suppressions", "list").output
+    service.ledger.suppressions.add(
+        "email",
+        "RusEmbUSA@mid.ru",
+        reason="bounced",
+        code="5.1.1",
+        text="User unknown",
+        delivery="dl_x",
+        now=datetime.now(UTC),
+    )
+    listed = run("suppressions", "list", "--json")
+    [row] = json.loads(listed.output)
+    assert (row["channel"], row["address"], row["code"], row["delivery"]) == (
+        "email",
+        "rusembusa@mid.ru",
+        "5.1.1",
+        "dl_x",
+    )
+    assert "rusembusa@mid.ru" in run("suppressions", "list").output
+    assert run("suppressions", "remove", "RUSEMBUSA@mid.ru").exit_code == 0
+    assert service.ledger.suppressions.find("email", "rusembusa@mid.ru") is None
+    gone = run("suppressions", "remove", "rusembusa@mid.ru")
+    assert gone.exit_code == 1
+
+
 def test_config_check_reports_file_and_key(run, tmp_path, monkeypatch):
     import shutil
 
