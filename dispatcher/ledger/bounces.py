@@ -126,8 +126,23 @@ class BounceFacts:
         diagnostic: str | None = None,
         reporting_mta: str | None = None,
         arrived_at: datetime | None = None,
-    ) -> None:
+    ) -> bool:
+        """Keep one fact; False when the same fact is kept already (its message came twice: a
+        relay that missed our 250, an IMAP poller's at-least-once), so it counts once."""
         with self.engine.begin() as conn:
+            same = conn.execute(
+                select(BF.c.id)
+                .where(
+                    BF.c.delivery_id == delivery,
+                    BF.c.kind == kind,
+                    BF.c.status.is_not_distinct_from(status),
+                    BF.c.reporting_mta.is_not_distinct_from(reporting_mta),
+                    BF.c.arrived_at.is_not_distinct_from(arrived_at),
+                )
+                .limit(1)
+            ).first()
+            if same is not None:
+                return False
             conn.execute(
                 insert(BF).values(
                     delivery_id=delivery,
@@ -141,6 +156,7 @@ class BounceFacts:
                     received_at=now,
                 )
             )
+        return True
 
     def count(self, channel: str, address: str, kind: str, since: datetime) -> int:
         """How many bounces of ``kind`` came for ``address`` since ``since``."""

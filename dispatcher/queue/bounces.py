@@ -12,6 +12,8 @@ the DSN gives the status); this module decides what it does:
   ``soft_bounce_window_days`` count as a hard bounce;
 * a delay warning or an auto-reply: recorded (an auto-reply says the mailbox exists), nothing
   moves;
+* the same bounce again (a relay that missed our 250, the IMAP poller's at-least-once): its
+  fact is kept already, so nothing is recorded or moved and it is counted as ``duplicate``;
 * anything without a valid token, about an unknown letter, or unreadable: logged and dropped,
   and counted in :attr:`BounceIntake.counts`.
 
@@ -93,18 +95,22 @@ class BounceIntake:
             return Handled("later", "its letter is still being sent")
         now = self.clock()
         context = {"delivery": row.id, **_facts(bounce)}
-        if bounce.kind in _KEPT:
-            self.ledger.bounces.record(
-                delivery=row.id,
-                channel=name,
-                address=row.recipient,
-                kind=bounce.kind,
-                now=now,
-                status=bounce.status,
-                diagnostic=bounce.diagnostic,
-                reporting_mta=bounce.reporting_mta,
-                arrived_at=bounce.reported_at,
-            )
+        if bounce.kind in _KEPT and not self.ledger.bounces.record(
+            delivery=row.id,
+            channel=name,
+            address=row.recipient,
+            kind=bounce.kind,
+            now=now,
+            status=bounce.status,
+            diagnostic=bounce.diagnostic,
+            reporting_mta=bounce.reporting_mta,
+            arrived_at=bounce.reported_at,
+        ):
+            # Applied (or kept) when it first came: again, it would count twice towards
+            # soft_bounce_limit, and move a retry that this bounce is not about.
+            self.counts["duplicate"] += 1
+            log.info(f"{name}.bounce_duplicate", **context)
+            return Handled("recorded", "the same bounce came before")
         if bounce.kind == "auto_reply":
             self.counts["auto_reply"] += 1
             log.info(f"{name}.auto_reply", **context, note="the mailbox exists")
