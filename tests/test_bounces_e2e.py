@@ -9,6 +9,7 @@ from __future__ import annotations
 import smtplib
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -127,13 +128,23 @@ class BouncingRelay:
         self._controller.stop()
 
 
-def bounce_service(tmp_path: Path, database_url: str, redis_server: object, *, fallback: bool) -> tuple[Service, int]:
+def bounce_service(
+    tmp_path: Path,
+    database_url: str,
+    redis_server: object,
+    *,
+    fallback: bool,
+    bounce_tables: str = "",
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Service, int]:
+    """A service whose section ``zz`` has a bounce domain (and ``bounce_tables`` after its
+    ``[bounces]`` table, say ``[bounces.imap]``), with the listener's port to be."""
     config = write_config(
         tmp_path,
         campaign_id="TEST-BOUNCE",
         channel="email",
         address_line=f'email = "{MINISTER}"\nfax = "+44 20 7946 0100"',
-        relay_and_gateway=_SECTION_TABLES,
+        relay_and_gateway=_SECTION_TABLES + bounce_tables,
     )
     if fallback:
         section = config / "sections" / "zz.toml"
@@ -144,8 +155,15 @@ def bounce_service(tmp_path: Path, database_url: str, redis_server: object, *, f
         database_url=database_url,
         redis_url=redis_server.url,
         smtp_port=free_port(),  # type: ignore[attr-defined]
-    ).but(demo_campaigns=False, config_dir=config, templates_dir=ROOT / "templates", bounces_port=bounce_port)
-    service = Service(settings, environ={"DISPATCH_INTAKE_KEY_ZZ": "k"})
+    ).but(
+        demo_campaigns=False,
+        config_dir=config,
+        templates_dir=ROOT / "templates",
+        bounces_port=bounce_port,
+        # two faxes to the same number take turns on its line: a turn need not wait a minute here
+        fax_line_wait_seconds=1.0,
+    )
+    service = Service(settings, environ={"DISPATCH_INTAKE_KEY_ZZ": "k", **(environ or {})})
     service.ledger.migrate()
     return service, bounce_port
 

@@ -126,23 +126,27 @@ class BounceFacts:
         diagnostic: str | None = None,
         reporting_mta: str | None = None,
         arrived_at: datetime | None = None,
-    ) -> bool:
-        """Keep one bounce's facts; False when the same facts about the same letter are kept
-        already (a bounce handed over twice — an IMAP poller is at least once — counts once)."""
+    ) -> int | None:
+        """Keep one fact and return its id; None when the same fact is kept already (its message
+        came twice: a relay that missed our 250, an IMAP poller's at-least-once), so it counts
+        once."""
         with self.engine.begin() as conn:
             same = conn.execute(
-                select(BF.c.id).where(
+                select(BF.c.id)
+                .where(
                     BF.c.delivery_id == delivery,
                     BF.c.kind == kind,
-                    BF.c.status.is_(None) if status is None else BF.c.status == status,
-                    BF.c.diagnostic.is_(None) if diagnostic is None else BF.c.diagnostic == diagnostic,
-                    BF.c.arrived_at.is_(None) if arrived_at is None else BF.c.arrived_at == arrived_at,
+                    BF.c.status.is_not_distinct_from(status),
+                    BF.c.reporting_mta.is_not_distinct_from(reporting_mta),
+                    BF.c.arrived_at.is_not_distinct_from(arrived_at),
                 )
+                .limit(1)
             ).first()
             if same is not None:
-                return False
-            conn.execute(
-                insert(BF).values(
+                return None
+            kept = conn.execute(
+                insert(BF)
+                .values(
                     delivery_id=delivery,
                     channel=channel,
                     address=_key(address),
@@ -153,8 +157,15 @@ class BounceFacts:
                     arrived_at=arrived_at,
                     received_at=now,
                 )
-            )
-        return True
+                .returning(BF.c.id)
+            ).scalar_one()
+        return int(kept)
+
+    def forget(self, fact: int) -> None:
+        """Drop a fact kept moments ago whose bounce could not be applied: when its message comes
+        again (the relay retries after our 451) it must not read as a duplicate."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(BF).where(BF.c.id == fact))
 
     def count(self, channel: str, address: str, kind: str, since: datetime) -> int:
         """How many bounces of ``kind`` came for ``address`` since ``since``."""

@@ -12,6 +12,8 @@ the DSN gives the status); this module decides what it does:
   ``soft_bounce_window_days`` count as a hard bounce;
 * a delay warning or an auto-reply: recorded (an auto-reply says the mailbox exists), nothing
   moves;
+* the same bounce again (a relay that missed our 250, the IMAP poller's at-least-once): its
+  fact is kept already, so nothing is recorded or moved and it is counted as ``duplicate``;
 * anything without a valid token, about an unknown letter, or unreadable: logged and dropped,
   and counted in :attr:`BounceIntake.counts`.
 
@@ -36,9 +38,6 @@ from dispatcher.queue.reports import PARKED, ReportApplier
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.bounces")
-
-#: the kinds that say something about a letter and are kept
-_KEPT = ("hard", "soft", "delayed", "auto_reply")
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class BounceIntake:
             return Handled("later", "its letter is still being sent")
         now = self.clock()
         context = {"delivery": row.id, **_facts(bounce)}
-        if bounce.kind in _KEPT and not self.ledger.bounces.record(
+        fact = self.ledger.bounces.record(
             delivery=row.id,
             channel=name,
             address=row.recipient,
@@ -103,11 +102,13 @@ class BounceIntake:
             diagnostic=bounce.diagnostic,
             reporting_mta=bounce.reporting_mta,
             arrived_at=bounce.reported_at,
-        ):
-            # the same bounce again (a mailbox poller hands a message over at least once)
-            self.counts["repeated"] += 1
-            log.info(f"{name}.bounce_repeated", **context)
-            return Handled("recorded", "the same bounce again")
+        )
+        if fact is None:
+            # Applied (or kept) when it first came: again, it would count twice towards
+            # soft_bounce_limit, and move a retry that this bounce is not about.
+            self.counts["duplicate"] += 1
+            log.info(f"{name}.bounce_duplicate", **context)
+            return Handled("recorded", "the same bounce came before")
         if bounce.kind == "auto_reply":
             self.counts["auto_reply"] += 1
             log.info(f"{name}.auto_reply", **context, note="the mailbox exists")
@@ -141,11 +142,17 @@ class BounceIntake:
             error=error,
             provider=bounce.reporting_mta,
         )
-        answer = self.reports.apply(name, report)
+        try:
+            answer = self.reports.apply(name, report)
+        except Exception:
+            # not applied (the ledger is away): the sender retries, and then it is no duplicate
+            self.ledger.bounces.forget(fact)
+            raise
         if answer == "applied":
             self.counts["applied"] += 1
             return Handled("applied", f"{bounce.kind} bounce")
         if answer == PARKED:
+            self.ledger.bounces.forget(fact)
             self.counts["later"] += 1
             return Handled("later", answer)
         # a duplicate, or a bounce for a try that is over: its facts are kept, nothing moves
