@@ -154,7 +154,7 @@ def test_without_the_window_the_same_letters_do_overlap(service, smtp, processor
 @pytest.mark.parametrize(
     ("replies", "state", "outcome"),
     [
-        ([(554, "5.6.0 Content refused")], "failed", "permanent"),
+        ([(554, "5.6.0 Content refused")], "bounced", "permanent"),
         ([(451, "4.3.0 Try again later")], "planned", "transient"),
         # the connection dies after the content, three quick tries in a row: retried later
         ([DROP, DROP, DROP], "planned", "transient"),
