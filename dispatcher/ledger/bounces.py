@@ -94,6 +94,17 @@ class Suppressions:
                 row = c.execute(self._find, params).first()
         return None if row is None else _suppressed(row)
 
+    def version(self) -> tuple[int, int | None]:
+        """Changes whenever an address is added or removed: a cache's cheap freshness check."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(func.count(), func.max(SU.c.id))).one()
+        return int(row[0]), row[1]
+
+    def keys(self) -> frozenset[tuple[str, str]]:
+        """Every suppressed (channel, address), addresses lower-cased."""
+        with self.engine.connect() as conn:
+            return frozenset((r.channel, r.address) for r in conn.execute(select(SU.c.channel, SU.c.address)))
+
     def remove(self, address: str, channel: str | None = None) -> int:
         """Lift the suppression of ``address`` (on every channel unless ``channel``)."""
         where = [SU.c.address == _key(address)]

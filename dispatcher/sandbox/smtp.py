@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -92,43 +92,41 @@ class MailDirHandler:
         return path
 
 
-class SandboxSMTP:
-    """The sandbox server in a thread of its own: ``start()``, ``port``, ``stop()``."""
+class SmtpServerThread:
+    """An aiosmtpd server in a thread of its own: ``start()``, ``port``, ``stop()``, and a
+    context manager. Subclasses say what the server is (:meth:`_controller`)."""
 
-    def __init__(self, directory: Path | str, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.directory = Path(directory)
+    #: how errors name the server
+    what = "the SMTP server"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self._requested_port = port
-        self._controller: LoopbackController | None = None
+        self._running: LoopbackController | None = None
+
+    def _controller(self) -> LoopbackController:
+        raise NotImplementedError
 
     @property
     def port(self) -> int:
         """The port actually listened on (the one asked for, or the one port 0 got)."""
-        if self._controller is None:
-            raise RuntimeError("the sandbox server is not running")
-        return int(self._controller.port)
+        if self._running is None:
+            raise RuntimeError(f"{self.what} is not running")
+        return int(self._running.port)
 
     def start(self) -> None:
-        if self._controller is not None:
-            raise RuntimeError("the sandbox server is already running")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        controller = LoopbackController(
-            MailDirHandler(self.directory),
-            hostname=self.host,
-            port=self._requested_port,
-            # Skips a reverse DNS lookup per connection (aiosmtpd's default is getfqdn()).
-            server_hostname="sandbox.invalid",
-            ident="appeal-dispatcher sandbox (never relays)",
-        )
+        if self._running is not None:
+            raise RuntimeError(f"{self.what} is already running")
+        controller = self._controller()
         controller.start()
-        self._controller = controller
+        self._running = controller
 
     def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
+        if self._running is not None:
+            self._running.stop()
+            self._running = None
 
-    def __enter__(self) -> SandboxSMTP:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -139,6 +137,27 @@ class SandboxSMTP:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class SandboxSMTP(SmtpServerThread):
+    """The sandbox server in a thread of its own."""
+
+    what = "the sandbox server"
+
+    def __init__(self, directory: Path | str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.directory = Path(directory)
+
+    def _controller(self) -> LoopbackController:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return LoopbackController(
+            MailDirHandler(self.directory),
+            hostname=self.host,
+            port=self._requested_port,
+            # Skips a reverse DNS lookup per connection (aiosmtpd's default is getfqdn()).
+            server_hostname="sandbox.invalid",
+            ident="appeal-dispatcher sandbox (never relays)",
+        )
 
 
 def _message_id(content: bytes) -> str | None:

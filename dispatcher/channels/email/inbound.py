@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from dispatcher.logging import get_logger
-from dispatcher.sandbox.smtp import LoopbackController
+from dispatcher.sandbox.smtp import LoopbackController, SmtpServerThread
 
 log = get_logger(__name__)
 
@@ -69,8 +68,10 @@ class _Handler:
         return "250 2.0.0 OK"
 
 
-class BounceListener:
+class BounceListener(SmtpServerThread):
     """The inbound server in a thread of its own: ``start()``, ``port``, ``stop()``."""
+
+    what = "the bounce listener"
 
     def __init__(
         self,
@@ -83,23 +84,13 @@ class BounceListener:
         data_size_limit: int = DATA_SIZE_LIMIT,
         server_hostname: str | None = None,
     ) -> None:
-        self.host = host
+        super().__init__(host, port)
         self._handler = _Handler(handle, domains, max_bytes)
-        self._requested_port = port
         self._data_size_limit = data_size_limit
         self._server_hostname = server_hostname
-        self._controller: LoopbackController | None = None
 
-    @property
-    def port(self) -> int:
-        if self._controller is None:
-            raise RuntimeError("the bounce listener is not running")
-        return int(self._controller.port)
-
-    def start(self) -> None:
-        if self._controller is not None:
-            raise RuntimeError("the bounce listener is already running")
-        controller = LoopbackController(
+    def _controller(self) -> LoopbackController:
+        return LoopbackController(
             self._handler,
             hostname=self.host,
             port=self._requested_port,
@@ -108,19 +99,3 @@ class BounceListener:
             server_hostname=self._server_hostname or "bounces.invalid",
             ident="appeal-dispatcher bounces",
         )
-        controller.start()
-        self._controller = controller
-
-    def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def __enter__(self) -> BounceListener:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
