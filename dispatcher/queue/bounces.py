@@ -33,6 +33,7 @@ from dispatcher.errors import Bounced, DeliveryError, TransientError
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import State
 from dispatcher.ledger.store import Ledger
+from dispatcher.ledger.views import DeliveryView
 from dispatcher.logging import get_logger
 from dispatcher.queue.reports import PARKED, ReportApplier
 from dispatcher.settings import Settings
@@ -117,6 +118,30 @@ class BounceIntake:
             self.counts["delayed"] += 1
             log.info(f"{name}.bounce_delayed", **context)
             return Handled("recorded", "delay warning: the relay still tries")
+        try:
+            answer = self._apply(bounce, row, now)
+        except Exception:
+            # not applied (the ledger is away): the sender retries, and then it is no duplicate
+            self.ledger.bounces.forget(fact)
+            raise
+        if answer is None:
+            return self._drop("letter_settled", **context)
+        if answer == "applied":
+            self.counts["applied"] += 1
+            return Handled("applied", f"{bounce.kind} bounce")
+        if answer == PARKED:
+            self.ledger.bounces.forget(fact)
+            self.counts["later"] += 1
+            return Handled("later", answer)
+        # a duplicate, or a bounce for a try that is over: its facts are kept, nothing moves
+        self.counts["recorded"] += 1
+        log.info(f"{name}.bounce_recorded", **context, why=answer)
+        return Handled("recorded", answer)
+
+    def _apply(self, bounce: Bounce, row: DeliveryView, now: datetime) -> str | None:
+        """The bounce's move of its letter, through the report applier: its answer, or None when
+        the letter's ``sent`` is final already (past the channel's window)."""
+        name = self.channel.name
         error = self._error(bounce, row.recipient, now)
         settled_after = self.channel.sent_final_after
         if row.state is State.SENT and settled_after is not None and row.sent_at and now - row.sent_at > settled_after:
@@ -132,7 +157,7 @@ class BounceIntake:
                     delivery=row.id,
                     now=now,
                 )
-            return self._drop("letter_settled", **context)
+            return None
         report = Report(
             Status.FAILED,
             row.remote_id,
@@ -142,23 +167,7 @@ class BounceIntake:
             error=error,
             provider=bounce.reporting_mta,
         )
-        try:
-            answer = self.reports.apply(name, report)
-        except Exception:
-            # not applied (the ledger is away): the sender retries, and then it is no duplicate
-            self.ledger.bounces.forget(fact)
-            raise
-        if answer == "applied":
-            self.counts["applied"] += 1
-            return Handled("applied", f"{bounce.kind} bounce")
-        if answer == PARKED:
-            self.ledger.bounces.forget(fact)
-            self.counts["later"] += 1
-            return Handled("later", answer)
-        # a duplicate, or a bounce for a try that is over: its facts are kept, nothing moves
-        self.counts["recorded"] += 1
-        log.info(f"{name}.bounce_recorded", **context, why=answer)
-        return Handled("recorded", answer)
+        return self.reports.apply(name, report)
 
     def _error(self, bounce: Bounce, address: str, now: datetime) -> DeliveryError:
         said = " ".join(p for p in (bounce.status, bounce.diagnostic) if p) or "no status given"
