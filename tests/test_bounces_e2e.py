@@ -190,7 +190,6 @@ def letters_of(service: Service, appeal_email_id: str) -> list[tuple[str, str]]:
     return sorted((d.channel, d.state.value) for d in appeal.deliveries)
 
 
-@SQLITE
 @pytest.mark.parametrize("fallback", [True, False], ids=["fallback-fax", "no-fallback"])
 def test_a_bounce_mailed_back_later_bounces_the_letter_and_reroutes_the_next(
     tmp_path: Path, database_url: str, redis_server: object, fallback: bool
