@@ -131,6 +131,7 @@ class Service:
             environ=self.environ,
             paced=lambda target, channel: bool(self.gate.rate_texts(target, channel)),
             channels=self.channels,
+            limiter=self.limiter,
         )
 
     @cached_property
@@ -138,8 +139,13 @@ class Service:
         return Lines(self.broker.client, self.settings.redis_namespace)
 
     @cached_property
+    def limiter(self) -> RateLimiter:
+        """The caps and the intake quotas, in Redis."""
+        return RateLimiter(self.broker.client, self.settings.redis_namespace)
+
+    @cached_property
     def gate(self) -> SendingGate:
-        return SendingGate(RateLimiter(self.broker.client, self.settings.redis_namespace), self.settings, self.channels)
+        return SendingGate(self.limiter, self.settings, self.channels)
 
     @cached_property
     def pacer(self) -> Pacer:

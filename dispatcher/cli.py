@@ -80,6 +80,7 @@ def config() -> None:
 def config_check(check_env: bool) -> None:
     """Validate every campaign and section file; report each problem with file and key."""
     from dispatcher.config.loader import check_environment, load_catalog
+    from dispatcher.intake.quotas import quotas_of
 
     settings = _settings()
     try:
@@ -101,6 +102,8 @@ def config_check(check_env: bool) -> None:
         for campaign_id in section.campaigns:
             routes = ", ".join(f"{r.target.id}/{r.channel}" for r in catalog.routes(campaign_id, section.code))
             out.print(f"  {section.code:>3} {campaign_id}: {routes}", highlight=False)
+        quotas = " · ".join(f"{q.name} {q.describe()}" for q in quotas_of(section, settings))
+        out.print(f"  {section.code:>3} quotas: {quotas}", highlight=False, soft_wrap=True)
     sys.exit(1 if problems else 0)
 
 

@@ -69,6 +69,10 @@ class IntakeError(DispatchError):
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the API sends with this refusal."""
+        return {}
+
 
 class AuthenticationFailed(IntakeError):
     status = 401
@@ -119,6 +123,22 @@ class DuplicateAppeal(IntakeError):
 class CampaignClosed(IntakeError):
     status = 410
     code = "campaign_closed"
+
+
+class QuotaExceeded(IntakeError):
+    """Too many appeals through one section key, by one supporter or from one client IP: try
+    again after ``retry_after`` seconds (also sent as the ``Retry-After`` header)."""
+
+    status = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, quota: str, limits: Sequence[str], retry_after: int):
+        super().__init__(message, quota=quota, limits=list(limits), retry_after=retry_after)
+        self.quota = quota
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class NotFound(IntakeError):

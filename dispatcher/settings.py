@@ -111,6 +111,12 @@ class Settings:
     fax_limits: tuple[str, ...] = ("4/hour", "40/day")
     #: hold faxes (and opted-in emails) to the recipient's office hours
     office_hours: bool = True
+    #: intake quotas (docs/intake.md, "Quotas") for sections whose ``[intake]`` table sets none:
+    #: appeals per section key; per supporter email across all sections; per client IP (when the
+    #: form passes ``client_ip``); "" for none
+    section_quota: tuple[str, ...] = ("600/minute",)
+    supporter_quota: tuple[str, ...] = ("10/hour", "30/day")
+    client_ip_quota: tuple[str, ...] = ("60/hour",)
     #: pacing (docs/pacing.md): never slower than this share of a recipient's caps (1: always at
     #: the caps' pace), and the last letter for a deadline this many hours before it
     pacing_slowest_share: float = 0.25
@@ -186,6 +192,9 @@ class Settings:
             email_limits=_env_list("DISPATCH_EMAIL_LIMITS", ("30/hour", "200/day")),
             fax_limits=_env_list("DISPATCH_FAX_LIMITS", ("4/hour", "40/day")),
             office_hours=_env_bool("DISPATCH_OFFICE_HOURS", True),
+            section_quota=_env_list("DISPATCH_SECTION_QUOTA", ("600/minute",)),
+            supporter_quota=_env_list("DISPATCH_SUPPORTER_QUOTA", ("10/hour", "30/day")),
+            client_ip_quota=_env_list("DISPATCH_CLIENT_IP_QUOTA", ("60/hour",)),
             pacing_slowest_share=_env_float("DISPATCH_PACING_SLOWEST_SHARE", 0.25, low=0.01, high=1.0),
             pacing_margin_hours=_env_float("DISPATCH_PACING_MARGIN_HOURS", 24.0, low=0.0, high=24.0 * 60),
             fax_line_wait_seconds=float(_env_int("DISPATCH_FAX_LINE_WAIT_SECONDS", 60)),

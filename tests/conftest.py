@@ -111,9 +111,18 @@ def make_settings(tmp_path: Path, *, database_url: str, redis_url: str, smtp_por
         sandbox_smtp_port=smtp_port,
         demo_campaigns=True,
         retry_base_seconds=0.3,
-        # Caps and office hours have tests of their own (test_policy_gate.py); elsewhere they would
-        # only make tests depend on the day of the week.
-        **{"office_hours": False, "email_limits": (), "fax_limits": (), **extra},
+        # Caps, office hours and intake quotas have tests of their own (test_policy_gate.py,
+        # test_intake_quotas.py); elsewhere they would only make tests depend on the day of the
+        # week or on how many appeals a test posts.
+        **{
+            "office_hours": False,
+            "email_limits": (),
+            "fax_limits": (),
+            "section_quota": (),
+            "supporter_quota": (),
+            "client_ip_quota": (),
+            **extra,
+        },
     )
 
 

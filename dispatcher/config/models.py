@@ -409,6 +409,25 @@ class Bounces(_Frozen):
     imap: BounceMailbox | None = None
 
 
+class IntakeConfig(_Frozen):
+    """How the section's web form may post (``[intake]``). Each quota is a list of rates such as
+    ``["600/minute", "20000/day"]``; left out, the service's default applies (the
+    ``DISPATCH_*_QUOTA`` settings); ``[]`` switches that quota off for this section."""
+
+    #: appeals accepted through this section's key
+    quota: tuple[str, ...] | None = None
+    #: appeals by one supporter (email address), counted across every section, when they post
+    #: through this one
+    supporter_quota: tuple[str, ...] | None = None
+    #: appeals from one client IP address, when the form passes ``client_ip``
+    client_ip_quota: tuple[str, ...] | None = None
+
+    @field_validator("quota", "supporter_quota", "client_ip_quota")
+    @classmethod
+    def _quota_rates(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(_valid_rates(list(value)))
+
+
 _SECTION_CODE = re.compile(r"^[a-z]{2,8}$")
 
 
@@ -431,6 +450,8 @@ class Section(_Frozen):
     fax: FaxConfig | None = None
     #: per-letter bounce addresses and where bounces are read (docs/email.md, "Bounces")
     bounces: Bounces | None = None
+    #: the web form's quotas (``[intake]``)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     #: the section's settings of channels that are not built in, by channel name
     #: (``[channels.post]``); each channel validates its own table (``Channel.config_model``).
     #: Email and fax keep their historic tables, ``[smtp]`` and ``[fax]``.

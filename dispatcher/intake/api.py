@@ -62,7 +62,7 @@ def create_app(
 
     @app.exception_handler(IntakeError)
     async def _intake_error(_request: Request, exc: IntakeError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.post("/v1/appeals", status_code=202)
     async def post_appeal(request: Request) -> JSONResponse:

@@ -6,7 +6,7 @@ import json
 import unicodedata
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, IPvAnyAddress, ValidationError, field_validator
 
 from dispatcher.channels.email.headers import unsafe_header_reason
 from dispatcher.errors import FieldProblem, ValidationFailed
@@ -63,6 +63,9 @@ class AppealIn(BaseModel):
     supporter: SupporterIn
     message: str | None = None
     client_ref: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    #: the supporter's IP address as the form saw it, for the per-client-IP quota; used for that
+    #: count only (as a keyed hash), never stored or logged
+    client_ip: IPvAnyAddress | None = None
 
     @field_validator("message")
     @classmethod

@@ -33,6 +33,7 @@ from dispatcher.errors import (
     ValidationFailed,
 )
 from dispatcher.intake import signature as sig
+from dispatcher.intake.quotas import Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
 from dispatcher.ledger.engine import new_id
 from dispatcher.ledger.lifecycle import planned_values
@@ -40,6 +41,7 @@ from dispatcher.ledger.models import Appeal, Delivery, UsedSignature, utcnow
 from dispatcher.ledger.states import initial
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
+from dispatcher.policy.limits import RateLimiter
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.intake")
@@ -117,8 +119,10 @@ class IntakeService:
         environ: Mapping[str, str] | None = None,
         paced: Callable[[Target, str], bool] | None = None,
         channels: Channels | None = None,
+        limiter: RateLimiter | None = None,
     ):
-        """``channels``: where each target receives each channel (default: the shipped channels)."""
+        """``channels``: where each target receives each channel (default: the shipped channels);
+        ``limiter``: where the quotas are counted (None: no quotas)."""
         self.settings = settings
         self.channels = channels if channels is not None else builtin_channels()
         self.catalog = catalog
@@ -130,6 +134,7 @@ class IntakeService:
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self._pepper = (settings.pepper or "appeal-dispatcher").encode()
+        self.quotas = Quotas(limiter, settings, self._pepper)
 
     # ------------------------------------------------------------------ entry points
 
@@ -151,8 +156,21 @@ class IntakeService:
         appeal = payload if isinstance(payload, AppealIn) else validate_appeal(dict(payload))
         now = self.clock()
         routes = self._check_against_catalog(appeal, now)
-        accepted = self._record(appeal, routes, signature, now)
-        if not accepted.replayed:
+        # Before anything is written; the slot goes back if nothing is (a 409, a replay).
+        charge = self.quotas.charge(
+            self.catalog.section(appeal.section),
+            campaign=appeal.campaign,
+            supporter_ref=self.supporter_ref(appeal.supporter.email),
+            client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
+        )
+        try:
+            accepted = self._record(appeal, routes, signature, now)
+        except BaseException:
+            charge.cancel()
+            raise
+        if accepted.replayed:
+            charge.cancel()
+        else:
             self._offer_to_queue(accepted, now)
         return accepted
 

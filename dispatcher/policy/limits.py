@@ -151,6 +151,10 @@ class RateLimiter:
         """Give back the slot taken with ``token``: the send it was for did not happen."""
         self.client.zrem(self._keys(key)[0], token)
 
+    def holds(self, key: str, token: str) -> bool:
+        """Whether the slot taken with ``token`` is still counted under ``key``."""
+        return self.client.zscore(self._keys(key)[0], token) is not None
+
     def usage(self, key: str, rates: Sequence[Rate], *, now: float | None = None) -> list[int]:
         """How many slots of each rate are taken at ``now``, in the order given."""
         if not rates:
