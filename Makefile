@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 
 .PHONY: run test bootstrap lint typecheck bench bench-quick config-check clean
 
+# `make run PORT=8090`: the API on another port
+PORT ?= 8080
+
 run: bootstrap
-	$(BIN)/dispatcher dev
+	$(BIN)/dispatcher dev --port $(PORT)
 
 test: bootstrap
 	$(BIN)/python -m pytest -q

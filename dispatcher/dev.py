@@ -1,15 +1,17 @@
 """``dispatcher dev``: the whole service in one process tree, on embedded defaults.
 
 Redis at REDIS_URL if it answers, else a private redis-server on a free port (data under
-var/redis); the ledger in var/ledger.sqlite3; the sandbox SMTP server writing .eml files to
-var/sandbox/mail; the API on 127.0.0.1:8080; a worker and the reconciler as threads. Always
-sandbox mode. Intake keys that are not in the environment are generated once into
-var/dev-keys.env (mode 0600), so the printed example works as pasted.
+var/redis), with keys of its own (:func:`dev_settings`); the ledger in var/ledger.sqlite3; the
+sandbox SMTP server writing .eml files to var/sandbox/mail; the API on 127.0.0.1:8080
+(``--port``); a worker and the reconciler as threads. Always sandbox mode. Intake keys that are
+not in the environment are generated once into var/dev-keys.env (mode 0600), so the printed
+example works as pasted.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import secrets
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,27 @@ from dispatcher.config.catalog import Catalog
 from dispatcher.settings import Settings
 
 console = Console()
+
+#: the Redis key prefix of dev mode when DISPATCH_REDIS_NAMESPACE is not set (and a checkout's own
+#: suffix, see dev_settings)
+DEV_NAMESPACE = "dispatcher-dev"
+
+
+def dev_settings(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """Dev mode's defaults where the environment sets nothing: demo campaigns, no office hours,
+    and Redis keys of its own: ``dispatcher-dev-<hash of the var dir>``. Of its own because the
+    Redis at REDIS_URL may serve someone else (a service using the default namespace, another
+    checkout's dev mode), whose queue, caps and quotas must not mix with ours; per var dir because
+    that is where the ledger is, and a restarted dev mode must find the letters it queued."""
+    if environ.get("DISPATCH_DEMO_CAMPAIGNS") is None:
+        settings = settings.but(demo_campaigns=True)
+    if environ.get("DISPATCH_OFFICE_HOURS") is None:
+        # A demo on a Saturday should show a fax, not hold it until Monday.
+        settings = settings.but(office_hours=False)
+    if not environ.get("DISPATCH_REDIS_NAMESPACE"):
+        checkout = hashlib.sha256(str(settings.var_dir.resolve()).encode()).hexdigest()[:8]
+        settings = settings.but(redis_namespace=f"{DEV_NAMESPACE}-{checkout}")
+    return settings
 
 
 def _keys_file(settings: Settings) -> Path:
@@ -165,11 +189,7 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525, bounces_port: int = 
     if settings.live:
         console.print("[red]dispatcher dev always runs in sandbox mode; unset DISPATCH_MODE=live[/red]")
         return 2
-    if os.environ.get("DISPATCH_DEMO_CAMPAIGNS") is None:
-        settings = settings.but(demo_campaigns=True)
-    if os.environ.get("DISPATCH_OFFICE_HOURS") is None:
-        # A demo on a Saturday should show a fax, not hold it until Monday.
-        settings = settings.but(office_hours=False)
+    settings = dev_settings(settings, os.environ)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
@@ -218,7 +238,7 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525, bounces_port: int = 
 Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   API          {base}   (docs {base}/docs, health {base}/healthz)
   counters     {base}/v1/campaigns/{body["campaign"]}/counters
-  queue        {settings.redis_url.split("@")[-1]}  ({redis_note})
+  queue        {settings.redis_url.split("@")[-1]}  ({redis_note}), keys under {settings.redis_namespace}:
   ledger       {settings.database_url}
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
   bounces      SMTP 127.0.0.1:{bounces.listener.port} for {", ".join(bounces.domains) or "no bounce domain"}
