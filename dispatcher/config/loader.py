@@ -58,7 +58,7 @@ class _Layout:
 
 _CAMPAIGN = _Layout(Campaign, "campaign", "id", ("targets",))
 _SECTION = _Layout(
-    Section, "section", "code", ("sender", "smtp", "dkim", "fax", "bounces", "channels", "targets", "campaigns")
+    Section, "section", "code", ("sender", "smtp", "dkim", "fax", "bounces", "channels", "web", "targets", "campaigns")
 )
 
 
