@@ -138,6 +138,8 @@ def message(count: Count, n: int, lang: str) -> str:
 
 # The width is estimated, and textLength makes the text fit it whatever font the viewer has.
 _CHAR_WIDTH = 7.2
+#: Cyrillic letters run wider in the fonts named below
+_CYRILLIC_WIDTH = 8.4
 _PAD = 10
 _HEIGHT = 28
 
@@ -146,7 +148,7 @@ def render(count: Count, n: int, lang: str) -> bytes:
     """The badge as SVG bytes; every text is escaped (nothing in it comes from a request, but
     the catalogue and the numbers should not have to be trusted by an XML parser)."""
     text = message(count, n, lang)
-    text_width = round(len(text) * _CHAR_WIDTH)
+    text_width = round(sum(_CYRILLIC_WIDTH if "\u0400" <= c <= "\u04ff" else _CHAR_WIDTH for c in text))
     width = text_width + 2 * _PAD
     shown = escape(text, quote=True)
     svg = (
