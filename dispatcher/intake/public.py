@@ -20,6 +20,7 @@ from dispatcher.errors import FieldProblem, IntakeError, NotFound, ValidationFai
 from dispatcher.intake import badge
 from dispatcher.intake.cors import Origins, add_headers, preflight_headers
 from dispatcher.intake.service import IntakeService
+from dispatcher.ledger.views import AppealView
 
 #: counters change with every appeal, but a page showing them a minute late loses nothing, and
 #: a campaign's busy hour is spared one ledger query per visitor
@@ -98,7 +99,7 @@ def public_router(service: IntakeService) -> APIRouter:
     catalog = service.catalog
     views = service.ledger.views
 
-    async def section_of_appeal(appeal_id: str) -> tuple[Any, Origins]:
+    async def section_of_appeal(appeal_id: str) -> tuple[AppealView | None, Origins]:
         # The ledger is synchronous: off the event loop.
         view = await run_in_threadpool(views.appeal, appeal_id)
         return view, appeal_origins(catalog, None if view is None else view.section)
