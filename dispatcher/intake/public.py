@@ -96,13 +96,11 @@ def _preflight(request: Request, origins: Origins) -> Response:
 
 def public_router(service: IntakeService) -> APIRouter:
     router = APIRouter()
-    catalog = service.catalog
-    views = service.ledger.views
 
     async def section_of_appeal(appeal_id: str) -> tuple[AppealView | None, Origins]:
         # The ledger is synchronous: off the event loop.
-        view = await run_in_threadpool(views.appeal, appeal_id)
-        return view, appeal_origins(catalog, None if view is None else view.section)
+        view = await run_in_threadpool(service.ledger.views.appeal, appeal_id)
+        return view, appeal_origins(service.catalog, None if view is None else view.section)
 
     @router.get(_APPEAL)
     async def get_appeal(appeal_id: str, request: Request) -> Response:
@@ -118,15 +116,15 @@ def public_router(service: IntakeService) -> APIRouter:
 
     @router.get(_COUNTERS)
     async def counters(campaign_id: str, request: Request) -> Response:
-        origins = counter_origins(catalog, campaign_id)
-        if campaign_id not in catalog.campaigns:
+        origins = counter_origins(service.catalog, campaign_id)
+        if campaign_id not in service.catalog.campaigns:
             return _refusal(request, NotFound(f"no campaign {campaign_id!r}"), origins)
-        counted = await run_in_threadpool(views.counters, campaign_id)
+        counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
         return _answer(request, _json(counted.as_json()), "application/json", COUNTERS_CACHE, origins)
 
     @router.options(_COUNTERS, include_in_schema=False)
     async def counters_preflight(campaign_id: str, request: Request) -> Response:
-        return _preflight(request, counter_origins(catalog, campaign_id))
+        return _preflight(request, counter_origins(service.catalog, campaign_id))
 
     @router.get(
         _BADGE,
@@ -140,11 +138,11 @@ def public_router(service: IntakeService) -> APIRouter:
         lang: str | None = None,
         count: str = badge.Count.APPEALS.value,
     ) -> Response:
-        origins = counter_origins(catalog, campaign_id, section)
-        campaign = catalog.campaigns.get(campaign_id)
+        origins = counter_origins(service.catalog, campaign_id, section)
+        campaign = service.catalog.campaigns.get(campaign_id)
         if campaign is None:
             return _refusal(request, NotFound(f"no campaign {campaign_id!r}"), origins)
-        part = catalog.sections.get(section) if section is not None else None
+        part = service.catalog.sections.get(section) if section is not None else None
         if section is not None and (part is None or campaign_id not in part.campaigns):
             return _refusal(request, NotFound(f"no section {section!r} in campaign {campaign_id!r}"), origins)
         if count not in {c.value for c in badge.Count}:
@@ -152,7 +150,7 @@ def public_router(service: IntakeService) -> APIRouter:
             return _refusal(request, ValidationFailed([problem]), origins)
         offered = [*campaign.letter_languages, *campaign.preferred_languages, *(part.languages if part else [])]
         language = badge.choose_language(lang, offered, campaign.default_language)
-        counted = await run_in_threadpool(views.counters, campaign_id)
+        counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
         if part is None:
             n_appeals, n_letters = counted.appeals, counted.letters_delivered
         else:
@@ -178,6 +176,6 @@ def public_router(service: IntakeService) -> APIRouter:
 
     @router.options(_BADGE, include_in_schema=False)
     async def badge_preflight(campaign_id: str, request: Request, section: str | None = None) -> Response:
-        return _preflight(request, counter_origins(catalog, campaign_id, section))
+        return _preflight(request, counter_origins(service.catalog, campaign_id, section))
 
     return router
