@@ -28,6 +28,9 @@ REQUIREMENTS=(
   # the IMAP bounce poller's tests run a private dovecot (dovecot-core comes with it)
   "dovecot-imapd|bin|dovecot"
   "dovecot-imapd|glob|/usr/lib/dovecot/imap-login"
+  # the embeddable counters' browser test drives Debian's Chromium through Playwright
+  # (Playwright's own browser download needs the internet)
+  "chromium|bin|chromium"
 )
 
 me="ensure-system-deps"

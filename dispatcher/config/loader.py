@@ -61,7 +61,7 @@ _SECTION = _Layout(
     Section,
     "section",
     "code",
-    ("sender", "smtp", "dkim", "fax", "bounces", "intake", "channels", "targets", "campaigns"),
+    ("sender", "smtp", "dkim", "fax", "bounces", "intake", "web", "channels", "targets", "campaigns"),
 )
 
 

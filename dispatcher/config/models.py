@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import date
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -428,6 +429,73 @@ class IntakeConfig(_Frozen):
         return None if value is None else tuple(_valid_rates(list(value)))
 
 
+#: the origin that means "any page" in ``counter_origins``
+ANY_ORIGIN = "*"
+
+
+def normalise_origin(raw: str) -> str:
+    """``raw`` as browsers send it in ``Origin``: ``scheme://host[:port]``, lower case, the
+    host in ASCII (IDNA), no default port, no path. Anything else is refused: an origin that
+    can never match a browser's would fail silently, page by page."""
+    parts = urlsplit(raw.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"origin {raw!r} is not scheme://host[:port] with scheme http or https")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"origin {raw!r} holds a user name; an origin is scheme://host[:port] only")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"origin {raw!r} has a path, query or fragment; an origin is scheme://host[:port] only")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"origin {raw!r} has an invalid port") from exc
+    scheme = parts.scheme.lower()
+    host = ascii_domain(parts.hostname) if ":" not in parts.hostname else f"[{parts.hostname.lower()}]"
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
+
+
+class Web(_Frozen):
+    """Which web pages may read the public read endpoints from a browser (CORS). Nothing is
+    needed to embed the badge with ``<img>``; this is for a page's own ``fetch()``."""
+
+    #: pages that may read this section's appeals (``GET /v1/appeals/{id}``) and the counters of
+    #: its campaigns; never ``*``: an appeal's letters are for the section's own pages
+    origins: list[str] = Field(default_factory=list)
+    #: pages that may read the counters of the section's campaigns; ``["*"]``: any page.
+    #: Default: ``origins``
+    counter_origins: list[str] | None = None
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        if ANY_ORIGIN in value:
+            raise ValueError(
+                "'*' is allowed only in counter_origins: an appeal's letters are for the section's own pages"
+            )
+        return _unique_origins(value)
+
+    @field_validator("counter_origins")
+    @classmethod
+    def _counter_origins(cls, value: list[str] | None) -> list[str] | None:
+        if value is None or value == [ANY_ORIGIN]:
+            return value
+        if ANY_ORIGIN in value:
+            raise ValueError("'*' already allows every page: write counter_origins = [\"*\"] alone")
+        return _unique_origins(value)
+
+    @property
+    def counters(self) -> list[str]:
+        return self.origins if self.counter_origins is None else self.counter_origins
+
+
+def _unique_origins(value: list[str]) -> list[str]:
+    origins = [normalise_origin(raw) for raw in value]
+    twice = sorted({o for o in origins if origins.count(o) > 1})
+    if twice:
+        raise ValueError(f"origin listed twice: {', '.join(twice)}")
+    return origins
+
+
 _SECTION_CODE = re.compile(r"^[a-z]{2,8}$")
 
 
@@ -456,6 +524,8 @@ class Section(_Frozen):
     #: (``[channels.post]``); each channel validates its own table (``Channel.config_model``).
     #: Email and fax keep their historic tables, ``[smtp]`` and ``[fax]``.
     channels: dict[ChannelName, dict[str, Any]] = Field(default_factory=dict)
+    #: the pages that may read the public endpoints from a browser (docs/config.md, "[web]")
+    web: Web = Field(default_factory=Web)
     targets: dict[str, Target] = Field(default_factory=dict)
     campaigns: dict[str, Participation] = Field(default_factory=dict)
 

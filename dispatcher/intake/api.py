@@ -17,6 +17,7 @@ from dispatcher.channels.base import WebhookRequest
 from dispatcher.channels.registry import Channels
 from dispatcher.config.models import Section
 from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
+from dispatcher.intake.public import public_router
 from dispatcher.intake.service import IntakeService
 from dispatcher.intake.signature import HEADER
 from dispatcher.logging import get_logger
@@ -71,19 +72,8 @@ def create_app(
         accepted = await run_in_threadpool(service.submit_signed, raw, request.headers.get(HEADER))
         return JSONResponse(accepted.body(), status_code=202)
 
-    @app.get("/v1/appeals/{appeal_id}")
-    async def get_appeal(appeal_id: str) -> JSONResponse:
-        view = await run_in_threadpool(service.ledger.views.appeal, appeal_id)
-        if view is None:
-            raise NotFound(f"no appeal {appeal_id!r}")
-        return JSONResponse(view.as_json())
-
-    @app.get("/v1/campaigns/{campaign_id}/counters")
-    async def counters(campaign_id: str) -> JSONResponse:
-        if campaign_id not in service.catalog.campaigns:
-            raise NotFound(f"no campaign {campaign_id!r}")
-        counted = await run_in_threadpool(service.ledger.views.counters, campaign_id)
-        return JSONResponse(counted.as_json())
+    # GET /v1/appeals/{id}, the counters and their badge: read by pages in browsers (CORS)
+    app.include_router(public_router(service))
 
     async def section_of(delivery_id: str) -> Section | None:
         # The ledger is synchronous: off the event loop.
