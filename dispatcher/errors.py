@@ -48,11 +48,15 @@ class ConfigError(DispatchError):
 
 @dataclass(frozen=True)
 class FieldProblem:
+    """One field's problem. ``code`` is stable and machine-readable (a form translates it into its
+    own language); ``message`` is English for the developer. docs/intake.md lists the codes."""
+
     loc: tuple[str | int, ...]
     message: str
+    code: str = "invalid"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"field": ".".join(str(p) for p in self.loc), "message": self.message}
+        return {"field": ".".join(str(p) for p in self.loc), "code": self.code, "message": self.message}
 
 
 class IntakeError(DispatchError):

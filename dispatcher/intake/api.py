@@ -10,14 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from dispatcher.channels.base import WebhookRequest
 from dispatcher.channels.registry import Channels
 from dispatcher.config.models import Section
 from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
+from dispatcher.intake import contract
+from dispatcher.intake.contract import refusals
 from dispatcher.intake.public import public_router
+from dispatcher.intake.schema import field_problems
 from dispatcher.intake.service import IntakeService
 from dispatcher.intake.signature import HEADER
 from dispatcher.logging import get_logger
@@ -55,18 +61,56 @@ def create_app(
     """``health`` is an optional callable returning a dict of component states for /healthz;
     ``channels`` and ``reports`` enable the channels' status webhooks (live mode only: sandbox
     mode delivers to local sinks, which call no webhooks)."""
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) with their assets served from the fastapi-offline
+    # package, not a CDN: the pages work on a machine without internet.
+    app = FastAPIOffline(
         title="Appeal dispatch service",
         version="1",
-        description="Signed appeals in; letters to officials out. See the README for the signing scheme.",
+        description="Signed appeals in; letters to officials out. docs/intake.md is the integrators' guide.",
     )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = contract.openapi_document(
+                lambda: FastAPI.openapi(app),
+                max_message_chars=service.settings.max_message_chars,
+                sections=service.catalog.sections,
+                campaigns=service.catalog.campaigns,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(IntakeError)
     async def _intake_error(_request: Request, exc: IntakeError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
-    @app.post("/v1/appeals", status_code=202)
+    # Our error body everywhere, never FastAPI's {"detail": ...}: a parameter FastAPI refuses, an
+    # unknown path, a method a path does not take.
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        refused = contract.InvalidRequest(field_problems(exc.errors()))
+        return JSONResponse(refused.body(), status_code=refused.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = f"{exc.detail}: {request.method} {request.url.path} (the API is described at /docs)"
+        body = {"error": {"code": codes.get(exc.status_code, f"http_{exc.status_code}"), "message": message}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.post(
+        "/v1/appeals",
+        status_code=202,
+        response_model=None,
+        responses={
+            202: {"model": contract.AcceptedOut, "description": "Accepted (or, `replayed`, a retry's original)."},
+            **refusals(401, 409, 410, 413, 422, 429, 503),
+        },
+    )
     async def post_appeal(request: Request) -> JSONResponse:
+        """One supporter's appeal, signed with the section's key. Retrying with the same
+        `client_ref` is safe: the answer is the original appeal, `replayed: true`."""
         raw = await _read_limited(request, service.settings.max_body_bytes)
         # The ledger and the queue client are synchronous: keep them off the event loop.
         accepted = await run_in_threadpool(service.submit_signed, raw, request.headers.get(HEADER))
@@ -91,8 +135,16 @@ def create_app(
         report = await channel.read_webhook(gateway, webhook, section_of)
         return await run_in_threadpool(reports.apply, channel_name, report)
 
-    @app.post("/v1/webhooks/{channel_name}/{gateway}")
+    @app.post(
+        "/v1/webhooks/{channel_name}/{gateway}",
+        response_model=None,
+        responses={
+            200: {"model": contract.WebhookOut, "description": "The report was applied (or was news to nobody)."},
+            **refusals(401, 404, 409, 413, 422),
+        },
+    )
     async def webhook(channel_name: str, gateway: str, request: Request) -> JSONResponse:
+        """A fax gateway's status report (live mode only), authenticated the gateway's own way."""
         try:
             result = await webhook_result(channel_name, gateway, request)
         except IntakeError as exc:
@@ -111,7 +163,14 @@ def create_app(
             raise
         return JSONResponse({"result": result})
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        response_model=None,
+        responses={
+            200: {"model": contract.HealthOut, "description": "Up."},
+            503: {"model": contract.HealthOut, "description": "The ledger cannot be reached."},
+        },
+    )
     async def healthz() -> JSONResponse:
         components: dict[str, Any] = await run_in_threadpool(health) if health else {}
         # Only the ledger is vital: without the queue appeals are still accepted (the outbox).

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from dispatcher.config.catalog import Catalog
 from dispatcher.errors import FieldProblem, IntakeError, NotFound, ValidationFailed
-from dispatcher.intake import badge
+from dispatcher.intake import badge, contract
+from dispatcher.intake.contract import refusals
 from dispatcher.intake.cors import Origins, add_headers, preflight_headers
 from dispatcher.intake.service import IntakeService
 from dispatcher.ledger.views import AppealView
@@ -102,7 +103,15 @@ def public_router(service: IntakeService) -> APIRouter:
         view = await run_in_threadpool(service.ledger.views.appeal, appeal_id)
         return view, appeal_origins(service.catalog, None if view is None else view.section)
 
-    @router.get(_APPEAL)
+    @router.get(
+        _APPEAL,
+        response_class=Response,
+        responses={
+            200: {"model": contract.AppealOut, "description": "The appeal's letters; no personal data."},
+            304: {"description": "Not modified (If-None-Match matched the ETag)."},
+            **refusals(404),
+        },
+    )
     async def get_appeal(appeal_id: str, request: Request) -> Response:
         view, origins = await section_of_appeal(appeal_id)
         if view is None:
@@ -114,7 +123,15 @@ def public_router(service: IntakeService) -> APIRouter:
         _view, origins = await section_of_appeal(appeal_id)
         return _preflight(request, origins)
 
-    @router.get(_COUNTERS)
+    @router.get(
+        _COUNTERS,
+        response_class=Response,
+        responses={
+            200: {"model": contract.CountersOut, "description": "The campaign's counts, by section."},
+            304: {"description": "Not modified (If-None-Match matched the ETag)."},
+            **refusals(404),
+        },
+    )
     async def counters(campaign_id: str, request: Request) -> Response:
         origins = counter_origins(service.catalog, campaign_id)
         if campaign_id not in service.catalog.campaigns:
@@ -129,7 +146,11 @@ def public_router(service: IntakeService) -> APIRouter:
     @router.get(
         _BADGE,
         response_class=Response,
-        responses={200: {"content": {"image/svg+xml": {}}, "description": "the badge"}},
+        responses={
+            200: {"content": {"image/svg+xml": {}}, "description": "The badge, in the campaign's languages."},
+            304: {"description": "Not modified (If-None-Match matched the ETag)."},
+            **refusals(404, 422),
+        },
     )
     async def counters_badge(
         campaign_id: str,

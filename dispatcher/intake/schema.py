@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, IPvAnyAddress, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from dispatcher.channels.email.headers import unsafe_header_reason
 from dispatcher.errors import FieldProblem, ValidationFailed
 
-LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
+LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", examples=["en"])]
 
 
 def _no_control(value: str, *, allow_newlines: bool) -> str:
@@ -19,19 +21,32 @@ def _no_control(value: str, *, allow_newlines: bool) -> str:
         if allow_newlines and ch in "\r\n\t":
             continue
         if unicodedata.category(ch) in ("Cc", "Cs") or ch in "\u2028\u2029":
-            raise ValueError(f"contains the control character U+{ord(ch):04X}")
+            # Its own error type, so that the field problem gets its own machine code.
+            raise PydanticCustomError(
+                "control_character", "contains the control character {char}", {"char": f"U+{ord(ch):04X}"}
+            )
     return value
 
 
 class SupporterIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    email: EmailStr
-    city: str | None = Field(None, max_length=100)
-    country: str | None = Field(None, pattern=r"^[A-Za-z]{2}$")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        description="No line breaks, control characters or '=?': it goes into mail headers.",
+        examples=["Jane Doe"],
+    )
+    email: EmailStr = Field(examples=["jane@example.org"])
+    city: str | None = Field(None, max_length=100, examples=["Boston"])
+    country: str | None = Field(None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166 alpha-2.", examples=["US"])
     #: other languages the supporter can write in (the appeal's ``language`` is the first)
-    languages: list[LanguageCode] = Field(default_factory=list, max_length=8)
+    languages: list[LanguageCode] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Other languages the supporter can write in (ISO 639, lower case).",
+        examples=[["ru"]],
+    )
 
     @field_validator("name", "email", mode="before")
     @classmethod
@@ -40,7 +55,9 @@ class SupporterIn(BaseModel):
         if isinstance(value, str):
             reason = unsafe_header_reason(value)
             if reason is not None:
-                raise ValueError(f"{reason}; it would end up in a mail header")
+                raise PydanticCustomError(
+                    "header_unsafe", "{reason}; it would end up in a mail header", {"reason": reason}
+                )
         return value
 
     @field_validator("city")
@@ -54,18 +71,45 @@ class SupporterIn(BaseModel):
         return None if value is None else value.upper()
 
 
-class AppealIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+EXAMPLE_APPEAL: dict[str, Any] = {
+    "campaign": "UA-002-19-DEMO",
+    "section": "us",
+    "language": "en",
+    "supporter": {"name": "Jane Doe", "email": "jane@example.org", "city": "Boston", "country": "US"},
+    "message": "Please release him now.",
+    "client_ref": "form-2024-000123",
+}
 
-    campaign: str = Field(min_length=1, max_length=64)
-    section: str = Field(min_length=1, max_length=8)
-    language: LanguageCode
+
+class AppealIn(BaseModel):
+    """The appeal a web form posts, signed with its section's key (``Dispatch-Signature``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [EXAMPLE_APPEAL]})
+
+    campaign: str = Field(
+        min_length=1, max_length=64, description="A campaign the section takes part in.", examples=["UA-002-19-DEMO"]
+    )
+    section: str = Field(
+        min_length=1, max_length=8, description="The section's code; its key signs the request.", examples=["us"]
+    )
+    language: LanguageCode = Field(description="The form's language: one of the section's languages.")
     supporter: SupporterIn
-    message: str | None = None
-    client_ref: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    message: str | None = Field(None, description="Optional personal message, kept as text (HTML is not markup).")
+    client_ref: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The form's own submission id: printable ASCII without spaces. Makes retries safe.",
+        examples=["form-2024-000123"],
+    )
     #: the supporter's IP address as the form saw it, for the per-client-IP quota; used for that
     #: count only (as a keyed hash), never stored or logged
-    client_ip: IPvAnyAddress | None = None
+    client_ip: IPvAnyAddress | None = Field(
+        None,
+        description="The supporter's IP address as the form saw it: counted (as a keyed hash) for the "
+        "per-client-IP quota, never stored.",
+    )
 
     @field_validator("message")
     @classmethod
@@ -85,6 +129,27 @@ _MESSAGES = {
     "list_type": "must be a list",
 }
 
+#: where pydantic's EmailStr reports a bad address (as a plain value_error)
+_EMAIL_FIELDS = {("supporter", "email")}
+
+#: pydantic's error types -> our field codes (docs/intake.md lists them; forms translate them)
+_CODES = {
+    "missing": "required",
+    "extra_forbidden": "unknown_field",
+    "string_type": "wrong_type",
+    "dict_type": "wrong_type",
+    "model_type": "wrong_type",
+    "model_attributes_type": "wrong_type",
+    "list_type": "wrong_type",
+    "string_too_short": "too_short",
+    "string_too_long": "too_long",
+    "too_short": "too_short",
+    "too_long": "too_long",
+    "string_pattern_mismatch": "invalid_format",
+    "header_unsafe": "header_unsafe",
+    "control_character": "control_character",
+}
+
 
 def _pattern_message(loc: tuple[Any, ...]) -> str | None:
     leaf = loc[-1] if loc else None
@@ -99,8 +164,13 @@ def _pattern_message(loc: tuple[Any, ...]) -> str | None:
 
 
 def problems_from(exc: ValidationError) -> list[FieldProblem]:
+    return field_problems(exc.errors(include_url=False))
+
+
+def field_problems(errors: Sequence[Any]) -> list[FieldProblem]:
+    """pydantic's error dicts (a model's, or FastAPI's for a request's parameters) as ours."""
     problems = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         loc = tuple(err["loc"])
         kind = err["type"]
         if kind in _MESSAGES:
@@ -111,7 +181,10 @@ def problems_from(exc: ValidationError) -> list[FieldProblem]:
             msg = _pattern_message(loc) or str(err["msg"])
         else:
             msg = str(err["msg"])
-        problems.append(FieldProblem(loc, msg))
+        code = _CODES.get(kind, "invalid")
+        if kind == "value_error" and loc in _EMAIL_FIELDS:
+            code = "invalid_email"
+        problems.append(FieldProblem(loc, msg, code))
     return problems
 
 
@@ -120,15 +193,19 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValidationFailed([FieldProblem(("body",), "is not valid UTF-8")]) from None
+        raise ValidationFailed([FieldProblem(("body",), "is not valid UTF-8", "invalid_encoding")]) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValidationFailed(
-            [FieldProblem(("body",), f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]
+            [
+                FieldProblem(
+                    ("body",), f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "invalid_json"
+                )
+            ]
         ) from None
     if not isinstance(data, dict):
-        raise ValidationFailed([FieldProblem(("body",), "must be a JSON object")])
+        raise ValidationFailed([FieldProblem(("body",), "must be a JSON object", "wrong_type")])
     return data
 
 

@@ -147,13 +147,15 @@ class IntakeService:
         code = data.get("section")
         if not isinstance(code, str) or code not in self.catalog.sections:
             known = ", ".join(sorted(self.catalog.sections))
-            raise ValidationFailed([FieldProblem(("section",), f"unknown section {code!r} (known: {known})")])
+            raise ValidationFailed(
+                [FieldProblem(("section",), f"unknown section {code!r} (known: {known})", "unknown")]
+            )
         matched = sig.verify(self.intake_key(code), raw, header, self.clock().timestamp())
         return self.submit(data, signature=matched)
 
     def submit(self, payload: Mapping[str, Any] | AppealIn, *, signature: str | None = None) -> Accepted:
         """The in-process path (and the end of the HTTP path): validate, record, enqueue."""
-        appeal = payload if isinstance(payload, AppealIn) else validate_appeal(dict(payload))
+        appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
         now = self.clock()
         routes = self._check_against_catalog(appeal, now)
         # Before anything is written; the slot goes back if nothing is (a 409, a replay).
@@ -185,35 +187,64 @@ class IntakeService:
             raise SectionNotConfigured(f"section {section!r} has no intake key configured on this server")
         return value.encode()
 
-    def _check_against_catalog(self, appeal: AppealIn, now: datetime) -> list[PlannedRoute]:
+    def _catalog_problems(self, fields: Mapping[str, Any]) -> list[FieldProblem]:
+        """What the catalog and the settings say of an appeal's campaign, section, language and
+        message. ``fields`` may be a body that failed validation: a value of the wrong type is
+        left to the validator's own problem."""
         problems: list[FieldProblem] = []
-        campaign = self.catalog.campaigns.get(appeal.campaign)
-        section = self.catalog.sections.get(appeal.section)
-        if campaign is None:
+        campaign_id, code, language, message = (fields.get(k) for k in ("campaign", "section", "language", "message"))
+        campaign = self.catalog.campaigns.get(campaign_id) if isinstance(campaign_id, str) else None
+        section = self.catalog.sections.get(code) if isinstance(code, str) else None
+        if campaign is None and isinstance(campaign_id, str):
             known = ", ".join(sorted(c for c in self.catalog.campaigns))
-            problems.append(FieldProblem(("campaign",), f"unknown campaign {appeal.campaign!r} (open: {known})"))
-        if section is None:
+            problems.append(FieldProblem(("campaign",), f"unknown campaign {campaign_id!r} (open: {known})", "unknown"))
+        if section is None and isinstance(code, str):
             known = ", ".join(sorted(self.catalog.sections))
-            problems.append(FieldProblem(("section",), f"unknown section {appeal.section!r} (known: {known})"))
+            problems.append(FieldProblem(("section",), f"unknown section {code!r} (known: {known})", "unknown"))
         if campaign is not None and section is not None and campaign.id not in section.campaigns:
             problems.append(
-                FieldProblem(("campaign",), f"section {section.code!r} does not take part in campaign {campaign.id!r}")
+                FieldProblem(
+                    ("campaign",),
+                    f"section {section.code!r} does not take part in campaign {campaign.id!r}",
+                    "not_offered",
+                )
             )
-        if section is not None and appeal.language not in section.languages:
+        if section is not None and isinstance(language, str) and language not in section.languages:
             problems.append(
                 FieldProblem(
                     ("language",),
-                    f"{appeal.language!r} is not a language of section {section.code!r}'s form "
+                    f"{language!r} is not a language of section {section.code!r}'s form "
                     f"(accepted: {', '.join(section.languages)})",
+                    "not_offered",
                 )
             )
-        if appeal.message is not None and len(appeal.message) > self.settings.max_message_chars:
+        # The validator strips the message; a body that failed validation is measured the same way.
+        length = len(message.strip()) if isinstance(message, str) else 0
+        if length > self.settings.max_message_chars:
             problems.append(
                 FieldProblem(
                     ("message",),
-                    f"is {len(appeal.message)} characters long; at most {self.settings.max_message_chars} are accepted",
+                    f"is {length} characters long; at most {self.settings.max_message_chars} are accepted",
+                    "too_long",
                 )
             )
+        return problems
+
+    def _validate(self, payload: Mapping[str, Any]) -> AppealIn:
+        """The model's checks and the catalog's, reported together: a form learns every problem
+        of a request in one answer, not one round at a time."""
+        data = dict(payload)
+        try:
+            return validate_appeal(data)
+        except ValidationFailed as exc:
+            flagged = {p.loc for p in exc.problems}
+            extra = [p for p in self._catalog_problems(data) if p.loc not in flagged]
+            raise ValidationFailed([*exc.problems, *extra]) from None
+
+    def _check_against_catalog(self, appeal: AppealIn, now: datetime) -> list[PlannedRoute]:
+        problems = self._catalog_problems(appeal.model_dump(include={"campaign", "section", "language", "message"}))
+        campaign = self.catalog.campaigns.get(appeal.campaign)
+        section = self.catalog.sections.get(appeal.section)
         if problems:
             raise ValidationFailed(problems)
         assert campaign is not None and section is not None
