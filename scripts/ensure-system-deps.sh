@@ -28,6 +28,10 @@ REQUIREMENTS=(
   # the IMAP bounce poller's tests run a private dovecot (dovecot-core comes with it)
   "dovecot-imapd|bin|dovecot"
   "dovecot-imapd|glob|/usr/lib/dovecot/imap-login"
+  # docs/intake.md's sign-and-post examples are run by the real interpreters (tests/test_intake_docs.py)
+  "php-cli|bin|php"
+  "php-curl|glob|/etc/php/*/mods-available/curl.ini"
+  "nodejs|bin|node"
 )
 
 me="ensure-system-deps"

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, IPvAnyAddress, Vali
 from dispatcher.channels.email.headers import unsafe_header_reason
 from dispatcher.errors import FieldProblem, ValidationFailed
 
+CLIENT_REF_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"
 LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]
 
 
@@ -62,7 +63,9 @@ class AppealIn(BaseModel):
     language: LanguageCode
     supporter: SupporterIn
     message: str | None = None
-    client_ref: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    #: printable ASCII; spaces only between other characters ("order 42"), so that two refs
+    #: never differ by blanks a form's template added at either end
+    client_ref: str | None = Field(None, min_length=1, max_length=128, pattern=CLIENT_REF_PATTERN)
     #: the supporter's IP address as the form saw it, for the per-client-IP quota; used for that
     #: count only (as a keyed hash), never stored or logged
     client_ip: IPvAnyAddress | None = None
@@ -94,7 +97,7 @@ def _pattern_message(loc: tuple[Any, ...]) -> str | None:
     if leaf == "country":
         return "must be a two-letter ISO 3166 country code such as 'US'"
     if leaf == "client_ref":
-        return "must be printable ASCII without spaces"
+        return "must be printable ASCII, with spaces only between other characters"
     return None
 
 
