@@ -31,6 +31,10 @@ REQUIREMENTS=(
   # the embeddable counters' browser test drives Debian's Chromium through Playwright
   # (Playwright's own browser download needs the internet)
   "chromium|bin|chromium"
+  # docs/intake.md's sign-and-post examples are run by the real interpreters (tests/test_intake_docs.py)
+  "php-cli|bin|php"
+  "php-curl|glob|/etc/php/*/mods-available/curl.ini"
+  "nodejs|bin|node"
 )
 
 me="ensure-system-deps"

@@ -147,7 +147,8 @@ def test_key_of_another_section_is_refused(client, environ, catalog):
     assert r.status_code == 401
 
 
-def test_replayed_signature_is_401(client, environ, catalog):
+def test_the_same_signed_request_again_gets_the_original_appeal(client, environ, catalog, service):
+    # A double click: the form signs the same body in the same second, so the header is the same.
     data = json.dumps(appeal_body()).encode()
     from dispatcher.intake.signature import sign
 
@@ -155,8 +156,12 @@ def test_replayed_signature_is_401(client, environ, catalog):
     first = client.post("/v1/appeals", content=data, headers={"Dispatch-Signature": header})
     again = client.post("/v1/appeals", content=data, headers={"Dispatch-Signature": header})
     assert first.status_code == 202
-    assert again.status_code == 401
-    assert again.json()["error"]["code"] == "replayed_signature"
+    assert again.status_code == 202
+    assert first.json()["replayed"] is False
+    assert again.json()["replayed"] is True
+    assert again.json()["appeal_id"] == first.json()["appeal_id"]
+    assert {d["id"] for d in again.json()["deliveries"]} == {d["id"] for d in first.json()["deliveries"]}
+    assert appeals_in_ledger(service) == 1
 
 
 @pytest.mark.parametrize("skew", [-301, 301, 3600])

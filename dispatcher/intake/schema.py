@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 from dispatcher.channels.email.headers import unsafe_header_reason
 from dispatcher.errors import FieldProblem, ValidationFailed
 
+CLIENT_REF_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"
 LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", examples=["en"])]
 
 
@@ -95,13 +96,16 @@ class AppealIn(BaseModel):
     language: LanguageCode = Field(description="The form's language: one of the section's languages.")
     supporter: SupporterIn
     message: str | None = Field(None, description="Optional personal message, kept as text (HTML is not markup).")
+    #: printable ASCII; spaces only between other characters ("order 42"), so that two refs
+    #: never differ by blanks a form's template added at either end
     client_ref: str | None = Field(
         None,
         min_length=1,
         max_length=128,
-        pattern=r"^[\x21-\x7e]+$",
-        description="The form's own submission id: printable ASCII without spaces. Makes retries safe.",
-        examples=["form-2024-000123"],
+        pattern=CLIENT_REF_PATTERN,
+        description="The form's own submission id: printable ASCII; spaces only between other characters. "
+        "Makes retries safe.",
+        examples=["form-2024-000123", "the form's own submission id"],
     )
     #: the supporter's IP address as the form saw it, for the per-client-IP quota; used for that
     #: count only (as a keyed hash), never stored or logged
@@ -159,7 +163,7 @@ def _pattern_message(loc: tuple[Any, ...]) -> str | None:
     if leaf == "country":
         return "must be a two-letter ISO 3166 country code such as 'US'"
     if leaf == "client_ref":
-        return "must be printable ASCII without spaces"
+        return "must be printable ASCII, with spaces only between other characters"
     return None
 
 

@@ -154,7 +154,15 @@ class IntakeService:
         return self.submit(data, signature=matched)
 
     def submit(self, payload: Mapping[str, Any] | AppealIn, *, signature: str | None = None) -> Accepted:
-        """The in-process path (and the end of the HTTP path): validate, record, enqueue."""
+        """The in-process path (and the end of the HTTP path): validate, record, enqueue.
+
+        ``signature`` is the verified HMAC of a signed request. It covers the timestamp and the
+        body, so a signature seen before means the very same request again (a double click, a
+        proxy's retry): it gets the answer the first one got, whatever changed since."""
+        if signature is not None:
+            original = self._answered(signature)
+            if original is not None:
+                return original
         appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
         now = self.clock()
         routes = self._check_against_catalog(appeal, now)
@@ -275,14 +283,22 @@ class IntakeService:
         extra_langs = [lang for lang in appeal.supporter.languages if lang != appeal.language]
         try:
             with self.ledger.session() as session:
+                used: UsedSignature | None = None
                 if signature is not None:
-                    if session.get(UsedSignature, signature) is not None:
-                        raise SignatureReplayed("this signature was already used; sign every request afresh")
-                    session.add(UsedSignature(signature=signature, section=section.code, seen_at=now))
+                    used = UsedSignature(signature=signature, section=section.code, seen_at=now)
+                    session.add(used)
+                    # Written first: the same request sent twice at once waits here for this
+                    # transaction and then fails on the key (and is answered with our appeal)
+                    # instead of racing us to plan letters.
+                    session.flush()
                 existing = self._existing(session, appeal, ref)
                 if existing is not None:
+                    if used is not None:
+                        used.appeal_id = existing.appeal_id
                     return existing
                 appeal_id = new_id("ap")
+                if used is not None:
+                    used.appeal_id = appeal_id
                 session.add(
                     Appeal(
                         id=appeal_id,
@@ -338,9 +354,11 @@ class IntakeService:
                     )
         except IntegrityError:
             # A concurrent request won the race for the same signature, client_ref or supporter.
+            if signature is not None:
+                original = self._answered(signature)
+                if original is not None:
+                    return original
             with self.ledger.session() as session:
-                if signature is not None and session.get(UsedSignature, signature) is not None:
-                    raise SignatureReplayed("this signature was already used; sign every request afresh") from None
                 existing = self._existing(session, appeal, ref)
             if existing is not None:
                 return existing
@@ -365,6 +383,22 @@ class IntakeService:
                 language=d.language,
             )
         return Accepted(appeal_id, campaign.id, section.code, planned)
+
+    def _answered(self, signature: str) -> Accepted | None:
+        """The appeal a signed request was already answered with, or None if the signature is new."""
+        with self.ledger.session() as session:
+            used = session.get(UsedSignature, signature)
+            if used is None:
+                return None
+            prior = None if used.appeal_id is None else session.get(Appeal, used.appeal_id)
+            if prior is None:
+                # Accepted before its appeal was recorded with it (a row older than migration
+                # 0010), or its appeal is gone: the original answer cannot be given, and a
+                # captured signature must never create a second appeal.
+                raise SignatureReplayed("this signature was already used; sign every request afresh")
+            accepted = self._as_accepted(session, prior, replayed=True)
+        log.info("appeal.replayed", appeal=accepted.appeal_id, section=accepted.section, by="signature")
+        return accepted
 
     def _existing(self, session: Any, appeal: AppealIn, ref: str) -> Accepted | None:
         """An idempotent retry (same client_ref) returns the original; another appeal by the same

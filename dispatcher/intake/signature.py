@@ -65,8 +65,8 @@ def verify(key: bytes, body: bytes, header: str | None, now: float, tolerance: i
     matched = next((s for s in parsed.signatures if hmac.compare_digest(s, expected)), None)
     if matched is None:
         raise AuthenticationFailed(
-            "signature does not match: sign '<t>.<raw body>' with the section's intake key "
-            "(HMAC-SHA256, hex); `dispatcher sign --section CODE FILE` shows the expected value"
+            "signature does not match: sign '<t>.<raw body>' with the section's intake key as text "
+            "(HMAC-SHA256, hex digest); `dispatcher sign --section CODE FILE` shows the expected value"
         )
     # Checked after the HMAC so that a stale-but-forged request learns nothing about our clock.
     skew = now - parsed.timestamp

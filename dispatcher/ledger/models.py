@@ -155,13 +155,18 @@ class Attempt(Base):
 
 
 class UsedSignature(Base):
-    """Intake signatures already accepted: a second use inside the skew window is a replay."""
+    """Intake signatures already accepted. The HMAC covers timestamp and body, so the same
+    signature again is the same request sent twice (a double click): it is answered with the
+    appeal it was accepted for, and never creates another."""
 
     __tablename__ = "used_signatures"
 
     signature: Mapped[str] = mapped_column(String(64), primary_key=True)
     section: Mapped[str] = mapped_column(String(8))
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    #: the appeal the signed request was answered with (NULL for rows older than 0010: such a
+    #: replay is refused, as it was then). No foreign key: the row is forgotten within the hour.
+    appeal_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class FlaggedNumber(Base):
