@@ -142,7 +142,8 @@ def test_the_client_ip_quota_counts_an_address_and_an_ipv6_host_s_network(
         assert signed_post(client, environ, catalog, appeal_body()).status_code == 202  # no client_ip: no IP quota
         bad = signed_post(client, environ, catalog, appeal_body(client_ip="not an address"))
         assert bad.status_code == 422
-        assert bad.json()["error"]["fields"][0]["field"] == "client_ip"
+        [problem] = bad.json()["error"]["fields"]
+        assert (problem["field"], problem["code"]) == ("client_ip", "invalid_format")
 
 
 @sqlite

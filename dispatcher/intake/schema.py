@@ -152,6 +152,7 @@ _CODES = {
     "string_pattern_mismatch": "invalid_format",
     "header_unsafe": "header_unsafe",
     "control_character": "control_character",
+    "ip_any_address": "invalid_format",
 }
 
 
