@@ -238,6 +238,7 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525, bounces_port: int = 
 Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   API          {base}   (docs {base}/docs, health {base}/healthz)
   counters     {base}/v1/campaigns/{body["campaign"]}/counters
+  badge        {base}/v1/campaigns/{body["campaign"]}/counters.svg?section={code}&lang={body["language"]}
   queue        {settings.redis_url.split("@")[-1]}  ({redis_note}), keys under {settings.redis_namespace}:
   ledger       {settings.database_url}
   sandbox SMTP 127.0.0.1:{smtp.port} → {settings.sandbox_mail_dir}/*.eml
