@@ -358,7 +358,7 @@ class IntakeService:
                 original = self._answered(signature)
                 if original is not None:
                     return original
-            with self.ledger.session() as session:
+            with self.ledger.session(read_only=True) as session:
                 existing = self._existing(session, appeal, ref)
             if existing is not None:
                 return existing
@@ -386,7 +386,7 @@ class IntakeService:
 
     def _answered(self, signature: str) -> Accepted | None:
         """The appeal a signed request was already answered with, or None if the signature is new."""
-        with self.ledger.session() as session:
+        with self.ledger.session(read_only=True) as session:
             used = session.get(UsedSignature, signature)
             if used is None:
                 return None

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.tables import BF, SU
 
 
@@ -51,6 +52,8 @@ def _key(address: str) -> str:
 class Suppressions:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
         # asked once per letter by the worker: built once
         self._find = select(SU).where(SU.c.channel == bindparam("p_channel"), SU.c.address == bindparam("p_address"))
 
@@ -90,19 +93,19 @@ class Suppressions:
         if conn is not None:
             row = conn.execute(self._find, params).first()
         else:
-            with self.engine.connect() as c:
+            with self.reads.connect() as c:
                 row = c.execute(self._find, params).first()
         return None if row is None else _suppressed(row)
 
     def version(self) -> tuple[int, int | None]:
         """Changes whenever an address is added or removed: a cache's cheap freshness check."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(select(func.count(), func.max(SU.c.id))).one()
         return int(row[0]), row[1]
 
     def keys(self) -> frozenset[tuple[str, str]]:
         """Every suppressed (channel, address), addresses lower-cased."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return frozenset((r.channel, r.address) for r in conn.execute(select(SU.c.channel, SU.c.address)))
 
     def remove(self, address: str, channel: str | None = None) -> int:
@@ -117,13 +120,15 @@ class Suppressions:
         query = select(SU).order_by(SU.c.created_at, SU.c.id)
         if channel is not None:
             query = query.where(SU.c.channel == channel)
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return [_suppressed(row) for row in conn.execute(query)]
 
 
 class BounceFacts:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
 
     def record(
         self,
@@ -180,7 +185,7 @@ class BounceFacts:
 
     def count(self, channel: str, address: str, kind: str, since: datetime) -> int:
         """How many bounces of ``kind`` came for ``address`` since ``since``."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return int(
                 conn.execute(
                     select(func.count()).where(
@@ -193,7 +198,7 @@ class BounceFacts:
             )
 
     def of(self, delivery: str) -> list[BounceView]:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(select(BF).where(BF.c.delivery_id == delivery).order_by(BF.c.received_at, BF.c.id))
             return [
                 BounceView(r.delivery_id, r.kind, r.status, r.diagnostic, r.reporting_mta, r.arrived_at, r.received_at)

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, delete, insert, select, update
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.states import State
 from dispatcher.ledger.tables import CC, FN, PC, D
@@ -37,6 +38,8 @@ class Closure:
 class Controls:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
 
     # ------------------------------------------------------------------ closed campaigns
 
@@ -51,7 +54,7 @@ class Controls:
             return Lifecycle.cancel_campaign(conn, campaign, reason, now)
 
     def closure(self, campaign: str) -> Closure | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(select(CC).where(CC.c.campaign == campaign)).one_or_none()
         return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
 
@@ -66,7 +69,7 @@ class Controls:
             return True
 
     def paused_channels(self) -> dict[str, Pause]:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(select(PC).order_by(PC.c.paused_at)).all()
         return {r.key: Pause(r.key, r.reason, r.paused_at) for r in rows}
 
@@ -98,11 +101,11 @@ class Controls:
                 conn.execute(insert(FN).values(number=number, reason=reason, delivery_id=delivery_id, flagged_at=now))
 
     def flagged(self, number: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             return conn.execute(select(FN.c.reason).where(FN.c.number == number)).scalar_one_or_none()
 
     def flagged_numbers(self) -> list[FlaggedNumber]:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(select(FN).order_by(FN.c.flagged_at)).all()
         return [FlaggedNumber(r.number, r.reason, r.delivery_id, r.flagged_at) for r in rows]
 

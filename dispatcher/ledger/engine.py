@@ -14,6 +14,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+_READ_ONLY = "dispatch_read_only"
+
+
+def reading(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read: they never take SQLite's write lock. Writing
+    through it is a bug (on SQLite it may fail with "database is locked")."""
+    return engine.execution_options(**{_READ_ONLY: True})
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # Several worker threads and an API share one file: WAL lets readers run beside the
@@ -36,8 +45,13 @@ def make_engine(url: str) -> Engine:
             # A deferred transaction that reads and then writes (intake: check for duplicates, then
             # insert) fails at once with "database is locked" when another process wrote in
             # between; the busy timeout never applies to that upgrade. Taking the write lock up
-            # front makes writers from several processes queue instead.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # front makes writers from several processes queue instead. A transaction that only
+            # reads (``reading(engine)``) takes no lock at all: in WAL mode it reads a snapshot
+            # beside the writer, instead of queueing behind every other process's writes.
+            if conn.get_execution_options().get(_READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql"):

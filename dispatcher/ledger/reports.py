@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, delete, insert, select
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.states import State
 from dispatcher.ledger.tables import ER, D
 
@@ -31,6 +32,8 @@ class Parked:
 class EarlyReports:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
 
     def park(self, delivery_id: str, channel: str, remote_id: str, report: str, now: datetime) -> None:
         with self.engine.begin() as conn:
@@ -41,14 +44,14 @@ class EarlyReports:
             )
 
     def of(self, delivery_id: str) -> list[Parked]:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(select(ER).where(ER.c.delivery_id == delivery_id).order_by(ER.c.id)).all()
         return [Parked(r.id, r.delivery_id, r.channel, r.remote_id, r.report, r.received_at) for r in rows]
 
     def ready(self, limit: int = 100) -> list[Parked]:
         """Parked reports whose letter is no longer being sent: their send has been recorded (or
         the letter moved on another way) and they can be applied, or dropped as stale."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(ER)
                 .join(D, D.c.id == ER.c.delivery_id, isouter=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select, tuple_
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.states import IN_HAND, State
 from dispatcher.ledger.tables import AP, D
 from dispatcher.ledger.views import SupporterData
@@ -60,11 +61,13 @@ class AwaitingReport:
 class Schedule:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
 
     def due_recipients(self, now: datetime, *, fresh_grace: timedelta) -> list[DueRecipient]:
         """Every recipient with planned letters due now, with how many, and one of its letters'
         route (the catalog gives its caps and office hours)."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(
                     D.c.channel,
@@ -81,7 +84,7 @@ class Schedule:
 
     def due_for(self, channel: str, recipient: str, now: datetime, *, fresh_grace: timedelta, limit: int) -> list[str]:
         """One recipient's planned letters due now, oldest due first."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(D.c.id)
                 .where(D.c.channel == channel, D.c.recipient == recipient, _planned_due(now, fresh_grace))
@@ -94,7 +97,7 @@ class Schedule:
         """Queued letters nobody claimed for ``requeue_after``: their message was lost (Redis
         restarted without its data, a message expired). A second message is harmless: the claim
         lets only one through."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(D.c.id)
                 .where(D.c.state == State.QUEUED, D.c.updated_at <= now - requeue_after)
@@ -106,7 +109,7 @@ class Schedule:
     def recipient_backlog(self, channel: str, recipient: str, now: datetime, window: timedelta) -> RecipientBacklog:
         """What the pacer needs to plan one recipient: its waiting letters (every campaign and
         section), the letters on their way (queued or being sent) and its recent sends."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(
                     D.c.id,
@@ -144,7 +147,7 @@ class Schedule:
         deferred by a cap, waiting for a retry or for the pacer), not counting ``exclude``."""
         if not pairs:
             return set()
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(D.c.channel, D.c.recipient)
                 .where(
@@ -158,7 +161,7 @@ class Schedule:
 
     def digest_signers(self, digest_id: str) -> list[SupporterData]:
         """The supporters whose letters a digest carries, in the order they signed."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(
                     AP.c.supporter_name,
@@ -189,7 +192,7 @@ class Schedule:
         accepted them and its final report has not come (lost, or late)."""
         if not channels:
             return []
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(D.c.id, D.c.channel, D.c.section, D.c.remote_id, D.c.sent_at)
                 .where(D.c.state == State.SENT, D.c.channel.in_(list(channels)), D.c.sent_at <= sent_before)

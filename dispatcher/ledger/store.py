@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.controls import Controls
-from dispatcher.ledger.engine import make_engine
+from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.reports import EarlyReports
@@ -43,6 +43,7 @@ class Ledger:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(reading(self.engine), expire_on_commit=False)
         self.lifecycle = Lifecycle(self.engine)
         self.controls = Controls(self.engine)
         self.schedule = Schedule(self.engine)
@@ -53,8 +54,9 @@ class Ledger:
         self.bounces = BounceFacts(self.engine)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """One transaction; ``read_only``: it only reads, and takes no write lock (engine.py)."""
+        with (self._read_sessions if read_only else self._sessions).begin() as session:
             yield session
 
     def migrate(self) -> None:

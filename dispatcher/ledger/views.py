@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.states import LETTER_OUT, WAITING, State
 from dispatcher.ledger.tables import AP, DL, A, D
 
@@ -229,19 +230,21 @@ class Page:
 class Views:
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: for reads: on SQLite a deferred transaction, which takes no write lock (engine.py)
+        self.reads = reading(engine)
 
     def state_of(self, delivery_id: str) -> State | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             state = conn.execute(select(D.c.state).where(D.c.id == delivery_id)).scalar_one_or_none()
         return None if state is None else State(state)
 
     def delivery(self, delivery_id: str) -> DeliveryView | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(select(D).where(D.c.id == delivery_id)).one_or_none()
         return None if row is None else DeliveryView.of(row)
 
     def supporter(self, appeal_id: str) -> SupporterData | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             row = conn.execute(
                 select(
                     AP.c.supporter_name,
@@ -266,7 +269,7 @@ class Views:
         )
 
     def appeal(self, appeal_id: str) -> AppealView | None:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             appeal = conn.execute(
                 select(AP.c.id, AP.c.campaign, AP.c.section, AP.c.language, AP.c.created_at, AP.c.client_ref).where(
                     AP.c.id == appeal_id
@@ -308,7 +311,7 @@ class Views:
                 conds.append(column == value)
         if where.states is not None:
             conds.append(D.c.state.in_([s.value for s in where.states]))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             total = conn.execute(select(func.count()).select_from(D).where(*conds)).scalar_one()
             query = select(D).where(*conds)
             if after is not None:
@@ -318,7 +321,7 @@ class Views:
         return Page(items, items[-1].id if len(rows) > limit else None, total)
 
     def counters(self, campaign: str) -> Counters:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             appeals = conn.execute(
                 select(AP.c.section, func.count()).where(AP.c.campaign == campaign).group_by(AP.c.section)
             ).all()
@@ -335,7 +338,7 @@ class Views:
         return Counters(campaign, {code: SectionCount(a, d) for code, (a, d) in counts.items()})
 
     def attempts(self, delivery_id: str) -> list[AttemptView]:
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(select(A).where(A.c.delivery_id == delivery_id).order_by(A.c.id)).all()
         return [
             AttemptView(
@@ -354,7 +357,7 @@ class Views:
 
     def dead_letters(self, limit: int = 50) -> list[DeadLetterView]:
         """The most recent dead letters, each with its delivery's current state."""
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             rows = conn.execute(
                 select(DL, D.c.state.label("delivery_state"))
                 .select_from(DL.outerjoin(D, D.c.id == DL.c.delivery_id))
