@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.channels.builtin import builtin_channels
@@ -36,7 +36,7 @@ from dispatcher.intake import signature as sig
 from dispatcher.intake.quotas import Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
 from dispatcher.ledger.engine import new_id
-from dispatcher.ledger.lifecycle import planned_values
+from dispatcher.ledger.lifecycle import Lifecycle, planned_values
 from dispatcher.ledger.models import Appeal, Delivery, UsedSignature, utcnow
 from dispatcher.ledger.states import initial
 from dispatcher.ledger.store import Ledger
@@ -74,6 +74,8 @@ class Accepted:
     deliveries: list[PlannedDelivery]
     #: True when this was a retry of an appeal already accepted (same section and client_ref)
     replayed: bool = False
+    #: the letters marked queued in the appeal's own transaction, to offer to the queue now
+    queued: tuple[str, ...] = ()
 
     def body(self) -> dict[str, Any]:
         return {
@@ -352,6 +354,15 @@ class IntakeService:
                             recipient,
                         )
                     )
+                queued: tuple[str, ...] = ()
+                if self.enqueuer is not None:
+                    # Marked in this transaction, not a second one: the outbox row and the appeal
+                    # are written together (the queue is told after the commit).
+                    session.flush()
+                    conn = session.connection()
+                    at_once = self._goes_at_once(Accepted(appeal_id, campaign.id, section.code, planned), conn=conn)
+                    queued = tuple(d.id for d in at_once)
+                    Lifecycle.release(conn, queued, now)
         except IntegrityError:
             # A concurrent request won the race for the same signature, client_ref or supporter.
             if signature is not None:
@@ -382,7 +393,7 @@ class IntakeService:
                 channel=d.channel,
                 language=d.language,
             )
-        return Accepted(appeal_id, campaign.id, section.code, planned)
+        return Accepted(appeal_id, campaign.id, section.code, planned, queued=queued)
 
     def _answered(self, signature: str) -> Accepted | None:
         """The appeal a signed request was already answered with, or None if the signature is new."""
@@ -439,12 +450,9 @@ class IntakeService:
         return Accepted(prior.id, prior.campaign, prior.section, deliveries, replayed=replayed)
 
     def _offer_to_queue(self, accepted: Accepted, now: datetime) -> None:
-        if self.enqueuer is None:
+        ids = list(accepted.queued)
+        if self.enqueuer is None or not ids:
             return
-        ids = [d.id for d in self._goes_at_once(accepted)]
-        if not ids:
-            return
-        self.ledger.lifecycle.mark_queued(ids, now)
         try:
             self.enqueuer.send(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the outbox keeps the rows
@@ -460,7 +468,7 @@ class IntakeService:
         for delivery_id in ids:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
 
-    def _goes_at_once(self, accepted: Accepted) -> list[PlannedDelivery]:
+    def _goes_at_once(self, accepted: Accepted, *, conn: Connection | None = None) -> list[PlannedDelivery]:
         """The letters to offer to the queue now. A letter to a recipient with caps that has a
         backlog in the ledger (letters its caps held back) joins it, and the reconciler paces
         it towards the deadline: sent at once it would only be deferred by the caps, or overtake
@@ -472,5 +480,5 @@ class IntakeService:
             for d in accepted.deliveries
             if self.paced(self.catalog.target(accepted.campaign, accepted.section, d.target), d.channel)
         }
-        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries])
+        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries], conn=conn)
         return [d for d in accepted.deliveries if (d.channel, d.recipient) not in busy]

@@ -638,15 +638,22 @@ class Lifecycle:
         """
         if not ids:
             return 0
-        # One statement on the intake's and the reconciler's path.
+        with self.engine.begin() as conn:
+            return self.release(conn, ids, now)
+
+    @staticmethod
+    def release(conn: Connection, ids: Sequence[str], now: datetime) -> int:
+        """:meth:`mark_queued` within ``conn``'s transaction (intake marks an appeal's letters in
+        the transaction that writes them): one statement."""
+        if not ids:
+            return 0
         stmt = _compare_and_set(
             E.RELEASED,
             among(ids),
             values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
             also=D.c.queued_at.is_(None),
         )
-        with self.engine.begin() as conn:
-            return conn.execute(stmt).rowcount
+        return conn.execute(stmt).rowcount
 
     def unmark_queued(self, ids: Sequence[str], now: datetime) -> None:
         """Back to planned: the queue refused these messages (the reconciler sends them later)."""

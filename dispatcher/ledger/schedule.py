@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select, tuple_
+from sqlalchemy import Connection, Engine, and_, func, or_, select, tuple_
 
 from dispatcher.ledger.engine import reading
 from dispatcher.ledger.states import IN_HAND, State
@@ -142,21 +142,28 @@ class Schedule:
         released = sorted([*older, *sent, *(r.updated_at for r in rows if r.state != State.PLANNED)])
         return RecipientBacklog(planned=planned, released=released)
 
-    def has_backlog(self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str]) -> set[tuple[str, str]]:
+    def has_backlog(
+        self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str], *, conn: Connection | None = None
+    ) -> set[tuple[str, str]]:
         """Of these (channel, recipient) pairs, those with letters held in the ledger (planned:
-        deferred by a cap, waiting for a retry or for the pacer), not counting ``exclude``."""
+        deferred by a cap, waiting for a retry or for the pacer), not counting ``exclude``;
+        within ``conn``'s transaction when given."""
         if not pairs:
             return set()
-        with self.reads.connect() as conn:
-            rows = conn.execute(
-                select(D.c.channel, D.c.recipient)
-                .where(
-                    tuple_(D.c.channel, D.c.recipient).in_(list(pairs)),
-                    D.c.state == State.PLANNED,
-                    D.c.id.not_in(list(exclude)),
-                )
-                .distinct()
-            ).all()
+        query = (
+            select(D.c.channel, D.c.recipient)
+            .where(
+                tuple_(D.c.channel, D.c.recipient).in_(list(pairs)),
+                D.c.state == State.PLANNED,
+                D.c.id.not_in(list(exclude)),
+            )
+            .distinct()
+        )
+        if conn is not None:
+            rows = conn.execute(query).all()
+        else:
+            with self.reads.connect() as c:
+                rows = c.execute(query).all()
         return {(r.channel, r.recipient) for r in rows}
 
     def digest_signers(self, digest_id: str) -> list[SupporterData]:
