@@ -297,6 +297,11 @@ class Service:
         return in_flight
 
 
+def api_from_env() -> FastAPI:
+    """The intake API of a process configured by its environment (``dispatcher api --workers``)."""
+    return Service(Settings.from_env()).api()
+
+
 @dataclass
 class WorkerHandle:
     worker: dramatiq.Worker

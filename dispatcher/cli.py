@@ -621,15 +621,28 @@ def deadletters_list(limit: int, as_json: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-def api(host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="API processes sharing the port (quotas and the ledger hold across them).",
+)
+def api(host: str, port: int, workers: int) -> None:
     """Run the intake API."""
     import uvicorn
 
     try:
-        app = _service().api()
+        app = _service().api()  # also checks the config before any process starts
     except ConfigError as exc:
         _refuse_to_start(exc)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    else:
+        # uvicorn's own process manager: each process builds the app from the environment
+        uvicorn.run(
+            "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
+        )
 
 
 @main.command()
