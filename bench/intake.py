@@ -336,6 +336,11 @@ def py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen[bytes]:
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
 
+def _ours(file: str) -> bool:
+    # py-spy names files relative to their sys.path entry: "dispatcher/intake/service.py"
+    return file.startswith("dispatcher/") or "/dispatcher/" in file
+
+
 def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
     """Samples of request-handling threads (stacks through dispatcher code), by the innermost
     dispatcher function and the library call it was in, as shares of those samples."""
@@ -347,7 +352,7 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         frames = stack.split(";")
         parsed = [_FRAME.match(f) for f in frames]
-        mine = [i for i, m in enumerate(parsed) if m and "/dispatcher/" in m.group("file")]
+        mine = [i for i, m in enumerate(parsed) if m and _ours(m.group("file"))]
         if not mine:
             continue  # idle pool threads, the event loop between requests
         n = int(count)
