@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.channels.builtin import builtin_channels
@@ -40,6 +40,7 @@ from dispatcher.ledger.lifecycle import Lifecycle, planned_values
 from dispatcher.ledger.models import Appeal, Delivery, UsedSignature, utcnow
 from dispatcher.ledger.states import initial
 from dispatcher.ledger.store import Ledger
+from dispatcher.ledger.tables import AP, US, D
 from dispatcher.logging import get_logger
 from dispatcher.policy.limits import RateLimiter
 from dispatcher.settings import Settings
@@ -96,6 +97,22 @@ class Accepted:
                 for d in self.deliveries
             ],
         }
+
+
+#: the intake's statements, built once (SQLAlchemy's construction and cache-key work would
+#: otherwise cost more per appeal than the database does)
+_INSERT_SIGNATURE = insert(US)
+_SIGNATURE_ANSWER = update(US).where(US.c.signature == bindparam("p_signature")).values(appeal_id=bindparam("p_appeal"))
+_INSERT_APPEAL = insert(AP)
+_INSERT_DELIVERY = insert(D)
+_BY_CLIENT_REF = select(AP.c.id, AP.c.campaign, AP.c.supporter_ref).where(
+    AP.c.section == bindparam("p_section"), AP.c.client_ref == bindparam("p_client_ref")
+)
+_BY_SUPPORTER = select(AP.c.id).where(
+    AP.c.campaign == bindparam("p_campaign"),
+    AP.c.section == bindparam("p_section"),
+    AP.c.supporter_ref == bindparam("p_ref"),
+)
 
 
 class Enqueue(Protocol):
@@ -285,62 +302,63 @@ class IntakeService:
         extra_langs = [lang for lang in appeal.supporter.languages if lang != appeal.language]
         try:
             with self.ledger.session() as session:
-                used: UsedSignature | None = None
+                appeal_id = new_id("ap")
                 if signature is not None:
-                    used = UsedSignature(signature=signature, section=section.code, seen_at=now)
-                    session.add(used)
                     # Written first: the same request sent twice at once waits here for this
                     # transaction and then fails on the key (and is answered with our appeal)
                     # instead of racing us to plan letters.
-                    session.flush()
+                    session.execute(
+                        _INSERT_SIGNATURE,
+                        {"signature": signature, "section": section.code, "seen_at": now, "appeal_id": appeal_id},
+                    )
                 existing = self._existing(session, appeal, ref)
                 if existing is not None:
-                    if used is not None:
-                        used.appeal_id = existing.appeal_id
+                    if signature is not None:
+                        session.execute(_SIGNATURE_ANSWER, {"p_signature": signature, "p_appeal": existing.appeal_id})
                     return existing
-                appeal_id = new_id("ap")
-                if used is not None:
-                    used.appeal_id = appeal_id
-                session.add(
-                    Appeal(
-                        id=appeal_id,
-                        campaign=campaign.id,
-                        section=section.code,
-                        language=appeal.language,
-                        client_ref=appeal.client_ref,
-                        supporter_ref=ref,
-                        created_at=now,
-                        supporter_name=appeal.supporter.name,
-                        supporter_email=str(appeal.supporter.email),
-                        supporter_city=appeal.supporter.city,
-                        supporter_country=appeal.supporter.country,
-                        supporter_languages=" ".join(extra_langs) or None,
-                        message=appeal.message,
-                    )
+                # Core statements built once, not ORM objects: the unit of work's flushes cost
+                # more than the rest of an appeal's path (bench/intake.py, docs/benchmarks.md).
+                session.execute(
+                    _INSERT_APPEAL,
+                    {
+                        "id": appeal_id,
+                        "campaign": campaign.id,
+                        "section": section.code,
+                        "language": appeal.language,
+                        "client_ref": appeal.client_ref,
+                        "supporter_ref": ref,
+                        "created_at": now,
+                        "supporter_name": appeal.supporter.name,
+                        "supporter_email": str(appeal.supporter.email),
+                        "supporter_city": appeal.supporter.city,
+                        "supporter_country": appeal.supporter.country,
+                        "supporter_languages": " ".join(extra_langs) or None,
+                        "message": appeal.message,
+                    },
                 )
-                session.flush()  # the appeal row first: PostgreSQL checks the foreign key per statement
                 planned = []
+                rows = []
                 for route in routes:
                     delivery_id = new_id("dl")
                     language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
                     recipient = self.channels.address_of(route.target, route.channel)
                     assert recipient is not None  # routes are planned only for channels the target has
-                    session.add(
-                        Delivery(
-                            **planned_values(
-                                id=delivery_id,
-                                appeal_id=appeal_id,
-                                campaign=campaign.id,
-                                section=section.code,
-                                target=route.target.id,
-                                channel=route.channel,
-                                recipient=recipient,
-                                language=language,
-                                next_attempt_at=now,
-                                message_id=f"<{delivery_id}@{section.sender.domain}>",
-                                created_at=now,
-                                updated_at=now,
-                            )
+                    rows.append(
+                        planned_values(
+                            id=delivery_id,
+                            appeal_id=appeal_id,
+                            kind="letter",
+                            digest_id=None,
+                            campaign=campaign.id,
+                            section=section.code,
+                            target=route.target.id,
+                            channel=route.channel,
+                            recipient=recipient,
+                            language=language,
+                            next_attempt_at=now,
+                            message_id=f"<{delivery_id}@{section.sender.domain}>",
+                            created_at=now,
+                            updated_at=now,
                         )
                     )
                     planned.append(
@@ -354,11 +372,12 @@ class IntakeService:
                             recipient,
                         )
                     )
+                if rows:
+                    session.execute(_INSERT_DELIVERY, rows)
                 queued: tuple[str, ...] = ()
                 if self.enqueuer is not None:
                     # Marked in this transaction, not a second one: the outbox row and the appeal
                     # are written together (the queue is told after the commit).
-                    session.flush()
                     conn = session.connection()
                     at_once = self._goes_at_once(Accepted(appeal_id, campaign.id, section.code, planned), conn=conn)
                     queued = tuple(d.id for d in at_once)
@@ -415,20 +434,18 @@ class IntakeService:
         """An idempotent retry (same client_ref) returns the original; another appeal by the same
         supporter to the same campaign through the same section is a 409."""
         if appeal.client_ref is not None:
-            prior = session.scalars(
-                select(Appeal).where(Appeal.section == appeal.section, Appeal.client_ref == appeal.client_ref)
-            ).one_or_none()
-            if prior is not None:
-                if prior.campaign != appeal.campaign or prior.supporter_ref != ref:
+            found = session.execute(
+                _BY_CLIENT_REF, {"p_section": appeal.section, "p_client_ref": appeal.client_ref}
+            ).first()
+            if found is not None:
+                if found.campaign != appeal.campaign or found.supporter_ref != ref:
                     raise DuplicateAppeal(
-                        prior.id, f"client_ref {appeal.client_ref!r} was already used for another appeal"
+                        found.id, f"client_ref {appeal.client_ref!r} was already used for another appeal"
                     )
-                return self._as_accepted(session, prior, replayed=True)
-        prior_id = session.scalars(
-            select(Appeal.id).where(
-                Appeal.campaign == appeal.campaign, Appeal.section == appeal.section, Appeal.supporter_ref == ref
-            )
-        ).one_or_none()
+                return self._as_accepted(session, session.get(Appeal, found.id), replayed=True)
+        prior_id = session.execute(
+            _BY_SUPPORTER, {"p_campaign": appeal.campaign, "p_section": appeal.section, "p_ref": ref}
+        ).scalar_one_or_none()
         if prior_id is not None:
             raise DuplicateAppeal(prior_id)
         return None
