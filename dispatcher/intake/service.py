@@ -37,7 +37,7 @@ from dispatcher.intake.quotas import Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
 from dispatcher.ledger.engine import new_id
 from dispatcher.ledger.lifecycle import Lifecycle, planned_values
-from dispatcher.ledger.models import Appeal, Delivery, UsedSignature, utcnow
+from dispatcher.ledger.models import Appeal, Delivery, utcnow
 from dispatcher.ledger.states import initial
 from dispatcher.ledger.store import Ledger
 from dispatcher.ledger.tables import AP, US, D
@@ -103,6 +103,7 @@ class Accepted:
 #: otherwise cost more per appeal than the database does)
 _INSERT_SIGNATURE = insert(US)
 _SIGNATURE_ANSWER = update(US).where(US.c.signature == bindparam("p_signature")).values(appeal_id=bindparam("p_appeal"))
+_SIGNATURE_SEEN = select(US.c.appeal_id).where(US.c.signature == bindparam("p_signature"))
 _INSERT_APPEAL = insert(AP)
 _INSERT_DELIVERY = insert(D)
 _BY_CLIENT_REF = select(AP.c.id, AP.c.campaign, AP.c.supporter_ref).where(
@@ -417,7 +418,7 @@ class IntakeService:
     def _answered(self, signature: str) -> Accepted | None:
         """The appeal a signed request was already answered with, or None if the signature is new."""
         with self.ledger.session(read_only=True) as session:
-            used = session.get(UsedSignature, signature)
+            used = session.execute(_SIGNATURE_SEEN, {"p_signature": signature}).first()
             if used is None:
                 return None
             prior = None if used.appeal_id is None else session.get(Appeal, used.appeal_id)

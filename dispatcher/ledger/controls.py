@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, insert, select, update
 
 from dispatcher.ledger.engine import reading
 from dispatcher.ledger.lifecycle import Lifecycle
@@ -35,6 +35,10 @@ class Closure:
     closed_at: datetime
 
 
+#: asked on every appeal: built once
+_CLOSURE = select(CC).where(CC.c.campaign == bindparam("p_campaign"))
+
+
 class Controls:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -55,7 +59,7 @@ class Controls:
 
     def closure(self, campaign: str) -> Closure | None:
         with self.reads.connect() as conn:
-            row = conn.execute(select(CC).where(CC.c.campaign == campaign)).one_or_none()
+            row = conn.execute(_CLOSURE, {"p_campaign": campaign}).one_or_none()
         return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
 
     # ------------------------------------------------------------------ paused channels

@@ -194,6 +194,18 @@ def mirror_digest(conn: Connection, digest_id: str, now: datetime, values: Mappi
     )
 
 
+@functools.cache
+def _release_statement() -> Update:
+    """The release to the queue, built once (the intake's and the reconciler's path)."""
+    now = bindparam("p_now", type_=D.c.updated_at.type)
+    return _compare_and_set(
+        E.RELEASED,
+        D.c.id.in_(bindparam("p_ids", expanding=True)),
+        values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
+        also=D.c.queued_at.is_(None),
+    )
+
+
 #: the states a letter leaves for good with another letter planned in its place
 _REPLANNED = frozenset({State.BOUNCED, State.REROUTED})
 
@@ -647,13 +659,7 @@ class Lifecycle:
         the transaction that writes them): one statement."""
         if not ids:
             return 0
-        stmt = _compare_and_set(
-            E.RELEASED,
-            among(ids),
-            values={"queued_at": func.coalesce(D.c.queued_at, now), "updated_at": now},
-            also=D.c.queued_at.is_(None),
-        )
-        return conn.execute(stmt).rowcount
+        return conn.execute(_release_statement(), {"p_ids": list(ids), "p_now": now}).rowcount
 
     def unmark_queued(self, ids: Sequence[str], now: datetime) -> None:
         """Back to planned: the queue refused these messages (the reconciler sends them later)."""
