@@ -5,19 +5,17 @@ the section does not allow can still show the badge, but the browser refuses it 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, sync_playwright
 
 from dispatcher.app import Service
 from dispatcher.config.models import Web
-from tests.conftest import appeal_body, wait_for
+from tests.conftest import appeal_body
 from tests.support.services import free_port
-from tests.support.web import StaticSite, with_web
+from tests.support.web import LiveApi, StaticSite, with_web
 
 CAMPAIGN = "UA-002-19-DEMO"
 CHROMIUM = "/usr/bin/chromium"
@@ -70,24 +68,6 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-class Api:
-    """Our API on a loopback port, as uvicorn serves it."""
-
-    def __init__(self, service: Service, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Api:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def test_a_page_on_another_origin_shows_the_badge_and_reads_the_counters(
     browser: Browser, settings, environ, tmp_path: Path
 ) -> None:
@@ -103,7 +83,7 @@ def test_a_page_on_another_origin_shows_the_badge_and_reads_the_counters(
     appeal = service.intake.submit(appeal_body(section="ch", language="de")).appeal_id
     service.intake.submit(appeal_body(section="us"))
 
-    with Api(service, free_port()) as api:
+    with LiveApi(service, free_port()) as api:
         site = tmp_path / "site"
         site.mkdir()
         (site / "index.html").write_text(PAGE.format(api=api.url, campaign=CAMPAIGN, appeal=appeal), encoding="utf-8")

@@ -5,7 +5,6 @@ and settle the letters. Only loopback addresses and a test campaign with fiction
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dispatcher.app import Service
@@ -21,6 +19,7 @@ from tests.conftest import ROOT, Running, make_settings, wait_for
 from tests.support.fax_providers import SinchServer, TelnyxServer
 from tests.support.liveconfig import write_config
 from tests.support.services import free_port
+from tests.support.web import LiveApi
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -48,24 +47,6 @@ def write_live_config(tmp_path: Path, gateway: str, base_url: str) -> Path:
         address_line='fax = "+44 20 7946 0100"',
         relay_and_gateway=RELAY_AND_GATEWAY.format(gateway=gateway, base_url=base_url),
     )
-
-
-class LiveApi:
-    """Our API as a real HTTP server on a loopback port, so providers can call it back."""
-
-    def __init__(self, service: Service, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> LiveApi:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def live_service(

@@ -8,6 +8,9 @@ import http.server
 import threading
 from pathlib import Path
 
+import uvicorn
+
+from dispatcher.app import Service
 from dispatcher.config.catalog import Catalog
 from dispatcher.config.models import Web
 
@@ -39,3 +42,24 @@ class StaticSite:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+class LiveApi:
+    """Our API as a real HTTP server on a loopback port (uvicorn in a thread), for clients that
+    must reach it over HTTP: gateways calling back, browsers, other interpreters."""
+
+    def __init__(self, service: Service, port: int):
+        self.server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> LiveApi:
+        from tests.conftest import wait_for
+
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
