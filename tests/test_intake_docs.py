@@ -10,17 +10,16 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from dispatcher.app import Service
 from dispatcher.ledger.models import Appeal
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT
 from tests.support.services import free_port
+from tests.support.web import LiveApi
 
 DOC = ROOT / "docs" / "intake.md"
 #: a fenced block right after ``<!-- example: NAME -->`` is the example NAME
@@ -43,14 +42,8 @@ def test_the_docs_have_one_example_per_language():
 
 @pytest.fixture
 def api_url(service: Service) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.api(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with LiveApi(service, free_port()) as api:
+        yield api.url
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -50,12 +50,12 @@ def test_a_letter_held_back_by_its_cap_is_not_logged_as_sending(settings, enviro
 def test_a_letter_the_relay_refuses_for_good_is_a_warning(service, smtp):
     service.intake.enqueuer = None
     letter = email_letter(service)
-    smtp.script_rcpt([(550, "5.1.1 <rusembusa@mid.ru>: Recipient address rejected: User unknown")])
+    smtp.script_rcpt([(550, "5.1.1 <ambassador@embassy.example>: Recipient address rejected: User unknown")])
     logs = process(service, letter)
     [failed] = [e for e in logs if e.get("delivery") == letter and e["event"] == "delivery.bounced"]
     assert failed["log_level"] == "warning"
     assert failed["code"] == 550
-    assert failed["reason"].startswith("5.1.1 <rusembusa@mid.ru>: Recipient address rejected: User unknown")
+    assert failed["reason"].startswith("5.1.1 <ambassador@embassy.example>: Recipient address rejected: User unknown")
 
 
 def test_rendering_a_fax_does_not_fill_the_log_with_weasyprint_progress(tmp_path):

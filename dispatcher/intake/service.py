@@ -380,7 +380,7 @@ class IntakeService:
                     # Marked in this transaction, not a second one: the outbox row and the appeal
                     # are written together (the queue is told after the commit).
                     conn = session.connection()
-                    at_once = self._goes_at_once(Accepted(appeal_id, campaign.id, section.code, planned), conn=conn)
+                    at_once = self._goes_at_once(campaign.id, section.code, planned, conn)
                     queued = tuple(d.id for d in at_once)
                     Lifecycle.release(conn, queued, now)
         except IntegrityError:
@@ -486,17 +486,20 @@ class IntakeService:
         for delivery_id in ids:
             log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
 
-    def _goes_at_once(self, accepted: Accepted, *, conn: Connection | None = None) -> list[PlannedDelivery]:
-        """The letters to offer to the queue now. A letter to a recipient with caps that has a
-        backlog in the ledger (letters its caps held back) joins it, and the reconciler paces
-        it towards the deadline: sent at once it would only be deferred by the caps, or overtake
-        letters that waited longer. Within its caps a recipient's letters go at once."""
+    def _goes_at_once(
+        self, campaign: str, section: str, planned: list[PlannedDelivery], conn: Connection
+    ) -> list[PlannedDelivery]:
+        """The letters to offer to the queue now (asked within the appeal's transaction). A letter
+        to a recipient with caps that has a backlog in the ledger (letters its caps held back)
+        joins it, and the reconciler paces it towards the deadline: sent at once it would only be
+        deferred by the caps, or overtake letters that waited longer. Within its caps a
+        recipient's letters go at once."""
         if self.paced is None:
-            return accepted.deliveries
+            return planned
         capped = {
             (d.channel, d.recipient)
-            for d in accepted.deliveries
-            if self.paced(self.catalog.target(accepted.campaign, accepted.section, d.target), d.channel)
+            for d in planned
+            if self.paced(self.catalog.target(campaign, section, d.target), d.channel)
         }
-        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in accepted.deliveries], conn=conn)
-        return [d for d in accepted.deliveries if (d.channel, d.recipient) not in busy]
+        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in planned], conn=conn)
+        return [d for d in planned if (d.channel, d.recipient) not in busy]
