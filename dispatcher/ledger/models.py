@@ -283,3 +283,57 @@ class BounceFact(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_bounces_address", "channel", "address", "kind", "received_at"),)
+
+
+class Operator(Base):
+    """A person who works the console: a viewer reads, an operator acts on its sections' letters
+    and channels, an admin acts on everything (docs/console.md)."""
+
+    __tablename__ = "operators"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: viewer, operator, admin
+    role: Mapped[str] = mapped_column(String(16))
+    #: space-separated section codes; empty for every section (an admin's, or an all-sections viewer)
+    sections: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    #: argon2id, in its PHC string form
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OperatorSession(Base):
+    """A logged-in console session. The cookie carries a random token; only its SHA-256 is kept,
+    so a copy of the ledger logs nobody in."""
+
+    __tablename__ = "operator_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator: Mapped[str] = mapped_column(ForeignKey("operators.name", ondelete="CASCADE"), index=True)
+    #: the session's CSRF token, sent back in every form
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """One operator action: who, when, what, on what, why. Written in the same transaction as the
+    action; nothing edits or deletes it (the console only shows it)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    #: an operator's name, or "cli:<user>" / "api:<section>" for actions from elsewhere
+    actor: Mapped[str] = mapped_column(String(80))
+    #: e.g. letter.retry, letter.cancel, channel.resume, campaign.close, supporter.erase
+    action: Mapped[str] = mapped_column(String(40))
+    #: letter, appeal, campaign, channel, number, supporter, operator
+    target_kind: Mapped[str] = mapped_column(String(16))
+    #: never personal data: a delivery/appeal id, a campaign id, a channel key, a keyed hash
+    target_id: Mapped[str] = mapped_column(String(128))
+    #: the section the target belongs to, for scoping the log; None for cross-section actions
+    section: Mapped[str | None] = mapped_column(String(8), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: a short outcome, e.g. "3 letters cancelled"
+    detail: Mapped[str | None] = mapped_column(Text)

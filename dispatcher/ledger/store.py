@@ -20,6 +20,7 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
@@ -52,6 +53,7 @@ class Ledger:
         self.early_reports = EarlyReports(self.engine)
         self.suppressions = Suppressions(self.engine)
         self.bounces = BounceFacts(self.engine)
+        self.audit = Audit(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

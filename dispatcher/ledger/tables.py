@@ -9,12 +9,15 @@ from sqlalchemy import Table
 from dispatcher.ledger.models import (
     Appeal,
     Attempt,
+    AuditEntry,
     BounceFact,
     CampaignClosure,
     DeadLetter,
     Delivery,
     EarlyReport,
     FlaggedNumber,
+    Operator,
+    OperatorSession,
     PausedChannel,
     Suppression,
     UsedSignature,
@@ -31,3 +34,6 @@ US = cast(Table, UsedSignature.__table__)
 ER = cast(Table, EarlyReport.__table__)
 SU = cast(Table, Suppression.__table__)
 BF = cast(Table, BounceFact.__table__)
+OP = cast(Table, Operator.__table__)
+OS = cast(Table, OperatorSession.__table__)
+AU = cast(Table, AuditEntry.__table__)
