@@ -45,6 +45,7 @@ from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
 from dispatcher.retry import RetryPolicy
 from dispatcher.settings import Settings
+from dispatcher.supporters import Supporters
 
 if TYPE_CHECKING:
     from dramatiq.brokers.redis import RedisBroker
@@ -133,6 +134,11 @@ class Service:
             channels=self.channels,
             limiter=self.limiter,
         )
+
+    @cached_property
+    def supporters(self) -> Supporters:
+        """Erasure of a supporter's data (the CLI's, the API's and the console's)."""
+        return Supporters(self.ledger, self.settings, self.clock)
 
     @cached_property
     def lines(self) -> Lines:

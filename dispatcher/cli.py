@@ -352,6 +352,72 @@ def campaign_close(campaign_id: str, reason: str) -> None:
     Console().print(f"{campaign_id} closed; {cancelled} waiting letter(s) cancelled")
 
 
+# ---------------------------------------------------------------------------- supporters
+
+
+@main.group()
+def supporters() -> None:
+    """Supporters' data: erasure on request (docs/privacy.md)."""
+
+
+@supporters.command("erase")
+@click.option("--appeal", "appeal_id", default=None, help="The appeal's id (ap_...).")
+@click.option("--email", default=None, help="Every appeal of this email ('-': read it from stdin, out of the history).")
+@click.option("--section", default=None, help="Only this section's appeals, e.g. us.")
+@click.option("--campaign", default=None, help="Only this campaign's appeals.")
+@click.option("--reason", default=None, help="Why, for the audit log (no personal data), e.g. 'request #123'.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def supporters_erase(
+    appeal_id: str | None, email: str | None, section: str | None, campaign: str | None, reason: str | None, yes: bool
+) -> None:
+    """Erase a supporter's personal data everywhere it is kept; their letters not yet sent are
+    cancelled, the anonymous counts stay. Says what it will erase, then what it erased (counts)."""
+    import getpass
+
+    from dispatcher.errors import NotFound
+
+    if (appeal_id is None) == (email is None):
+        raise click.UsageError("give --appeal or --email (one of them)")
+    if email == "-":
+        email = sys.stdin.readline().strip()
+        if not email:
+            raise click.UsageError("no email on stdin")
+    service = _service()
+    who = service.supporters.who(appeal_id=appeal_id, email=email, section=section, campaign=campaign)
+    out = Console(highlight=False, soft_wrap=True)
+    try:
+        appeals = service.supporters.preview(who)
+    except NotFound as exc:
+        err.print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)
+    named = "this supporter" if email is not None else f"appeal {appeal_id}"
+    out.print(f"Erasing {named}: {len(appeals)} appeal(s)")
+    for a in appeals:
+        state = (
+            "already erased"
+            if a.already_erased
+            else f"{a.waiting} letter(s) waiting to cancel, {a.in_flight} being sent, {a.out} sent (kept, counted)"
+        )
+        out.print(f"  {a.appeal_id}  {a.section}  {a.campaign}  {state}")
+    if not yes and not click.confirm("Erase their personal data now? This cannot be undone", err=True):
+        err.print("nothing erased")
+        sys.exit(1)
+    user = getpass.getuser()
+    report = service.supporters.erase(who, actor=f"cli:{user}", reason=reason)
+    if report.status == "already_erased":
+        out.print("Already erased; nothing more to do" + _files_note(report.sandbox_files_removed))
+        return
+    out.print(
+        f"Erased {report.appeals_erased} appeal(s): {report.letters_cancelled} letter(s) cancelled, "
+        f"{report.letters_in_flight} being sent left to finish, {report.letters_out} sent kept in the counts, "
+        f"{report.texts_redacted} text(s) redacted" + _files_note(report.sandbox_files_removed)
+    )
+
+
+def _files_note(removed: int) -> str:
+    return f", {removed} sandbox file(s) removed" if removed else ""
+
+
 # ---------------------------------------------------------------------------- schedule
 
 

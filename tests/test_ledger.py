@@ -24,7 +24,7 @@ def row(service, delivery_id: str) -> Delivery:
 
 
 def test_migrations_reach_head(service):
-    assert current(service.ledger.engine) == "0011"
+    assert current(service.ledger.engine) == "0012"
 
 
 def test_claim_is_exclusive_and_only_for_due_letters(service):

@@ -83,6 +83,20 @@ def test_every_status_of_posting_an_appeal_has_our_error_body(document):
     assert "Retry-After" in responses["429"]["headers"]
 
 
+def test_an_erasure_is_a_signed_request_with_its_own_body_and_our_error_body(document, service):
+    post = document["paths"]["/v1/erasures"]["post"]
+    assert post["security"] == [{"DispatchSignature": []}]
+    media = post["requestBody"]["content"]["application/json"]
+    erasure = resolve(document, media["schema"])
+    assert erasure["required"] == ["section"] and erasure["additionalProperties"] is False
+    assert set(erasure["properties"]) == {"section", "appeal_id", "email", "campaign"}
+    assert set(erasure["properties"]["section"]["enum"]) == set(service.catalog.sections)
+    assert media["example"] == {"section": "us", "email": "jane@example.org"}
+    assert set(post["responses"]) == {"200", "401", "404", "413", "422", "503"}
+    erased = resolve(document, post["responses"]["200"]["content"]["application/json"]["schema"])
+    assert {"status", "appeal_ids", "letters_cancelled"} <= set(erased["required"])
+
+
 def test_fastapis_own_error_shape_is_nowhere_in_the_document(document):
     text = json.dumps(document)
     assert "HTTPValidationError" not in text
@@ -163,6 +177,10 @@ def test_a_body_that_is_no_json_has_a_code_too(client, environ, catalog):
 # ------------------------------------------------------------------ schemathesis
 
 
+#: the requests signed with a section's key: an appeal, an erasure
+SIGNED = ("/v1/appeals", "/v1/erasures")
+
+
 class SignEachBody(requests.auth.AuthBase):
     """Replaces the ``Dispatch-Signature`` schemathesis generated with the real signature of the
     exact bytes it sends, keyed with the section the body names (a body naming none, or no JSON
@@ -174,7 +192,7 @@ class SignEachBody(requests.auth.AuthBase):
         self.statuses: list[int] = []
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if request.method == "POST" and request.path_url == "/v1/appeals" and HEADER in request.headers:
+        if request.method == "POST" and request.path_url in SIGNED and HEADER in request.headers:
             raw = request.body or b""
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
@@ -206,7 +224,7 @@ def test_schemathesis_finds_nothing_the_document_does_not_say(service, signer, m
     if mode is GenerationMode.NEGATIVE:
         # Only a body can be made invalid: every string is a valid path segment.
         operations = [op for op in operations if len(op.body)]
-        assert [op.label for op in operations] == ["POST /v1/appeals"]
+        assert sorted(op.label for op in operations) == ["POST /v1/appeals", "POST /v1/erasures"]
     for operation in operations:
 
         @hsettings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))

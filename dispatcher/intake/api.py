@@ -22,12 +22,14 @@ from dispatcher.config.models import Section
 from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
 from dispatcher.intake import contract
 from dispatcher.intake.contract import refusals
+from dispatcher.intake.erasures import SignedErasures
 from dispatcher.intake.public import public_router
 from dispatcher.intake.schema import field_problems
 from dispatcher.intake.service import IntakeService
 from dispatcher.intake.signature import HEADER
 from dispatcher.logging import get_logger
 from dispatcher.queue.reports import ReportApplier
+from dispatcher.supporters import Supporters
 
 log = get_logger("dispatcher.api")
 
@@ -115,6 +117,24 @@ def create_app(
         # The ledger and the queue client are synchronous: keep them off the event loop.
         accepted = await run_in_threadpool(service.submit_signed, raw, request.headers.get(HEADER))
         return JSONResponse(accepted.body(), status_code=202)
+
+    erasures = SignedErasures(service, Supporters(service.ledger, service.settings, service.clock))
+
+    @app.post(
+        "/v1/erasures",
+        status_code=200,
+        response_model=None,
+        responses={
+            200: {"model": contract.ErasureOut, "description": "Erased (or `already_erased`): counts only."},
+            **refusals(401, 404, 413, 422, 503),
+        },
+    )
+    async def post_erasure(request: Request) -> JSONResponse:
+        """Erase a supporter's data (GDPR art. 17): one appeal, or every appeal of one email, of
+        your section; signed like an appeal. Letters not yet sent are cancelled; counts stay."""
+        raw = await _read_limited(request, service.settings.max_body_bytes)
+        report = await run_in_threadpool(erasures.submit_signed, raw, request.headers.get(HEADER))
+        return JSONResponse(report.as_json())
 
     # GET /v1/appeals/{id}, the counters and their badge: read by pages in browsers (CORS)
     app.include_router(public_router(service))

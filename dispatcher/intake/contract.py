@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dispatcher.errors import ValidationFailed
+from dispatcher.intake.erasures import EXAMPLE_ERASURE, ErasureIn
 from dispatcher.intake.schema import EXAMPLE_APPEAL, AppealIn
 from dispatcher.intake.signature import HEADER, TOLERANCE_SECONDS
 
@@ -144,6 +145,21 @@ class CountersOut(BaseModel):
     by_section: dict[str, SectionCountOut]
 
 
+class ErasureOut(BaseModel):
+    """What an erasure did, in counts; no personal data."""
+
+    status: str = Field(description="`erased`, or `already_erased` when every appeal named was erased before.")
+    appeal_ids: list[str] = Field(description="The appeals of your section it concerned.")
+    appeals_erased: int = Field(description="Appeals erased by this request.")
+    letters_cancelled: int = Field(description="Letters not yet sent, cancelled (state `cancelled`, text `erased`).")
+    letters_in_flight: int = Field(
+        description="Letters being sent at that moment: left to finish (cancelled should they not go out)."
+    )
+    letters_out: int = Field(description="Letters that had reached the official: kept, and still counted.")
+    texts_redacted: int = Field(description="Texts about its letters from which the name or address was taken out.")
+    sandbox_files_removed: int = Field(description="Local sandbox copies of its letters deleted.")
+
+
 class WebhookOut(BaseModel):
     result: str
 
@@ -158,12 +174,14 @@ class HealthOut(BaseModel):
 REFUSALS: dict[int, str] = {
     401: "`invalid_signature` (header missing or malformed, HMAC does not match), `stale_signature` "
     f"(more than {TOLERANCE_SECONDS} s of clock skew), `replayed_signature`.",
-    404: "`not_found`: no such appeal, campaign or webhook.",
+    404: "`not_found`: no such appeal, campaign or webhook (an erasure: no such appeal, or no appeal by that "
+    "email, in your section).",
     409: "`duplicate_appeal` (this supporter already signed this campaign through this section, or "
     "the client_ref was used for another appeal; `appeal_id` names it), `sandbox_mode` (webhooks).",
     410: "`campaign_closed`: closed, or past the section's deadline (`campaign`, `deadline`).",
     413: "`body_too_large`.",
-    422: "`invalid_appeal` / `invalid_webhook` / `invalid_request`, with every field's problem in `fields`.",
+    422: "`invalid_appeal` / `invalid_erasure` / `invalid_webhook` / `invalid_request`, with every field's "
+    "problem in `fields`.",
     429: "`quota_exceeded`: a quota of the section key, the supporter or the client IP is used up "
     "(`quota`, `limits`, `retry_after`); try again after `Retry-After` seconds.",
     503: "`section_not_configured`: the server has no key for the section (our problem: retry later).",
@@ -228,6 +246,18 @@ def openapi_document(
         },
     }
     post["security"] = [{SECURITY_SCHEME: []}]
+
+    erasure = _hoist(ErasureIn.model_json_schema(ref_template="#/components/schemas/{model}"), schemas)
+    erasure["properties"]["section"]["enum"] = sorted(sections)
+    schemas["ErasureIn"] = erasure
+    erase = doc["paths"]["/v1/erasures"]["post"]
+    erase["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ErasureIn"}, "example": EXAMPLE_ERASURE}
+        },
+    }
+    erase["security"] = [{SECURITY_SCHEME: []}]
 
     # FastAPI documents a 422 of its own shape for any route with parameters; ours answers it
     # (the handler in api.py), so the document says so.

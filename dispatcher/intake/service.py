@@ -8,8 +8,6 @@ queue that is down loses nothing: the reconciler sends what is still planned.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from dispatcher.ledger.store import Ledger
 from dispatcher.ledger.tables import AP, US, D
 from dispatcher.logging import get_logger
 from dispatcher.policy.limits import RateLimiter
+from dispatcher.pseudonyms import pepper_of, supporter_ref
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.intake")
@@ -153,7 +152,7 @@ class IntakeService:
         self.paced = paced
         self.clock = clock
         self.environ = os.environ if environ is None else environ
-        self._pepper = (settings.pepper or "appeal-dispatcher").encode()
+        self._pepper = pepper_of(settings)
         self.quotas = Quotas(limiter, settings, self._pepper)
 
     # ------------------------------------------------------------------ entry points
@@ -294,7 +293,7 @@ class IntakeService:
         return self.catalog.routes(campaign.id, section.code)
 
     def supporter_ref(self, email: str) -> str:
-        return hmac.new(self._pepper, email.strip().lower().encode(), hashlib.sha256).hexdigest()[:32]
+        return supporter_ref(email, self._pepper)
 
     def _record(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> Accepted:
         campaign = self.catalog.campaign(appeal.campaign)

@@ -13,6 +13,23 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from dispatcher.ledger.lifecycle import Lifecycle, settled
 from dispatcher.ledger.tables import AP, DL, US, D
 
+#: the appeal's columns that hold the supporter's personal data (the keyed hash stays: it is no
+#: address, and it keeps duplicates and a repeated erasure answerable)
+PERSONAL_COLUMNS = (
+    "supporter_name",
+    "supporter_email",
+    "supporter_city",
+    "supporter_country",
+    "supporter_languages",
+    "message",
+)
+
+
+def blanked(now: datetime) -> dict[str, Any]:
+    """An appeal row's values with its personal data gone: what the retention purge and an
+    erasure (ledger/erasure.py) both write."""
+    return {**dict.fromkeys(PERSONAL_COLUMNS), "pii_purged_at": now}
+
 
 class Housekeeping:
     def __init__(self, engine: Engine, sent_final_after: Mapping[str, timedelta | None]):
@@ -35,15 +52,7 @@ class Housekeeping:
             return conn.execute(
                 update(AP)
                 .where(AP.c.pii_purged_at.is_(None), AP.c.created_at <= cutoff, AP.c.id.not_in(unfinished))
-                .values(
-                    supporter_name=None,
-                    supporter_email=None,
-                    supporter_city=None,
-                    supporter_country=None,
-                    supporter_languages=None,
-                    message=None,
-                    pii_purged_at=now,
-                )
+                .values(**blanked(now))
             ).rowcount
 
     def forget_signatures(self, older_than: datetime) -> int:

@@ -9,9 +9,9 @@ message, a second worker, a late webhook or a reconciler racing a worker can nev
 the table does not list, nor make one twice. Asking for a move the table does not have (a
 source the event may not start from) raises :class:`IllegalTransition` before any SQL runs.
 
-A closed campaign's letter never goes back to waiting: a move that would bring one from a
-worker's hands or from ``sent`` back to planned, queued or bundled cancels it instead, in the
-same statement, whatever the section.
+A closed campaign's letter never goes back to waiting, nor does the letter of a supporter whose
+data was erased: a move that would bring one from a worker's hands or from ``sent`` back to
+planned, queued or bundled cancels it instead, in the same statement, whatever the section.
 
 New deliveries start in :func:`dispatcher.ledger.states.initial` (:func:`planned_values`).
 """
@@ -24,7 +24,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Update, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Update,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
@@ -39,12 +53,14 @@ from dispatcher.ledger.states import (
     State,
     initial,
 )
-from dispatcher.ledger.tables import CC, A, D
+from dispatcher.ledger.tables import AP, CC, A, D
 
 E = Event
 
-#: the outcome word recorded for a delivery a closed campaign cancels
+#: the outcome word recorded for a delivery a closed campaign (or an erasure) cancels
 CANCELLED_OUTCOME = "cancelled"
+#: the last text of a letter cancelled because its supporter's data was erased
+ERASED_TEXT = "erased"
 
 
 def _sources(event: Event, sources: Iterable[State] | None) -> frozenset[State]:
@@ -93,6 +109,8 @@ def _state_in(states: frozenset[State]) -> ColumnElement[bool]:
 
 #: the letter's campaign was closed (campaign_closures holds a few rows at most)
 _CLOSED = D.c.campaign.in_(select(CC.c.campaign))
+#: the letter's supporter had their data erased (a primary-key probe of its appeal)
+_ERASED = exists().where(AP.c.id == D.c.appeal_id, AP.c.erased_at.is_not(None))
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
 #: channel accepted it and its report may still send it back
@@ -101,14 +119,17 @@ _OUT = frozenset({State.SENDING, State.SENT})
 
 def _unless_closed(target: State, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` for a move back to waiting that cancels the letter instead when its campaign
-    was closed meanwhile: one statement, so no window between the check and the move."""
+    was closed meanwhile, or its supporter's data erased: one statement, so no window between
+    the check and the move."""
     reason = select(CC.c.reason).where(CC.c.campaign == D.c.campaign).scalar_subquery()
+    ended = or_(_CLOSED, _ERASED)
     return {
         **values,
-        "state": case((_CLOSED, State.CANCELLED.value), else_=target.value),
-        "last_outcome": case((_CLOSED, CANCELLED_OUTCOME), else_=values.get("last_outcome", D.c.last_outcome)),
+        "state": case((ended, State.CANCELLED.value), else_=target.value),
+        "last_outcome": case((ended, CANCELLED_OUTCOME), else_=values.get("last_outcome", D.c.last_outcome)),
         "last_text": case(
             (_CLOSED, literal("campaign closed: ") + func.coalesce(reason, "")),
+            (_ERASED, literal(ERASED_TEXT)),
             else_=values.get("last_text", D.c.last_text),
         ),
     }
@@ -151,13 +172,20 @@ def _guarded(
     target = TRANSITIONS[event].target
     given = dict(values or {})
     if target in PENDING and start & _OUT:
-        # A campaign closed while the letter was out of the waiting states (being sent, or sent
-        # and then reported failed): it does not wait again, it is cancelled. (Closing cancels
+        # A campaign closed (or the supporter's data erased) while the letter was out of the
+        # waiting states (being sent, or sent and then reported failed): it does not wait again,
+        # it is cancelled. (Closing cancels
         # the letters that were waiting; a letter planned since is cancelled by the worker
         # that claims it.)
         assert start <= TRANSITIONS[E.CANCELLED].sources
         given = _unless_closed(target, given)
     return _compare_and_set(event, *where, sources=start, values=given)
+
+
+def in_sending_digest() -> ColumnElement[bool]:
+    """The letter is bundled into a digest that a worker holds (being sent now)."""
+    digest = D.alias("digest")
+    return exists().where(digest.c.id == D.c.digest_id, digest.c.state == State.SENDING.value)
 
 
 def one(delivery_id: str) -> ColumnElement[bool]:
@@ -221,6 +249,9 @@ def _replan(conn: Connection, delivery_id: str, replan: Replan, now: datetime) -
     ).one()
     if old.appeal_id is None:
         return False
+    erased = conn.execute(select(AP.c.erased_at).where(AP.c.id == old.appeal_id)).scalar_one_or_none()
+    if erased is not None:
+        return False  # the supporter's data was erased: no new letter in its name
     taken = conn.execute(
         select(D.c.id).where(D.c.appeal_id == old.appeal_id, D.c.target == old.target, D.c.channel == replan.channel)
     ).first()
@@ -717,6 +748,23 @@ class Lifecycle:
             sources=PENDING,
             values={"updated_at": now, "last_outcome": CANCELLED_OUTCOME, "last_text": f"campaign closed: {reason}"},
         )
+
+    @staticmethod
+    def cancel_erased(conn: Connection, appeal_ids: Sequence[str], now: datetime) -> list[str]:
+        """Cancel every waiting letter of these appeals, whose supporters' data is being erased
+        (within the caller's transaction, which blanks the data): planned, queued and bundled ones.
+        Letters in a worker's hands or sent are left to finish, and so are letters bundled into a
+        digest a worker is sending (they may be on the line); :func:`move` cancels them should
+        they come back to waiting. Returns the ids cancelled."""
+        if not appeal_ids:
+            return []
+        statement = _guarded(
+            E.CANCELLED,
+            [D.c.appeal_id.in_(list(appeal_ids)), ~in_sending_digest()],
+            PENDING,
+            {"updated_at": now, "last_outcome": CANCELLED_OUTCOME, "last_text": ERASED_TEXT},
+        )
+        return sorted(conn.execute(statement.returning(D.c.id)).scalars())
 
     # ------------------------------------------------------------------ dead letters
 

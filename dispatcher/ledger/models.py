@@ -66,7 +66,7 @@ class Appeal(Base):
     #: keyed hash of the supporter's email: finds duplicates and names the supporter in logs
     supporter_ref: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    # Personal data below: set to NULL by the retention purge.
+    # Personal data below: set to NULL by the retention purge and by an erasure.
     supporter_name: Mapped[str | None] = mapped_column(String(200))
     supporter_email: Mapped[str | None] = mapped_column(String(320))
     supporter_city: Mapped[str | None] = mapped_column(String(100))
@@ -75,6 +75,9 @@ class Appeal(Base):
     supporter_languages: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
     pii_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: when the supporter's data was erased on request (GDPR art. 17; docs/privacy.md): the row
+    #: stays, blank, for the anonymous counts; its letters not yet sent are cancelled
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         UniqueConstraint("campaign", "section", "supporter_ref", name="uq_appeal_supporter"),

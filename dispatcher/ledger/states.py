@@ -30,7 +30,7 @@ class State(StrEnum):
     REROUTED = "rerouted"  # not sent: its address is known to bounce, another channel carries it
     FAILED = "failed"
     EXPIRED = "expired"  # the campaign deadline passed first
-    CANCELLED = "cancelled"  # the campaign was closed
+    CANCELLED = "cancelled"  # the campaign was closed, or the supporter's data erased
     BUNDLED = "bundled"  # goes as part of a digest letter (``digest_id``), and ends as it ends
 
 
@@ -47,7 +47,7 @@ class Event(StrEnum):
     DEFERRED = "deferred"  # not now, by our own policy or because our side is broken; no try counted
     FAILED = "failed"  # a permanent failure, or retries exhausted
     EXPIRED = "expired"  # the deadline passed before it could go
-    CANCELLED = "cancelled"  # the campaign was closed
+    CANCELLED = "cancelled"  # the campaign was closed, or the supporter's data erased
     BUNDLED = "bundled"  # joins a digest
     HANDED_BACK = "handed_back"  # a worker gives it back unfinished (shutdown, or found dead)
     CLAIM_RELEASED = "claim_released"  # the reconciler takes back a claim that went stale
@@ -103,7 +103,8 @@ RULES: tuple[Rule, ...] = (
         E.CANCELLED,
         (S.PLANNED, S.QUEUED, S.BUNDLED, S.SENDING, S.SENT),
         S.CANCELLED,
-        "the campaign was closed (a letter sent earlier is cancelled only instead of a retry)",
+        "the campaign was closed, or the supporter's data erased (a letter sent earlier is cancelled "
+        "only instead of a retry)",
     ),
     _rule(E.BUNDLED, (S.PLANNED,), S.BUNDLED, "the line is short: the letter joins a digest"),
     _rule(E.HANDED_BACK, (S.SENDING,), S.QUEUED, "a stopping worker gives back what it could not finish"),
@@ -125,7 +126,7 @@ TRANSITIONS: Mapping[Event, Rule] = MappingProxyType({rule.event: rule for rule 
 TERMINAL: frozenset[State] = frozenset({S.DELIVERED, S.BOUNCED, S.REROUTED, S.FAILED, S.EXPIRED, S.CANCELLED})
 #: waiting for the queue or a worker, in the ledger's hands
 WAITING: tuple[State, ...] = (S.PLANNED, S.QUEUED)
-#: not yet out nor in a worker's hands: what expiry and a campaign's closing cancel
+#: not yet out nor in a worker's hands: what expiry, a campaign's closing and an erasure cancel
 PENDING: tuple[State, ...] = (S.PLANNED, S.QUEUED, S.BUNDLED)
 #: not yet out: waiting in the ledger, on the queue, or in a worker's hands
 IN_HAND: tuple[State, ...] = (S.PLANNED, S.QUEUED, S.SENDING)

@@ -7,6 +7,7 @@
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
+* :class:`~dispatcher.ledger.erasure.Erasures`: a supporter's data erased on request;
 * :class:`~dispatcher.ledger.bounces.Suppressions` and
   :class:`~dispatcher.ledger.bounces.BounceFacts`: addresses known to bounce, and what bounces said.
 """
@@ -24,6 +25,7 @@ from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
+from dispatcher.ledger.erasure import Erasures
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.reports import EarlyReports
@@ -54,6 +56,7 @@ class Ledger:
         self.suppressions = Suppressions(self.engine)
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
+        self.erasures = Erasures(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

@@ -32,7 +32,7 @@ from dispatcher.errors import (
 )
 from dispatcher.ledger.bounces import Suppressed
 from dispatcher.ledger.controls import Pause
-from dispatcher.ledger.lifecycle import Claim
+from dispatcher.ledger.lifecycle import CANCELLED_OUTCOME, ERASED_TEXT, Claim
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import Event, State
 from dispatcher.ledger.store import Ledger
@@ -208,7 +208,7 @@ class DeliveryProcessor:
             **context,
             outcome=result.outcome,
             code=result.code,
-            reason="the campaign was closed meanwhile"
+            reason=self._why_cancelled(claim)
             if closed
             else (result.text if result.state not in (State.SENT, State.DELIVERED) else None),
             next_attempt_at=result.next_attempt_at.isoformat() if result.next_attempt_at else None,
@@ -222,6 +222,12 @@ class DeliveryProcessor:
             if claim.queued_at and result.state in (State.SENT, State.DELIVERED)
             else None,
         )
+
+    def _why_cancelled(self, claim: Claim) -> str:
+        """Why a letter was cancelled on its way back to waiting (lifecycle.py's guard)."""
+        if claim.appeal_id is not None and self.ledger.erasures.is_erased(claim.appeal_id):
+            return "the supporter's data was erased meanwhile"
+        return "the campaign was closed meanwhile"
 
     def _controls(self, fresh: bool = False) -> tuple[dict[str, Pause], frozenset[str]]:
         """Paused channels and flagged recipients, read at most once a second: a pause matters
@@ -364,6 +370,9 @@ class DeliveryProcessor:
         assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
         supporter = self.ledger.views.supporter(claim.appeal_id)
         if supporter is None:
+            if self.ledger.erasures.is_erased(claim.appeal_id):
+                # erased while this worker held the letter: nothing was sent, nothing will be
+                return Result(Event.CANCELLED, CANCELLED_OUTCOME, text=ERASED_TEXT)
             return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
         return Sender(supporter.name, supporter.email), LetterRequest(
             campaign=campaign,

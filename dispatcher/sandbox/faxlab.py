@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -548,6 +549,26 @@ class FaxLab:
             )
             self._write_record(self.directory / remote_id, record)
         return _report(record)
+
+    def forget(self, tag: str) -> int:
+        """Delete every lab fax of ``tag`` (its folders: sent and received pages, previews, record,
+        protocol log) and its entry in the tag index; returns how many files went. For a
+        supporter's erasure: the pages carry their name."""
+        index = self.directory / "tags" / _tag_file(tag)
+        try:
+            ids = index.read_text().split()
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for remote_id in dict.fromkeys(ids):
+            if not _REMOTE_ID.fullmatch(remote_id):
+                continue
+            folder = self.directory / remote_id
+            if folder.is_dir():
+                removed += sum(1 for p in folder.rglob("*") if p.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        index.unlink(missing_ok=True)
+        return removed
 
     def path_of(self, remote_id: str) -> Path:
         """The folder holding a fax's record, sent.tiff, received.tiff, page-N.png and t30.log."""

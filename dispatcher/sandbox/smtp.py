@@ -53,10 +53,23 @@ class LoopbackController(Controller):
         super()._trigger_server()
 
 
+def _file_ident(message_id: str | None) -> str:
+    ident = _UNSAFE_NAME_CHARS.sub("_", (message_id or "").strip().strip("<>")).strip("._")
+    return ident[:80] or "no-message-id"
+
+
 def safe_file_stem(message_id: str | None, when: datetime) -> str:
     """``20240131T120501123456Z-<message id, made safe>``: sorts by arrival, names the letter."""
-    ident = _UNSAFE_NAME_CHARS.sub("_", (message_id or "").strip().strip("<>")).strip("._")
-    return f"{when.astimezone(UTC):%Y%m%dT%H%M%S%fZ}-{ident[:80] or 'no-message-id'}"
+    return f"{when.astimezone(UTC):%Y%m%dT%H%M%S%fZ}-{_file_ident(message_id)}"
+
+
+def copies_of(directory: Path, message_id: str) -> list[Path]:
+    """The .eml files kept of the letter with this Message-ID (one per try that reached the
+    sandbox), as :meth:`MailDirHandler.write` names them."""
+    if not directory.is_dir():
+        return []
+    name = re.compile(r"\d{8}T\d{12}Z-" + re.escape(_file_ident(message_id)) + r"(-\d+)?\.eml")
+    return sorted(p for p in directory.iterdir() if name.fullmatch(p.name))
 
 
 class MailDirHandler:
