@@ -352,7 +352,6 @@ def test_a_worker_that_claims_an_erased_supporters_letter_sends_nothing(service,
 # ------------------------------------------------------------------ the signed API
 
 
-@SQLITE
 def test_the_api_erases_its_own_sections_supporters_once_and_refuses_the_rest(client, environ, catalog, service):
     service.intake.enqueuer = None
     ours = service.intake.submit(supporter("Ilse Viaapi"))
@@ -506,3 +505,24 @@ def test_texts_the_outside_world_wrote_about_her_letters_lose_her_name_and_addre
     with service.ledger.engine.connect() as conn:
         kept = json.loads(conn.execute(select(ER.c.report)).scalar_one())
     assert kept == {"status": "failed", "reason": "reply from [erased] for [erased]"}
+
+
+@SQLITE
+def test_erasing_again_removes_a_sandbox_copy_that_appeared_since(service):
+    from dispatcher.sandbox.smtp import MailDirHandler
+
+    service.intake.enqueuer = None
+    accepted = service.intake.submit(supporter("Ilse Latecopy"))
+    letter = next(d.id for d in accepted.deliveries if d.channel == "email")
+    who = service.supporters.who(appeal_id=accepted.appeal_id)
+    assert service.supporters.erase(who, actor="admin-anna").sandbox_files_removed == 0
+    # the copy of a letter that was on the wire when she was erased, written by the sandbox after
+    late = MailDirHandler(service.settings.sandbox_mail_dir).write(
+        "bounces@example.org",
+        ["ambassador@example.org"],
+        b"Subject: x\r\n\r\nIlse Latecopy\r\n",
+        message_id_of(service, letter),
+    )
+    again = service.supporters.erase(who, actor="admin-anna")
+    assert (again.status, again.sandbox_files_removed) == ("already_erased", 1)
+    assert not late.exists()

@@ -121,7 +121,7 @@ def _matching(who: Who) -> list[ColumnElement[bool]]:
 def _not_found(who: Who) -> NotFound:
     # The same words whether the appeal does not exist or belongs to another section: a section
     # learns nothing of another's supporters.
-    what = f"appeal {who.appeal_id!r}" if who.appeal_id is not None else "an appeal by this email"
+    what = f"appeal {who.appeal_id!r}" if who.appeal_id is not None else "appeal by this email"
     where = f" in section {who.section!r}" if who.section is not None else ""
     campaign = f" for campaign {who.campaign!r}" if who.campaign is not None else ""
     return NotFound(f"no {what}{where}{campaign}")
