@@ -240,9 +240,10 @@ def test_schemathesis_finds_nothing_the_document_does_not_say(service, signer, m
         except Exception as exc:
             exc.add_note(f"schemathesis: {operation.label} ({mode})")
             raise
-    # The signatures were right: generated appeals got past them, to be accepted or refused on
-    # their merits.
-    assert 202 in signer.statuses or mode is GenerationMode.NEGATIVE, signer.statuses
+    # The signatures were right: generated requests got past them, to be accepted or refused on
+    # their merits (an appeal accepted, or an erasure done: few generated appeals are acceptable,
+    # since a random language is rarely one the section offers).
+    assert {202, 200} & set(signer.statuses) or mode is GenerationMode.NEGATIVE, signer.statuses
     assert 422 in signer.statuses, signer.statuses
 
 

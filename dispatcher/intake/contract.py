@@ -9,7 +9,7 @@ limits and the ``Dispatch-Signature`` scheme into the document FastAPI generates
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -148,7 +148,9 @@ class CountersOut(BaseModel):
 class ErasureOut(BaseModel):
     """What an erasure did, in counts; no personal data."""
 
-    status: str = Field(description="`erased`, or `already_erased` when every appeal named was erased before.")
+    status: Literal["erased", "already_erased"] = Field(
+        description="`erased`, or `already_erased` when every appeal named was erased before."
+    )
     appeal_ids: list[str] = Field(description="The appeals of your section it concerned.")
     appeals_erased: int = Field(description="Appeals erased by this request.")
     letters_cancelled: int = Field(description="Letters not yet sent, cancelled (state `cancelled`, text `erased`).")

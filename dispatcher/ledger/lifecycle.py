@@ -174,9 +174,8 @@ def _guarded(
     if target in PENDING and start & _OUT:
         # A campaign closed (or the supporter's data erased) while the letter was out of the
         # waiting states (being sent, or sent and then reported failed): it does not wait again,
-        # it is cancelled. (Closing cancels
-        # the letters that were waiting; a letter planned since is cancelled by the worker
-        # that claims it.)
+        # it is cancelled. (Closing and erasing cancel the letters that were waiting; a letter
+        # planned since is cancelled by the worker that claims it.)
         assert start <= TRANSITIONS[E.CANCELLED].sources
         given = _unless_closed(target, given)
     return _compare_and_set(event, *where, sources=start, values=given)
