@@ -85,7 +85,7 @@ def fill_history(
     newest = now - NEWEST
     span = timedelta(days=days) - NEWEST
     purged_before = now - timedelta(days=retention_days)
-    step = span / max(appeals, 1)
+    step = span / max(appeals - 1, 1)  # the first appeal is days old, the last an hour
     oldest = newest - span
     insert_appeal, insert_delivery, insert_attempt = insert(AP), insert(D), insert(A)
     started = time.perf_counter()
