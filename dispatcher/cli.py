@@ -658,24 +658,25 @@ def api(host: str, port: int, workers: int) -> None:
     """Run the intake API."""
     import uvicorn
 
-    try:
-        app = _service().api()  # also checks the config before any process starts
-    except ConfigError as exc:
-        _refuse_to_start(exc)
-    if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    else:
-        from dispatcher.metrics.exposition import prepare_multiprocess_dir, remove_multiprocess_dir
+    from dispatcher.metrics.exposition import MULTIPROC_ENV, prepare_multiprocess_dir, remove_multiprocess_dir
 
-        # Each process counts into files there; whichever answers /metrics sums them all.
-        made = prepare_multiprocess_dir()
+    # Several processes (or a directory the environment names): each counts into files there and
+    # whichever answers /metrics sums them all. Emptied before anything counts (docs/metrics.md).
+    made = prepare_multiprocess_dir() if workers > 1 or os.environ.get(MULTIPROC_ENV) else None
+    try:
         try:
+            app = _service().api()  # also checks the config before any process starts
+        except ConfigError as exc:
+            _refuse_to_start(exc)
+        if workers == 1:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        else:
             # uvicorn's own process manager: each process builds the app from the environment
             uvicorn.run(
                 "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
             )
-        finally:
-            remove_multiprocess_dir(made)
+    finally:
+        remove_multiprocess_dir(made)
 
 
 @main.command()

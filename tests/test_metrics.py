@@ -335,3 +335,22 @@ def test_alert_rules_are_valid_yaml_and_name_only_metrics_that_exist(service):
         used = set(re.findall(r"\b((?:dispatch|process)_[a-z_]+)\b", alert["expr"]))
         assert used, alert["alert"]
         assert used <= names, (alert["alert"], used - names)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_metrics_need_the_token_when_one_is_set(settings, environ):
+    from fastapi.testclient import TestClient
+
+    from dispatcher.metrics.exposition import TOKEN_ENV
+
+    service = Service(settings, environ={**environ, TOKEN_ENV: "a-long-scrape-token"})
+    service.ledger.migrate()
+    with TestClient(service.api()) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        answer = client.get("/metrics", headers={"Authorization": "Bearer a-long-scrape-token"})
+        assert answer.status_code == 200
+        assert "dispatch_letters" in samples(answer.text) or "dispatch_ledger_up" in samples(answer.text)
+        # not part of the public contract's document
+        assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+    service.ledger.dispose()
