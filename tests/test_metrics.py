@@ -7,6 +7,8 @@ prometheus_client's own parser and held against the ledger and the requests made
 * ``dispatcher worker --metrics-port`` and ``dispatcher reconcile --metrics-port`` as processes;
 * ``dispatcher api --workers 2`` (multiprocess mode: any process answers with every process's
   counts), and two processes writing one directory that one scrape sums;
+* a paused channel and the deferrals it causes, with their reason; a bounce counted by the
+  process that applied it (``dispatcher bounces``); ``DISPATCH_METRICS_TOKEN``;
 * the alert rules in docs/prometheus/alerts.yml name only metrics the service exposes.
 """
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,17 @@ from tests.support.services import free_port, wait_for_port
 from tests.support.workers import Worker, worker_env
 
 Labels = tuple[tuple[str, str], ...]
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def bounce_intake(tmp_path: Path, database_url: str, redis_server: Any) -> Iterator[Any]:
+    """A service whose letters go to a relay that accepts them, and its ``dispatcher bounces``
+    (tests/test_bounce_intake.py)."""
+    from tests.test_bounce_intake import running_intake
+
+    with running_intake(tmp_path, database_url, redis_server) as started:
+        yield started
 
 
 @pytest.fixture
@@ -180,7 +194,7 @@ def _summed_by_route(made: Counter[tuple[str, str, str]]) -> Counter[tuple[str, 
     return out
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_a_paused_channel_and_deferrals_show_with_their_reason(client, environ, catalog, smtp, service, running):
     from datetime import UTC, datetime
 
@@ -197,7 +211,7 @@ def test_a_paused_channel_and_deferrals_show_with_their_reason(client, environ, 
     assert letters[("email", "planned")] == 1
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_worker_and_reconciler_processes_serve_their_own_metrics(tmp_path, client, environ, catalog, smtp, service):
     env = worker_env(service, environ, DISPATCH_FAX_LINE_WAIT_SECONDS="1")
     worker_port, reconciler_port = free_port(), free_port()
@@ -269,7 +283,7 @@ def test_two_processes_write_and_one_scrape_sees_the_sum(tmp_path):
     assert by(found, "dispatch_outcomes_total", "result")[("sent",)] == 70
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_api_with_two_processes_answers_every_scrape_with_all_their_requests(tmp_path, service, environ):
     port = free_port()
     # the operator's own directory, holding counts from an earlier run: emptied at start
@@ -318,7 +332,7 @@ def exposed_names(service: Service) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_alert_rules_are_valid_yaml_and_name_only_metrics_that_exist(service):
     rules = yaml.safe_load((ROOT / "docs" / "prometheus" / "alerts.yml").read_text())
     names = exposed_names(service) | {"up"}
@@ -337,7 +351,7 @@ def test_alert_rules_are_valid_yaml_and_name_only_metrics_that_exist(service):
         assert used <= names, (alert["alert"], used - names)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_metrics_need_the_token_when_one_is_set(settings, environ):
     from fastapi.testclient import TestClient
 
@@ -354,3 +368,15 @@ def test_metrics_need_the_token_when_one_is_set(settings, environ):
         # not part of the public contract's document
         assert "/metrics" not in client.get("/openapi.json").json()["paths"]
     service.ledger.dispose()
+
+
+@SQLITE_ONLY
+def test_bounces_are_counted_where_they_are_applied(bounce_intake):
+    """What ``dispatcher bounces --metrics-port`` serves: each bounce it applied, by what it did."""
+    letters = bounce_intake.send_letters(2)
+    assert bounce_intake.bounce(letters[0], "postfix_hard.eml") == 250
+    service = bounce_intake.service
+    found = samples(service.scrape(service_wide=False).render().decode())
+    assert by(found, "dispatch_reports_total", "channel", "result") == Counter({("email", "bounced"): 1})
+    assert by(found, "dispatch_outcomes_total", "channel", "result") == Counter({("email", "sent"): 2})
+    assert bounce_intake.state(letters[0]) == "bounced" and bounce_intake.state(letters[1]) == "sent"
