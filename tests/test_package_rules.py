@@ -60,6 +60,10 @@ FORBIDDEN = {
     "dispatcher.policy": ("dispatcher.intake", "dispatcher.queue", "dispatcher.app"),
     "dispatcher.config.models": ("dispatcher.channels", "dispatcher.ledger", "dispatcher.queue"),
     "dispatcher.settings": ("dispatcher.policy", "dispatcher.channels", "dispatcher.ledger", "dispatcher.app"),
+    # every layer counts through the instruments, so they import no layer; the collectors read
+    # the ledger and the queue, and are wired by app.py
+    "dispatcher.metrics": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli"),
+    "dispatcher.metrics.instruments": ("dispatcher.",),
 }
 
 

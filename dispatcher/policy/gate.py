@@ -88,21 +88,33 @@ class SendingGate:
             raise DeferredError(
                 f"outside the recipient's office hours; opens {opens.isoformat()}",
                 retry_after=(opens - now).total_seconds() + self._spread(target, channel),
+                reason="office_hours",
             )
         texts = self.rate_texts(target, channel)
         recipient_key = f"recipient:{channel}:{recipient}"
-        self._reserve(recipient_key, texts, token, what="the recipient's cap", target=target, channel=channel)
+        self._reserve(
+            recipient_key, texts, token, what="the recipient's cap", target=target, channel=channel, why="recipient_cap"
+        )
         if provider is not None and provider_rates:
             try:
                 self._reserve(
-                    provider, tuple(provider_rates), token, what=f"{provider}'s limit", target=target, channel=channel
+                    provider,
+                    tuple(provider_rates),
+                    token,
+                    what=f"{provider}'s limit",
+                    target=target,
+                    channel=channel,
+                    why="provider_limit",
                 )
             except DeferredError:
                 if texts:
                     self.limiter.cancel(recipient_key, token)  # not sent: the recipient's slot goes back
                 raise
 
-    def _reserve(self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: str) -> None:
+    def _reserve(
+        self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: str, why: str
+    ) -> None:
+        """``why``: the deferral's reason when the slot is not free (a metrics label)."""
         if not texts:
             return
         rates = parsed_rates(tuple(texts))
@@ -112,11 +124,13 @@ class SendingGate:
             # Our own infrastructure is away (a Redis restart): hold the letter back, without
             # charging it a try, rather than send it past a cap nobody can check.
             raise DeferredError(
-                f"the caps cannot be checked ({type(exc).__name__}); held back", retry_after=LIMITER_DOWN_WAIT
+                f"the caps cannot be checked ({type(exc).__name__}); held back",
+                retry_after=LIMITER_DOWN_WAIT,
+                reason="limits_unavailable",
             ) from exc
         if wait > 0:
             raise DeferredError(
-                f"{what} is used up ({', '.join(texts)})", retry_after=wait + self._spread(target, channel)
+                f"{what} is used up ({', '.join(texts)})", retry_after=wait + self._spread(target, channel), reason=why
             )
 
     def _spread(self, target: Target, channel: str) -> float:
