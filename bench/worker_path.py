@@ -192,7 +192,7 @@ def run(
     loop_total = sum(v[2] for v in loop_stats.stats.values()) * 1000 / n  # type: ignore[attr-defined]
     if args.top:
         main_stats.sort_stats("tottime").print_stats(args.top)
-        loop_stats.sort_stats("tottime").print_stats(args.top // 2)
+        loop_stats.sort_stats("cumulative").print_stats(args.top)
     return {
         "letters": n,
         "sent_at_sink": sent,
