@@ -111,7 +111,7 @@ _CLOSED = D.c.campaign.in_(select(CC.c.campaign))
 # Spelt out: SQLAlchemy writes SQLite's RETURNING with every column unqualified, and in the
 # subquery an unqualified "appeal_id" would be the delivery's only while appeals has no such column.
 _CLAIMED_APPEAL = AP.alias("claimed_appeal")
-_DELIVERY_APPEAL = literal_column(f"{D.name}.{D.c.appeal_id.name}")
+_DELIVERY_APPEAL: ColumnElement[str] = literal_column(f"{D.name}.{D.c.appeal_id.name}")
 #: what the claim returns of the letter's appeal (views.supporter_of reads them by name)
 _SUPPORTER_COLUMNS = (
     AP.c.supporter_name,
