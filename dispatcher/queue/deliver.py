@@ -383,7 +383,7 @@ class DeliveryProcessor:
                 signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
             )
         assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
-        supporter = self.ledger.views.supporter(claim.appeal_id)
+        supporter = claim.supporter  # read by the claim itself
         if supporter is None:
             return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
         return Sender(supporter.name, supporter.email), LetterRequest(
