@@ -146,3 +146,17 @@ def test_a_hash_made_with_weaker_parameters_is_replaced_at_the_next_sign_in(serv
 def test_the_store_refuses_bad_names(service):
     with pytest.raises(OperatorError, match="name"):
         service.ledger.operators.add("has space", PASSWORD, role="viewer", now=datetime.now(UTC), actor="test")
+
+
+def test_dev_mode_makes_its_admin_once_and_shows_its_password_again(service):
+    from dispatcher.dev import ensure_dev_admin
+
+    first = ensure_dev_admin(service.settings, service.ledger)
+    password = first.split(" / ")[1].split()[0]
+    assert first.startswith("dev-admin / ") and "(new; kept in" in first
+    assert service.ledger.operators.verify("dev-admin", password).role == "admin"
+    assert ensure_dev_admin(service.settings, service.ledger).startswith(f"dev-admin / {password}  (from ")
+    service.ledger.operators.passwd("dev-admin", "chosen by a person", now=datetime.now(UTC), actor="test")
+    again = ensure_dev_admin(service.settings, service.ledger)
+    assert password not in again and "operators passwd dev-admin" in again
+    assert service.ledger.operators.verify("dev-admin", "chosen by a person") is not None
