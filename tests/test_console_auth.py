@@ -159,10 +159,37 @@ def test_a_sign_in_goes_back_to_the_page_asked_for_and_never_elsewhere(web, cons
     assert away.headers["location"] == "/console/"
 
 
+@sqlite_only
 def test_cookies_are_secure_in_live_mode(settings):
     assert not settings.console_cookie_secure
     assert settings.but(mode="live").console_cookie_secure
     assert settings.but(console_secure_cookie=True).console_cookie_secure
+    assert not settings.but(mode="live", console_secure_cookie=False).console_cookie_secure
+
+
+def test_console_settings_are_read_from_the_environment_and_checked(monkeypatch):
+    from dispatcher.errors import ConfigError
+    from dispatcher.settings import Settings
+
+    for name in ("DISPATCH_MODE", "DISPATCH_CONSOLE_SECURE_COOKIE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISPATCH_CONSOLE_SESSION_HOURS", "0.5")
+    monkeypatch.setenv("DISPATCH_CONSOLE_LOGIN_LIMITS", "3/minute, 10/hour")
+    monkeypatch.setenv("DISPATCH_CONSOLE_LOGIN_IP_LIMITS", "")
+    settings = Settings.from_env()
+    assert settings.console_session_hours == 0.5
+    assert settings.console_login_limits == ("3/minute", "10/hour")
+    assert settings.console_login_ip_limits == ()
+    assert not settings.console_cookie_secure
+    monkeypatch.setenv("DISPATCH_MODE", "live")
+    assert Settings.from_env().console_cookie_secure
+    monkeypatch.setenv("DISPATCH_CONSOLE_SECURE_COOKIE", "0")
+    assert not Settings.from_env().console_cookie_secure
+    for name, value in (("DISPATCH_CONSOLE_SESSION_HOURS", "eight"), ("DISPATCH_CONSOLE_LOGIN_LIMITS", "5/fortnight")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env()
+        monkeypatch.delenv(name)
 
 
 # ---------------------------------------------------------------------------- roles and sections
