@@ -3,6 +3,7 @@ roles and sections. Through the real API app (TestClient) on a real ledger and a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -340,3 +341,33 @@ def appeal_body_ch() -> dict:
     from tests.conftest import appeal_body
 
     return appeal_body(section="ch", language="de")
+
+
+@sqlite_only
+def test_the_audit_log_pages_newest_first_and_filters_by_target(web, console_service):
+    from dispatcher.ledger.audit import Audit
+
+    start = datetime.now(UTC)
+    with console_service.ledger.engine.begin() as conn:
+        for n in range(60):
+            Audit.record(
+                conn,
+                actor="maria",
+                action="channel.pause",
+                target_kind="channel",
+                target_id="fax:us" if n % 2 else "email:us",
+                now=start + timedelta(seconds=n),
+                section="us",
+                reason=f"reason {n}",
+            )
+    _signed_in(web, console_service, "viewer", ("us",))
+    first = web.get("/console/audit").text
+    assert "reason 59" in first and "reason 10" in first and "reason 9<" not in first
+    assert first.index("reason 59") < first.index("reason 58")
+    older = re.search(r'href="(/console/audit\?before=\d+)"', first)
+    assert older is not None
+    second = web.get(older.group(1).replace("&amp;", "&")).text
+    assert "reason 9<" in second and "reason 0<" in second and "reason 10<" not in second
+    assert "Older entries" not in second and "Newest" in second
+    only = web.get("/console/audit?target=email:us").text
+    assert only.count("<code>email:us</code>") == 30 and "fax:us" not in only
