@@ -42,6 +42,7 @@ from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
 from dispatcher.queue.reports import ReportApplier
 from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, ShutdownReport, stop_worker
+from dispatcher.queue.status import lease_key
 from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
 from dispatcher.retry import RetryPolicy
@@ -250,10 +251,32 @@ class Service:
             channels=self.channels if self.settings.live else None,
             reports=self.reports,
         )
+        self._mount_console(app)
         from dispatcher.metrics.exposition import TOKEN_ENV, install
 
         install(app, self.scrape(), self.metrics.api, token=self.environ.get(TOKEN_ENV) or None)
         return app
+
+    def _mount_console(self, app: FastAPI) -> None:
+        """The operators' console under /console (docs/console.md), in the API's process."""
+        from fastapi.responses import RedirectResponse
+
+        from dispatcher.console import PREFIX, ConsoleContext, create_console
+
+        console = ConsoleContext(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            redis=self.broker.client,
+            limiter=self.limiter,
+            clock=self.clock,
+        )
+
+        @app.get(PREFIX, include_in_schema=False)
+        async def _console_root() -> RedirectResponse:
+            return RedirectResponse(PREFIX + "/", status_code=307)
+
+        app.mount(PREFIX, create_console(console))
 
     def reconciler(self, **config: Any) -> Reconciler:
         cfg = ReconcilerConfig(**config)
@@ -265,7 +288,7 @@ class Service:
             pacer=self.pacer,
             lease=Lease(
                 self.broker.client,
-                f"{self.settings.redis_namespace}:reconciler:lease",
+                lease_key(self.settings.redis_namespace),
                 reconciler_identity(),
                 cfg.lease_seconds,
             ),

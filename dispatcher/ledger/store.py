@@ -7,6 +7,8 @@
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
+* :class:`~dispatcher.ledger.operators.Operators`: operators' accounts and console sessions;
+* :class:`~dispatcher.ledger.audit.Audit`: what operators did;
 * :class:`~dispatcher.ledger.bounces.Suppressions` and
   :class:`~dispatcher.ledger.bounces.BounceFacts`: addresses known to bounce, and what bounces said.
 """
@@ -26,6 +28,7 @@ from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
+from dispatcher.ledger.operators import Operators
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
 from dispatcher.ledger.views import Views
@@ -54,6 +57,7 @@ class Ledger:
         self.suppressions = Suppressions(self.engine)
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
+        self.operators = Operators(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:
