@@ -24,6 +24,7 @@ from dispatcher.errors import OperationalError
 from dispatcher.intake.service import IntakeService
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
+from dispatcher.metrics.instruments import Metrics
 from dispatcher.policy.gate import SendingGate
 from dispatcher.policy.limits import RateLimiter
 from dispatcher.policy.lines import Lines
@@ -41,6 +42,7 @@ from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
 from dispatcher.queue.reports import ReportApplier
 from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, ShutdownReport, stop_worker
+from dispatcher.queue.status import lease_key
 from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
 from dispatcher.retry import RetryPolicy
@@ -50,6 +52,8 @@ from dispatcher.supporters import Supporters
 if TYPE_CHECKING:
     from dramatiq.brokers.redis import RedisBroker
     from fastapi import FastAPI
+
+    from dispatcher.metrics.exposition import Scrape
 
 
 def load_configured_catalog(
@@ -181,7 +185,31 @@ class Service:
             channels=self.channels,
             lines=self.lines,
             clock=self.clock,
+            metrics=self.metrics.reports,
         )
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        """This process's counters (docs/metrics.md): the API, worker and reconciler built from
+        this service share them, so ``dispatcher dev`` shows them all on one /metrics."""
+        return Metrics()
+
+    def scrape(self, *, service_wide: bool = True) -> Scrape:
+        """What a scrape of this process answers; ``service_wide``: with the ledger's letters and
+        the queue read now (the API's /metrics; a worker's own port shows only its counters)."""
+        from dispatcher.ledger.stats import Stats
+        from dispatcher.metrics.collectors import LedgerCollector, QueueCollector, channel_keys
+        from dispatcher.metrics.exposition import Scrape
+
+        extra = (
+            [
+                LedgerCollector(Stats(self.ledger.engine), channel_keys=channel_keys(self.catalog), clock=self.clock),
+                QueueCollector(self.broker.client, self.settings.redis_namespace),
+            ]
+            if service_wide
+            else []
+        )
+        return Scrape(self.metrics.registry, extra)
 
     def bounce_intake(self) -> BounceIntake:
         """What ``dispatcher bounces`` hands each message to: the channel whose letters come back
@@ -223,12 +251,38 @@ class Service:
         # API from starting instead of failing every webhook.
         for name in self.channels.names():
             self.channels.get(name)
-        return create_app(
+        app = create_app(
             self.intake,
             health=self.health,
             channels=self.channels if self.settings.live else None,
             reports=self.reports,
         )
+        self._mount_console(app)
+        from dispatcher.metrics.exposition import TOKEN_ENV, install
+
+        install(app, self.scrape(), self.metrics.api, token=self.environ.get(TOKEN_ENV) or None)
+        return app
+
+    def _mount_console(self, app: FastAPI) -> None:
+        """The operators' console under /console (docs/console.md), in the API's process."""
+        from fastapi.responses import RedirectResponse
+
+        from dispatcher.console import PREFIX, ConsoleContext, create_console
+
+        console = ConsoleContext(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            redis=self.broker.client,
+            limiter=self.limiter,
+            clock=self.clock,
+        )
+
+        @app.get(PREFIX, include_in_schema=False)
+        async def _console_root() -> RedirectResponse:
+            return RedirectResponse(PREFIX + "/", status_code=307)
+
+        app.mount(PREFIX, create_console(console))
 
     def reconciler(self, **config: Any) -> Reconciler:
         cfg = ReconcilerConfig(**config)
@@ -240,7 +294,7 @@ class Service:
             pacer=self.pacer,
             lease=Lease(
                 self.broker.client,
-                f"{self.settings.redis_namespace}:reconciler:lease",
+                lease_key(self.settings.redis_namespace),
                 reconciler_identity(),
                 cfg.lease_seconds,
             ),
@@ -249,6 +303,7 @@ class Service:
             # its own channels: a poll's HTTP clients belong to the reconciler's event loop
             channels=self._channels(),
             reports=self.reports,
+            metrics=self.metrics.reconciler,
         )
 
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
@@ -272,6 +327,7 @@ class Service:
             worker_id=worker_id,
             parked_reports=self.reports.apply_parked,
             clock=self.clock,
+            metrics=self.metrics.worker,
             **processor_options,
         )
         declare_deliver(self.broker, processor)

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -49,6 +50,29 @@ def _service(settings: Settings | None = None) -> Service:
     from dispatcher.app import Service
 
     return Service(settings or _settings())
+
+
+def _metrics_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--metrics-port`` and ``--metrics-host``: this process's own metrics (docs/metrics.md)."""
+    command = click.option(
+        "--metrics-host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address the metrics port listens on (0.0.0.0 for a Prometheus on another machine).",
+    )(command)
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Serve this process's Prometheus metrics on this port (/metrics); default: none.",
+    )(command)
+
+
+def _serve_metrics(service: Service, port: int | None, host: str) -> None:
+    if port is not None:
+        from dispatcher.metrics.exposition import serve
+
+        serve(service.scrape(service_wide=False), port, host)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -524,7 +548,7 @@ def channel_resume(key: str) -> None:
     """Resume KEY (e.g. email:us) once its cause is fixed; its waiting letters go out now."""
     from dispatcher.ledger.models import utcnow
 
-    released = _service().ledger.controls.resume_channel(key, utcnow())
+    released = _service().ledger.controls.resume_channel(key, utcnow(), by=_cli_actor())
     if released is None:
         err.print(f"{key} is not paused")
         sys.exit(1)
@@ -560,10 +584,137 @@ def fax_flagged() -> None:
 @click.argument("number")
 def fax_unflag(number: str) -> None:
     """Clear NUMBER (E.164) after checking it by hand; its waiting letters go out again."""
-    if not _service().ledger.controls.unflag_number(number):
+    from dispatcher.ledger.models import utcnow
+
+    if not _service().ledger.controls.unflag_number(number, now=utcnow(), by=_cli_actor()):
         err.print(f"{number} is not flagged")
         sys.exit(1)
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
+
+
+# ---------------------------------------------------------------------------- operators
+
+
+def _cli_actor() -> str:
+    """Who acts from the command line, as the audit log names them."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in a bare container
+        return f"cli:uid-{os.getuid()}"
+
+
+def _new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt="Repeat the password")
+    return str(password)
+
+
+@main.group()
+def operators() -> None:
+    """Accounts of the operators' console (docs/console.md): viewers, operators and admins."""
+
+
+@operators.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option(
+    "--section",
+    "sections",
+    multiple=True,
+    help="A section it works on (repeatable); none: every section (a viewer, an admin).",
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def operators_add(name: str, role: str, sections: tuple[str, ...], password_stdin: bool) -> None:
+    """Create the console account NAME; the password is asked for twice (or read from stdin)."""
+    from dispatcher.config.loader import load_catalog
+    from dispatcher.errors import OperatorError
+    from dispatcher.ledger.models import utcnow
+
+    settings = _settings()
+    try:
+        known = load_catalog(settings.config_dir).sections
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    unknown = [code for code in sections if code not in known]
+    if unknown:
+        err.print(f"unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})", highlight=False)
+        sys.exit(2)
+    password = _new_password(password_stdin)
+    try:
+        account = _service(settings).ledger.operators.add(
+            name, password, role=role, sections=sections, now=utcnow(), actor=_cli_actor(), known_sections=known
+        )
+    except OperatorError as exc:
+        err.print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)
+    Console().print(f"operator {account.name} added ({account.describe()})", highlight=False)
+
+
+@operators.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def operators_passwd(name: str, password_stdin: bool) -> None:
+    """Set NAME's password; every console session of NAME ends."""
+    from dispatcher.errors import OperatorError
+    from dispatcher.ledger.models import utcnow
+
+    service = _service()
+    if service.ledger.operators.get(name) is None:
+        err.print(f"no operator named {name!r}", highlight=False)
+        sys.exit(1)
+    password = _new_password(password_stdin)
+    try:
+        service.ledger.operators.passwd(name, password, now=utcnow(), actor=_cli_actor())
+    except OperatorError as exc:
+        err.print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)
+    Console().print(f"password of {name} changed; its sessions ended", highlight=False)
+
+
+@operators.command("remove")
+@click.argument("name")
+def operators_remove(name: str) -> None:
+    """Remove NAME's account; its sessions end at once. The audit log keeps its actions."""
+    from dispatcher.ledger.models import utcnow
+
+    if not _service().ledger.operators.remove(name, now=utcnow(), actor=_cli_actor()):
+        err.print(f"no operator named {name!r}", highlight=False)
+        sys.exit(1)
+    Console().print(f"operator {name} removed", highlight=False)
+
+
+@operators.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+def operators_list(as_json: bool) -> None:
+    """Show the console's accounts: name, role, sections, since when, last password change."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    rows = _service().ledger.operators.list()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_iso, indent=2))
+        return
+    if not rows:
+        Console().print("no operators: add one with `dispatcher operators add NAME --role admin`")
+        return
+    table = Table(title="console operators")
+    for col in ("name", "role", "sections", "created", "password changed"):
+        table.add_column(col, no_wrap=col == "name")
+    for r in rows:
+        table.add_row(
+            r.name,
+            r.role,
+            " ".join(r.sections) or "all",
+            r.created_at.isoformat(timespec="seconds"),
+            r.password_changed_at.isoformat(timespec="seconds"),
+        )
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------- bounces
@@ -622,7 +773,8 @@ def suppressions_remove(address: str, channel: str | None) -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [default: DISPATCH_BOUNCES_LISTEN's host].")
 @click.option("--port", default=None, type=int, help="Port [default: DISPATCH_BOUNCES_LISTEN's port, 2526].")
-def bounces(host: str | None, port: int | None) -> None:
+@_metrics_options
+def bounces(host: str | None, port: int | None, metrics_port: int | None, metrics_host: str) -> None:
     """Receive bounces: an SMTP server for the bounce domains' MX, and a poller for each
     section whose bounces land in an IMAP mailbox ([bounces.imap])."""
     from dispatcher.bounces import BounceReceiver
@@ -634,6 +786,7 @@ def bounces(host: str | None, port: int | None) -> None:
         _refuse_to_start(exc)
     stop = threading.Event()
     _stop_on_signals(stop)
+    _serve_metrics(service, metrics_port, metrics_host)
     receiver.start()
     Console().print(receiver.describe())
     stop.wait()
@@ -698,17 +851,25 @@ def api(host: str, port: int, workers: int) -> None:
     """Run the intake API."""
     import uvicorn
 
+    from dispatcher.metrics.exposition import MULTIPROC_ENV, prepare_multiprocess_dir, remove_multiprocess_dir
+
+    # Several processes (or a directory the environment names): each counts into files there and
+    # whichever answers /metrics sums them all. Emptied before anything counts (docs/metrics.md).
+    made = prepare_multiprocess_dir() if workers > 1 or os.environ.get(MULTIPROC_ENV) else None
     try:
-        app = _service().api()  # also checks the config before any process starts
-    except ConfigError as exc:
-        _refuse_to_start(exc)
-    if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    else:
-        # uvicorn's own process manager: each process builds the app from the environment
-        uvicorn.run(
-            "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
-        )
+        try:
+            app = _service().api()  # also checks the config before any process starts
+        except ConfigError as exc:
+            _refuse_to_start(exc)
+        if workers == 1:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        else:
+            # uvicorn's own process manager: each process builds the app from the environment
+            uvicorn.run(
+                "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
+            )
+    finally:
+        remove_multiprocess_dir(made)
 
 
 @main.command()
@@ -720,14 +881,17 @@ def api(host: str, port: int, workers: int) -> None:
     type=click.FloatRange(min=0),
     help="Seconds a SIGTERM waits for letters being sent; then they are handed back to the queue.",
 )
-def worker(threads: int, shutdown_timeout: float) -> None:
+@_metrics_options
+def worker(threads: int, shutdown_timeout: float, metrics_port: int | None, metrics_host: str) -> None:
     """Run a worker that sends letters.
 
     SIGTERM (or SIGINT): unstarted messages go back to the queue at once, letters being sent get
     --shutdown-timeout seconds to finish and be recorded, and any still running then are handed
     back (claim released, message requeued) for another worker; exit status 0. A second signal
     hands back at once."""
-    handle = _service().worker(threads=threads)
+    service = _service()
+    handle = service.worker(threads=threads)
+    _serve_metrics(service, metrics_port, metrics_host)
     stop = threading.Event()
     _stop_on_signals(stop)
     handle.start()
@@ -745,11 +909,15 @@ def worker(threads: int, shutdown_timeout: float) -> None:
 
 @main.command()
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between ticks.")
-def reconcile(interval: float) -> None:
+@_metrics_options
+def reconcile(interval: float, metrics_port: int | None, metrics_host: str) -> None:
     """Run the reconciler: releases due letters to the queue, takes back stale claims."""
     stop = threading.Event()
     _stop_on_signals(stop)
-    _service().reconciler(interval=interval).run(stop)
+    service = _service()
+    reconciler = service.reconciler(interval=interval)
+    _serve_metrics(service, metrics_port, metrics_host)
+    reconciler.run(stop)
 
 
 @main.command()

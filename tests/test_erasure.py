@@ -331,21 +331,19 @@ def test_a_letter_sent_while_its_supporter_was_erased_stays_sent_and_counted(ser
 
 
 @SQLITE
-def test_a_worker_that_claims_an_erased_supporters_letter_sends_nothing(service, smtp):
+def test_a_queue_message_for_an_erased_supporters_letter_sends_nothing(service, smtp):
     service.intake.enqueuer = None
     accepted = service.intake.submit(supporter("Ilse Toolate"))
     letter = next(d.id for d in accepted.deliveries if d.channel == "email")
+    service.ledger.lifecycle.mark_queued([letter], datetime.now(UTC))  # its message is on its way
+    service.supporters.erase(service.supporters.who(appeal_id=accepted.appeal_id), actor="admin-anna")
     handle = service.worker(threads=1)
     try:
-        now = datetime.now(UTC)
-        claim = service.ledger.lifecycle.claim(letter, handle.processor.worker_id, now)
-        assert claim is not None
-        service.supporters.erase(service.supporters.who(appeal_id=accepted.appeal_id), actor="admin-anna")
-        # the worker reads her data only now: gone, so nothing is rendered nor sent
-        result = handle.processor._attempt(claim, now)
+        handle.processor(letter)  # the message arrives: the claim finds the letter cancelled
     finally:
         handle.loop.stop()
-    assert (result.event, result.text) == (Event.CANCELLED, "erased")
+    view = service.ledger.views.delivery(letter)
+    assert (view.state, view.last_text, view.attempts) == ("cancelled", "erased", 0)
     assert smtp.messages == []
 
 

@@ -8,6 +8,8 @@
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
 * :class:`~dispatcher.ledger.erasure.Erasures`: a supporter's data erased on request;
+* :class:`~dispatcher.ledger.operators.Operators`: operators' accounts and console sessions;
+* :class:`~dispatcher.ledger.audit.Audit`: what operators did;
 * :class:`~dispatcher.ledger.bounces.Suppressions` and
   :class:`~dispatcher.ledger.bounces.BounceFacts`: addresses known to bounce, and what bounces said.
 """
@@ -28,6 +30,7 @@ from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.erasure import Erasures
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
+from dispatcher.ledger.operators import Operators
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
 from dispatcher.ledger.views import Views
@@ -57,6 +60,7 @@ class Ledger:
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
         self.erasures = Erasures(self.engine)
+        self.operators = Operators(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:
