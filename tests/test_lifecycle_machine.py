@@ -51,7 +51,9 @@ from dispatcher.channels.fax.channel import FaxChannel
 from dispatcher.ledger.lifecycle import Claim, DigestRoute, Result, move, one, planned_values
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
+    OPERATOR_EVENTS,
     PENDING,
+    REOPENABLE,
     RULES,
     TERMINAL,
     TRANSITIONS,
@@ -76,8 +78,15 @@ SEND_OUTCOMES = (E.SENT, E.DELIVERED, E.RETRY, E.DEFERRED, E.FAILED, E.EXPIRED, 
 LATE_OUTCOMES = (E.DELIVERED, E.BOUNCED, E.RETRY, E.DEFERRED, E.FAILED, E.SENT)
 #: every (event, state) the writer must refuse up front: those the table does not list, and any
 #: move out of a terminal state whatever the table says (a table that let one out would be wrong)
+#: but an operator's retry of a failed or bounced letter (tests/test_letter_actions.py)
 ILLEGAL = sorted(
-    {(r.event, s) for r in RULES if r.sources for s in State if s not in r.sources or s in TERMINAL},
+    {
+        (r.event, s)
+        for r in RULES
+        if r.sources
+        for s in State
+        if s not in r.sources or (s in TERMINAL and not (r.event in OPERATOR_EVENTS and s in REOPENABLE))
+    },
     key=lambda pair: (pair[0].value, pair[1].value),
 )
 #: for the table check: every one-step change the table allows

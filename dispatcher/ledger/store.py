@@ -5,6 +5,7 @@
 * :class:`~dispatcher.ledger.controls.Controls`: operators' pauses, flags and closures;
 * :class:`~dispatcher.ledger.schedule.Schedule`: what the pacer and reconciler ask;
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
+* :class:`~dispatcher.ledger.actions.LetterActions`: an operator's retry, cancel, hand-back (audited);
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
 * :class:`~dispatcher.ledger.bounces.Suppressions` and
@@ -20,6 +21,7 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.ledger.actions import LetterActions
 from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.controls import Controls
@@ -54,6 +56,7 @@ class Ledger:
         self.suppressions = Suppressions(self.engine)
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
+        self.actions = LetterActions(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:
