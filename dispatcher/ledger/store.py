@@ -5,6 +5,8 @@
 * :class:`~dispatcher.ledger.controls.Controls`: operators' pauses, flags and closures;
 * :class:`~dispatcher.ledger.schedule.Schedule`: what the pacer and reconciler ask;
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
+* :class:`~dispatcher.ledger.search.LetterSearch` and :class:`~dispatcher.ledger.campaigns.CampaignReads`:
+  the console's letter search (scoped, keyset-paged, CSV) and campaign counters;
 * :class:`~dispatcher.ledger.actions.LetterActions`: an operator's retry, cancel, hand-back (audited);
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
@@ -24,12 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher.ledger.actions import LetterActions
 from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
+from dispatcher.ledger.campaigns import CampaignReads
 from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
+from dispatcher.ledger.search import LetterSearch
 from dispatcher.ledger.views import Views
 
 
@@ -57,6 +61,8 @@ class Ledger:
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
         self.actions = LetterActions(self.engine)
+        self.search = LetterSearch(self.engine)
+        self.campaigns = CampaignReads(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -66,6 +67,61 @@ class Sender(NamedTuple):
 
     name: str
     reply_to: str
+
+
+@dataclass(frozen=True)
+class NoLetter:
+    """Why a delivery has no letter to write."""
+
+    why: str
+
+
+def letter_request(
+    catalog: Catalog,
+    ledger: Ledger,
+    *,
+    delivery_id: str,
+    kind: str,
+    appeal_id: str | None,
+    campaign: str,
+    section: Section,
+    target: Target,
+    language: str,
+    now: datetime,
+) -> tuple[Sender, LetterRequest] | NoLetter:
+    """What to render for a delivery, from the ledger's data, dated ``now`` where the letter
+    arrives: the worker's letter, and the console's preview of it (dispatcher/queue/preview.py)."""
+    # the day it is where the letter arrives
+    day = now.astimezone(ZoneInfo(target.timezone)).date()
+    found = catalog.campaigns[campaign]
+    if kind == "digest":
+        signers = ledger.schedule.digest_signers(delivery_id)
+        if not signers:
+            return NoLetter("none of the digest's letters is waiting any more")
+        # The section signs a digest and takes the replies; the supporters are listed below it.
+        return Sender("", str(section.sender.address)), LetterRequest(
+            campaign=found,
+            section=section,
+            target=target,
+            language=language,
+            supporter=Supporter(section.sender.name, str(section.sender.address)),
+            message=None,
+            date=day,
+            signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
+        )
+    assert appeal_id is not None  # every letter but a digest belongs to an appeal
+    supporter = ledger.views.supporter(appeal_id)
+    if supporter is None:
+        return NoLetter("the supporter's data was purged before sending")
+    return Sender(supporter.name, supporter.email), LetterRequest(
+        campaign=found,
+        section=section,
+        target=target,
+        language=language,
+        supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
+        message=supporter.message,
+        date=day,
+    )
 
 
 class ChannelFault(DispatchError):
@@ -343,37 +399,23 @@ class DeliveryProcessor:
     def _request(
         self, claim: Claim, section: Section, target: Target, now: datetime
     ) -> tuple[Sender, LetterRequest] | Result:
-        campaign = self.catalog.campaigns[claim.campaign]
-        # the day it is where the letter arrives
-        day = now.astimezone(ZoneInfo(target.timezone)).date()
-        if claim.kind == "digest":
-            signers = self.ledger.schedule.digest_signers(claim.id)
-            if not signers:
-                return Result(Event.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
-            # The section signs a digest and takes the replies; the supporters are listed below it.
-            return Sender("", str(section.sender.address)), LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=target,
-                language=claim.language,
-                supporter=Supporter(section.sender.name, str(section.sender.address)),
-                message=None,
-                date=day,
-                signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
-            )
-        assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
-        supporter = self.ledger.views.supporter(claim.appeal_id)
-        if supporter is None:
-            return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
-        return Sender(supporter.name, supporter.email), LetterRequest(
-            campaign=campaign,
+        built = letter_request(
+            self.catalog,
+            self.ledger,
+            delivery_id=claim.id,
+            kind=claim.kind,
+            appeal_id=claim.appeal_id,
+            campaign=claim.campaign,
             section=section,
             target=target,
             language=claim.language,
-            supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
-            message=supporter.message,
-            date=day,
+            now=now,
         )
+        if isinstance(built, NoLetter):
+            if claim.kind == "digest":
+                return Result(Event.CANCELLED, "cancelled", text=built.why)
+            return Result(Event.FAILED, Outcome.PERMANENT, text=built.why)
+        return built
 
     def _send(
         self,
