@@ -217,12 +217,35 @@ class Service:
         # API from starting instead of failing every webhook.
         for name in self.channels.names():
             self.channels.get(name)
-        return create_app(
+        app = create_app(
             self.intake,
             health=self.health,
             channels=self.channels if self.settings.live else None,
             reports=self.reports,
         )
+        self._mount_console(app)
+        return app
+
+    def _mount_console(self, app: FastAPI) -> None:
+        """The operators' console under /console (docs/console.md), in the API's process."""
+        from fastapi.responses import RedirectResponse
+
+        from dispatcher.console import PREFIX, ConsoleContext, create_console
+
+        console = ConsoleContext(
+            settings=self.settings,
+            catalog=self.catalog,
+            ledger=self.ledger,
+            redis=self.broker.client,
+            limiter=self.limiter,
+            clock=self.clock,
+        )
+
+        @app.get(PREFIX, include_in_schema=False)
+        async def _console_root() -> RedirectResponse:
+            return RedirectResponse(PREFIX + "/", status_code=307)
+
+        app.mount(PREFIX, create_console(console))
 
     def reconciler(self, **config: Any) -> Reconciler:
         cfg = ReconcilerConfig(**config)

@@ -258,3 +258,52 @@ class MailboxLoginRefused(MailboxError):
 
 class MailboxFolderMissing(MailboxError):
     """We are logged in, but the folder cannot be opened: fix the folder's name."""
+
+
+# --------------------------------------------------------------------------- operators
+
+
+class OperatorError(DispatchError):
+    """An operator account cannot be created or changed as asked (a name taken or unknown, a role
+    or section that does not exist, a password too short). The message says which."""
+
+
+class ConsoleError(DispatchError):
+    """A console request refused; ``status`` is what the console answers, ``title`` heads the
+    page that explains it (docs/console.md)."""
+
+    status: int = 400
+    title: str = "Not possible"
+
+    def __init__(self, message: str, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class OutOfScope(ConsoleError):
+    """Something that does not exist for this operator: another section's letter answers exactly
+    like a letter that does not exist, so ids of other sections do not leak."""
+
+    status = 404
+    title = "Not found"
+
+
+class NotAllowed(ConsoleError):
+    """The operator sees this but may not do this (a viewer acting, an operator doing an admin's
+    work)."""
+
+    status = 403
+    title = "Not allowed"
+
+
+class CsrfRefused(ConsoleError):
+    """A form posted without the session's token, or with another one."""
+
+    status = 403
+    title = "Form refused"
+
+
+class TooManyLogins(ConsoleError):
+    status = 429
+    title = "Too many sign-in attempts"

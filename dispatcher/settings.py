@@ -149,6 +149,14 @@ class Settings:
     #: soft bounces (a full mailbox) for one address within the window that count as a hard one
     soft_bounce_limit: int = 3
     soft_bounce_window_days: int = 7
+    #: hours a console sign-in lasts (docs/console.md, "Accounts and sign-in")
+    console_session_hours: float = 8.0
+    #: the console's cookies carry ``Secure`` (sent over HTTPS only); None: in live mode only, since
+    #: sandbox and dev mode serve plain HTTP on loopback, where a browser would drop such a cookie
+    console_secure_cookie: bool | None = None
+    #: sign-in attempts that failed, per operator name and per client address ("" for none)
+    console_login_limits: tuple[str, ...] = ("5/minute", "20/hour")
+    console_login_ip_limits: tuple[str, ...] = ("20/minute", "100/hour")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -210,6 +218,14 @@ class Settings:
             bounces_port=int(bounce_port),
             soft_bounce_limit=_env_int("DISPATCH_SOFT_BOUNCE_LIMIT", 3),
             soft_bounce_window_days=_env_int("DISPATCH_SOFT_BOUNCE_WINDOW_DAYS", 7),
+            console_session_hours=_env_float("DISPATCH_CONSOLE_SESSION_HOURS", 8.0, low=0.01, high=24.0 * 31),
+            console_secure_cookie=(
+                _env_bool("DISPATCH_CONSOLE_SECURE_COOKIE", False)
+                if os.environ.get("DISPATCH_CONSOLE_SECURE_COOKIE")
+                else None
+            ),
+            console_login_limits=_env_list("DISPATCH_CONSOLE_LOGIN_LIMITS", ("5/minute", "20/hour")),
+            console_login_ip_limits=_env_list("DISPATCH_CONSOLE_LOGIN_IP_LIMITS", ("20/minute", "100/hour")),
         )
         settings.telnyx_webhook_key()
         return settings
@@ -266,3 +282,7 @@ class Settings:
     @property
     def live(self) -> bool:
         return self.mode == "live"
+
+    @property
+    def console_cookie_secure(self) -> bool:
+        return self.live if self.console_secure_cookie is None else self.console_secure_cookie

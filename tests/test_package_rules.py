@@ -49,17 +49,51 @@ def test_every_exception_the_package_defines_derives_from_dispatch_error():
     assert outside == []
 
 
-#: what each layer must not import (intake → ledger → queue → render → channels, never back;
-#: the sandbox stand-ins and the config models sit below the channels)
+#: what each layer must not import (intake and console → ledger → queue → render → channels, never
+#: back; the sandbox stand-ins and the config models sit below the channels)
 FORBIDDEN = {
-    "dispatcher.channels": ("dispatcher.intake", "dispatcher.ledger", "dispatcher.queue", "dispatcher.render"),
-    "dispatcher.sandbox": ("dispatcher.intake", "dispatcher.ledger", "dispatcher.queue", "dispatcher.app"),
-    "dispatcher.render": ("dispatcher.intake", "dispatcher.ledger", "dispatcher.queue", "dispatcher.app"),
-    "dispatcher.queue": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli"),
-    "dispatcher.ledger": ("dispatcher.intake", "dispatcher.queue", "dispatcher.channels", "dispatcher.app"),
-    "dispatcher.policy": ("dispatcher.intake", "dispatcher.queue", "dispatcher.app"),
-    "dispatcher.config.models": ("dispatcher.channels", "dispatcher.ledger", "dispatcher.queue"),
-    "dispatcher.settings": ("dispatcher.policy", "dispatcher.channels", "dispatcher.ledger", "dispatcher.app"),
+    "dispatcher.channels": (
+        "dispatcher.intake",
+        "dispatcher.ledger",
+        "dispatcher.queue",
+        "dispatcher.render",
+        "dispatcher.console",
+    ),
+    "dispatcher.sandbox": (
+        "dispatcher.intake",
+        "dispatcher.ledger",
+        "dispatcher.queue",
+        "dispatcher.app",
+        "dispatcher.console",
+    ),
+    "dispatcher.render": (
+        "dispatcher.intake",
+        "dispatcher.ledger",
+        "dispatcher.queue",
+        "dispatcher.app",
+        "dispatcher.console",
+    ),
+    "dispatcher.queue": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli", "dispatcher.console"),
+    "dispatcher.ledger": (
+        "dispatcher.intake",
+        "dispatcher.queue",
+        "dispatcher.channels",
+        "dispatcher.app",
+        "dispatcher.console",
+    ),
+    "dispatcher.policy": ("dispatcher.intake", "dispatcher.queue", "dispatcher.app", "dispatcher.console"),
+    "dispatcher.config.models": ("dispatcher.channels", "dispatcher.ledger", "dispatcher.queue", "dispatcher.console"),
+    "dispatcher.settings": (
+        "dispatcher.policy",
+        "dispatcher.channels",
+        "dispatcher.ledger",
+        "dispatcher.app",
+        "dispatcher.console",
+    ),
+    # the console sits beside the intake at the top: it reads and acts through the layers below,
+    # and neither it nor the intake knows the other (the API process mounts both, in app.py)
+    "dispatcher.intake": ("dispatcher.console",),
+    "dispatcher.console": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli", "dispatcher.dev"),
 }
 
 

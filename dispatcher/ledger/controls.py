@@ -1,4 +1,9 @@
-"""Operators' controls in the ledger: paused channels, flagged fax numbers, closed campaigns."""
+"""Operators' controls in the ledger: paused channels, flagged fax numbers, closed campaigns.
+
+An action an operator takes (``by``: the console's operator, or ``cli:<user>``) is written to the
+audit log in the action's own transaction (:mod:`dispatcher.ledger.audit`); the service's own
+moves (a worker pausing a channel its relay refuses) pass no ``by`` and are not audited.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, bindparam, delete, insert, select, update
 
+from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.engine import reading
 from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.states import State
@@ -64,12 +70,23 @@ class Controls:
 
     # ------------------------------------------------------------------ paused channels
 
-    def pause_channel(self, key: str, reason: str, now: datetime) -> bool:
+    def pause_channel(self, key: str, reason: str, now: datetime, *, by: str | None = None) -> bool:
         """Pause ``key`` ("email:us"); False if it already was (the first reason stays)."""
         with self.engine.begin() as conn:
             if conn.execute(select(PC.c.key).where(PC.c.key == key)).first() is not None:
                 return False
             conn.execute(insert(PC).values(key=key, reason=reason, paused_at=now))
+            if by is not None:
+                Audit.record(
+                    conn,
+                    actor=by,
+                    action="channel.pause",
+                    target_kind="channel",
+                    target_id=key,
+                    now=now,
+                    section=key.partition(":")[2] or None,
+                    reason=reason,
+                )
             return True
 
     def paused_channels(self) -> dict[str, Pause]:
@@ -77,14 +94,16 @@ class Controls:
             rows = conn.execute(select(PC).order_by(PC.c.paused_at)).all()
         return {r.key: Pause(r.key, r.reason, r.paused_at) for r in rows}
 
-    def resume_channel(self, key: str, now: datetime) -> int | None:
+    def resume_channel(
+        self, key: str, now: datetime, *, by: str | None = None, reason: str | None = None
+    ) -> int | None:
         """Resume ``key``; its waiting letters become due now. None if it was not paused."""
         channel, _, section = key.partition(":")
         with self.engine.begin() as conn:
             if conn.execute(delete(PC).where(PC.c.key == key)).rowcount == 0:
                 return None
             # Not a move: the letters stay planned and only become due sooner.
-            return conn.execute(
+            released: int = conn.execute(
                 update(D)
                 .where(
                     D.c.channel == channel,
@@ -95,6 +114,19 @@ class Controls:
                 )
                 .values(next_attempt_at=now, updated_at=now)
             ).rowcount
+            if by is not None:
+                Audit.record(
+                    conn,
+                    actor=by,
+                    action="channel.resume",
+                    target_kind="channel",
+                    target_id=key,
+                    now=now,
+                    section=section or None,
+                    reason=reason,
+                    detail=f"{released} waiting letter(s) due now",
+                )
+            return released
 
     # ------------------------------------------------------------------ flagged fax numbers
 
@@ -113,6 +145,36 @@ class Controls:
             rows = conn.execute(select(FN).order_by(FN.c.flagged_at)).all()
         return [FlaggedNumber(r.number, r.reason, r.delivery_id, r.flagged_at) for r in rows]
 
-    def unflag_number(self, number: str) -> bool:
+    def flagged_number(self, number: str) -> FlaggedNumber | None:
+        with self.reads.connect() as conn:
+            r = conn.execute(select(FN).where(FN.c.number == number)).one_or_none()
+        return None if r is None else FlaggedNumber(r.number, r.reason, r.delivery_id, r.flagged_at)
+
+    def unflag_number(
+        self,
+        number: str,
+        *,
+        now: datetime | None = None,
+        by: str | None = None,
+        reason: str | None = None,
+        section: str | None = None,
+    ) -> bool:
+        """Clear ``number``; False if it was not flagged. ``by`` (with ``now``) audits it, under
+        ``section`` (the section of the letter that flagged it, if known)."""
         with self.engine.begin() as conn:
-            return conn.execute(delete(FN).where(FN.c.number == number)).rowcount == 1
+            if conn.execute(delete(FN).where(FN.c.number == number)).rowcount != 1:
+                return False
+            if by is not None:
+                if now is None:
+                    raise ValueError("an audited unflag needs its time")
+                Audit.record(
+                    conn,
+                    actor=by,
+                    action="number.unflag",
+                    target_kind="number",
+                    target_id=number,
+                    now=now,
+                    section=section,
+                    reason=reason,
+                )
+            return True

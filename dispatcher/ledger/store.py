@@ -10,6 +10,8 @@
 * :class:`~dispatcher.ledger.actions.LetterActions`: an operator's retry, cancel, hand-back (audited);
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
+* :class:`~dispatcher.ledger.operators.Operators`: operators' accounts and console sessions;
+* :class:`~dispatcher.ledger.audit.Audit`: what operators did;
 * :class:`~dispatcher.ledger.bounces.Suppressions` and
   :class:`~dispatcher.ledger.bounces.BounceFacts`: addresses known to bounce, and what bounces said.
 """
@@ -31,6 +33,7 @@ from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
+from dispatcher.ledger.operators import Operators
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
 from dispatcher.ledger.search import LetterSearch
@@ -60,6 +63,7 @@ class Ledger:
         self.suppressions = Suppressions(self.engine)
         self.bounces = BounceFacts(self.engine)
         self.audit = Audit(self.engine)
+        self.operators = Operators(self.engine)
         self.actions = LetterActions(self.engine)
         self.search = LetterSearch(self.engine)
         self.campaigns = CampaignReads(self.engine)

@@ -1,0 +1,7 @@
+"""The audit log, read-only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,53 @@
+"""What the console's pages work with: the service's parts it reads and acts through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request
+
+from dispatcher.config.catalog import Catalog
+from dispatcher.ledger.models import utcnow
+from dispatcher.ledger.store import Ledger
+from dispatcher.policy.limits import RateLimiter
+from dispatcher.settings import Settings
+
+#: where the API serves the console
+PREFIX = "/console"
+
+
+@dataclass
+class ConsoleContext:
+    settings: Settings
+    catalog: Catalog
+    ledger: Ledger
+    #: the queue's Redis client (queue depth, workers, the reconciler's lease); None: not shown
+    redis: Any = None
+    #: counts sign-in attempts; None: sign-ins are not limited (a test's console without Redis)
+    limiter: RateLimiter | None = None
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def section_codes(self) -> list[str]:
+        return sorted(self.catalog.sections)
+
+    def channel_keys(self) -> list[str]:
+        """Every "channel:section" a route of the configuration sends through: what may be paused."""
+        keys: set[str] = set()
+        for code, section in self.catalog.sections.items():
+            for campaign in section.campaigns:
+                if campaign not in self.catalog.campaigns:
+                    continue
+                keys.update(f"{route.channel}:{code}" for route in self.catalog.routes(campaign, code))
+        return sorted(keys)
+
+
+def context_of(request: Request) -> ConsoleContext:
+    """FastAPI dependency: the console's context (set on the console app's state)."""
+    ctx: ConsoleContext = request.app.state.console
+    return ctx
