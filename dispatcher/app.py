@@ -41,6 +41,7 @@ from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reconciler import Reconciler, ReconcilerConfig, reconciler_identity
 from dispatcher.queue.reports import ReportApplier
 from dispatcher.queue.shutdown import DEFAULT_SHUTDOWN_TIMEOUT_S, InFlight, ShutdownReport, stop_worker
+from dispatcher.queue.status import lease_key
 from dispatcher.render.documents import Documents, standard_documents
 from dispatcher.render.letters import Renderer
 from dispatcher.retry import RetryPolicy
@@ -281,7 +282,7 @@ class Service:
             pacer=self.pacer,
             lease=Lease(
                 self.broker.client,
-                f"{self.settings.redis_namespace}:reconciler:lease",
+                lease_key(self.settings.redis_namespace),
                 reconciler_identity(),
                 cfg.lease_seconds,
             ),

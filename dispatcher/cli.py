@@ -458,7 +458,7 @@ def channel_resume(key: str) -> None:
     """Resume KEY (e.g. email:us) once its cause is fixed; its waiting letters go out now."""
     from dispatcher.ledger.models import utcnow
 
-    released = _service().ledger.controls.resume_channel(key, utcnow())
+    released = _service().ledger.controls.resume_channel(key, utcnow(), by=_cli_actor())
     if released is None:
         err.print(f"{key} is not paused")
         sys.exit(1)
@@ -494,10 +494,137 @@ def fax_flagged() -> None:
 @click.argument("number")
 def fax_unflag(number: str) -> None:
     """Clear NUMBER (E.164) after checking it by hand; its waiting letters go out again."""
-    if not _service().ledger.controls.unflag_number(number):
+    from dispatcher.ledger.models import utcnow
+
+    if not _service().ledger.controls.unflag_number(number, now=utcnow(), by=_cli_actor()):
         err.print(f"{number} is not flagged")
         sys.exit(1)
     Console().print(f"{number} cleared; letters waiting for it are sent at their next try")
+
+
+# ---------------------------------------------------------------------------- operators
+
+
+def _cli_actor() -> str:
+    """Who acts from the command line, as the audit log names them."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in a bare container
+        return f"cli:uid-{os.getuid()}"
+
+
+def _new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt="Repeat the password")
+    return str(password)
+
+
+@main.group()
+def operators() -> None:
+    """Accounts of the operators' console (docs/console.md): viewers, operators and admins."""
+
+
+@operators.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option(
+    "--section",
+    "sections",
+    multiple=True,
+    help="A section it works on (repeatable); none: every section (a viewer, an admin).",
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def operators_add(name: str, role: str, sections: tuple[str, ...], password_stdin: bool) -> None:
+    """Create the console account NAME; the password is asked for twice (or read from stdin)."""
+    from dispatcher.config.loader import load_catalog
+    from dispatcher.errors import OperatorError
+    from dispatcher.ledger.models import utcnow
+
+    settings = _settings()
+    try:
+        known = load_catalog(settings.config_dir).sections
+    except ConfigError as exc:
+        _refuse_to_start(exc)
+    unknown = [code for code in sections if code not in known]
+    if unknown:
+        err.print(f"unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})", highlight=False)
+        sys.exit(2)
+    password = _new_password(password_stdin)
+    try:
+        account = _service(settings).ledger.operators.add(
+            name, password, role=role, sections=sections, now=utcnow(), actor=_cli_actor(), known_sections=known
+        )
+    except OperatorError as exc:
+        err.print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)
+    Console().print(f"operator {account.name} added ({account.describe()})", highlight=False)
+
+
+@operators.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def operators_passwd(name: str, password_stdin: bool) -> None:
+    """Set NAME's password; every console session of NAME ends."""
+    from dispatcher.errors import OperatorError
+    from dispatcher.ledger.models import utcnow
+
+    service = _service()
+    if service.ledger.operators.get(name) is None:
+        err.print(f"no operator named {name!r}", highlight=False)
+        sys.exit(1)
+    password = _new_password(password_stdin)
+    try:
+        service.ledger.operators.passwd(name, password, now=utcnow(), actor=_cli_actor())
+    except OperatorError as exc:
+        err.print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)
+    Console().print(f"password of {name} changed; its sessions ended", highlight=False)
+
+
+@operators.command("remove")
+@click.argument("name")
+def operators_remove(name: str) -> None:
+    """Remove NAME's account; its sessions end at once. The audit log keeps its actions."""
+    from dispatcher.ledger.models import utcnow
+
+    if not _service().ledger.operators.remove(name, now=utcnow(), actor=_cli_actor()):
+        err.print(f"no operator named {name!r}", highlight=False)
+        sys.exit(1)
+    Console().print(f"operator {name} removed", highlight=False)
+
+
+@operators.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+def operators_list(as_json: bool) -> None:
+    """Show the console's accounts: name, role, sections, since when, last password change."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    rows = _service().ledger.operators.list()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_iso, indent=2))
+        return
+    if not rows:
+        Console().print("no operators: add one with `dispatcher operators add NAME --role admin`")
+        return
+    table = Table(title="console operators")
+    for col in ("name", "role", "sections", "created", "password changed"):
+        table.add_column(col, no_wrap=col == "name")
+    for r in rows:
+        table.add_row(
+            r.name,
+            r.role,
+            " ".join(r.sections) or "all",
+            r.created_at.isoformat(timespec="seconds"),
+            r.password_changed_at.isoformat(timespec="seconds"),
+        )
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------- bounces

@@ -163,3 +163,153 @@ def test_cookies_are_secure_in_live_mode(settings):
     assert not settings.console_cookie_secure
     assert settings.but(mode="live").console_cookie_secure
     assert settings.but(console_secure_cookie=True).console_cookie_secure
+
+
+# ---------------------------------------------------------------------------- roles and sections
+
+
+def _signed_in(web: TestClient, service: Service, role: str, sections: tuple[str, ...] = ()) -> str:
+    """Sign ``web`` in as a new operator; returns the page's CSRF token."""
+    web.cookies.clear()
+    assert sign_in(web, add_operator(service, role, sections)).status_code == 303
+    return csrf_of(web.get("/console/channels").text)
+
+
+def _waiting_email_letter(service: Service) -> str:
+    """A us email letter held back by a paused channel (as a worker leaves it)."""
+    from sqlalchemy import update
+
+    from dispatcher.ledger.models import Delivery
+    from tests.conftest import email_letters
+
+    [letter] = email_letters(service, 1)
+    with service.ledger.session() as s:
+        s.execute(
+            update(Delivery)
+            .where(Delivery.id == letter)
+            .values(last_outcome="deferred", next_attempt_at=datetime.now(UTC) + timedelta(hours=1))
+        )
+    return letter
+
+
+def test_an_operator_pauses_and_resumes_its_sections_channel_and_both_are_audited(web, console_service, clock):
+    csrf = _signed_in(web, console_service, "operator", ("us",))
+    page = web.get("/console/channels")
+    assert '<option value="email:us">' in page.text and '<option value="fax:ch">' not in page.text
+
+    paused = web.post(
+        "/console/channels/pause", data={"csrf": csrf, "key": "email:us", "reason": "relay under maintenance"}
+    )
+    assert paused.status_code == 200 and "email:us paused" in paused.text
+    assert console_service.ledger.controls.paused_channels()["email:us"].reason == "relay under maintenance"
+
+    letter = _waiting_email_letter(console_service)
+    resumed = web.post("/console/channels/resume", data={"csrf": csrf, "key": "email:us", "reason": "relay back"})
+    assert "email:us resumed; 1 waiting letter(s) are due now" in resumed.text
+    assert console_service.ledger.controls.paused_channels() == {}
+    view = console_service.ledger.views.delivery(letter)
+    assert view is not None and view.next_attempt_at is not None and view.next_attempt_at <= clock.now
+
+    entries = console_service.ledger.audit.entries(target_id="email:us")
+    operator = entries[0].actor
+    assert [(e.action, e.target_id, e.section, e.reason, e.actor) for e in entries] == [
+        ("channel.resume", "email:us", "us", "relay back", operator),
+        ("channel.pause", "email:us", "us", "relay under maintenance", operator),
+    ]
+    assert entries[0].detail == "1 waiting letter(s) due now"
+    audit = web.get("/console/audit")
+    assert "channel.resume" in audit.text and "relay under maintenance" in audit.text
+
+
+@sqlite_only
+def test_a_pause_needs_a_reason(web, console_service):
+    csrf = _signed_in(web, console_service, "admin")
+    refused = web.post("/console/channels/pause", data={"csrf": csrf, "key": "fax:ch", "reason": "  "})
+    assert "fax:ch not paused: say why" in refused.text
+    assert console_service.ledger.controls.paused_channels() == {}
+
+
+@sqlite_only
+def test_a_pause_posted_without_the_token_is_refused_and_nothing_changes(web, console_service):
+    _signed_in(web, console_service, "admin")
+    refused = web.post("/console/channels/pause", data={"key": "fax:ch", "reason": "test"})
+    assert refused.status_code == 403 and "Form refused" in refused.text
+    assert console_service.ledger.controls.paused_channels() == {}
+    assert _actions(console_service) == []
+
+
+@sqlite_only
+def test_a_viewer_cannot_pause_resume_or_unflag(web, console_service):
+    now = datetime.now(UTC)
+    console_service.ledger.controls.pause_channel("email:us", "relay refused our login", now)
+    console_service.ledger.controls.flag_number("+41315550100", "no fax tone", None, now)
+    csrf = _signed_in(web, console_service, "viewer", ("us",))
+    page = web.get("/console/channels")
+    assert "relay refused our login" in page.text and "+41315550100" in page.text
+    assert "Resume email:us" not in page.text and "Unflag" not in page.text and "Pause a channel" not in page.text
+    for path, data in (
+        ("/console/channels/pause", {"key": "fax:us", "reason": "test"}),
+        ("/console/channels/resume", {"key": "email:us"}),
+        ("/console/numbers/unflag", {"number": "+41315550100"}),
+    ):
+        refused = web.post(path, data={"csrf": csrf, **data})
+        assert refused.status_code == 403, path
+        assert "a viewer reads but does not act" in refused.text
+    assert set(console_service.ledger.controls.paused_channels()) == {"email:us"}
+    assert console_service.ledger.controls.flagged("+41315550100") == "no fax tone"
+    assert _actions(console_service) == []
+
+
+@sqlite_only
+def test_an_operator_of_us_sees_nothing_of_ch_and_acts_on_none_of_it(web, console_service):
+    ledger = console_service.ledger
+    now = datetime.now(UTC)
+    ch_letter = console_service.intake.submit(appeal_body_ch()).deliveries[0].id
+    ledger.controls.flag_number("+41315550100", "no fax tone", ch_letter, now)
+    ledger.controls.pause_channel("fax:ch", "gateway out of funds", now, by="ch-admin")
+    ledger.controls.pause_channel("email:us", "relay refused our login", now, by="us-admin")
+    [us_entry, ch_entry] = ledger.audit.entries()
+
+    csrf = _signed_in(web, console_service, "operator", ("us",))
+    # the paused channel is a fact everyone sees; acting on it is ch's (or an admin's)
+    assert "gateway out of funds" in web.get("/console/channels").text
+    refused = web.post("/console/channels/resume", data={"csrf": csrf, "key": "fax:ch"})
+    assert refused.status_code == 403 and "not a channel of your sections" in refused.text
+    # the number shows, the ch letter that flagged it does not; unflagging it is ch's
+    channels = web.get("/console/channels").text
+    assert "+41315550100" in channels and ch_letter not in channels
+    assert web.post("/console/numbers/unflag", data={"csrf": csrf, "number": "+41315550100"}).status_code == 403
+    # the audit log: us's entry only, and ch's entry answers like one that does not exist
+    audit = web.get("/console/audit").text
+    assert "relay refused our login" in audit and "gateway out of funds" not in audit
+    assert web.get(f"/console/audit/{us_entry.id}").status_code == 200
+    hidden = web.get(f"/console/audit/{ch_entry.id}")
+    missing = web.get("/console/audit/999999")
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.text == missing.text
+    assert web.get(f"/console/audit?target={ch_letter}").text.count("<tr>") == 0
+    # unknown channel keys are not found at all
+    assert (
+        web.post("/console/channels/pause", data={"csrf": csrf, "key": "pigeon:us", "reason": "x"}).status_code == 404
+    )
+    assert set(ledger.controls.paused_channels()) == {"fax:ch", "email:us"}
+    assert ledger.controls.flagged("+41315550100") == "no fax tone"
+
+    # an operator of ch may, and its audit entry is ch's
+    csrf = _signed_in(web, console_service, "operator", ("ch",))
+    assert ch_letter in web.get("/console/channels").text
+    done = web.post("/console/numbers/unflag", data={"csrf": csrf, "number": "+41315550100", "reason": "called them"})
+    assert "+41315550100 cleared" in done.text
+    entry = ledger.audit.entries()[0]
+    assert (entry.action, entry.section, entry.reason) == ("number.unflag", "ch", "called them")
+
+
+def _actions(service: Service) -> list[str]:
+    """The audit log's actions, but for the accounts the test made."""
+    return [e.action for e in service.ledger.audit.entries() if not e.action.startswith("operator.")]
+
+
+def appeal_body_ch() -> dict:
+    from tests.conftest import appeal_body
+
+    return appeal_body(section="ch", language="de")

@@ -29,7 +29,8 @@ anything::
   a missing thing and for another section's, so ids of other sections do not leak;
 * :func:`may_act` — :func:`visible`, then :class:`~dispatcher.errors.NotAllowed` (403, a page
   saying why) for an operator who sees it but may not act on it (a viewer);
-* :func:`admin_only` — 403 for anyone but an admin.
+* :func:`admin_only` — 403 for anyone but an admin; :func:`not_allowed` — the 403 to raise for a
+  rule of a page's own.
 
 Roles: a viewer reads its sections (every section if it has none); an operator reads and acts on
 its sections' letters and channels; an admin reads and acts on everything and manages operators.
@@ -144,10 +145,16 @@ def may_act(operator: Operator, section: str | None) -> None:
     """:func:`visible`, then 403 unless the operator may act on ``section``."""
     visible(operator, section)
     if not operator.acts_on(section):
-        raise NotAllowed(
-            f"You are signed in as {operator.name} ({operator.describe()}): "
-            + ("a viewer reads but does not act." if not operator.can_act else "this is not one of your sections.")
-        )
+        raise not_allowed(operator)
+
+
+def not_allowed(operator: Operator, why: str = "this is not one of your sections.") -> NotAllowed:
+    """The 403 to raise when ``operator`` may not act: says who is signed in, and ``why`` (a viewer
+    is told that viewers do not act, whatever ``why`` says)."""
+    return NotAllowed(
+        f"You are signed in as {operator.name} ({operator.describe()}): "
+        + ("a viewer reads but does not act." if not operator.can_act else why)
+    )
 
 
 def admin_only(operator: Operator) -> None:

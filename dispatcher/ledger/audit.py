@@ -61,6 +61,11 @@ class Audit:
             )
         )
 
+    def entry(self, entry_id: int) -> AuditView | None:
+        with self.reads.connect() as conn:
+            row = conn.execute(select(AU).where(AU.c.id == entry_id)).one_or_none()
+        return None if row is None else AuditView(**row._mapping)
+
     def entries(
         self,
         *,

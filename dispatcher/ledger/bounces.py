@@ -116,6 +116,12 @@ class Suppressions:
         with self.engine.begin() as conn:
             return conn.execute(delete(SU).where(*where)).rowcount
 
+    def count(self) -> int:
+        """How many addresses are suppressed, on every channel."""
+        with self.reads.connect() as conn:
+            n: int = conn.execute(select(func.count()).select_from(SU)).scalar_one()
+        return n
+
     def all(self, channel: str | None = None) -> list[Suppressed]:
         query = select(SU).order_by(SU.c.created_at, SU.c.id)
         if channel is not None:

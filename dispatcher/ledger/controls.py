@@ -164,17 +164,15 @@ class Controls:
         return None if r is None else FlaggedNumber(r.number, r.reason, r.delivery_id, r.flagged_at)
 
     def unflag_number(
-        self,
-        number: str,
-        *,
-        now: datetime | None = None,
-        by: str | None = None,
-        reason: str | None = None,
-        section: str | None = None,
+        self, number: str, *, now: datetime | None = None, by: str | None = None, reason: str | None = None
     ) -> bool:
         """Clear ``number``; False if it was not flagged. ``by`` (with ``now``) audits it, under
-        ``section`` (the section of the letter that flagged it, if known)."""
+        the section of the letter that flagged it (a number is every section's, but that letter
+        is whose problem it was)."""
         with self.engine.begin() as conn:
+            section = conn.execute(
+                select(D.c.section).select_from(FN.join(D, D.c.id == FN.c.delivery_id)).where(FN.c.number == number)
+            ).scalar_one_or_none()
             if conn.execute(delete(FN).where(FN.c.number == number)).rowcount != 1:
                 return False
             if by is not None:

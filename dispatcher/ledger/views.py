@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from dispatcher.ledger.engine import reading
-from dispatcher.ledger.states import LETTER_OUT, WAITING, State
+from dispatcher.ledger.states import LETTER_OUT, TERMINAL, WAITING, State
 from dispatcher.ledger.tables import AP, DL, A, D
 
 
@@ -209,6 +209,21 @@ class DeadLetterView:
 
 
 @dataclass(frozen=True)
+class Activity:
+    """One channel's letters over a window (the console's overview).
+
+    ``sent``: handed to the relay or gateway in the window; ``delivered``: confirmed by the far
+    end in the window; ``failed``: ended failed or bounced in the window; ``deferred``: held back
+    in the window by our own policy (caps, office hours) or a paused channel, and still waiting
+    (a deferral writes no attempt, so this counts letters, not deferrals)."""
+
+    sent: int = 0
+    delivered: int = 0
+    failed: int = 0
+    deferred: int = 0
+
+
+@dataclass(frozen=True)
 class DeliveryFilter:
     """Which deliveries a listing shows; None matches anything."""
 
@@ -336,6 +351,48 @@ class Views:
         for section, n in letters:
             counts[section] = (counts.get(section, (0, 0))[0], n)
         return Counters(campaign, {code: SectionCount(a, d) for code, (a, d) in counts.items()})
+
+    def activity(self, since: datetime, *, sections: Sequence[str] | None = None) -> dict[str, Activity]:
+        """Per channel, what happened to letters since ``since`` (:class:`Activity`); only the
+        ``sections`` given (None: every section)."""
+        scope = [] if sections is None else [D.c.section.in_(list(sections))]
+        counts: dict[str, dict[str, int]] = {}
+        queries = {
+            "sent": select(D.c.channel, func.count()).where(D.c.sent_at >= since, *scope),
+            "delivered": select(D.c.channel, func.count()).where(D.c.delivered_at >= since, *scope),
+            "failed": select(D.c.channel, func.count()).where(
+                D.c.state.in_([State.FAILED.value, State.BOUNCED.value]), D.c.updated_at >= since, *scope
+            ),
+            "deferred": select(D.c.channel, func.count()).where(
+                D.c.state.in_([s.value for s in WAITING]),
+                D.c.last_outcome.in_(("deferred", "operational")),
+                D.c.updated_at >= since,
+                *scope,
+            ),
+        }
+        with self.reads.connect() as conn:
+            for name, query in queries.items():
+                for channel, n in conn.execute(query.group_by(D.c.channel)):
+                    counts.setdefault(channel, {})[name] = n
+        return {channel: Activity(**c) for channel, c in sorted(counts.items())}
+
+    def in_hand(self, *, sections: Sequence[str] | None = None) -> dict[State, int]:
+        """Letters not yet final, by state (waiting, being sent, sent and awaiting the far end's
+        word, bundled into a digest); only the ``sections`` given (None: every section)."""
+        scope = [] if sections is None else [D.c.section.in_(list(sections))]
+        with self.reads.connect() as conn:
+            rows = conn.execute(
+                select(D.c.state, func.count())
+                .where(D.c.state.not_in([s.value for s in TERMINAL]), *scope)
+                .group_by(D.c.state)
+            ).all()
+        found = {State(state): n for state, n in rows}
+        return {state: found[state] for state in State if state in found}
+
+    def dead_letter_count(self) -> int:
+        with self.reads.connect() as conn:
+            n: int = conn.execute(select(func.count()).select_from(DL)).scalar_one()
+        return n
 
     def attempts(self, delivery_id: str) -> list[AttemptView]:
         with self.reads.connect() as conn:

@@ -17,6 +17,8 @@ Several reconcilers may run (one per machine): a lease in Redis lets one release
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import socket
@@ -25,6 +27,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
+
+import redis
 
 from dispatcher.channels.registry import Channels
 from dispatcher.config.catalog import Catalog
@@ -38,6 +42,7 @@ from dispatcher.queue.liveness import DeadWorkers
 from dispatcher.queue.loop import LoopThread
 from dispatcher.queue.pacer import Pacer
 from dispatcher.queue.reports import ReportApplier
+from dispatcher.queue.status import last_tick_key
 from dispatcher.queue.strays import StrandedMessages
 from dispatcher.settings import Settings
 
@@ -128,6 +133,7 @@ class Reconciler:
             _on_its_own("reconciler.liveness_check_failed", lambda: self.release_dead_workers(now))
         if not self._leading():
             return 0
+        self._note_tick(now)
         grace = self.config.fresh_grace
         due: list[str] = []
         for recipient in self.ledger.schedule.due_recipients(now, fresh_grace=grace):
@@ -153,6 +159,15 @@ class Reconciler:
         if due:
             log.info("reconciler.released", deliveries=len(due))
         return len(due)
+
+    def _note_tick(self, now: datetime) -> None:
+        """Tell operators this reconciler is ticking (the console's overview): a day-long key, so
+        that a reconciler that stopped shows when it last ticked."""
+        if self.lease is None:
+            return
+        value = json.dumps({"holder": self.lease.identity, "at": now.isoformat()})
+        with contextlib.suppress(redis.RedisError):
+            self.lease.keys.client.set(last_tick_key(self.settings.redis_namespace), value, ex=24 * 3600)
 
     def _leading(self) -> bool:
         if self.lease is None:

@@ -5,6 +5,7 @@
 * :func:`sign_in` — the sign-in form filled and sent as a browser does (its double-submit
   token read from the page), returning the answer;
 * :func:`csrf_of` — the CSRF token of the forms on a page (to post forms as the page would);
+* :func:`tables` — a page's tables as rows of cell texts, to check what a page shows;
 * fixtures ``browser`` (headless Debian chromium through Playwright), ``console_api`` (the API
   on a loopback port, as a LiveApi) and ``console_page`` (a factory: a browser page signed in as
   a new operator of the given role and sections). Import the fixtures into a test module::
@@ -19,6 +20,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -61,6 +63,46 @@ def csrf_of(html: str) -> str:
     found = _CSRF.search(html)
     assert found is not None, "no form with a CSRF token on this page"
     return found.group(1)
+
+
+class _Tables(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th") and self.tables:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self.tables and self.tables[-1]:
+            self.tables[-1][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def tables(html: str) -> list[list[list[str]]]:
+    """Every table of ``html``: a list of rows, each a list of its cells' text (spaces folded)."""
+    parser = _Tables()
+    parser.feed(html)
+    return parser.tables
+
+
+def row(html: str, first_cell: str) -> list[str] | None:
+    """The first table row whose first cell reads ``first_cell``."""
+    for table in tables(html):
+        for cells in table:
+            if cells and cells[0] == first_cell:
+                return cells
+    return None
 
 
 def sign_in(client: Any, account: Account | None = None, *, name: str = "", password: str = "") -> Any:
