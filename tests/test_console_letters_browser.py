@@ -37,6 +37,8 @@ def test_an_operator_retries_a_failed_letter_and_a_worker_sends_it(service, smtp
         page.click(f"a[href='/console/letters/{letter}']")
         assert page.inner_text("h1").endswith("failed")
         assert "4.7.1 Please try again later" in page.inner_text("table.timeline")
+        # the letter's HTML part shows in its sandboxed frame (the console's headers allow that one frame)
+        assert "Yours sincerely" in page.frame_locator("iframe.letter-html").locator("body").inner_text()
 
         retry = page.locator("form.action", has_text="Retry now")
         retry.locator("input[name=reason]").fill("the relay says it is fixed")
