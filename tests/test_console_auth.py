@@ -3,6 +3,7 @@ roles and sections. Through the real API app (TestClient) on a real ledger and a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -159,10 +160,37 @@ def test_a_sign_in_goes_back_to_the_page_asked_for_and_never_elsewhere(web, cons
     assert away.headers["location"] == "/console/"
 
 
+@sqlite_only
 def test_cookies_are_secure_in_live_mode(settings):
     assert not settings.console_cookie_secure
     assert settings.but(mode="live").console_cookie_secure
     assert settings.but(console_secure_cookie=True).console_cookie_secure
+    assert not settings.but(mode="live", console_secure_cookie=False).console_cookie_secure
+
+
+def test_console_settings_are_read_from_the_environment_and_checked(monkeypatch):
+    from dispatcher.errors import ConfigError
+    from dispatcher.settings import Settings
+
+    for name in ("DISPATCH_MODE", "DISPATCH_CONSOLE_SECURE_COOKIE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISPATCH_CONSOLE_SESSION_HOURS", "0.5")
+    monkeypatch.setenv("DISPATCH_CONSOLE_LOGIN_LIMITS", "3/minute, 10/hour")
+    monkeypatch.setenv("DISPATCH_CONSOLE_LOGIN_IP_LIMITS", "")
+    settings = Settings.from_env()
+    assert settings.console_session_hours == 0.5
+    assert settings.console_login_limits == ("3/minute", "10/hour")
+    assert settings.console_login_ip_limits == ()
+    assert not settings.console_cookie_secure
+    monkeypatch.setenv("DISPATCH_MODE", "live")
+    assert Settings.from_env().console_cookie_secure
+    monkeypatch.setenv("DISPATCH_CONSOLE_SECURE_COOKIE", "0")
+    assert not Settings.from_env().console_cookie_secure
+    for name, value in (("DISPATCH_CONSOLE_SESSION_HOURS", "eight"), ("DISPATCH_CONSOLE_LOGIN_LIMITS", "5/fortnight")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env()
+        monkeypatch.delenv(name)
 
 
 # ---------------------------------------------------------------------------- roles and sections
@@ -313,3 +341,33 @@ def appeal_body_ch() -> dict:
     from tests.conftest import appeal_body
 
     return appeal_body(section="ch", language="de")
+
+
+@sqlite_only
+def test_the_audit_log_pages_newest_first_and_filters_by_target(web, console_service):
+    from dispatcher.ledger.audit import Audit
+
+    start = datetime.now(UTC)
+    with console_service.ledger.engine.begin() as conn:
+        for n in range(60):
+            Audit.record(
+                conn,
+                actor="maria",
+                action="channel.pause",
+                target_kind="channel",
+                target_id="fax:us" if n % 2 else "email:us",
+                now=start + timedelta(seconds=n),
+                section="us",
+                reason=f"reason {n}",
+            )
+    _signed_in(web, console_service, "viewer", ("us",))
+    first = web.get("/console/audit").text
+    assert "reason 59" in first and "reason 10" in first and "reason 9<" not in first
+    assert first.index("reason 59") < first.index("reason 58")
+    older = re.search(r'href="(/console/audit\?before=\d+)"', first)
+    assert older is not None
+    second = web.get(older.group(1).replace("&amp;", "&")).text
+    assert "reason 9<" in second and "reason 0<" in second and "reason 10<" not in second
+    assert "Older entries" not in second and "Newest" in second
+    only = web.get("/console/audit?target=email:us").text
+    assert only.count("<code>email:us</code>") == 30 and "fax:us" not in only

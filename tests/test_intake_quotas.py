@@ -290,11 +290,20 @@ def test_dev_mode_takes_a_port_and_keeps_its_redis_keys_to_itself(tmp_path, redi
         wait_for_port("127.0.0.1", port, timeout=60)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()["queue"] == "ok"
         keys = [k.decode() for k in redis.Redis.from_url(redis_server.url).scan_iter("dispatcher*")]
+        # the console's dev admin, with the password dev mode keeps in var/
+        from dispatcher.dev import dev_keys_from
+        from tests.support.console import sign_in
+
+        password = dev_keys_from(tmp_path / "var" / "dev-console.env")["DEV_CONSOLE_PASSWORD"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as web:
+            assert sign_in(web, name="dev-admin", password=password).status_code == 303
+            assert "dev-admin" in web.get("/console/").text
     finally:
         stop(proc)
     assert proc.stdout is not None and proc.stderr is not None
     banner = proc.stdout.read().decode()
     assert f"http://127.0.0.1:{port}" in banner, proc.stderr.read().decode()[-3000:]
+    assert f"console      http://127.0.0.1:{port}/console/   sign in as dev-admin / {password}" in banner
     namespace = banner.split("keys under ")[1].split(":")[0]
     assert namespace.startswith("dispatcher-dev-")
     assert any(k.startswith(namespace + ":") for k in keys)  # the worker's heartbeat, the reconciler's lease

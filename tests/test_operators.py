@@ -146,3 +146,31 @@ def test_a_hash_made_with_weaker_parameters_is_replaced_at_the_next_sign_in(serv
 def test_the_store_refuses_bad_names(service):
     with pytest.raises(OperatorError, match="name"):
         service.ledger.operators.add("has space", PASSWORD, role="viewer", now=datetime.now(UTC), actor="test")
+
+
+def test_dev_mode_makes_its_admin_once_and_shows_its_password_again(service):
+    from dispatcher.dev import ensure_dev_admin
+
+    first = ensure_dev_admin(service.settings, service.ledger)
+    password = first.split(" / ")[1].split()[0]
+    assert first.startswith("dev-admin / ") and "(new; kept in" in first
+    assert service.ledger.operators.verify("dev-admin", password).role == "admin"
+    assert ensure_dev_admin(service.settings, service.ledger).startswith(f"dev-admin / {password}  (from ")
+    service.ledger.operators.passwd("dev-admin", "chosen by a person", now=datetime.now(UTC), actor="test")
+    again = ensure_dev_admin(service.settings, service.ledger)
+    assert password not in again and "operators passwd dev-admin" in again
+    assert service.ledger.operators.verify("dev-admin", "chosen by a person") is not None
+
+
+def test_the_channel_commands_are_audited_as_the_cli_user(run, service):
+    now = datetime.now(UTC)
+    service.ledger.controls.pause_channel("email:us", "relay refused our login", now)
+    service.ledger.controls.flag_number("+41315550100", "no fax tone", None, now)
+    assert run("channel", "resume", "email:us").exit_code == 0
+    assert run("fax", "unflag", "+41315550100").exit_code == 0
+    entries = service.ledger.audit.entries()
+    assert [(e.action, e.target_id, e.section) for e in entries] == [
+        ("number.unflag", "+41315550100", None),
+        ("channel.resume", "email:us", "us"),
+    ]
+    assert all(e.actor.startswith("cli:") for e in entries)
