@@ -79,6 +79,10 @@ def test_the_pages_show_campaigns_letters_and_a_letter_as_rendered(web, service)
     exported = web.get("/console/letters.csv", params={"section": "us"})
     assert exported.headers["content-type"].startswith("text/csv")
     assert {row["id"] for row in csv.DictReader(io.StringIO(exported.text))} == {email, fax}
+    broken = web.get("/console/letters", params={"cursor": "not-a-cursor", "since": "yesterday"})
+    assert broken.status_code == 200 and "since: give a day as YYYY-MM-DD" in broken.text
+    broken = web.get("/console/letters", params={"cursor": "not-a-cursor"})
+    assert broken.status_code == 200 and "that page link is broken" in broken.text
 
     shown = web.get(f"/console/letters/{email}")
     assert shown.status_code == 200

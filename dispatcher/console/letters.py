@@ -267,6 +267,14 @@ def act(
         done = _take(ctx, operator, view, form.action, reason, expected_state)
     except ActionRefused as refused:
         return redirect(back, flash=f"{form.label} refused: {refused}", error=True)
+    log.info(
+        "letter.operator_action",
+        delivery=done.delivery_id,
+        action=done.action,
+        operator=operator.name,
+        before=done.before.value,
+        after=done.after.value,
+    )
     note = _enqueue(ctx, done)
     return redirect(back, flash=f"{form.label}: {done.detail}{note}.")
 

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from dispatcher.errors import DispatchError
 from dispatcher.ledger.engine import reading
 from dispatcher.ledger.states import State
 from dispatcher.ledger.tables import AP, D
@@ -83,8 +84,8 @@ class LetterPage:
     next_cursor: str | None
 
 
-class BadCursor(ValueError):
-    pass
+class BadCursor(DispatchError, ValueError):
+    """A page link whose cursor cannot be read (cut short, or made up)."""
 
 
 def _cursor(row: LetterRow) -> str:
