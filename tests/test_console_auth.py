@@ -134,6 +134,12 @@ def test_a_form_without_the_sessions_token_is_refused(web, console_service):
 
 
 @sqlite_only
+def test_a_form_too_large_is_not_read(web):
+    refused = web.post("/console/login", data={"name": "x" * 70_000, "password": "y", "csrf": "z"})
+    assert refused.status_code == 413 and "too large" in refused.text
+
+
+@sqlite_only
 def test_the_sign_in_form_needs_its_own_token(web, console_service):
     account = add_operator(console_service, "admin")
     forged = web.post(

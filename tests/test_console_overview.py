@@ -1,6 +1,7 @@
 """The console's overview after real letters: a worker sends us's emails to the test SMTP server
 while ch's channel is paused; an operator of us sees us's letters only, an admin sees both, and
-everyone sees the service's state (workers, the reconciler, the paused channel)."""
+everyone sees the service's state (workers, the reconciler, the paused channel). With Redis away,
+operators still sign in (attempts are then not counted) and the overview says so."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def test_letters_waiting_on_the_queue_and_nobody_to_take_them(service):
     assert row(page, "Workers alive")[1] == "0"
     assert row(page, "Reconciler holding the lease")[1] == "none: no reconciler runs"
     assert row(page, "queued") == ["queued", "3"]
+
+
+def test_with_redis_away_operators_still_sign_in_and_are_told(settings, environ):
+    from dispatcher.app import Service
+    from tests.support.services import free_port
+
+    service = Service(settings.but(redis_url=f"redis://127.0.0.1:{free_port()}/0"), environ=environ)
+    service.ledger.migrate()
+    try:
+        with TestClient(service.api()) as web:
+            assert sign_in(web, add_operator(service, "admin")).status_code == 303
+            page = web.get("/console/").text
+    finally:
+        service.ledger.dispose()
+    assert "Redis does not answer (ConnectionError): appeals are kept in the ledger" in page

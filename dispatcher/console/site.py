@@ -24,6 +24,9 @@ from dispatcher.console.pages import render
 from dispatcher.console.scope import NOT_FOUND, SignInRequired
 from dispatcher.errors import ConsoleError
 
+#: the largest form body the console reads
+MAX_FORM_BYTES = 64 * 1024
+
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "X-Frame-Options": "DENY",
@@ -38,7 +41,15 @@ def create_console(ctx: ConsoleContext) -> FastAPI:
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response: Response = await call_next(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+            # a console form is a few fields; refused before it is read (the sign-in form is
+            # open to anyone)
+            response: Response = render(
+                request, "error.html", status=413, title="Form too large", message="This form is too large."
+            )
+        else:
+            response = await call_next(request)
         for name, value in _HEADERS.items():
             response.headers.setdefault(name, value)
         if not request.url.path.startswith(PREFIX + "/static/"):
