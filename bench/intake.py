@@ -21,8 +21,13 @@ Signatures: ``Dispatch-Signature`` with ``t`` a little in the future (now + 240 
 scheme's ±300 s window accepts, so that appeals signed before the bare run are still fresh at
 the end of the intake run.
 
+``--history N`` fills the ledger with N historical appeals (bench/history.py) before the
+appeals are signed; with ``--compare-history`` each repetition measures intake on an empty
+ledger and on one with history, alternating which goes first.
+
     .venv/bin/python bench/intake.py [--duration 20] [--connections 32] [--database-url URL]
         [--repeat 1] [--api-workers N] [--quotas off|unbinding] [--profile]
+        [--history N [--compare-history] [--history-days 60]]
 
 wrk (Debian package ``wrk``) is installed with apt-get when missing (as root). Figures go to
 stdout (a table) and, one JSON line per invocation, to bench/results/intake.jsonl.
@@ -56,7 +61,8 @@ ROOT_DIR = Path(__file__).resolve().parent.parent
 if str(ROOT_DIR) not in sys.path:
     sys.path.insert(0, str(ROOT_DIR))
 
-from sqlalchemy import text  # noqa: E402
+from debian import ensure_wrk  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 from throughput import (  # noqa: E402
     BENCH,
     CONFIG_DIR,
@@ -70,6 +76,7 @@ from throughput import (  # noqa: E402
     console,
     die_with_parent,
     dig,
+    fill_ledger_history,
     fresh_database,
     git_commit,
     log,
@@ -82,6 +89,7 @@ from throughput import (  # noqa: E402
 
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.intake import signature  # noqa: E402
+from dispatcher.ledger.tables import AP  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
 from tests.support.services import RedisServer, free_port, wait_for_port  # noqa: E402
@@ -101,26 +109,6 @@ WARMUP_REQUESTS = 20
 
 
 # --------------------------------------------------------------------------- tools
-
-
-def ensure_wrk() -> str:
-    """The path of wrk; installs the Debian package when it is missing and we are root."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SystemExit("bench/intake.py needs wrk: install the Debian package (apt-get install wrk) and rerun")
-    log("wrk is missing: installing the Debian package wrk with apt-get (once)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    opts = ["-q", "-o", "Dpkg::Use-Pty=0", "-o", "DPkg::Lock::Timeout=300"]
-    for cmd in (["update"], ["install", "-y", "--no-install-recommends", "wrk"]):
-        done = subprocess.run(["apt-get", *opts, *cmd], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"apt-get {' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    found = shutil.which("wrk")
-    if not found:
-        raise SystemExit("apt-get installed wrk, but it is not on PATH")
-    return found
 
 
 def api_supports_workers() -> bool:
@@ -375,9 +363,50 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one repetition
 
 
-def one_repetition(args: argparse.Namespace, wrk: str, redis_server: RedisServer, workdir: Path) -> dict[str, Any]:
+def one_repetition(
+    args: argparse.Namespace, wrk: str, redis_server: RedisServer, workdir: Path, history: int = 0
+) -> dict[str, Any]:
+    """The bare endpoint, then intake on a fresh ledger holding ``history`` historical appeals."""
     run = secrets.token_hex(3)
     key = secrets.token_hex(16)
+    with fresh_database(args.database_url, workdir, f"ledger-{run}") as url:
+        settings = Settings(
+            config_dir=CONFIG_DIR,
+            templates_dir=TEMPLATES_DIR,
+            var_dir=workdir / f"var-{run}",
+            database_url=url,
+            redis_url=redis_server.url,
+            redis_namespace=f"bench-{run}",
+            mode="sandbox",
+            pepper=secrets.token_hex(8),
+        )
+        service = Service(settings, environ={KEY_ENV: key})
+        try:
+            service.ledger.migrate()
+            # Before the appeals are signed: their signatures are fresh for a few minutes only.
+            filled = fill_ledger_history(service, history, args.history_days) if history else None
+            # the run's appeals are those created from here on (history is at least an hour older)
+            since = datetime.now(UTC)
+            out = _measure(args, wrk, run, key, settings, service, workdir, since)
+        finally:
+            service.ledger.dispose()
+            with contextlib.suppress(Exception):
+                service.broker.close()
+    if filled is not None:
+        out["history"] = filled
+    return out
+
+
+def _measure(
+    args: argparse.Namespace,
+    wrk: str,
+    run: str,
+    key: str,
+    settings: Settings,
+    service: Service,
+    workdir: Path,
+    since: datetime,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     lines = signed_lines(key, 0, args.appeals + 2 * WARMUP_REQUESTS, run)
     warm_bare, warm_api, measured = (
@@ -399,46 +428,30 @@ def one_repetition(args: argparse.Namespace, wrk: str, redis_server: RedisServer
     out["bare"] = bare.as_dict()
     log(f"bare endpoint: {bare.accepted_rate:.0f} 202/s, p99 {bare.p99_ms:.0f} ms")
 
-    with fresh_database(args.database_url, workdir, f"ledger-{run}") as url:
-        settings = Settings(
-            config_dir=CONFIG_DIR,
-            templates_dir=TEMPLATES_DIR,
-            var_dir=workdir / f"var-{run}",
-            database_url=url,
-            redis_url=redis_server.url,
-            redis_namespace=f"bench-{run}",
-            mode="sandbox",
-            pepper=secrets.token_hex(8),
-        )
-        service = Service(settings, environ={KEY_ENV: key})
+    api_port = free_port()
+    api_cmd = [DISPATCHER, "api", "--host", "127.0.0.1", "--port", str(api_port)]
+    if args.api_workers > 1:
+        api_cmd += ["--workers", str(args.api_workers)]
+    env = api_env(settings, key, args)
+    api_log = workdir / f"api-{run}.log"
+    with server(api_cmd, env, api_port, api_log, workdir) as proc:
+        warm = warm_up(api_port, warm_api)
+        if any(s != 202 for s in warm):
+            raise RuntimeError(f"warm-up appeals were refused: {Counter(warm)}\n{tail(api_log)}")
+        spy = None
+        if args.profile:
+            spy = py_spy(proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log")
+        log(f"intake: wrk -c {args.connections} -d {args.duration}s, workers stopped")
         try:
-            service.ledger.migrate()
-            api_port = free_port()
-            api_cmd = [DISPATCHER, "api", "--host", "127.0.0.1", "--port", str(api_port)]
-            if args.api_workers > 1:
-                api_cmd += ["--workers", str(args.api_workers)]
-            env = api_env(settings, key, args)
-            api_log = workdir / f"api-{run}.log"
-            with server(api_cmd, env, api_port, api_log, workdir) as proc:
-                warm = warm_up(api_port, warm_api)
-                if any(s != 202 for s in warm):
-                    raise RuntimeError(f"warm-up appeals were refused: {Counter(warm)}\n{tail(api_log)}")
-                spy = None
-                if args.profile:
-                    spy = py_spy(proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log")
-                log(f"intake: wrk -c {args.connections} -d {args.duration}s, workers stopped")
-                try:
-                    intake = run_wrk(args, wrk, api_port, appeals_file, proc.pid, wrap=False)
-                finally:
-                    if spy is not None:
-                        stop_process(spy, signal.SIGINT, timeout=60)
-                api_exit_log = tail(api_log, 5)
-            with service.ledger.engine.connect() as conn:
-                in_ledger = conn.execute(text("SELECT count(*) FROM appeals")).scalar_one() - len(warm)
+            intake = run_wrk(args, wrk, api_port, appeals_file, proc.pid, wrap=False)
         finally:
-            service.ledger.dispose()
-            with contextlib.suppress(Exception):
-                service.broker.close()
+            if spy is not None:
+                stop_process(spy, signal.SIGINT, timeout=60)
+        api_exit_log = tail(api_log, 5)
+    with service.ledger.engine.connect() as conn:
+        in_ledger = conn.execute(
+            select(func.count()).select_from(AP).where(AP.c.created_at >= since)
+        ).scalar_one() - len(warm)
     out["intake"] = intake.as_dict()
     out["intake"]["appeals_in_ledger"] = in_ledger
     out["ratio"] = round(intake.accepted_rate / bare.accepted_rate, 3) if bare.accepted_rate else None
@@ -477,6 +490,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("bare endpoint: latency p99 (ms)", "bare.p99_ms", "{:.1f}"),
     ("bare endpoint: server CPU ms / request", "bare.server_cpu_ms_per_accepted", "{:.2f}"),
     ("ratio intake / bare endpoint", "ratio", "{:.3f}"),
+    ("history: appeals in the ledger before the run", "history.appeals", "{:,.0f}"),
+    ("history: seconds to fill it", "history.fill_seconds", "{:.0f}"),
+    ("with history: appeals in the ledger before the run", "with_history.history.appeals", "{:,.0f}"),
+    ("with history: seconds to fill it", "with_history.history.fill_seconds", "{:.0f}"),
+    ("with history: accepted appeals/s", "with_history.intake.accepted_rate", "{:.0f}"),
+    ("with history: latency p50 (ms)", "with_history.intake.p50_ms", "{:.1f}"),
+    ("with history: latency p99 (ms)", "with_history.intake.p99_ms", "{:.1f}"),
+    ("with history: non-2xx answers", "with_history.intake.non_2xx", "{:.0f}"),
+    ("with history: API CPU ms / accepted appeal", "with_history.intake.server_cpu_ms_per_accepted", "{:.2f}"),
+    ("with history: bare endpoint 202/s (its own run)", "with_history.bare.accepted_rate", "{:.0f}"),
+    ("with history / empty ledger: accepted appeals/s (aim ≥ 0.9)", "history_ratio", "{:.2f}"),
 ]
 
 
@@ -494,6 +518,11 @@ def describe(args: argparse.Namespace) -> str:
         f"dispatcher intake over HTTP — wrk -c {args.connections} -t {args.wrk_threads} -d {args.duration}s, "
         f"{'PostgreSQL' if args.database_url else 'SQLite'}, {args.api_workers} API process(es), workers stopped, "
         f"API log {args.log_level}, {os.cpu_count()} CPUs"
+        + (
+            f", intake on an empty ledger and on one with {args.history:,} historical appeals, alternating"
+            if args.compare_history
+            else (f", {args.history:,} historical appeals in the ledger" if args.history else "")
+        )
     )
 
 
@@ -527,7 +556,7 @@ def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[
         "every appeal is posted once (distinct supporter and client_ref)."
     )
     for i, rep in enumerate(reps, 1):
-        for note in rep.get("notes") or []:
+        for note in [*(rep.get("notes") or []), *(dig(rep, "with_history.notes") or [])]:
             console.print(f"[yellow]#{i}: {note}[/yellow]")
     for rep in reps:
         prof = rep.get("profile")
@@ -560,6 +589,9 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "log_level": args.log_level,
             "repeat": args.repeat,
             "profile": args.profile,
+            "history": args.history or None,
+            "compare_history": args.compare_history,
+            "history_days": args.history_days if args.history else None,
         },
         "median": med,
         "runs": reps,
@@ -600,6 +632,20 @@ def main() -> int:
     parser.add_argument("--log-level", default="WARNING", choices=("WARNING", "INFO"), help="the API's log level")
     parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
     parser.add_argument("--profile", action="store_true", help="sample the API with py-spy during the intake run")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fill the ledger with N historical appeals (2 sent letters each) before the run (bench/history.py)",
+    )
+    parser.add_argument(
+        "--compare-history",
+        action="store_true",
+        help="with --history N: each repetition measures intake on an empty ledger AND on one with N "
+        "historical appeals, alternating which goes first",
+    )
+    parser.add_argument("--history-days", type=float, default=60.0, help="days the history is spread over")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
     args = parser.parse_args()
@@ -608,6 +654,8 @@ def main() -> int:
     if args.connections < 1 or args.wrk_threads < 1 or args.api_workers < 1 or args.repeat < 1:
         parser.error("--connections, --wrk-threads, --api-workers and --repeat ≥ 1")
     args.appeals = args.appeals or 4000 * args.duration
+    if args.history < 0 or (args.compare_history and not args.history):
+        parser.error("--history N ≥ 0; --compare-history needs --history N > 0")
     if args.database_url:
         postgres_admin(args.database_url)
     if args.api_workers > 1 and not api_supports_workers():
@@ -624,7 +672,18 @@ def main() -> int:
             for i in range(args.repeat):
                 if args.repeat > 1:
                     log(f"[bold]repetition {i + 1}/{args.repeat}[/bold]")
-                reps.append(one_repetition(args, wrk, redis_server, Path(tmp)))
+                if not args.compare_history:
+                    reps.append(one_repetition(args, wrk, redis_server, Path(tmp), args.history))
+                    continue
+                # an empty ledger and one with history, alternating which goes first
+                order = [0, args.history] if i % 2 == 0 else [args.history, 0]
+                runs = {h: one_repetition(args, wrk, redis_server, Path(tmp), h) for h in order}
+                rep = runs[0]
+                rep["with_history"] = runs[args.history]
+                rep["history_ratio"] = round(
+                    runs[args.history]["intake"]["accepted_rate"] / max(rep["intake"]["accepted_rate"], 1e-9), 3
+                )
+                reps.append(rep)
     finally:
         if args.keep:
             log(f"work dir kept: {tmp}")

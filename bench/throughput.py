@@ -2,28 +2,41 @@
 
 What one repetition does (see docs/benchmarks.md for the reasoning):
 
+One repetition sends everything to ONE SMTP sink (``--sink``): Postfix's C ``smtp-sink`` by
+default (bench/postfix_sink.py; installed with apt-get when missing), which costs almost
+nothing, or bench/smtp_sink.py (aiosmtpd, counts duplicate Message-IDs). The output names it.
+
 1. **baseline** — a bare aiosmtplib loop: render each letter (Renderer), build it
    (build_message) and send it over ONE reused SMTP connection to the sink. No ledger, no
    queue, no threads: the practical ceiling for one process on this machine.
-2. **pipeline** — the real path: a private redis-server, a fresh ledger (SQLite in a temp dir,
+2. **comparisons** (bench/comparisons.py; ``--no-comparisons`` skips them) — a **bare loop**
+   sending letters built beforehand over one aiosmtplib connection (what client and sink can
+   do at all), and the **naive actor** (bench/naive_actor.py): dramatiq on the same
+   redis-server, its own namespace, the pipeline's processes × threads, each message built
+   with EmailMessage and sent with smtplib over a new connection, no ledger, no caps; all
+   enqueued first, then drained. Issue 11's aim: the pipeline's workers at ≥ 1.0× its rate.
+3. **pipeline** — the real path: a private redis-server, a fresh ledger (SQLite in a temp dir,
    or a fresh PostgreSQL database), ``dispatcher worker --threads N`` subprocesses and a
    ``dispatcher reconcile`` subprocess, all in sandbox mode pointed at the sink. The bench
    process pushes ``deliveries / 5`` appeals through ``Service.intake.submit`` as fast as it
    can, then polls the ledger until every delivery is ``sent``. Worker log level WARNING.
-3. **pipeline, INFO logging** — the same once more with ``DISPATCH_LOG_LEVEL=INFO`` (the
+4. **pipeline, INFO logging** — the same once more with ``DISPATCH_LOG_LEVEL=INFO`` (the
    production default), to show what logging costs (only with ``--info-run``: it adds a
    minute, and the default run stays under two).
 
 ``--preload`` submits every appeal before the workers start (a pure drain); ``--pace`` submits
 at a steady rate (latency without a backlog); ``--profile`` adds a run sampled by py-spy;
 ``--dkim`` gives the bench section a [dkim] table (fresh keys), so the workers sign every letter
-with both algorithms (the baseline stays unsigned).
+with both algorithms (the baseline stays unsigned). ``--history N`` fills the pipeline's ledger
+with N historical appeals first (bench/history.py: 2 sent letters each, to the campaign's
+first two recipients); with ``--compare-history`` each repetition runs the pipeline on an empty
+ledger and on one with history, alternating which goes first.
 
-The SMTP sink (bench/smtp_sink.py) runs in a process of its own and counts messages and
-duplicate Message-IDs. Everything listens on 127.0.0.1 only; every wait is bounded.
+Everything listens on 127.0.0.1 only; every wait is bounded.
 
     .venv/bin/python bench/throughput.py [--deliveries 5000] [--workers 1] [--threads 8]
         [--database-url URL] [--repeat 1] [--info-run] [--profile] [--pace APPEALS_PER_S] [--preload] [--dkim]
+        [--sink smtp-sink|python] [--no-comparisons] [--history N [--compare-history] [--history-days 60]]
 
 Figures go to stdout (a table) and, one JSON line per invocation, to
 bench/results/throughput.jsonl.
@@ -61,7 +74,7 @@ import aiosmtplib  # noqa: E402
 import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.channels.email.message import build_message  # noqa: E402
@@ -187,6 +200,7 @@ class Sink:
 
     #: the sink program; a variant (bench/chaos/sink.py) overrides it and its environment
     script: Path = BENCH / "smtp_sink.py"
+    kind = "python"
 
     def env(self) -> dict[str, str] | None:
         return None
@@ -245,6 +259,38 @@ class Sink:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             stop_process(self.proc, timeout=10)
+
+
+SINKS = ("smtp-sink", "python")
+
+
+def default_sink() -> str:
+    """Postfix's C sink when it is installed or can be (root with apt-get), else ours."""
+    from debian import find_program
+
+    if find_program("smtp-sink") or (os.geteuid() == 0 and shutil.which("apt-get")):
+        return "smtp-sink"
+    return "python"
+
+
+def make_sink(kind: str, workdir: Path, name: str) -> Any:
+    """A sink of ``kind`` (not started: use it with ``with``): "smtp-sink" is Postfix's C
+    sink (bench/postfix_sink.py), "python" bench/smtp_sink.py (aiosmtpd, counts duplicates)."""
+    if kind == "smtp-sink":
+        from postfix_sink import PostfixSink
+
+        return PostfixSink(workdir, name, free_port(), die_with_parent())
+    return Sink(workdir, name)
+
+
+def sink_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a sink counted between two of its statuses (one sink serves a whole repetition)."""
+    dup = None if after.get("duplicates") is None else after["duplicates"] - before["duplicates"]
+    return {
+        "messages": after["messages"] - before["messages"],
+        "duplicates": dup,
+        "cpu_s": after["cpu_s"] - before["cpu_s"],
+    }
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -359,10 +405,11 @@ def run_baseline(n: int, sink: Sink) -> Baseline:
         await smtp.quit()
         return elapsed, render_s
 
+    before = sink.status()
     cpu_before = proc_cpu_seconds(os.getpid())
     elapsed, render_s = asyncio.run(loop())
     cpu = proc_cpu_seconds(os.getpid()) - cpu_before
-    return Baseline(n, elapsed, render_s, cpu, sink.wait_for(n))
+    return Baseline(n, elapsed, render_s, cpu, sink_delta(before, sink.wait_for(before["messages"] + n)))
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -386,6 +433,8 @@ class Pipeline:
     sink: dict[str, Any]
     profile: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: the historical appeals written into the ledger before the run (bench/history.py)
+    history: dict[str, Any] | None = None
 
     @property
     def sent(self) -> int:
@@ -461,12 +510,16 @@ class LedgerFigures:
     last_sent: datetime | None
 
 
-def ledger_figures(service: Service) -> LedgerFigures:
+def ledger_figures(service: Service, since: datetime) -> LedgerFigures:
+    """The run's letters: those created from ``since`` on (a ledger with history holds more)."""
     d, a = Delivery.__table__, Attempt.__table__
+    mine = d.c.created_at >= since
     with service.ledger.engine.connect() as conn:
-        by_state = conn.execute(text("SELECT state, count(*) FROM deliveries GROUP BY state")).all()
-        rows = conn.execute(select(d.c.queued_at, d.c.created_at, d.c.sent_at).where(d.c.state == "sent")).all()
-        first_attempt = conn.execute(select(func.min(a.c.started_at))).scalar_one_or_none()
+        by_state = conn.execute(select(d.c.state, func.count()).where(mine).group_by(d.c.state)).all()
+        rows = conn.execute(select(d.c.queued_at, d.c.created_at, d.c.sent_at).where(d.c.state == "sent", mine)).all()
+        first_attempt = conn.execute(
+            select(func.min(a.c.started_at)).where(a.c.started_at >= since)
+        ).scalar_one_or_none()
     latency: list[float] = []
     missing = 0
     first: datetime | None = None
@@ -484,6 +537,40 @@ def ledger_figures(service: Service) -> LedgerFigures:
     if first_attempt is not None and first_attempt.tzinfo is None:
         first_attempt = first_attempt.replace(tzinfo=UTC)
     return LedgerFigures({str(state): int(n) for state, n in by_state}, latency, missing, first, first_attempt, last)
+
+
+def history_recipients(config_dir: Path = CONFIG_DIR) -> tuple[list[tuple[str, str]], str]:
+    """The two recipients history letters go to (the bench campaign's first two email routes)
+    and the section's sender domain."""
+    catalog = load_catalog(config_dir, TEMPLATES_DIR)
+    routes = catalog.routes(CAMPAIGN, SECTION)[:2]
+    return [(r.target.id, str(r.target.email)) for r in routes], catalog.section(SECTION).sender.domain
+
+
+def fill_ledger_history(service: Service, appeals: int, days: float) -> dict[str, Any]:
+    """``appeals`` historical appeals (2 sent letters each) in the run's migrated ledger."""
+    from history import fill_history
+
+    recipients, domain = history_recipients(service.settings.config_dir)
+    step = max(appeals // 10, 1)
+
+    def progress(done: int) -> None:
+        if done % step < 5000 or done == appeals:
+            log(f"history: {done:,}/{appeals:,} appeals written")
+
+    fill = fill_history(
+        service.ledger.engine,
+        appeals,
+        campaign=CAMPAIGN,
+        section=SECTION,
+        recipients=recipients,
+        sender_domain=domain,
+        days=days,
+        retention_days=service.settings.pii_retention_days,
+        progress=progress,
+    )
+    log(f"history: {fill.appeals:,} appeals, {fill.deliveries:,} letters and tries each, in {fill.seconds:.0f} s")
+    return fill.as_dict()
 
 
 def submit_all(service: Service, appeals: int, run: str, pace: float) -> tuple[int, float, float]:
@@ -546,6 +633,8 @@ def run_pipeline(
     pace: float = 0.0,
     preload: bool = False,
     config_dir: Path = CONFIG_DIR,
+    history: int = 0,
+    history_days: float = 60.0,
 ) -> Pipeline:
     run = secrets.token_hex(3)
     key = secrets.token_hex(16)
@@ -563,6 +652,9 @@ def run_pipeline(
     )
     service = Service(settings, environ={KEY_ENV: key})
     service.ledger.migrate()
+    history_fill = fill_ledger_history(service, history, history_days) if history else None
+    # the run's letters are those created from here on (history is at least an hour older)
+    since = datetime.now(UTC)
     env = child_env(settings, key, log_level)
     client = redis.Redis.from_url(settings.redis_url)
     procs: list[subprocess.Popen[bytes]] = []
@@ -593,7 +685,7 @@ def run_pipeline(
         cpu_before = {pid: proc_cpu_seconds(pid) for pid in worker_pids}
         if redis_server.pid:
             cpu_before[redis_server.pid] = proc_cpu_seconds(redis_server.pid)
-        sink_cpu_before = sink.status()["cpu_s"]
+        sink_before = sink.status()
         with open(workdir / f"reconciler-{run}.log", "wb") as logf:
             reconciler = subprocess.Popen(
                 [*die_with_parent(), DISPATCHER, "reconcile", "--interval", "1"],
@@ -612,9 +704,13 @@ def run_pipeline(
         # ---- wait until every delivery is sent (bounded; gives up early without progress)
         deadline = time.monotonic() + timeout
         last_progress, last_count = time.monotonic(), -1
+        d = Delivery.__table__
+        # A range on the (state, next_attempt_at) index: with a million historical letters a
+        # filter on created_at would scan them all five times a second and load the machine.
+        sent_now = select(func.count()).where(d.c.state == "sent", d.c.next_attempt_at >= since)
         while True:
             with service.ledger.engine.connect() as conn:
-                done = conn.execute(text("SELECT count(*) FROM deliveries WHERE state = 'sent'")).scalar_one()
+                done = conn.execute(sent_now).scalar_one()
             if done >= expected:
                 break
             if done != last_count:
@@ -635,11 +731,11 @@ def run_pipeline(
         }
         if redis_server.pid:
             cpu["redis"] = proc_cpu_seconds(redis_server.pid) - cpu_before[redis_server.pid]
-        sink_status = sink.wait_for(expected, timeout=5)
-        cpu["sink"] = sink_status["cpu_s"] - sink_cpu_before
+        sink_status = sink_delta(sink_before, sink.wait_for(sink_before["messages"] + expected, timeout=5))
+        cpu["sink"] = sink_status["cpu_s"]
         if reconciler.poll() is None:
             cpu["reconciler"] = proc_cpu_seconds(reconciler.pid)
-        figures = ledger_figures(service)
+        figures = ledger_figures(service, since)
     finally:
         for spy, _ in spies:
             stop_process(spy, signal.SIGINT, timeout=60)
@@ -682,6 +778,7 @@ def run_pipeline(
         sink=sink_status,
         profile=profile_summary,
         notes=notes,
+        history=history_fill,
     )
 
 
@@ -710,13 +807,20 @@ def signing_config(workdir: Path) -> Path:
 def one_repetition(
     args: argparse.Namespace, redis_server: RedisServer, workdir: Path, index: int, config_dir: Path = CONFIG_DIR
 ) -> dict[str, Any]:
+    """Baseline, the comparisons and the pipeline run(s), all against ONE sink of ``args.sink``."""
+    with make_sink(args.sink, workdir, f"sink-{index}-{secrets.token_hex(2)}") as sink:
+        return _one_repetition(args, redis_server, workdir, index, config_dir, sink)
+
+
+def _one_repetition(
+    args: argparse.Namespace, redis_server: RedisServer, workdir: Path, index: int, config_dir: Path, sink: Any
+) -> dict[str, Any]:
     appeals = args.deliveries // 5
     n = appeals * 5
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"sink": sink.kind}
 
-    log(f"baseline: {n} letters over one SMTP connection")
-    with Sink(workdir, f"sink-baseline-{secrets.token_hex(2)}") as sink:
-        base = run_baseline(n, sink)
+    log(f"baseline: {n} letters over one SMTP connection ({sink.kind})")
+    base = run_baseline(n, sink)
     out["baseline"] = {
         "messages": base.messages,
         "seconds": round(base.seconds, 3),
@@ -730,19 +834,43 @@ def one_repetition(
     }
     log(f"baseline: {base.rate:.0f} letters/s")
 
-    levels = [("WARNING", "pipeline", False)]
+    if args.comparisons:
+        from comparisons import run_bare_loop, run_naive_actor
+
+        log(f"bare loop: {n} letters built beforehand, aiosmtplib over one connection")
+        bare = run_bare_loop(n, sink)
+        out["bare_loop"] = bare.as_dict()
+        log(f"bare loop: {bare.rate:.0f} messages/s")
+        log(f"naive actor: {n} messages enqueued, then dramatiq {args.workers} process(es) × {args.threads} threads")
+        naive = run_naive_actor(
+            n,
+            sink,
+            redis_url=redis_server.url,
+            workers=args.workers,
+            threads=args.threads,
+            workdir=workdir,
+            timeout=args.timeout,
+        )
+        out["naive_actor"] = naive.as_dict()
+        log(f"naive actor: {naive.rate:.0f} messages/s")
+
+    # (name, log level, profiled, historical appeals)
+    levels = [("WARNING", "pipeline", False, args.history if not args.compare_history else 0)]
+    if args.compare_history:
+        # every other repetition runs the ledger with history first: order effects cancel out
+        levels.insert(index % 2, ("WARNING", "pipeline_history", False, args.history))
     if args.info_run:
         # every other repetition runs INFO first, so that order effects do not pass for logging's cost
-        levels.insert(index % 2, ("INFO", "pipeline_info", False))
+        levels.insert(index % 2, ("INFO", "pipeline_info", False, 0))
     if args.profile and index == 0:
         # an extra run: py-spy pauses the worker ~100 times a second, so its figures are not the measurement
-        levels.append((args.profile_level, "pipeline_profiled", True))
-    for level, name, profiled in levels:
-        log(f"{name}: {appeals} appeals → {n} letters, {args.workers} worker(s) × {args.threads} threads, log {level}")
-        with (
-            Sink(workdir, f"sink-{name}-{secrets.token_hex(2)}") as sink,
-            fresh_database(args.database_url, workdir, f"ledger-{name}-{secrets.token_hex(2)}") as url,
-        ):
+        levels.append((args.profile_level, "pipeline_profiled", True, args.history))
+    for level, name, profiled, history in levels:
+        log(
+            f"{name}: {appeals} appeals → {n} letters, {args.workers} worker(s) × {args.threads} threads, log {level}"
+            + (f", {history:,} historical appeals in the ledger" if history else "")
+        )
+        with fresh_database(args.database_url, workdir, f"ledger-{name}-{secrets.token_hex(2)}") as url:
             p = run_pipeline(
                 appeals=appeals,
                 workers=args.workers,
@@ -757,6 +885,8 @@ def one_repetition(
                 pace=args.pace,
                 preload=args.preload,
                 config_dir=config_dir,
+                history=history,
+                history_days=args.history_days,
             )
         lat = p.latency_ms or [float("nan")]
         out[name] = {
@@ -778,17 +908,32 @@ def one_repetition(
             "worker_peak_rss_mb_each": [round(k / 1024, 1) for k in p.worker_hwm_kb],
             "cpu_ms_per_delivery": {k: round(v * 1000 / max(p.deliveries, 1), 3) for k, v in p.cpu_s.items()},
             "sink_messages": p.sink["messages"],
-            "sink_duplicates": p.sink["duplicates"],
+            # the C sink cannot tell duplicates: letters it took beyond those the ledger sent
+            "sink_duplicates": p.sink["duplicates"]
+            if p.sink["duplicates"] is not None
+            else max(p.sink["messages"] - p.sent, 0),
             "notes": p.notes,
         }
+        if p.history is not None:
+            out[name]["history"] = p.history
+        if "bare_loop" in out:
+            out[name]["drain_to_bare_loop"] = round(p.drain_rate / out["bare_loop"]["rate"], 3)
+        if "naive_actor" in out:
+            out[name]["drain_to_naive"] = round(p.drain_rate / out["naive_actor"]["rate"], 3)
+            out[name]["e2e_to_naive"] = round(p.e2e_rate / out["naive_actor"]["rate"], 3)
         if p.profile is not None:
             out[name]["profile"] = p.profile
         log(
             f"{name}: {p.e2e_rate:.0f} letters/s end to end (ratio {p.e2e_rate / base.rate:.2f}), "
-            f"intake {p.intake_rate:.0f} appeals/s"
+            f"workers alone {p.drain_rate:.0f} letters/s"
+            + (f" ({out[name]['drain_to_naive']:.2f}× the naive actor)" if "naive_actor" in out else "")
+            + f", intake {p.intake_rate:.0f} appeals/s"
         )
     if "pipeline_info" in out:
         out["info_logging_cost"] = round(1 - out["pipeline_info"]["e2e_rate"] / out["pipeline"]["e2e_rate"], 3)
+    if "pipeline_history" in out:
+        out["history_drain_ratio"] = round(out["pipeline_history"]["drain_rate"] / out["pipeline"]["drain_rate"], 3)
+        out["history_e2e_ratio"] = round(out["pipeline_history"]["e2e_rate"] / out["pipeline"]["e2e_rate"], 3)
     return out
 
 
@@ -800,15 +945,22 @@ ROWS: list[tuple[str, str, str]] = [
     ("baseline: letters/s, SMTP part only", "baseline.smtp_only_rate", "{:.0f}"),
     ("baseline: share of time rendering + building", "baseline.render_share", "{:.0%}"),
     ("baseline: client CPU ms / letter", "baseline.cpu_ms_per_letter", "{:.2f}"),
+    ("bare loop: messages/s (built beforehand, aiosmtplib, 1 connection)", "bare_loop.rate", "{:.0f}"),
+    ("naive actor: messages/s (dramatiq, EmailMessage, smtplib, new connection each)", "naive_actor.rate", "{:.0f}"),
+    ("naive actor: CPU ms / message (its processes)", "naive_actor.cpu_ms_per_message", "{:.2f}"),
     ("intake: appeals/s (1 thread, Service.intake.submit)", "pipeline.intake_rate", "{:.0f}"),
     ("end to end: letters/s (first enqueue → last sent_at)", "pipeline.e2e_rate", "{:.0f}"),
     ("ratio end to end / baseline (target ≥ 0.5)", "pipeline.ratio", "{:.2f}"),
     ("workers alone: letters/s (first claim → last sent_at)", "pipeline.drain_rate", "{:.0f}"),
     ("ratio workers alone / baseline", "pipeline.drain_ratio", "{:.2f}"),
+    ("ratio workers alone / naive actor (aim ≥ 1.0)", "pipeline.drain_to_naive", "{:.2f}"),
+    ("ratio end to end / naive actor", "pipeline.e2e_to_naive", "{:.2f}"),
+    ("ratio workers alone / bare loop", "pipeline.drain_to_bare_loop", "{:.2f}"),
     ("latency sent_at − queued_at p50 (ms)", "pipeline.latency_p50_ms", "{:.0f}"),
     ("latency sent_at − queued_at p99 (ms)", "pipeline.latency_p99_ms", "{:.0f}"),
     ("worker peak RSS, VmHWM (MB)", "pipeline.worker_peak_rss_mb", "{:.1f}"),
     ("worker CPU ms / letter", "pipeline.cpu_ms_per_delivery.workers", "{:.2f}"),
+    ("reconciler CPU ms / letter", "pipeline.cpu_ms_per_delivery.reconciler", "{:.2f}"),
     ("intake (bench process) CPU ms / letter", "pipeline.cpu_ms_per_delivery.intake", "{:.2f}"),
     ("redis-server CPU ms / letter", "pipeline.cpu_ms_per_delivery.redis", "{:.2f}"),
     ("sink CPU ms / letter", "pipeline.cpu_ms_per_delivery.sink", "{:.2f}"),
@@ -819,7 +971,25 @@ ROWS: list[tuple[str, str, str]] = [
     ("INFO logging: ratio to baseline", "pipeline_info.ratio", "{:.2f}"),
     ("INFO logging: worker CPU ms / letter", "pipeline_info.cpu_ms_per_delivery.workers", "{:.2f}"),
     ("INFO logging: throughput lost vs WARNING", "info_logging_cost", "{:.0%}"),
+    ("history: appeals in the ledger before the run", "pipeline.history.appeals", "{:,.0f}"),
+    ("history: seconds to fill it", "pipeline.history.fill_seconds", "{:.0f}"),
+    ("with history: appeals in the ledger before the run", "pipeline_history.history.appeals", "{:,.0f}"),
+    ("with history: seconds to fill it", "pipeline_history.history.fill_seconds", "{:.0f}"),
+    ("with history: end to end letters/s", "pipeline_history.e2e_rate", "{:.0f}"),
+    ("with history: workers alone letters/s", "pipeline_history.drain_rate", "{:.0f}"),
+    ("with history: ratio workers alone / naive actor", "pipeline_history.drain_to_naive", "{:.2f}"),
+    ("with history: intake appeals/s", "pipeline_history.intake_rate", "{:.0f}"),
+    ("with history: worker CPU ms / letter", "pipeline_history.cpu_ms_per_delivery.workers", "{:.2f}"),
+    ("with history: reconciler CPU ms / letter", "pipeline_history.cpu_ms_per_delivery.reconciler", "{:.2f}"),
+    ("with history: redis-server CPU ms / letter", "pipeline_history.cpu_ms_per_delivery.redis", "{:.2f}"),
+    ("with history: latency p50 (ms)", "pipeline_history.latency_p50_ms", "{:.0f}"),
+    ("with history / empty ledger: workers alone (aim ≥ 0.9)", "history_drain_ratio", "{:.2f}"),
+    ("with history / empty ledger: end to end", "history_e2e_ratio", "{:.2f}"),
 ]
+
+
+PIPELINE_RUNS = ("pipeline", "pipeline_history", "pipeline_info", "pipeline_profiled")
+SINK_NAMES = {"smtp-sink": "Postfix smtp-sink (C)", "python": "bench/smtp_sink.py (aiosmtpd)"}
 
 
 def dig(obj: Any, dotted: str) -> Any:
@@ -842,10 +1012,16 @@ def medians(reps: list[dict[str, Any]]) -> dict[str, float]:
 def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, float]) -> None:
     title = (
         f"dispatcher throughput — {reps[0]['pipeline']['deliveries']} letters, {args.workers} worker(s) × "
-        f"{args.threads} threads, {'PostgreSQL' if args.database_url else 'SQLite'}, {os.cpu_count()} CPUs"
+        f"{args.threads} threads, {'PostgreSQL' if args.database_url else 'SQLite'}, {os.cpu_count()} CPUs, "
+        f"sink {SINK_NAMES[args.sink]}"
         + (f", intake paced at {args.pace:g} appeals/s" if args.pace else "")
         + (", appeals preloaded before the workers start" if args.preload else "")
         + (", every letter DKIM-signed (RSA + Ed25519)" if args.dkim else "")
+        + (
+            f", pipeline with {args.history:,} historical appeals against an empty ledger, alternating"
+            if args.compare_history
+            else (f", {args.history:,} historical appeals in the ledger" if args.history else "")
+        )
         + (f", {len(reps)} repetitions" if len(reps) > 1 else "")
     )
     table = Table(title=title, title_justify="left")
@@ -863,7 +1039,7 @@ def print_table(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[
         table.add_row(label, *cells)
     console.print(table)
     for i, rep in enumerate(reps, 1):
-        for name in ("pipeline", "pipeline_info", "pipeline_profiled"):
+        for name in PIPELINE_RUNS:
             for note in dig(rep, f"{name}.notes") or []:
                 console.print(f"[yellow]#{i} {name}: {note}[/yellow]")
             states = dig(rep, f"{name}.states") or {}
@@ -890,7 +1066,7 @@ def git_commit() -> str | None:
 def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, float]) -> None:
     def slim(rep: dict[str, Any]) -> dict[str, Any]:
         rep = json.loads(json.dumps(rep))
-        for name in ("pipeline", "pipeline_info", "pipeline_profiled"):
+        for name in PIPELINE_RUNS:
             if name in rep:
                 rep[name].pop("profile", None)
                 if not rep[name].get("notes"):
@@ -911,6 +1087,11 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "pace": args.pace or None,
             "preload": args.preload,
             "dkim": args.dkim,
+            "sink": args.sink,
+            "comparisons": args.comparisons,
+            "history": args.history or None,
+            "compare_history": args.compare_history,
+            "history_days": args.history_days if args.history else None,
         },
         "median": med,
         "runs": [slim(r) for r in reps],
@@ -962,14 +1143,51 @@ def main() -> int:
     parser.add_argument(
         "--dkim", action="store_true", help="the workers DKIM-sign every letter (RSA + Ed25519, fresh keys)"
     )
+    parser.add_argument(
+        "--sink",
+        choices=SINKS,
+        default=None,
+        help="the SMTP sink every phase sends to: Postfix's smtp-sink (C, installed with apt-get when missing; "
+        "the default when available) or bench/smtp_sink.py (aiosmtpd; counts duplicate Message-IDs)",
+    )
+    parser.add_argument(
+        "--no-comparisons",
+        dest="comparisons",
+        action="store_false",
+        help="skip the bare aiosmtplib loop and the naive dramatiq actor",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fill the pipeline's ledger with N historical appeals (2 sent letters each) first (bench/history.py)",
+    )
+    parser.add_argument(
+        "--compare-history",
+        action="store_true",
+        help="with --history N: each repetition runs the pipeline on an empty ledger AND on one with N "
+        "historical appeals, alternating which goes first",
+    )
+    parser.add_argument("--history-days", type=float, default=60.0, help="days the history is spread over")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all letters, seconds")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
     args = parser.parse_args()
     if args.deliveries < 5 or args.workers < 1 or args.threads < 1 or args.repeat < 1:
         parser.error("--deliveries ≥ 5, --workers, --threads and --repeat ≥ 1")
+    if args.history < 0 or (args.compare_history and not args.history):
+        parser.error("--history N ≥ 0; --compare-history needs --history N > 0")
+    if args.history_days * 24 < 2:
+        parser.error("--history-days: at least 2 hours")
     if args.database_url:
         postgres_admin(args.database_url)
+    args.sink = args.sink or default_sink()
+    if args.sink == "smtp-sink":
+        from debian import ensure_smtp_sink
+
+        ensure_smtp_sink()
+    log(f"sink: {SINK_NAMES[args.sink]}")
     if args.profile and not Path(sys.executable).with_name("py-spy").exists():
         parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
     configure_logging("WARNING")

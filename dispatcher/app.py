@@ -24,6 +24,7 @@ from dispatcher.errors import OperationalError
 from dispatcher.intake.service import IntakeService
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
+from dispatcher.metrics.instruments import Metrics
 from dispatcher.policy.gate import SendingGate
 from dispatcher.policy.limits import RateLimiter
 from dispatcher.policy.lines import Lines
@@ -50,6 +51,8 @@ from dispatcher.settings import Settings
 if TYPE_CHECKING:
     from dramatiq.brokers.redis import RedisBroker
     from fastapi import FastAPI
+
+    from dispatcher.metrics.exposition import Scrape
 
 
 def load_configured_catalog(
@@ -176,7 +179,31 @@ class Service:
             channels=self.channels,
             lines=self.lines,
             clock=self.clock,
+            metrics=self.metrics.reports,
         )
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        """This process's counters (docs/metrics.md): the API, worker and reconciler built from
+        this service share them, so ``dispatcher dev`` shows them all on one /metrics."""
+        return Metrics()
+
+    def scrape(self, *, service_wide: bool = True) -> Scrape:
+        """What a scrape of this process answers; ``service_wide``: with the ledger's letters and
+        the queue read now (the API's /metrics; a worker's own port shows only its counters)."""
+        from dispatcher.ledger.stats import Stats
+        from dispatcher.metrics.collectors import LedgerCollector, QueueCollector, channel_keys
+        from dispatcher.metrics.exposition import Scrape
+
+        extra = (
+            [
+                LedgerCollector(Stats(self.ledger.engine), channel_keys=channel_keys(self.catalog), clock=self.clock),
+                QueueCollector(self.broker.client, self.settings.redis_namespace),
+            ]
+            if service_wide
+            else []
+        )
+        return Scrape(self.metrics.registry, extra)
 
     def bounce_intake(self) -> BounceIntake:
         """What ``dispatcher bounces`` hands each message to: the channel whose letters come back
@@ -225,6 +252,9 @@ class Service:
             reports=self.reports,
         )
         self._mount_console(app)
+        from dispatcher.metrics.exposition import TOKEN_ENV, install
+
+        install(app, self.scrape(), self.metrics.api, token=self.environ.get(TOKEN_ENV) or None)
         return app
 
     def _mount_console(self, app: FastAPI) -> None:
@@ -291,6 +321,7 @@ class Service:
             # its own channels: a poll's HTTP clients belong to the reconciler's event loop
             channels=self._channels(),
             reports=self.reports,
+            metrics=self.metrics.reconciler,
         )
 
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
@@ -314,6 +345,7 @@ class Service:
             worker_id=worker_id,
             parked_reports=self.reports.apply_parked,
             clock=self.clock,
+            metrics=self.metrics.worker,
             **processor_options,
         )
         declare_deliver(self.broker, processor)

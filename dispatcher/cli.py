@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -49,6 +50,29 @@ def _service(settings: Settings | None = None) -> Service:
     from dispatcher.app import Service
 
     return Service(settings or _settings())
+
+
+def _metrics_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--metrics-port`` and ``--metrics-host``: this process's own metrics (docs/metrics.md)."""
+    command = click.option(
+        "--metrics-host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address the metrics port listens on (0.0.0.0 for a Prometheus on another machine).",
+    )(command)
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Serve this process's Prometheus metrics on this port (/metrics); default: none.",
+    )(command)
+
+
+def _serve_metrics(service: Service, port: int | None, host: str) -> None:
+    if port is not None:
+        from dispatcher.metrics.exposition import serve
+
+        serve(service.scrape(service_wide=False), port, host)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -683,7 +707,8 @@ def suppressions_remove(address: str, channel: str | None) -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [default: DISPATCH_BOUNCES_LISTEN's host].")
 @click.option("--port", default=None, type=int, help="Port [default: DISPATCH_BOUNCES_LISTEN's port, 2526].")
-def bounces(host: str | None, port: int | None) -> None:
+@_metrics_options
+def bounces(host: str | None, port: int | None, metrics_port: int | None, metrics_host: str) -> None:
     """Receive bounces: an SMTP server for the bounce domains' MX, and a poller for each
     section whose bounces land in an IMAP mailbox ([bounces.imap])."""
     from dispatcher.bounces import BounceReceiver
@@ -695,6 +720,7 @@ def bounces(host: str | None, port: int | None) -> None:
         _refuse_to_start(exc)
     stop = threading.Event()
     _stop_on_signals(stop)
+    _serve_metrics(service, metrics_port, metrics_host)
     receiver.start()
     Console().print(receiver.describe())
     stop.wait()
@@ -759,17 +785,25 @@ def api(host: str, port: int, workers: int) -> None:
     """Run the intake API."""
     import uvicorn
 
+    from dispatcher.metrics.exposition import MULTIPROC_ENV, prepare_multiprocess_dir, remove_multiprocess_dir
+
+    # Several processes (or a directory the environment names): each counts into files there and
+    # whichever answers /metrics sums them all. Emptied before anything counts (docs/metrics.md).
+    made = prepare_multiprocess_dir() if workers > 1 or os.environ.get(MULTIPROC_ENV) else None
     try:
-        app = _service().api()  # also checks the config before any process starts
-    except ConfigError as exc:
-        _refuse_to_start(exc)
-    if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    else:
-        # uvicorn's own process manager: each process builds the app from the environment
-        uvicorn.run(
-            "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
-        )
+        try:
+            app = _service().api()  # also checks the config before any process starts
+        except ConfigError as exc:
+            _refuse_to_start(exc)
+        if workers == 1:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        else:
+            # uvicorn's own process manager: each process builds the app from the environment
+            uvicorn.run(
+                "dispatcher.app:api_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
+            )
+    finally:
+        remove_multiprocess_dir(made)
 
 
 @main.command()
@@ -781,14 +815,17 @@ def api(host: str, port: int, workers: int) -> None:
     type=click.FloatRange(min=0),
     help="Seconds a SIGTERM waits for letters being sent; then they are handed back to the queue.",
 )
-def worker(threads: int, shutdown_timeout: float) -> None:
+@_metrics_options
+def worker(threads: int, shutdown_timeout: float, metrics_port: int | None, metrics_host: str) -> None:
     """Run a worker that sends letters.
 
     SIGTERM (or SIGINT): unstarted messages go back to the queue at once, letters being sent get
     --shutdown-timeout seconds to finish and be recorded, and any still running then are handed
     back (claim released, message requeued) for another worker; exit status 0. A second signal
     hands back at once."""
-    handle = _service().worker(threads=threads)
+    service = _service()
+    handle = service.worker(threads=threads)
+    _serve_metrics(service, metrics_port, metrics_host)
     stop = threading.Event()
     _stop_on_signals(stop)
     handle.start()
@@ -806,11 +843,15 @@ def worker(threads: int, shutdown_timeout: float) -> None:
 
 @main.command()
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between ticks.")
-def reconcile(interval: float) -> None:
+@_metrics_options
+def reconcile(interval: float, metrics_port: int | None, metrics_host: str) -> None:
     """Run the reconciler: releases due letters to the queue, takes back stale claims."""
     stop = threading.Event()
     _stop_on_signals(stop)
-    _service().reconciler(interval=interval).run(stop)
+    service = _service()
+    reconciler = service.reconciler(interval=interval)
+    _serve_metrics(service, metrics_port, metrics_host)
+    reconciler.run(stop)
 
 
 @main.command()

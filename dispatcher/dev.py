@@ -278,6 +278,7 @@ def run_dev(*, api_port: int = 8080, smtp_port: int = 2525, bounces_port: int = 
             f"""
 Appeal dispatch service — dev mode (sandbox: nothing leaves this machine)
   API          {base}   (docs {base}/docs, health {base}/healthz)
+  metrics      {base}/metrics   (Prometheus: API, worker and reconciler of this process; docs/metrics.md)
   console      {base}/console/   sign in as {console_login}
   counters     {base}/v1/campaigns/{body["campaign"]}/counters
   badge        {base}/v1/campaigns/{body["campaign"]}/counters.svg?section={code}&lang={body["language"]}

@@ -190,9 +190,23 @@ class BlipError(TransientError):
 
 
 class DeferredError(DeliveryError):
-    """Not now, by our own policy (budget used up, outside office hours); not a failure."""
+    """Not now, by our own policy (budget used up, outside office hours); not a failure.
+
+    ``reason`` is a short fixed word saying which policy held the letter back (``office_hours``,
+    ``recipient_cap``, ``paused``, ...): the label of the deferral metrics, never free text."""
 
     outcome = Outcome.DEFERRED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | str | None = None,
+        retry_after: float | None = None,
+        reason: str = "other",
+    ):
+        super().__init__(message, code=code, retry_after=retry_after)
+        self.reason = reason
 
 
 class PermanentError(DeliveryError):

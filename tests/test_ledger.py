@@ -41,6 +41,25 @@ def test_claim_is_exclusive_and_only_for_due_letters(service):
     assert row(service, delivery.id).claimed_by == "w1"
 
 
+def test_a_claim_carries_its_own_appeals_supporter(service):
+    service.intake.enqueuer = None
+    jane = accept(service, supporter={"name": "Jane Roe", "email": "jane@example.net", "city": "Lyon", "country": "FR"})
+    ali = accept(service, supporter={"name": "Ali Demir", "email": "ali@example.org"}, message=None)
+    now = datetime.now(UTC)
+    # Claimed in the other order than accepted, so a claim reading the wrong appeal would show.
+    second = service.ledger.lifecycle.claim(ali.deliveries[0].id, "w1", now)
+    first = service.ledger.lifecycle.claim(jane.deliveries[0].id, "w1", now)
+    assert first is not None and second is not None
+    assert first.supporter == service.ledger.views.supporter(jane.appeal_id)
+    assert first.supporter is not None and (first.supporter.name, first.supporter.city) == ("Jane Roe", "Lyon")
+    assert second.supporter is not None
+    assert (second.supporter.name, second.supporter.email, second.supporter.message) == (
+        "Ali Demir",
+        "ali@example.org",
+        None,
+    )
+
+
 def test_mark_queued_after_a_fast_worker_keeps_its_state_but_records_the_enqueue(service):
     service.intake.enqueuer = None  # the test plays intake's enqueue itself, below
     delivery = accept(service).deliveries[0]

@@ -94,6 +94,10 @@ FORBIDDEN = {
     # and neither it nor the intake knows the other (the API process mounts both, in app.py)
     "dispatcher.intake": ("dispatcher.console",),
     "dispatcher.console": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli", "dispatcher.dev"),
+    # every layer counts through the instruments, so they import no layer; the collectors read
+    # the ledger and the queue, and are wired by app.py
+    "dispatcher.metrics": ("dispatcher.intake", "dispatcher.app", "dispatcher.cli", "dispatcher.console"),
+    "dispatcher.metrics.instruments": ("dispatcher.",),
 }
 
 

@@ -136,6 +136,28 @@ def test_the_same_token_holds_one_slot(limiter: RateLimiter) -> None:
     assert limiter.usage("k", rates, now=T0 + 70) == [1]
 
 
+def test_several_keys_in_one_call_take_all_or_nothing(limiter: RateLimiter) -> None:
+    recipient, relay = [Rate.parse("3/minute")], [Rate.parse("1/minute")]
+    caps = [("recipient", recipient), ("relay", relay)]
+    assert limiter.reserve_all(caps, now=T0, token="d1:1") is None
+    assert limiter.usage("recipient", recipient, now=T0) == [1]
+    assert limiter.usage("relay", relay, now=T0) == [1]
+    # the relay is full: the recipient's slot is not taken either, and the wait is the relay's
+    full = limiter.reserve_all(caps, now=T0 + 10, token="d2:1")
+    assert full is not None and full[0] == 1 and full[1] == pytest.approx(50)
+    assert limiter.usage("recipient", recipient, now=T0 + 10) == [1]
+    # the first full key is named by its place in the list, keys without rates included
+    assert limiter.reserve_all([("none", []), ("relay", relay)], now=T0 + 10, token="d3:1") == (1, pytest.approx(50))
+    # a redelivered try whose recipient slot could move, but whose other cap is full, keeps the
+    # slot where it was (moved back), and takes nothing under the full one
+    hourly = [Rate.parse("1/hour")]
+    assert limiter.reserve("gateway", hourly, now=T0 + 5, token="other:1") == 0.0
+    assert limiter.reserve_all([("recipient", recipient), ("gateway", hourly)], now=T0 + 20, token="d1:1") is not None
+    assert limiter.usage("recipient", recipient, now=T0 + 59) == [1]
+    assert limiter.usage("recipient", recipient, now=T0 + 60) == [0]  # still at T0: not moved
+    assert limiter.reserve_all(caps, now=T0 + 60, token="d2:1") is None
+
+
 def test_a_caller_with_fewer_rates_does_not_forget_letters(limiter: RateLimiter) -> None:
     # During a rolling config change one worker may know only "2/minute" and another "3/hour":
     # the minute-only caller must not trim the letters the hour cap still counts.

@@ -24,7 +24,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Update, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
@@ -39,7 +53,8 @@ from dispatcher.ledger.states import (
     State,
     initial,
 )
-from dispatcher.ledger.tables import CC, A, D
+from dispatcher.ledger.tables import AP, CC, A, D
+from dispatcher.ledger.views import SupporterData, supporter_of
 
 E = Event
 
@@ -93,6 +108,20 @@ def _state_in(states: frozenset[State]) -> ColumnElement[bool]:
 
 #: the letter's campaign was closed (campaign_closures holds a few rows at most)
 _CLOSED = D.c.campaign.in_(select(CC.c.campaign))
+# Spelt out: SQLAlchemy writes SQLite's RETURNING with every column unqualified, and in the
+# subquery an unqualified "appeal_id" would be the delivery's only while appeals has no such column.
+_CLAIMED_APPEAL = AP.alias("claimed_appeal")
+_DELIVERY_APPEAL: ColumnElement[str] = literal_column(f"{D.name}.{D.c.appeal_id.name}")
+#: what the claim returns of the letter's appeal (views.supporter_of reads them by name)
+_SUPPORTER_COLUMNS = (
+    AP.c.supporter_name,
+    AP.c.supporter_email,
+    AP.c.supporter_city,
+    AP.c.supporter_country,
+    AP.c.supporter_languages,
+    AP.c.message,
+    AP.c.supporter_ref,
+)
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
 #: channel accepted it and its report may still send it back
@@ -271,6 +300,9 @@ class Claim:
     #: when this claim was taken: with the worker, what tells it from a later claim of the same
     #: worker on the same letter (after this one was taken back as stale)
     claimed_at: datetime | None = None
+    #: the appeal's supporter, read by the claim's own statement; None for a digest, or when the
+    #: supporter's data was purged
+    supporter: SupporterData | None = None
 
 
 @dataclass(frozen=True)
@@ -371,6 +403,15 @@ class Lifecycle:
             D.c.created_at,
             D.c.kind,
             D.c.claimed_at,
+            # The supporter the worker reads next, in the same statement (one round trip and one
+            # transaction less per letter): scalar subqueries, since RETURNING takes no join.
+            *(
+                select(_CLAIMED_APPEAL.c[column.name])
+                .where(_CLAIMED_APPEAL.c.id == _DELIVERY_APPEAL)
+                .scalar_subquery()
+                .label(column.name)
+                for column in _SUPPORTER_COLUMNS
+            ),
         )
 
     # ------------------------------------------------------------------ the worker's path
@@ -403,6 +444,7 @@ class Lifecycle:
             created_at=row.created_at,
             kind=row.kind,
             claimed_at=row.claimed_at,
+            supporter=supporter_of(row),
         )
 
     def finish(

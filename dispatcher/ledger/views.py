@@ -33,6 +33,22 @@ class SupporterData:
     supporter_ref: str
 
 
+def supporter_of(row: Any) -> SupporterData | None:
+    """The supporter in a row with the appeal's supporter columns (by their names); None when
+    there is no row or the data was purged."""
+    if row is None or row.supporter_name is None or row.supporter_email is None:
+        return None
+    return SupporterData(
+        name=row.supporter_name,
+        email=row.supporter_email,
+        city=row.supporter_city,
+        country=row.supporter_country,
+        languages=tuple((row.supporter_languages or "").split()),
+        message=row.message,
+        supporter_ref=row.supporter_ref,
+    )
+
+
 @dataclass(frozen=True)
 class TryView:
     number: int
@@ -271,17 +287,7 @@ class Views:
                     AP.c.supporter_ref,
                 ).where(AP.c.id == appeal_id)
             ).one_or_none()
-        if row is None or row.supporter_name is None or row.supporter_email is None:
-            return None
-        return SupporterData(
-            name=row.supporter_name,
-            email=row.supporter_email,
-            city=row.supporter_city,
-            country=row.supporter_country,
-            languages=tuple((row.supporter_languages or "").split()),
-            message=row.message,
-            supporter_ref=row.supporter_ref,
-        )
+        return supporter_of(row)
 
     def appeal(self, appeal_id: str) -> AppealView | None:
         with self.reads.connect() as conn:

@@ -88,35 +88,32 @@ class SendingGate:
             raise DeferredError(
                 f"outside the recipient's office hours; opens {opens.isoformat()}",
                 retry_after=(opens - now).total_seconds() + self._spread(target, channel),
+                reason="office_hours",
             )
         texts = self.rate_texts(target, channel)
-        recipient_key = f"recipient:{channel}:{recipient}"
-        self._reserve(recipient_key, texts, token, what="the recipient's cap", target=target, channel=channel)
+        caps = [(f"recipient:{channel}:{recipient}", texts, "the recipient's cap", "recipient_cap")]
         if provider is not None and provider_rates:
-            try:
-                self._reserve(
-                    provider, tuple(provider_rates), token, what=f"{provider}'s limit", target=target, channel=channel
-                )
-            except DeferredError:
-                if texts:
-                    self.limiter.cancel(recipient_key, token)  # not sent: the recipient's slot goes back
-                raise
-
-    def _reserve(self, key: str, texts: Sequence[str], token: str, *, what: str, target: Target, channel: str) -> None:
-        if not texts:
+            caps.append((provider, tuple(provider_rates), f"{provider}'s limit", "provider_limit"))
+        caps = [cap for cap in caps if cap[1]]
+        if not caps:
             return
-        rates = parsed_rates(tuple(texts))
         try:
-            wait = self.limiter.reserve(key, rates, token=token)
+            # One round trip for the recipient's cap and the relay's limit: both slots or neither.
+            full = self.limiter.reserve_all([(key, parsed_rates(tuple(t))) for key, t, _, _ in caps], token=token)
         except redis.RedisError as exc:
             # Our own infrastructure is away (a Redis restart): hold the letter back, without
             # charging it a try, rather than send it past a cap nobody can check.
             raise DeferredError(
-                f"the caps cannot be checked ({type(exc).__name__}); held back", retry_after=LIMITER_DOWN_WAIT
+                f"the caps cannot be checked ({type(exc).__name__}); held back",
+                retry_after=LIMITER_DOWN_WAIT,
+                reason="limits_unavailable",
             ) from exc
-        if wait > 0:
+        if full is not None:
+            _, used_up, what, why = caps[full[0]]
             raise DeferredError(
-                f"{what} is used up ({', '.join(texts)})", retry_after=wait + self._spread(target, channel)
+                f"{what} is used up ({', '.join(used_up)})",
+                retry_after=full[1] + self._spread(target, channel),
+                reason=why,
             )
 
     def _spread(self, target: Target, channel: str) -> float:

@@ -29,8 +29,12 @@ from dispatcher.rates import Rate as Rate
 # scores that are whole numbers let "strictly after now - W" be written as ">= now - W + 1"
 # without string-formatting a number in Lua (its tostring keeps only 14 digits).
 
-#: KEYS[1] log, KEYS[2] horizon; ARGV: now_us or "", token, then count and window_us per rate.
-#: Returns 0 when a slot was taken under every rate, else the microseconds until one frees.
+#: KEYS: a log and its horizon per key (log1, horizon1, log2, horizon2, ...); ARGV: now_us or
+#: "", token, then per key the number of its rates and count and window_us per rate.
+#: Returns {0, 0} when a slot was taken under every rate of every key; else nothing is taken and
+#: it returns {k, µs until a slot frees under all the rates of key k}, k the first key that is
+#: full (from 1). Several keys in one call: a letter's recipient cap and its relay's limit are
+#: one round trip, and all or none of them are taken.
 _RESERVE = """
 local now
 if ARGV[1] == '' then
@@ -41,46 +45,67 @@ else
 end
 local token = ARGV[2]
 
--- Keep entries as long as the longest window any caller has used recently, not just ours:
--- a caller with a shorter list of rates must not trim what a longer one still counts.
-local horizon = tonumber(redis.call('GET', KEYS[2]) or '0')
-for i = 3, #ARGV, 2 do
-    horizon = math.max(horizon, tonumber(ARGV[i + 1]))
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - horizon)
-
--- The same token reserving again (a redelivered message for the same attempt) moves its slot
--- to now rather than holding two; if it cannot move, the old slot stays as it was.
-local previous = redis.call('ZSCORE', KEYS[1], token)
-if previous then
-    redis.call('ZREM', KEYS[1], token)
+local specs = {}
+local arg = 3
+for k = 1, #KEYS, 2 do
+    local n = tonumber(ARGV[arg])
+    local rates = {}
+    for r = 1, n do
+        rates[r] = {tonumber(ARGV[arg + 2 * r - 1]), tonumber(ARGV[arg + 2 * r])}
+    end
+    arg = arg + 2 * n + 1
+    specs[#specs + 1] = {log = KEYS[k], horizon_key = KEYS[k + 1], rates = rates}
 end
 
-local wait = 0
-for i = 3, #ARGV, 2 do
-    local count = tonumber(ARGV[i])
-    local window = tonumber(ARGV[i + 1])
-    local live = redis.call('ZCOUNT', KEYS[1], now - window + 1, '+inf')
-    if live >= count then
-        -- The slot frees when the (live - count + 1)-th oldest live entry leaves the window.
-        local entry = redis.call('ZRANGEBYSCORE', KEYS[1], now - window + 1, '+inf',
-                                 'WITHSCORES', 'LIMIT', live - count, 1)
-        wait = math.max(wait, tonumber(entry[2]) + window - now)
+-- Check every key first; put back what was moved when one of them is full.
+for s, spec in ipairs(specs) do
+    -- Keep entries as long as the longest window any caller has used recently, not just ours:
+    -- a caller with a shorter list of rates must not trim what a longer one still counts.
+    local horizon = tonumber(redis.call('GET', spec.horizon_key) or '0')
+    for _, rate in ipairs(spec.rates) do
+        horizon = math.max(horizon, rate[2])
+    end
+    spec.horizon = horizon
+    redis.call('ZREMRANGEBYSCORE', spec.log, '-inf', now - horizon)
+
+    -- The same token reserving again (a redelivered message for the same attempt) moves its
+    -- slot to now rather than holding two; if it cannot move, the old slot stays as it was.
+    spec.previous = redis.call('ZSCORE', spec.log, token)
+    if spec.previous then
+        redis.call('ZREM', spec.log, token)
+    end
+
+    local wait = 0
+    for _, rate in ipairs(spec.rates) do
+        local count = rate[1]
+        local window = rate[2]
+        local live = redis.call('ZCOUNT', spec.log, now - window + 1, '+inf')
+        if live >= count then
+            -- The slot frees when the (live - count + 1)-th oldest live entry leaves the window.
+            local entry = redis.call('ZRANGEBYSCORE', spec.log, now - window + 1, '+inf',
+                                     'WITHSCORES', 'LIMIT', live - count, 1)
+            wait = math.max(wait, tonumber(entry[2]) + window - now)
+        end
+    end
+
+    if wait > 0 then
+        for b = 1, s do
+            if specs[b].previous then
+                redis.call('ZADD', specs[b].log, specs[b].previous, token)
+            end
+        end
+        return {s, wait}
     end
 end
 
-if wait > 0 then
-    if previous then
-        redis.call('ZADD', KEYS[1], previous, token)
-    end
-    return wait
+for _, spec in ipairs(specs) do
+    redis.call('ZADD', spec.log, now, token)
+    -- Both keys vanish once nothing in them can matter (milliseconds, rounded up).
+    local ttl = math.ceil(spec.horizon / 1000) + 1
+    redis.call('PEXPIRE', spec.log, ttl)
+    redis.call('SET', spec.horizon_key, spec.horizon, 'PX', ttl)
 end
-redis.call('ZADD', KEYS[1], now, token)
--- Both keys vanish once nothing in them can matter (milliseconds, rounded up).
-local ttl = math.ceil(horizon / 1000) + 1
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SET', KEYS[2], horizon, 'PX', ttl)
-return 0
+return {0, 0}
 """
 
 #: KEYS[1] log; ARGV: now_us or "", then window_us per rate. Returns the live count per rate.
@@ -133,19 +158,39 @@ class RateLimiter:
         """
         if not rates:
             return 0.0
+        full = self.reserve_all([(key, rates)], now=now, token=token)
+        return 0.0 if full is None else full[1]
+
+    def reserve_all(
+        self, caps: Sequence[tuple[str, Sequence[Rate]]], *, now: float | None = None, token: str | None = None
+    ) -> tuple[int, float] | None:
+        """Take one slot under every rate of every key in ``caps`` (key, rates) and return None,
+        or take none at all and return (index in ``caps`` of the first key that is full, seconds
+        until a slot frees under all of its rates). One round trip, atomic across processes;
+        ``now`` and ``token`` as for :meth:`reserve`. Keys without rates are skipped."""
+        keys: list[str] = []
         args: list[str | int] = [_micros(now), token or uuid.uuid4().hex]
-        for rate in rates:
-            args += [rate.count, rate.micros]
-        wait_us = int(self._reserve(keys=self._keys(key), args=args))
-        if wait_us <= 0:
-            return 0.0
+        positions = []
+        for position, (key, rates) in enumerate(caps):
+            if not rates:
+                continue
+            positions.append(position)
+            keys += self._keys(key)
+            args.append(len(rates))
+            for rate in rates:
+                args += [rate.count, rate.micros]
+        if not keys:
+            return None
+        which, wait_us = (int(v) for v in self._reserve(keys=keys, args=args))
+        if which == 0 or wait_us <= 0:
+            return None
         wait = wait_us / MICROS
         if now is not None:
             # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
             target = round(now * MICROS) + wait_us
             while round((now + wait) * MICROS) < target:
                 wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
-        return wait
+        return positions[which - 1], wait
 
     def cancel(self, key: str, token: str) -> None:
         """Give back the slot taken with ``token``: the send it was for did not happen."""

@@ -37,7 +37,9 @@ from dispatcher.ledger.lifecycle import Claim
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import Event, State
 from dispatcher.ledger.store import Ledger
+from dispatcher.ledger.views import SupporterData
 from dispatcher.logging import get_logger
+from dispatcher.metrics.instruments import WorkerMetrics
 from dispatcher.policy.gate import SendingGate
 from dispatcher.policy.lines import Lines
 from dispatcher.queue.fallback import Fallback
@@ -83,14 +85,17 @@ def letter_request(
     delivery_id: str,
     kind: str,
     appeal_id: str | None,
+    supporter: SupporterData | None,
     campaign: str,
     section: Section,
     target: Target,
     language: str,
     now: datetime,
 ) -> tuple[Sender, LetterRequest] | NoLetter:
-    """What to render for a delivery, from the ledger's data, dated ``now`` where the letter
-    arrives: the worker's letter, and the console's preview of it (dispatcher/queue/preview.py)."""
+    """What to render for a delivery, dated ``now`` where the letter arrives: the worker's letter,
+    and the console's preview of it (dispatcher/queue/preview.py). ``supporter``: the appeal's, as
+    the caller read it (the worker's claim reads it in its own statement); None for a digest, or
+    when the supporter's data is gone. A digest's signers are read from the ledger."""
     # the day it is where the letter arrives
     day = now.astimezone(ZoneInfo(target.timezone)).date()
     found = catalog.campaigns[campaign]
@@ -110,7 +115,6 @@ def letter_request(
             signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
         )
     assert appeal_id is not None  # every letter but a digest belongs to an appeal
-    supporter = ledger.views.supporter(appeal_id)
     if supporter is None:
         return NoLetter("the supporter's data was purged before sending")
     return Sender(supporter.name, supporter.email), LetterRequest(
@@ -177,6 +181,7 @@ class DeliveryProcessor:
         gate: SendingGate | None = None,
         parked_reports: Callable[[str], int] | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: WorkerMetrics | None = None,
     ):
         """``parked_reports``: applies the reports that overtook a letter's send once the send
         is recorded (:meth:`dispatcher.queue.reports.ReportApplier.apply_parked`)."""
@@ -197,6 +202,8 @@ class DeliveryProcessor:
         #: at most one letter of this process between DATA and its recorded `sent` (window.py)
         self.window = SendWindow()
         self.fallback = Fallback(catalog=catalog, channels=channels, ledger=ledger)
+        #: in-memory counters (docs/metrics.md); None: this processor counts nothing
+        self.metrics = metrics
 
     def __call__(self, delivery_id: str) -> None:
         try:
@@ -211,6 +218,8 @@ class DeliveryProcessor:
         if claim is None:
             # A redelivered or duplicate message: worth seeing, since it means a worker or Redis hiccuped.
             log.info("delivery.skipped", delivery=delivery_id, state=self.ledger.views.state_of(delivery_id))
+            if self.metrics is not None:
+                self.metrics.skipped.inc()
             return
         context = _context(claim)
         started = time.perf_counter()
@@ -233,6 +242,8 @@ class DeliveryProcessor:
         moved = self.ledger.lifecycle.finish(claim, result, worker=self.worker_id, started_at=now, now=finished)
         # The outcome is committed: the next letter of this process may start its DATA.
         self.window.close()
+        if self.metrics is not None:
+            self._count(claim, result, moved)
         if (
             self.parked_reports is not None
             and claim.channel in self.channels
@@ -278,6 +289,18 @@ class DeliveryProcessor:
             if claim.queued_at and result.state in (State.SENT, State.DELIVERED)
             else None,
         )
+
+    def _count(self, claim: Claim, result: Result, moved: State | None) -> None:
+        assert self.metrics is not None
+        if moved is None:
+            what = "superseded"  # the claim was taken back meanwhile: the try is recorded, nothing moved
+        elif moved is State.PLANNED:
+            what = result.event.value  # retry or deferred
+        else:
+            what = moved.value
+        self.metrics.tried(claim.channel, what, str(result.outcome), result.reason)
+        if result.pages or result.line_seconds:
+            self.metrics.line.record(claim.channel, result.gateway, result.pages, result.line_seconds)
 
     def _controls(self, fresh: bool = False) -> tuple[dict[str, Pause], frozenset[str]]:
         """Paused channels and flagged recipients, read at most once a second: a pause matters
@@ -359,6 +382,7 @@ class DeliveryProcessor:
                 raise DeferredError(
                     f"channel {channel_key} is paused ({paused.reason}); `dispatcher channel resume {channel_key}`",
                     retry_after=self.outcomes.retry.operational_pause_seconds,
+                    reason="paused",
                 )
             if flagged:
                 reason = self.ledger.controls.flagged(claim.recipient)
@@ -405,6 +429,7 @@ class DeliveryProcessor:
             delivery_id=claim.id,
             kind=claim.kind,
             appeal_id=claim.appeal_id,
+            supporter=claim.supporter,  # read by the claim itself
             campaign=claim.campaign,
             section=section,
             target=target,
@@ -433,6 +458,7 @@ class DeliveryProcessor:
             raise DeferredError(
                 f"another {claim.channel} letter to this recipient is in flight",
                 retry_after=getattr(channel, "line_wait_seconds", 60.0),
+                reason="line_busy",
             )
         keep_line = False
         try:
@@ -459,8 +485,13 @@ class DeliveryProcessor:
             )
             # the CPU work in this thread; the shared event loop only sends
             letter = channel.prepare(letter)
-            with channel_faults():
-                report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
+            sending = time.perf_counter()
+            try:
+                with channel_faults():
+                    report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.send_seconds.labels(claim.channel).observe(time.perf_counter() - sending)
             # Accepted by a far side that reports later: the line stays ours until its report.
             keep_line = not report.final
             return self._result(report, claim, now, deadline)

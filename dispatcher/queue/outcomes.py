@@ -28,6 +28,9 @@ class Result(TryResult):
     flag_number: bool = False
     #: the far end refused the address itself for good: no channel of this kind writes to it again
     suppress: bool = False
+    #: a deferral's reason (``DeferredError.reason``; ``operational`` when our side is broken):
+    #: a fixed word for the metrics, not stored
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Outcomes:
                 text=exc.message,
                 next_attempt_at=now + timedelta(seconds=wait),
                 counts_as_try=False,
+                reason=exc.reason,
             )
         if isinstance(exc, TransientError):
             return self.transient(exc, attempt=attempt, now=now, deadline=deadline, created_at=created_at)
@@ -112,6 +116,7 @@ class Outcomes:
             text=exc.message,
             next_attempt_at=now + timedelta(seconds=self.retry.operational_pause_seconds),
             counts_as_try=False,
+            reason="operational",
         )
 
     def _no_tone(self, exc: SuspectRecipient, attempt: int, now: datetime, deadline: datetime) -> Result:

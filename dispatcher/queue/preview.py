@@ -104,6 +104,7 @@ class Previews:
             delivery_id=view.id,
             kind=view.kind,
             appeal_id=view.appeal_id,
+            supporter=self.ledger.views.supporter(view.appeal_id) if view.appeal_id else None,
             campaign=view.campaign,
             section=section,
             target=target,

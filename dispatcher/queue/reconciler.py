@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -35,6 +36,7 @@ from dispatcher.config.catalog import Catalog
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
+from dispatcher.metrics.instruments import ReconcilerMetrics
 from dispatcher.queue.actors import TIME_LIMIT_MS, EnqueueFailed, Enqueuer
 from dispatcher.queue.deadletters import DeadLetterSweep
 from dispatcher.queue.leader import Lease
@@ -91,9 +93,10 @@ class Reconciler:
         clock: Callable[[], datetime] = utcnow,
         channels: Channels | None = None,
         reports: ReportApplier | None = None,
+        metrics: ReconcilerMetrics | None = None,
     ):
         """``channels`` and ``reports``: to ask channels about late reports and apply them
-        (None: this reconciler does not; a test's)."""
+        (None: this reconciler does not; a test's). ``metrics``: what it counts (docs/metrics.md)."""
         self.settings = settings
         self.catalog = catalog
         self.ledger = ledger
@@ -105,6 +108,7 @@ class Reconciler:
         self.clock = clock
         self.channels = channels
         self.reports = reports
+        self.metrics = metrics
         #: the event loop the channels' polls run on (built on the first poll)
         self._loop: LoopThread | None = None
         #: per channel, when each letter awaiting a report was last asked about
@@ -191,13 +195,18 @@ class Reconciler:
         for delivery in released:
             log.warning("delivery.claim_released", delivery=delivery, reason="worker liveness lapsed")
         log.warning("worker.seen_dead", workers=dead, claims_released=len(released))
+        if self.metrics is not None:
+            self.metrics.claims_released.labels("worker_dead").inc(len(released))
         # Only once the ledger has the release: if it failed, the next look tries again.
         self.dead_workers.forget(dead)
         return released
 
     def housekeeping(self, now: datetime) -> None:
-        for delivery in self.ledger.lifecycle.release_claims(now, claimed_before=now - self.config.stale_claim_after):
+        stale = self.ledger.lifecycle.release_claims(now, claimed_before=now - self.config.stale_claim_after)
+        for delivery in stale:
             log.warning("delivery.claim_released", delivery=delivery, reason="stale claim")
+        if stale and self.metrics is not None:
+            self.metrics.claims_released.labels("stale").inc(len(stale))
         for section in self.catalog.sections.values():
             for campaign_id in section.campaigns:
                 if campaign_id not in self.catalog.campaigns:
@@ -278,9 +287,18 @@ class Reconciler:
         log.info("reconciler.started", interval=self.config.interval)
         while not stop.is_set():
             try:
-                self.tick()
+                released = self.tick()
             except Exception as exc:  # noqa: BLE001 - Redis or the database away: try again next tick
                 log.warning("reconciler.tick_failed", error=f"{type(exc).__name__}: {exc}")
+                if self.metrics is not None:
+                    self.metrics.tick_failures.inc()
+            else:
+                if self.metrics is not None:
+                    self.metrics.ticks.inc()
+                    self.metrics.released.inc(released)
+                    self.metrics.last_tick.set(time.time())
+            if self.metrics is not None:
+                self.metrics.leader.set(1 if self.lease is None or self.lease.held else 0)
             stop.wait(self.config.interval)
         if self.lease is not None:
             self.lease.release()  # a successor need not wait for it to expire

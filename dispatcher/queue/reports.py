@@ -26,6 +26,7 @@ from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import State
 from dispatcher.ledger.store import Ledger
 from dispatcher.logging import get_logger
+from dispatcher.metrics.instruments import ReportMetrics
 from dispatcher.policy.lines import Lines
 from dispatcher.queue.deliver import EVENTS, log_document_rejected
 from dispatcher.queue.fallback import Fallback
@@ -47,6 +48,7 @@ class ReportApplier:
         channels: Channels,
         lines: Lines | None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: ReportMetrics | None = None,
     ):
         self.catalog = catalog
         self.ledger = ledger
@@ -55,10 +57,17 @@ class ReportApplier:
         self.lines = lines
         self.clock = clock
         self.fallback = Fallback(catalog=catalog, channels=channels, ledger=ledger)
+        self.metrics = metrics
 
     def apply(self, channel: str, report: Report) -> str:
         """Apply one report; returns what happened ("applied", "parked: ...", "ignored: ...")
         for the log, the webhook's answer and tests."""
+        answer = self._apply(channel, report)
+        if self.metrics is not None and answer != "applied":  # an applied one is counted with its state
+            self.metrics.reports.labels(channel, answer.split(":", 1)[0]).inc()
+        return answer
+
+    def _apply(self, channel: str, report: Report) -> str:
         context: dict[str, Any] = {
             "channel": channel,
             "gateway": report.provider,
@@ -102,6 +111,9 @@ class ReportApplier:
         if state is None:
             return "ignored: raced"
         self.fallback.record(result, delivery=row.id, channel=channel, recipient=row.recipient, now=now)
+        if self.metrics is not None:
+            self.metrics.reports.labels(channel, state.value).inc()
+            self.metrics.line.record(channel, result.gateway, result.pages, result.line_seconds)
         if result.outcome == Outcome.OPERATIONAL:
             # the far side refuses us (funds, credentials): the section's channel waits
             key = f"{channel}:{row.section}"

@@ -48,7 +48,8 @@ from dispatcher.channels.base import (
 )
 from dispatcher.channels.email.bounces import read_bounce
 from dispatcher.channels.email.dkim import Signers
-from dispatcher.channels.email.message import MESSAGE_POLICY, build_message
+from dispatcher.channels.email.message import MESSAGE_POLICY
+from dispatcher.channels.email.mime import letter_bytes
 from dispatcher.channels.email.pool import DataWindow, SmtpPool
 from dispatcher.channels.email.relay import live_relay, tls_context
 from dispatcher.channels.email.verp import Verp
@@ -135,7 +136,10 @@ class EmailChannel(BaseChannel):
         """The bytes that go into DATA: ``message`` serialised (CRLF line ends) and, when the
         section has a [dkim] table, signed. Raises OperationalError when the section's DKIM keys
         cannot be used: our side is broken, no letter's fault."""
-        data = message.as_bytes(policy=MESSAGE_POLICY)
+        return self.signed(message.as_bytes(policy=MESSAGE_POLICY), section)
+
+    def signed(self, data: bytes, section: Section) -> bytes:
+        """``data`` DKIM-signed when the section has a [dkim] table, else as it is (see :meth:`wire`)."""
         try:
             signer = self._signers.for_section(section)
         except ConfigError as exc:
@@ -254,7 +258,9 @@ class EmailChannel(BaseChannel):
 
     def prepare(self, letter: Outgoing) -> Outgoing:
         rendered = letter.document
-        message = build_message(
+        # The bytes build_message(...).as_bytes() would make, without the email package's
+        # header objects (mime.py): a third of a worker's CPU per letter before.
+        data = letter_bytes(
             delivery_id=letter.tag,
             section=letter.section,
             to_name=letter.target.name,
@@ -269,7 +275,7 @@ class EmailChannel(BaseChannel):
             # the Message-ID planned at intake: the stable key of this letter on every try
             message_id=letter.message_id,
         )
-        return replace(letter, document=self.wire(message, letter.section))
+        return replace(letter, document=self.signed(data, letter.section))
 
     async def deliver(self, letter: Outgoing) -> Report:
         data: bytes = letter.document  # made by prepare()

@@ -8,13 +8,20 @@ a mail client decodes them. Both are refused at intake and again when building a
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from dispatcher.errors import HeaderInjection
 
+#: printable ASCII and tabs: none of it is a line break or a control character
+_PLAIN = re.compile(r"[\t -~]*\Z")
+
 
 def unsafe_header_reason(value: str) -> str | None:
     """Why ``value`` may not go into a mail header, or None when it may."""
+    if _PLAIN.match(value):
+        # the common case, without looking up each character's category
+        return "contains '=?', the start of an encoded word" if "=?" in value else None
     for ch in value:
         if ch in "\r\n":
             return "contains a line break (CR or LF)"

@@ -16,6 +16,7 @@ import re
 from datetime import datetime
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
+from typing import NamedTuple
 
 from dispatcher.channels.email.headers import ensure_header_safe
 from dispatcher.config.models import Section
@@ -77,6 +78,61 @@ def build_message(
     that cannot be used. ValueError means the caller passed something no letter can carry
     (a naive date, a malformed delivery id or language tag): a bug, not a delivery outcome.
     """
+    fields = letter_fields(
+        delivery_id=delivery_id,
+        section=section,
+        to_name=to_name,
+        to_address=to_address,
+        supporter_name=supporter_name,
+        supporter_email=supporter_email,
+        subject=subject,
+        language=language,
+        date=date,
+        message_id=message_id,
+    )
+    msg = EmailMessage(policy=MESSAGE_POLICY)
+    msg["From"] = Address(display_name=fields.from_name, addr_spec=fields.from_address)
+    msg["To"] = Address(display_name=fields.to_name, addr_spec=fields.to_address)
+    msg["Reply-To"] = Address(display_name=fields.reply_to_name, addr_spec=fields.reply_to_address)
+    msg["Subject"] = fields.subject
+    msg["Date"] = date
+    msg["Message-ID"] = fields.message_id
+    msg["X-Dispatch-Delivery"] = delivery_id
+    msg.set_content(text, subtype="plain", charset="utf-8")
+    msg.add_alternative(html, subtype="html", charset="utf-8")
+    # After set_content: it clears every Content-* header of the message it fills.
+    msg["Content-Language"] = language
+    return msg
+
+
+class LetterFields(NamedTuple):
+    """A letter's header values, checked: what :func:`build_message` and
+    :func:`dispatcher.channels.email.mime.letter_bytes` put into the headers."""
+
+    from_name: str
+    from_address: str
+    to_name: str
+    to_address: str
+    reply_to_name: str
+    reply_to_address: str
+    subject: str
+    message_id: str
+
+
+def letter_fields(
+    *,
+    delivery_id: str,
+    section: Section,
+    to_name: str,
+    to_address: str,
+    supporter_name: str,
+    supporter_email: str,
+    subject: str,
+    language: str,
+    date: datetime,
+    message_id: str | None = None,
+) -> LetterFields:
+    """Every check :func:`build_message` documents, in its order; the values the headers carry."""
     # Supporter input first: refusing it must not depend on anything else being valid.
     ensure_header_safe(supporter_name, "supporter name")
     ensure_header_safe(supporter_email, "supporter email")
@@ -96,20 +152,16 @@ def build_message(
     sender = section.sender
     supporter = _collapse(supporter_name)
     display = f"{supporter} via {_collapse(sender.name)}" if supporter else _collapse(sender.name)
-
-    msg = EmailMessage(policy=MESSAGE_POLICY)
-    msg["From"] = _address(display, str(sender.address), "sender address", OperationalError)
-    msg["To"] = _address(_collapse(to_name), to_address, "target address", PermanentError)
-    msg["Reply-To"] = _address(supporter, supporter_email, "supporter email", PermanentError)
-    msg["Subject"] = _collapse(subject)
-    msg["Date"] = date
-    msg["Message-ID"] = message_id
-    msg["X-Dispatch-Delivery"] = delivery_id
-    msg.set_content(text, subtype="plain", charset="utf-8")
-    msg.add_alternative(html, subtype="html", charset="utf-8")
-    # After set_content: it clears every Content-* header of the message it fills.
-    msg["Content-Language"] = language
-    return msg
+    return LetterFields(
+        from_name=display,
+        from_address=_addr_spec(str(sender.address), "sender address", OperationalError),
+        to_name=_collapse(to_name),
+        to_address=_addr_spec(to_address, "target address", PermanentError),
+        reply_to_name=supporter,
+        reply_to_address=_addr_spec(supporter_email, "supporter email", PermanentError),
+        subject=_collapse(subject),
+        message_id=message_id,
+    )
 
 
 def _collapse(value: str) -> str:
@@ -126,7 +178,15 @@ def _ascii_domain(domain: str) -> str:
         raise ValueError(f"domain {domain!r} has no IDNA form") from exc
 
 
-def _address(display_name: str, addr_spec: str, field: str, error: type[PermanentError | OperationalError]) -> Address:
+#: RFC 5322 atext; a dot-atom of it is an address's local part that needs no quoting
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_PLAIN_ADDRESS = re.compile(
+    rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z"
+)
+
+
+def _addr_spec(addr_spec: str, field: str, error: type[PermanentError | OperationalError]) -> str:
+    """``addr_spec`` as it goes into the header (domain in IDNA form), or ``error``."""
     local, at, domain = addr_spec.strip().rpartition("@")
     if not at or not local or not domain:
         raise error(f"{field} is not an email address")
@@ -134,7 +194,13 @@ def _address(display_name: str, addr_spec: str, field: str, error: type[Permanen
         # Would need SMTPUTF8 end to end, which we do not rely on (see the module docstring).
         raise error(f"{field} has a non-ASCII local part, which needs SMTPUTF8")
     try:
-        return Address(display_name=display_name, addr_spec=f"{local}@{_ascii_domain(domain)}")
+        plain = f"{local}@{_ascii_domain(domain)}"
+        if _PLAIN_ADDRESS.match(plain):
+            # a dot-atom at a host name: the stdlib parser accepts it as it is (and the email
+            # package's parser is the slow part of a letter)
+            return plain
+        Address(addr_spec=plain)  # parses it: raises for what cannot be an address
+        return plain
     except (ValueError, email.errors.HeaderParseError):
         # Not chained and not quoted: the address is personal data and errors reach the ledger.
         raise error(f"{field} is not a valid email address") from None
