@@ -276,6 +276,7 @@ class Service:
             redis=self.broker.client,
             limiter=self.limiter,
             clock=self.clock,
+            **self._console_pages(),
         )
 
         @app.get(PREFIX, include_in_schema=False)
@@ -283,6 +284,29 @@ class Service:
             return RedirectResponse(PREFIX + "/", status_code=307)
 
         app.mount(PREFIX, create_console(console))
+
+    def _console_pages(self) -> dict[str, Any]:
+        """What the campaigns and letters pages need besides the ledger: the queue (a retried
+        letter's message), the renderer (the letter as sent), intake's keyed hash (the search by
+        a supporter's email) and the pacer (the forecast)."""
+        from dispatcher.queue.fallback import Fallback
+        from dispatcher.queue.forecast import campaign_forecast
+        from dispatcher.queue.preview import Previews
+
+        def forecast(campaign: str, now: datetime) -> list[Any]:
+            fallback = Fallback(catalog=self.catalog, channels=self.channels, ledger=self.ledger)
+            return list(
+                campaign_forecast(ledger=self.ledger, pacer=self.pacer, campaign=campaign, now=now, fallback=fallback)
+            )
+
+        return {
+            "enqueuer": self.enqueuer,
+            "previews": Previews(
+                catalog=self.catalog, ledger=self.ledger, channels=self.channels, documents=self.documents
+            ),
+            "supporter_ref": self.intake.supporter_ref,
+            "forecast": forecast,
+        }
 
     def reconciler(self, **config: Any) -> Reconciler:
         cfg = ReconcilerConfig(**config)

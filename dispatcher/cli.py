@@ -369,7 +369,7 @@ def campaign_close(campaign_id: str, reason: str) -> None:
     """Close CAMPAIGN_ID early: new appeals get 410, every waiting letter in every section is cancelled."""
     from dispatcher.ledger.models import utcnow
 
-    cancelled = _service().ledger.controls.close_campaign(campaign_id, reason, utcnow())
+    cancelled = _service().ledger.controls.close_campaign(campaign_id, reason, utcnow(), by=_cli_actor())
     if cancelled is None:
         err.print(f"{campaign_id} is already closed")
         sys.exit(1)

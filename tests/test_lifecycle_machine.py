@@ -48,10 +48,13 @@ from sqlalchemy import delete, insert, select
 
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.fax.channel import FaxChannel
+from dispatcher.ledger.actions import ActionRefused
 from dispatcher.ledger.lifecycle import Claim, DigestRoute, Result, move, one, planned_values
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
+    OPERATOR_EVENTS,
     PENDING,
+    REOPENABLE,
     RULES,
     TERMINAL,
     TRANSITIONS,
@@ -76,8 +79,15 @@ SEND_OUTCOMES = (E.SENT, E.DELIVERED, E.RETRY, E.DEFERRED, E.FAILED, E.EXPIRED, 
 LATE_OUTCOMES = (E.DELIVERED, E.BOUNCED, E.RETRY, E.DEFERRED, E.FAILED, E.SENT)
 #: every (event, state) the writer must refuse up front: those the table does not list, and any
 #: move out of a terminal state whatever the table says (a table that let one out would be wrong)
+#: but an operator's retry of a failed or bounced letter (tests/test_letter_actions.py)
 ILLEGAL = sorted(
-    {(r.event, s) for r in RULES if r.sources for s in State if s not in r.sources or s in TERMINAL},
+    {
+        (r.event, s)
+        for r in RULES
+        if r.sources
+        for s in State
+        if s not in r.sources or (s in TERMINAL and not (r.event in OPERATOR_EVENTS and s in REOPENABLE))
+    },
     key=lambda pair: (pair[0].value, pair[1].value),
 )
 #: for the table check: every one-step change the table allows
@@ -184,6 +194,8 @@ def machine_for(ledger: Ledger) -> type[RuleBasedStateMachine]:
             #: appeal → created_at, and the purged ones
             self.appeals: dict[str, datetime] = {}
             self.purged: set[str] = set()
+            #: the letters an operator's retry is taking out of a terminal state in this step
+            self.reopened: set[str] = set()
 
         # ------------------------------------------------------------------ the model
 
@@ -232,7 +244,9 @@ def machine_for(ledger: Ledger) -> type[RuleBasedStateMachine]:
                     assert row.state == S.PLANNED, f"{i} was created {row.state}"
                 elif row.state != old:
                     # the table: no way out of a terminal state, and only the steps it lists
-                    assert old not in TERMINAL, f"{i} left terminal state {old}: {seen}"
+                    assert old not in TERMINAL or (i in self.reopened and old in REOPENABLE), (
+                        f"{i} left terminal state {old}: {seen}"
+                    )
                     assert (old, row.state) in ALLOWED_STEPS, f"{i}: {old} → {row.state} is not in the table: {seen}"
                 # in flight once: 'sending' exactly while a worker holds it (a claim names one)
                 assert (row.state == S.SENDING) == (row.claimed_by is not None), (
@@ -515,6 +529,58 @@ def machine_for(ledger: Ledger) -> type[RuleBasedStateMachine]:
                 stale = sorted(i for i, r in sending.items() if r.claimed_at is not None and r.claimed_at <= cutoff)
                 assert sorted(lifecycle.release_claims(self.now, claimed_before=cutoff)) == stale
                 self.observe(self.expect_move(self.rows, stale, E.CLAIM_RELEASED))
+
+        # ------------------------------------------------------------------ an operator's hand
+
+        @rule(
+            delivery=deliveries,
+            action=st.sampled_from(["retry", "cancel", "hand back"]),
+            saw_it_as_it_is=st.booleans(),
+            offered=st.booleans(),
+            data=st.data(),
+        )
+        def operator_acts(self, delivery: str, action: str, saw_it_as_it_is: bool, offered: bool, data: Any) -> None:
+            """An operator retries, cancels or hands back one letter from the console
+            (ledger.actions): a compare-and-set on the state the page showed, refused when the
+            letter moved meanwhile, when its campaign is closed or its supporter's data is gone
+            (a retry), and for digests (a retry). ``offered``: a letter the action is offered for
+            (a failed or bounced one for a retry, say), if there is one."""
+            event = {"retry": E.OPERATOR_RETRY, "cancel": E.OPERATOR_CANCEL, "hand back": E.OPERATOR_HAND_BACK}[action]
+            candidates = [i for i in self.known if self.rows[i].state in TRANSITIONS[event].sources]
+            # a retry is offered for letters in backoff too, but the way out of a terminal state is the point
+            candidates = [i for i in candidates if self.rows[i].state in TERMINAL] or candidates
+            if offered and candidates:
+                delivery = data.draw(st.sampled_from(candidates))
+            row = self.rows[delivery]
+            seen = row.state if saw_it_as_it_is else S.PLANNED
+            refused = seen != row.state or row.state not in TRANSITIONS[event].sources
+            if action == "retry":
+                refused = refused or (
+                    row.kind != "letter"
+                    or row.digest_id is not None
+                    or row.campaign in self.closed
+                    or row.appeal_id in self.purged
+                )
+            actions = ledger.actions
+            kw = {"actor": "olga", "reason": "checked", "now": self.now, "expected": seen}
+            try:
+                if action == "retry":
+                    self.reopened = {delivery}
+                    done = actions.retry_now(delivery, deadline=self.now + timedelta(days=1), **kw)
+                elif action == "cancel":
+                    done = actions.cancel(delivery, **kw)
+                else:
+                    done = actions.hand_back(delivery, **kw)
+            except ActionRefused:
+                assert refused, f"{action} of {delivery} ({row.state}, seen {seen}) was refused"
+                self.observe({})
+            else:
+                assert not refused, f"{action} of {delivery} ({row.state}, seen {seen}) went through"
+                expected = self.expect_move(self.rows, [delivery], event, frozenset({row.state}))
+                assert done.after == expected[delivery]
+                self.observe(expected)
+            finally:
+                self.reopened = set()
 
         # ------------------------------------------------------------------ digests
 

@@ -29,6 +29,15 @@ class ConsoleContext:
     #: counts sign-in attempts; None: sign-ins are not limited (a test's console without Redis)
     limiter: RateLimiter | None = None
     clock: Callable[[], datetime] = field(default=utcnow)
+    # The campaigns and letters pages (dispatcher/console/campaigns.py, letters.py):
+    #: puts a retried or handed-back letter's message on the queue; None: the reconciler sends it
+    enqueuer: Any = None
+    #: a letter as rendered (dispatcher/queue/preview.py); None: the letter page shows no letter
+    previews: Any = None
+    #: the keyed hash of a supporter's email, as intake computes it: the letter search by email
+    supporter_ref: Callable[[str], str] | None = None
+    #: ``forecast(campaign, now)``: the pacing forecast per recipient (dispatcher/queue/forecast.py)
+    forecast: Callable[[str, datetime], list[Any]] | None = None
 
     def now(self) -> datetime:
         return self.clock()

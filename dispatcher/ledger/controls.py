@@ -53,15 +53,28 @@ class Controls:
 
     # ------------------------------------------------------------------ closed campaigns
 
-    def close_campaign(self, campaign: str, reason: str, now: datetime) -> int | None:
+    def close_campaign(self, campaign: str, reason: str, now: datetime, *, by: str | None = None) -> int | None:
         """Close ``campaign`` early: every letter still waiting, in every section, is cancelled
         with ``reason``, and none sent or being sent will wait again. Returns how many were
-        cancelled; None if it was already closed."""
+        cancelled; None if it was already closed. ``by``: who, for the audit log (a closing
+        concerns every section: its entry has none)."""
         with self.engine.begin() as conn:
             if conn.execute(select(CC.c.campaign).where(CC.c.campaign == campaign)).first() is not None:
                 return None
             conn.execute(insert(CC).values(campaign=campaign, reason=reason, closed_at=now))
-            return Lifecycle.cancel_campaign(conn, campaign, reason, now)
+            cancelled = Lifecycle.cancel_campaign(conn, campaign, reason, now)
+            if by is not None:
+                Audit.record(
+                    conn,
+                    actor=by,
+                    action="campaign.close",
+                    target_kind="campaign",
+                    target_id=campaign,
+                    now=now,
+                    reason=reason,
+                    detail=f"{cancelled} waiting letter(s) cancelled",
+                )
+            return cancelled
 
     def closure(self, campaign: str) -> Closure | None:
         with self.reads.connect() as conn:

@@ -56,6 +56,10 @@ class Event(StrEnum):
     DIGEST_DELIVERED = "digest_delivered"
     DIGEST_FAILED = "digest_failed"
     DIGEST_WAITING = "digest_waiting"  # the digest waits for another try: its letters are bundled again
+    # An operator's hand, from the console (audited, one letter at a time: dispatcher/ledger/actions.py).
+    OPERATOR_RETRY = "operator_retry"  # send it again now: a failed or bounced letter, or one in backoff
+    OPERATOR_CANCEL = "operator_cancel"  # not to be sent: a waiting letter, with the operator's reason
+    OPERATOR_HAND_BACK = "operator_hand_back"  # a letter stuck in a worker's hands goes back to the queue
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,33 @@ RULES: tuple[Rule, ...] = (
     _rule(E.DIGEST_DELIVERED, (S.BUNDLED, S.SENT), S.DELIVERED, "its digest was delivered"),
     _rule(E.DIGEST_FAILED, (S.BUNDLED, S.SENT), S.FAILED, "its digest failed"),
     _rule(E.DIGEST_WAITING, (S.BUNDLED, S.SENT), S.BUNDLED, "its digest waits for another try"),
+    _rule(
+        E.OPERATOR_RETRY,
+        (S.PLANNED, S.FAILED, S.BOUNCED),
+        S.QUEUED,
+        "an operator sends it again now: a failed or bounced letter (the only way out of those two), "
+        "or one waiting in backoff",
+    ),
+    _rule(E.OPERATOR_CANCEL, (S.PLANNED, S.QUEUED), S.CANCELLED, "an operator cancels a waiting letter, with a reason"),
+    _rule(
+        E.OPERATOR_HAND_BACK,
+        (S.SENDING,),
+        S.QUEUED,
+        "an operator takes a letter stuck in a worker's hands back to the queue",
+    ),
 )
 
 TRANSITIONS: Mapping[Event, Rule] = MappingProxyType({rule.event: rule for rule in RULES})
 
-#: no move leaves these
+#: no move leaves these by itself: only an operator's retry, and only out of :data:`REOPENABLE`
 TERMINAL: frozenset[State] = frozenset({S.DELIVERED, S.BOUNCED, S.REROUTED, S.FAILED, S.EXPIRED, S.CANCELLED})
+#: the moves only an operator makes (the console; each audited in its transaction)
+OPERATOR_EVENTS: frozenset[Event] = frozenset({E.OPERATOR_RETRY, E.OPERATOR_CANCEL, E.OPERATOR_HAND_BACK})
+#: the terminal states an operator's retry may send a letter on from: the far side refused it or
+#: the tries ran out, and the operator has fixed the cause. Never ``delivered`` (it arrived),
+#: ``expired`` (its deadline passed), ``cancelled`` (someone meant it) nor ``rerouted`` (another
+#: letter carries it).
+REOPENABLE: frozenset[State] = frozenset({S.FAILED, S.BOUNCED})
 #: waiting for the queue or a worker, in the ledger's hands
 WAITING: tuple[State, ...] = (S.PLANNED, S.QUEUED)
 #: not yet out nor in a worker's hands: what expiry, a campaign's closing and an erasure cancel
@@ -172,10 +197,13 @@ def moves_from(state: State) -> dict[Event, State]:
 
 
 def check_table() -> None:
-    """The table's own invariants (also asserted by the tests): terminal states have no way out,
-    every state can be reached, every state but the terminal ones has a way on."""
+    """The table's own invariants (also asserted by the tests): terminal states have no way out
+    but an operator's move out of :data:`REOPENABLE`, every state can be reached, every state but
+    the terminal ones has a way on."""
     for r in RULES:
         leaving = r.sources & TERMINAL
+        if r.event in OPERATOR_EVENTS:
+            leaving -= REOPENABLE
         if leaving:
             raise AssertionError(f"{r.event} leaves terminal state(s) {sorted(leaving)}")
     reached = {r.target for r in RULES}

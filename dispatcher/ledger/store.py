@@ -5,6 +5,9 @@
 * :class:`~dispatcher.ledger.controls.Controls`: operators' pauses, flags and closures;
 * :class:`~dispatcher.ledger.schedule.Schedule`: what the pacer and reconciler ask;
 * :class:`~dispatcher.ledger.views.Views`: typed read models for the API, CLI and console;
+* :class:`~dispatcher.ledger.search.LetterSearch` and :class:`~dispatcher.ledger.campaigns.CampaignReads`:
+  the console's letter search (scoped, keyset-paged, CSV) and campaign counters;
+* :class:`~dispatcher.ledger.actions.LetterActions`: an operator's retry, cancel, hand-back (audited);
 * :class:`~dispatcher.ledger.housekeeping.Housekeeping`: retention, signatures, dead letters;
 * :class:`~dispatcher.ledger.reports.EarlyReports`: final reports that overtook their send;
 * :class:`~dispatcher.ledger.erasure.Erasures`: a supporter's data erased on request;
@@ -23,8 +26,10 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.ledger.actions import LetterActions
 from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
+from dispatcher.ledger.campaigns import CampaignReads
 from dispatcher.ledger.controls import Controls
 from dispatcher.ledger.engine import make_engine, reading
 from dispatcher.ledger.erasure import Erasures
@@ -33,6 +38,7 @@ from dispatcher.ledger.lifecycle import Lifecycle
 from dispatcher.ledger.operators import Operators
 from dispatcher.ledger.reports import EarlyReports
 from dispatcher.ledger.schedule import Schedule
+from dispatcher.ledger.search import LetterSearch
 from dispatcher.ledger.views import Views
 
 
@@ -61,6 +67,9 @@ class Ledger:
         self.audit = Audit(self.engine)
         self.erasures = Erasures(self.engine)
         self.operators = Operators(self.engine)
+        self.actions = LetterActions(self.engine)
+        self.search = LetterSearch(self.engine)
+        self.campaigns = CampaignReads(self.engine)
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -36,6 +37,7 @@ from dispatcher.ledger.lifecycle import CANCELLED_OUTCOME, ERASED_TEXT, Claim
 from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.states import Event, State
 from dispatcher.ledger.store import Ledger
+from dispatcher.ledger.views import SupporterData
 from dispatcher.logging import get_logger
 from dispatcher.metrics.instruments import WorkerMetrics
 from dispatcher.policy.gate import SendingGate
@@ -67,6 +69,63 @@ class Sender(NamedTuple):
 
     name: str
     reply_to: str
+
+
+@dataclass(frozen=True)
+class NoLetter:
+    """Why a delivery has no letter to write."""
+
+    why: str
+
+
+def letter_request(
+    catalog: Catalog,
+    ledger: Ledger,
+    *,
+    delivery_id: str,
+    kind: str,
+    appeal_id: str | None,
+    supporter: SupporterData | None,
+    campaign: str,
+    section: Section,
+    target: Target,
+    language: str,
+    now: datetime,
+) -> tuple[Sender, LetterRequest] | NoLetter:
+    """What to render for a delivery, dated ``now`` where the letter arrives: the worker's letter,
+    and the console's preview of it (dispatcher/queue/preview.py). ``supporter``: the appeal's, as
+    the caller read it (the worker's claim reads it in its own statement); None for a digest, or
+    when the supporter's data is gone. A digest's signers are read from the ledger."""
+    # the day it is where the letter arrives
+    day = now.astimezone(ZoneInfo(target.timezone)).date()
+    found = catalog.campaigns[campaign]
+    if kind == "digest":
+        signers = ledger.schedule.digest_signers(delivery_id)
+        if not signers:
+            return NoLetter("none of the digest's letters is waiting any more")
+        # The section signs a digest and takes the replies; the supporters are listed below it.
+        return Sender("", str(section.sender.address)), LetterRequest(
+            campaign=found,
+            section=section,
+            target=target,
+            language=language,
+            supporter=Supporter(section.sender.name, str(section.sender.address)),
+            message=None,
+            date=day,
+            signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
+        )
+    assert appeal_id is not None  # every letter but a digest belongs to an appeal
+    if supporter is None:
+        return NoLetter("the supporter's data was purged before sending")
+    return Sender(supporter.name, supporter.email), LetterRequest(
+        campaign=found,
+        section=section,
+        target=target,
+        language=language,
+        supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
+        message=supporter.message,
+        date=day,
+    )
 
 
 class ChannelFault(DispatchError):
@@ -370,40 +429,27 @@ class DeliveryProcessor:
     def _request(
         self, claim: Claim, section: Section, target: Target, now: datetime
     ) -> tuple[Sender, LetterRequest] | Result:
-        campaign = self.catalog.campaigns[claim.campaign]
-        # the day it is where the letter arrives
-        day = now.astimezone(ZoneInfo(target.timezone)).date()
-        if claim.kind == "digest":
-            signers = self.ledger.schedule.digest_signers(claim.id)
-            if not signers:
-                return Result(Event.CANCELLED, "cancelled", text="none of the digest's letters is waiting any more")
-            # The section signs a digest and takes the replies; the supporters are listed below it.
-            return Sender("", str(section.sender.address)), LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=target,
-                language=claim.language,
-                supporter=Supporter(section.sender.name, str(section.sender.address)),
-                message=None,
-                date=day,
-                signers=tuple(Supporter(s.name, s.email, s.city, s.country) for s in signers),
-            )
-        assert claim.appeal_id is not None  # every letter but a digest belongs to an appeal
-        supporter = claim.supporter  # read by the claim itself
-        if supporter is None:
-            if self.ledger.erasures.is_erased(claim.appeal_id):
-                # erased while this worker held the letter: nothing was sent, nothing will be
-                return Result(Event.CANCELLED, CANCELLED_OUTCOME, text=ERASED_TEXT)
-            return Result(Event.FAILED, Outcome.PERMANENT, text="the supporter's data was purged before sending")
-        return Sender(supporter.name, supporter.email), LetterRequest(
-            campaign=campaign,
+        built = letter_request(
+            self.catalog,
+            self.ledger,
+            delivery_id=claim.id,
+            kind=claim.kind,
+            appeal_id=claim.appeal_id,
+            supporter=claim.supporter,  # read by the claim itself
+            campaign=claim.campaign,
             section=section,
             target=target,
             language=claim.language,
-            supporter=Supporter(supporter.name, supporter.email, supporter.city, supporter.country),
-            message=supporter.message,
-            date=day,
+            now=now,
         )
+        if isinstance(built, NoLetter):
+            if claim.kind == "digest":
+                return Result(Event.CANCELLED, "cancelled", text=built.why)
+            if claim.appeal_id is not None and self.ledger.erasures.is_erased(claim.appeal_id):
+                # erased while this worker held the letter: nothing is rendered, nothing sent
+                return Result(Event.CANCELLED, CANCELLED_OUTCOME, text=ERASED_TEXT)
+            return Result(Event.FAILED, Outcome.PERMANENT, text=built.why)
+        return built
 
     def _send(
         self,

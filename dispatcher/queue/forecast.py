@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import func, select
 
 from dispatcher.ledger.models import WAITING, Delivery
 from dispatcher.ledger.store import Ledger
-from dispatcher.policy.pacing import Forecast, forecast
+from dispatcher.policy.pacing import Forecast, PacingPolicy, RecipientLoad, forecast, release_times
 from dispatcher.queue.fallback import Fallback
 from dispatcher.queue.pacer import DigestPreview, Pacer
 
@@ -43,6 +43,16 @@ class RecipientForecast:
     digest: DigestPreview | None = None
     #: the address is known to bounce: its letters go by fallback (or fail)
     fallback: FallbackPreview | None = None
+    #: letters released each day (UTC) from today to the last deadline of the recipient's
+    #: waiting letters, on the plan the pacer follows: the console's chart. Days without a
+    #: release count 0; letters that miss their deadline are not in it (``forecast.shortfall``).
+    per_day: tuple[tuple[date, int], ...] = ()
+    #: the latest deadline among the recipient's waiting letters (any campaign: the line is shared)
+    deadline: datetime | None = None
+    #: the sections and targets of this campaign whose waiting letters go to this recipient (the
+    #: console shows a scoped operator only the recipients of its sections)
+    sections: frozenset[str] = frozenset()
+    targets: frozenset[str] = frozenset()
 
 
 def campaign_forecast(
@@ -66,12 +76,35 @@ def campaign_forecast(
         if fallback is not None:
             groups = [(sec, tid, n) for ch, rcpt, sec, tid, n in routes if (ch, rcpt) == (channel, recipient)]
             preview = _fallback(ledger, fallback, campaign, channel, recipient, groups)
+        mine = [(sec, tid) for ch, rcpt, sec, tid, _n in routes if (ch, rcpt) == (channel, recipient)]
         out.append(
             RecipientForecast(
-                forecast(backlog.load, now, pacer.policy), pacer.digest_preview(backlog, now), fallback=preview
+                forecast(backlog.load, now, pacer.policy),
+                pacer.digest_preview(backlog, now),
+                fallback=preview,
+                per_day=per_day(backlog.load, now, pacer.policy),
+                deadline=max(backlog.load.deadlines, default=None),
+                sections=frozenset(sec for sec, _t in mine),
+                targets=frozenset(tid for _s, tid in mine),
             )
         )
     return sorted(out, key=lambda r: (r.forecast.fits, r.forecast.recipient))
+
+
+def per_day(load: RecipientLoad, now: datetime, policy: PacingPolicy) -> tuple[tuple[date, int], ...]:
+    """The plan's releases counted per UTC day, every day from ``now``'s to the last deadline's."""
+    if not load.deadlines:
+        return ()
+    counts = Counter(max(t, now).date() for t in release_times(load, now, policy))
+    first, last = now.date(), max(load.deadlines).date()
+    if counts:
+        last = max(last, max(counts))
+    days = []
+    day = first
+    while day <= last:
+        days.append((day, counts.get(day, 0)))
+        day += timedelta(days=1)
+    return tuple(days)
 
 
 def _fallback(
