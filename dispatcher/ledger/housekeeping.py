@@ -10,6 +10,7 @@ from sqlalchemy import Engine, delete, insert, not_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from dispatcher.ledger.engine import reading
 from dispatcher.ledger.lifecycle import Lifecycle, settled
 from dispatcher.ledger.tables import AP, DL, US, D
 
@@ -34,26 +35,42 @@ def blanked(now: datetime) -> dict[str, Any]:
 class Housekeeping:
     def __init__(self, engine: Engine, sent_final_after: Mapping[str, timedelta | None]):
         self.engine = engine
+        self.reads = reading(engine)
         #: per channel, how long after ``sent`` a letter is settled (None: only by a later report)
         self.sent_final_after = dict(sent_final_after)
 
-    def purge_personal_data(self, now: datetime, retention: timedelta) -> int:
+    def purge_personal_data(self, now: datetime, retention: timedelta, *, chunk: int = 500) -> int:
         """Blank supporters' personal data once every letter of their appeal is settled (nothing
         more can happen to it: see :func:`dispatcher.ledger.lifecycle.settled`) and the retention
-        period has passed since the appeal."""
+        period has passed since the appeal.
+
+        The candidates are found in a read transaction (``ix_appeal_unpurged`` keeps that to the
+        appeals not yet blanked), and each chunk is blanked in a short write transaction that
+        checks its letters again: on SQLite a write transaction locks out every worker, and one
+        that scanned a large ledger held them for seconds (1.8 s with 500,000 appeals)."""
         cutoff = now - retention
-        # (digests have no appeal: a NULL in a NOT IN list would match nothing at all)
-        unfinished = (
-            select(D.c.appeal_id)
-            .where(not_(settled(now, self.sent_final_after)), D.c.appeal_id.is_not(None))
-            .scalar_subquery()
-        )
-        with self.engine.begin() as conn:
-            return conn.execute(
-                update(AP)
-                .where(AP.c.pii_purged_at.is_(None), AP.c.created_at <= cutoff, AP.c.id.not_in(unfinished))
-                .values(**blanked(now))
-            ).rowcount
+        with self.reads.connect() as conn:
+            candidates = list(
+                conn.execute(
+                    select(AP.c.id).where(AP.c.pii_purged_at.is_(None), AP.c.created_at <= cutoff).order_by(AP.c.id)
+                ).scalars()
+            )
+        purged = 0
+        for start in range(0, len(candidates), chunk):
+            ids = candidates[start : start + chunk]
+            # (digests have no appeal, and only this chunk's letters are asked about)
+            unfinished = (
+                select(D.c.appeal_id)
+                .where(D.c.appeal_id.in_(ids), not_(settled(now, self.sent_final_after)))
+                .scalar_subquery()
+            )
+            with self.engine.begin() as conn:
+                purged += conn.execute(
+                    update(AP)
+                    .where(AP.c.id.in_(ids), AP.c.pii_purged_at.is_(None), AP.c.id.not_in(unfinished))
+                    .values(**blanked(now))
+                ).rowcount
+        return purged
 
     def forget_signatures(self, older_than: datetime) -> int:
         with self.engine.begin() as conn:

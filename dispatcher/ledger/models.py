@@ -83,6 +83,8 @@ class Appeal(Base):
         UniqueConstraint("campaign", "section", "supporter_ref", name="uq_appeal_supporter"),
         UniqueConstraint("section", "client_ref", name="uq_appeal_client_ref"),
         Index("ix_appeal_campaign_section", "campaign", "section"),
+        # the retention purge's candidates: appeals not yet blanked, oldest first
+        Index("ix_appeal_unpurged", "pii_purged_at", "created_at"),
     )
 
 
@@ -137,6 +139,13 @@ class Delivery(Base):
         Index("ix_delivery_campaign_state", "campaign", "section", "state"),
         # the pacer's and intake's questions about one recipient (its backlog, its recent sends)
         Index("ix_delivery_recipient", "recipient", "channel", "state"),
+        # a recipient's sends in order (the pacer's window and latest send), answered from the
+        # index alone: with a million sent letters the table scan took 0.6 s per recipient
+        Index("ix_delivery_recipient_sent", "channel", "recipient", "sent_at", "digest_id"),
+        # the sent letters of the channels that wait for a report (fax), among a million sent emails
+        Index("ix_delivery_state_channel", "state", "channel"),
+        # the console's letter search by time range, newest first
+        Index("ix_delivery_created", "created_at"),
     )
 
 
