@@ -306,6 +306,7 @@ class Service:
             ),
             "supporter_ref": self.intake.supporter_ref,
             "forecast": forecast,
+            "supporters": self.supporters,
         }
 
     def reconciler(self, **config: Any) -> Reconciler:

@@ -10,7 +10,8 @@ Debian chromium through Playwright and saves one PNG per page into docs/console/
 The sample: section us's email letters sent to the sandbox SMTP server; the fax channels of us and
 ch paused by an operator (so their letters wait and the campaign page has a pacing forecast with
 the default fax caps); one email letter that failed after its tries ran out, one cancelled by an
-operator. Nothing here reads DATABASE_URL, REDIS_URL or DISPATCH_MODE: it never touches a real
+operator. The erasure page is shown at its preview step for one sample supporter, who is not
+erased. Nothing here reads DATABASE_URL, REDIS_URL or DISPATCH_MODE: it never touches a real
 ledger or queue.
 """
 
@@ -196,6 +197,13 @@ def shoot(url: str, out: Path, letters: dict[str, str]) -> list[Path]:
         save("letter-fax", f"/console/letters/{letters['fax']}")
         save("channels", "/console/channels")
         save("audit", "/console/audit")
+        # the erasure's preview step (the form posted, nothing erased: no confirmation is typed)
+        page.goto(url + "/console/supporters/erase")
+        page.fill("main input[name=email]", "mia.3@example.org")
+        page.fill("main input[name=reason]", "request #41 by email")
+        page.click("main button[type=submit]")
+        page.wait_for_selector("form.confirm")
+        save("erase")
         browser.close()
     return saved
 

@@ -1,7 +1,7 @@
 """The campaigns, letters and letter pages of the console, through the real API app (TestClient) on
 a real ledger and Redis: what they show, the actions and their refusals, closing a campaign, and
 the section scope — every URL of section ch's letters and campaign data asked for by an operator
-of us answers 404 or shows nothing of ch."""
+of us answers 404 or shows nothing of ch (and the supporter erasure, an admin's, answers 403)."""
 
 from __future__ import annotations
 
@@ -275,3 +275,10 @@ def test_nothing_of_section_ch_reaches_an_operator_of_us(web, service):
     # closing is an admin's: an operator gets 403 and nothing is closed
     answer = web.post(f"/console/campaigns/{CAMPAIGN}/close", data={"csrf": token, "reason": "x", "confirm": CAMPAIGN})
     assert answer.status_code == 403 and service.ledger.controls.closure(CAMPAIGN) is None
+    # erasing a supporter is an admin's too: the page and its form answer 403 whatever they name
+    # (the same refusal for ch's supporters as for none), and nothing is erased
+    assert web.get("/console/supporters/erase").status_code == 403
+    for named in ({"email": "heidi@example.ch"}, {"appeal_id": theirs[0].appeal_id}, {"appeal_id": "ap_nothing"}):
+        answer = web.post("/console/supporters/erase", data={"csrf": token, "reason": "x", "confirm": "ERASE", **named})
+        assert answer.status_code == 403 and "Heidi" not in answer.text and theirs[0].appeal_id not in answer.text
+    assert not any(service.ledger.erasures.is_erased(a.appeal_id) for a in theirs)

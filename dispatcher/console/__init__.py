@@ -8,7 +8,8 @@ policy and the config; nothing below imports it (tests/test_package_rules.py).
 * :mod:`.scope` — the signed-in operator and what it may see and do (read this first);
 * :mod:`.auth`, :mod:`.sessions` — signing in and out, cookies, the sign-in limits;
 * :mod:`.pages` — rendering, flash messages, redirects;
-* :mod:`.overview`, :mod:`.channels`, :mod:`.audit` — the pages;
+* :mod:`.overview`, :mod:`.channels`, :mod:`.audit`, :mod:`.campaigns`, :mod:`.letters`,
+  :mod:`.supporters` (erasing a supporter, an admin's) — the pages;
 * :mod:`.site` — the app that puts them together (:func:`create_console`).
 
 docs/console.md describes accounts, sign-in and the pages.

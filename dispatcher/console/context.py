@@ -14,6 +14,7 @@ from dispatcher.ledger.models import utcnow
 from dispatcher.ledger.store import Ledger
 from dispatcher.policy.limits import RateLimiter
 from dispatcher.settings import Settings
+from dispatcher.supporters import Supporters
 
 #: where the API serves the console
 PREFIX = "/console"
@@ -38,6 +39,8 @@ class ConsoleContext:
     supporter_ref: Callable[[str], str] | None = None
     #: ``forecast(campaign, now)``: the pacing forecast per recipient (dispatcher/queue/forecast.py)
     forecast: Callable[[str, datetime], list[Any]] | None = None
+    #: erasure of a supporter (dispatcher/console/supporters.py); None: one made of the ledger and settings
+    supporters: Supporters | None = None
 
     def now(self) -> datetime:
         return self.clock()

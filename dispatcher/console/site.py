@@ -18,7 +18,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from dispatcher.console import audit, auth, campaigns, channels, letters, overview
+from dispatcher.console import audit, auth, campaigns, channels, letters, overview, supporters
 from dispatcher.console.context import PREFIX, ConsoleContext
 from dispatcher.console.pages import render
 from dispatcher.console.scope import NOT_FOUND, SignInRequired
@@ -85,4 +85,5 @@ def create_console(ctx: ConsoleContext) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(campaigns.router)
     app.include_router(letters.router)
+    app.include_router(supporters.router)
     return app
