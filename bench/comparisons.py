@@ -37,10 +37,10 @@ from throughput import (
     TEMPLATES_DIR,
     appeal_payload,
     die_with_parent,
-    proc_children,
     proc_cpu_seconds,
     stop_process,
     tail,
+    tree_cpu_seconds,
 )
 
 from dispatcher.channels.email.message import MESSAGE_POLICY, build_message
@@ -190,18 +190,6 @@ def run_bare_loop(n: int, sink: CountingSink) -> Comparison:
 # --------------------------------------------------------------------------- naive actor
 
 
-def _tree_cpu(pid: int) -> float:
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            total += proc_cpu_seconds(p)
-        except OSError:
-            continue
-        todo += proc_children(p)
-    return total
-
-
 def run_naive_actor(
     n: int, sink: CountingSink, *, redis_url: str, workers: int, threads: int, workdir: Path, timeout: float
 ) -> Comparison:
@@ -269,10 +257,10 @@ def run_naive_actor(
                 if first is None:
                     # from the first letter on: the workers' start-up (imports, forks) is not the drain
                     first, first_count = now, count
-                    cpu_at_first = _tree_cpu(proc.pid)
+                    cpu_at_first = tree_cpu_seconds(proc.pid)
                 last_count, last = count, now
             time.sleep(0.005)
-        cpu = _tree_cpu(proc.pid) - cpu_at_first
+        cpu = tree_cpu_seconds(proc.pid) - cpu_at_first
     finally:
         stop_process(proc, timeout=30)
     after = sink.status()

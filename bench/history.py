@@ -24,6 +24,7 @@ Used by bench/throughput.py and bench/intake.py (``--history N``); docs/benchmar
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -180,3 +181,38 @@ def count_history(engine: Engine, before: datetime) -> int:
     """Appeals created before ``before`` (the history a run found in its ledger)."""
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(AP).where(AP.c.created_at < before)).scalar_one())
+
+
+def add_arguments(parser: argparse.ArgumentParser, measured: str) -> None:
+    """``--history N``, ``--compare-history`` and ``--history-days`` for a bench that measures
+    ``measured`` ("intake", "the pipeline")."""
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fill the ledger with N historical appeals (2 sent letters each) before the run (bench/history.py)",
+    )
+    parser.add_argument(
+        "--compare-history",
+        action="store_true",
+        help=f"with --history N: each repetition measures {measured} on an empty ledger AND on one with N "
+        "historical appeals, alternating which goes first",
+    )
+    parser.add_argument("--history-days", type=float, default=60.0, help="days the history is spread over")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.history < 0 or (args.compare_history and not args.history):
+        parser.error("--history N ≥ 0; --compare-history needs --history N > 0")
+    if args.history_days * 24 < 2:
+        parser.error("--history-days: at least 2 hours")
+
+
+def recorded_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The history options as a results line records them."""
+    return {
+        "history": args.history or None,
+        "compare_history": args.compare_history,
+        "history_days": args.history_days if args.history else None,
+    }

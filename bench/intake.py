@@ -61,6 +61,7 @@ ROOT_DIR = Path(__file__).resolve().parent.parent
 if str(ROOT_DIR) not in sys.path:
     sys.path.insert(0, str(ROOT_DIR))
 
+import history as bench_history  # noqa: E402
 from debian import ensure_wrk  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from throughput import (  # noqa: E402
@@ -69,9 +70,9 @@ from throughput import (  # noqa: E402
     DISPATCHER,
     KEY_ENV,
     PYTHON,
-    ROOT,
     TEMPLATES_DIR,
     appeal_payload,
+    append_result,
     child_env,
     console,
     die_with_parent,
@@ -81,10 +82,9 @@ from throughput import (  # noqa: E402
     git_commit,
     log,
     postgres_admin,
-    proc_children,
-    proc_cpu_seconds,
     stop_process,
     tail,
+    tree_cpu_seconds,
 )
 
 from dispatcher.app import Service  # noqa: E402
@@ -114,17 +114,6 @@ WARMUP_REQUESTS = 20
 def api_supports_workers() -> bool:
     out = subprocess.run([DISPATCHER, "api", "--help"], capture_output=True, text=True)
     return "--workers" in out.stdout
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its descendants that are alive now (uvicorn's worker processes)."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            total += proc_cpu_seconds(p)
-        todo += proc_children(p)
-    return total
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
@@ -589,17 +578,12 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "log_level": args.log_level,
             "repeat": args.repeat,
             "profile": args.profile,
-            "history": args.history or None,
-            "compare_history": args.compare_history,
-            "history_days": args.history_days if args.history else None,
+            **bench_history.recorded_arguments(args),
         },
         "median": med,
         "runs": reps,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as fh:
-        fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-    log(f"appended to {RESULTS.relative_to(ROOT)}")
+    append_result(RESULTS, line)
 
 
 # --------------------------------------------------------------------------- main
@@ -632,20 +616,7 @@ def main() -> int:
     parser.add_argument("--log-level", default="WARNING", choices=("WARNING", "INFO"), help="the API's log level")
     parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
     parser.add_argument("--profile", action="store_true", help="sample the API with py-spy during the intake run")
-    parser.add_argument(
-        "--history",
-        type=int,
-        default=0,
-        metavar="N",
-        help="fill the ledger with N historical appeals (2 sent letters each) before the run (bench/history.py)",
-    )
-    parser.add_argument(
-        "--compare-history",
-        action="store_true",
-        help="with --history N: each repetition measures intake on an empty ledger AND on one with N "
-        "historical appeals, alternating which goes first",
-    )
-    parser.add_argument("--history-days", type=float, default=60.0, help="days the history is spread over")
+    bench_history.add_arguments(parser, "intake")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
     args = parser.parse_args()
@@ -654,8 +625,7 @@ def main() -> int:
     if args.connections < 1 or args.wrk_threads < 1 or args.api_workers < 1 or args.repeat < 1:
         parser.error("--connections, --wrk-threads, --api-workers and --repeat ≥ 1")
     args.appeals = args.appeals or 4000 * args.duration
-    if args.history < 0 or (args.compare_history and not args.history):
-        parser.error("--history N ≥ 0; --compare-history needs --history N > 0")
+    bench_history.check_arguments(parser, args)
     if args.database_url:
         postgres_admin(args.database_url)
     if args.api_workers > 1 and not api_supports_workers():

@@ -71,6 +71,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiosmtplib  # noqa: E402
+import history as bench_history  # noqa: E402
 import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -134,6 +135,25 @@ def proc_cpu_seconds(pid: int) -> float:
     fields = raw[raw.rindex(")") + 2 :].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its descendants that are alive now (uvicorn's or dramatiq's workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            total += proc_cpu_seconds(p)
+        todo += proc_children(p)
+    return total
+
+
+def append_result(path: Path, line: dict[str, Any]) -> None:
+    """One JSON line of a bench's figures, appended to its results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+    log(f"appended to {path.relative_to(ROOT)}")
 
 
 def proc_cmdline(pid: int) -> list[str]:
@@ -549,7 +569,6 @@ def history_recipients(config_dir: Path = CONFIG_DIR) -> tuple[list[tuple[str, s
 
 def fill_ledger_history(service: Service, appeals: int, days: float) -> dict[str, Any]:
     """``appeals`` historical appeals (2 sent letters each) in the run's migrated ledger."""
-    from history import fill_history
 
     recipients, domain = history_recipients(service.settings.config_dir)
     step = max(appeals // 10, 1)
@@ -558,7 +577,7 @@ def fill_ledger_history(service: Service, appeals: int, days: float) -> dict[str
         if done % step < 5000 or done == appeals:
             log(f"history: {done:,}/{appeals:,} appeals written")
 
-    fill = fill_history(
+    fill = bench_history.fill_history(
         service.ledger.engine,
         appeals,
         campaign=CAMPAIGN,
@@ -1089,9 +1108,7 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "dkim": args.dkim,
             "sink": args.sink,
             "comparisons": args.comparisons,
-            "history": args.history or None,
-            "compare_history": args.compare_history,
-            "history_days": args.history_days if args.history else None,
+            **bench_history.recorded_arguments(args),
         },
         "median": med,
         "runs": [slim(r) for r in reps],
@@ -1099,10 +1116,7 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
     profile = next((p for r in reps if (p := dig(r, "pipeline_profiled.profile"))), None)
     if profile:
         line["profile"] = {k: profile[k] for k in ("samples", "by_category", "by_step")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as fh:
-        fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-    log(f"appended to {RESULTS.relative_to(ROOT)}")
+    append_result(RESULTS, line)
 
 
 # --------------------------------------------------------------------------- main
@@ -1156,30 +1170,14 @@ def main() -> int:
         action="store_false",
         help="skip the bare aiosmtplib loop and the naive dramatiq actor",
     )
-    parser.add_argument(
-        "--history",
-        type=int,
-        default=0,
-        metavar="N",
-        help="fill the pipeline's ledger with N historical appeals (2 sent letters each) first (bench/history.py)",
-    )
-    parser.add_argument(
-        "--compare-history",
-        action="store_true",
-        help="with --history N: each repetition runs the pipeline on an empty ledger AND on one with N "
-        "historical appeals, alternating which goes first",
-    )
-    parser.add_argument("--history-days", type=float, default=60.0, help="days the history is spread over")
+    bench_history.add_arguments(parser, "the pipeline")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all letters, seconds")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")
     args = parser.parse_args()
     if args.deliveries < 5 or args.workers < 1 or args.threads < 1 or args.repeat < 1:
         parser.error("--deliveries ≥ 5, --workers, --threads and --repeat ≥ 1")
-    if args.history < 0 or (args.compare_history and not args.history):
-        parser.error("--history N ≥ 0; --compare-history needs --history N > 0")
-    if args.history_days * 24 < 2:
-        parser.error("--history-days: at least 2 hours")
+    bench_history.check_arguments(parser, args)
     if args.database_url:
         postgres_admin(args.database_url)
     args.sink = args.sink or default_sink()

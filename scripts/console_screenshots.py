@@ -37,9 +37,8 @@ from dispatcher.ledger.lifecycle import Result  # noqa: E402
 from dispatcher.ledger.states import Event, State  # noqa: E402
 from dispatcher.sandbox.smtp import SandboxSMTP  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
+from tests.support.console import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 CAMPAIGN = "UA-002-19-DEMO"
 ADMIN, PASSWORD = "ada", secrets.token_urlsafe(12)
 SUPPORTERS = [

@@ -145,12 +145,12 @@ class Rate:
 def test_the_forecast_as_letters_per_day_until_the_deadline():
     now = datetime(2030, 3, 4, 9, 0, tzinfo=UTC)
     deadline = now + timedelta(days=6, hours=12)
-    load = RecipientLoad("fax:+41313525595", [deadline] * 9, rates=[Rate(2, 86400)])
+    load = RecipientLoad("fax:+15550100001", [deadline] * 9, rates=[Rate(2, 86400)])
     days = per_day(load, now, PacingPolicy(margin=timedelta(hours=24)))
     assert [d for d, _n in days] == [now.date() + timedelta(days=i) for i in range(7)]
     assert sum(n for _d, n in days) == 9
     assert max(n for _d, n in days) <= 2  # the cap holds on every day
-    assert per_day(RecipientLoad("fax:+41313525595", []), now, PacingPolicy()) == ()
+    assert per_day(RecipientLoad("fax:+15550100001", []), now, PacingPolicy()) == ()
 
 
 @SQLITE

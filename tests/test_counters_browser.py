@@ -5,31 +5,19 @@ the section does not allow can still show the badge, but the browser refuses it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from dispatcher.app import Service
 from dispatcher.config.models import Web
 from tests.conftest import appeal_body
+from tests.support.console import browser  # noqa: F401 (a fixture)
 from tests.support.services import free_port
 from tests.support.web import LiveApi, StaticSite, with_web
 
 CAMPAIGN = "UA-002-19-DEMO"
-CHROMIUM = "/usr/bin/chromium"
-# No internet here: without the background-networking switches Chromium calls Google's hosts.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 PAGE = """<!doctype html>
 <html lang="de"><head><meta charset="utf-8"><title>Urgent Action</title></head>
 <body>
@@ -60,16 +48,11 @@ def database_url(sqlite_url: str) -> str:
     return sqlite_url
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 def test_a_page_on_another_origin_shows_the_badge_and_reads_the_counters(
-    browser: Browser, settings, environ, tmp_path: Path
+    browser: Browser,  # noqa: F811 (the fixture imported above)
+    settings,
+    environ,
+    tmp_path: Path,
 ) -> None:
     site_port = free_port()
     # One static server, two origins: http://localhost:P is Switzerland's page, http://127.0.0.1:P

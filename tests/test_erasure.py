@@ -261,7 +261,9 @@ def test_a_digest_waiting_loses_the_erased_supporters_line(service):
     bruno = service.intake.submit(supporter("Bruno Digested"))
     letters = [next(d.id for d in a.deliveries if d.target == "president") for a in (ilse, bruno)]
     now = datetime.now(UTC)
-    route = DigestRoute(CAMPAIGN, "us", "president", "fax", "+74959102134", "en", "example.org")
+    president = service.catalog.target(CAMPAIGN, "us", "president")
+    assert president.fax
+    route = DigestRoute(CAMPAIGN, "us", "president", "fax", president.fax, "en", "example.org")
     digest, joined = service.ledger.lifecycle.bundle(letters, route, now, oldest=now)
     assert joined == 2
     assert [s.name for s in service.ledger.schedule.digest_signers(digest)] == ["Ilse Digested", "Bruno Digested"]
