@@ -385,6 +385,7 @@ interval = 5
         assert dovecot.uids() == [uid]
 
         wait_for(lambda: intake.state(letter) == "bounced", timeout=30)
+        wait_for(lambda: intake.service.ledger.suppressions.find("email", MINISTER) is not None, timeout=10)
         suppressed = intake.service.ledger.suppressions.find("email", MINISTER)
         assert suppressed is not None and suppressed.delivery == letter
         wait_for(lambda: dovecot.uids() == [], timeout=30)

@@ -212,6 +212,8 @@ def test_a_bounce_mailed_back_later_bounces_the_letter_and_reroutes_the_next(
                     "@bounces.zz.dispatch.example"
                 )
                 assert first not in letter.mail_from  # the id is encoded, under a MAC
+                # the address is suppressed just after the bounce is recorded (its own transaction)
+                wait_for(lambda: service.ledger.suppressions.find("email", MINISTER) is not None, timeout=10)
                 suppressed = service.ledger.suppressions.find("email", MINISTER)
                 assert suppressed is not None and suppressed.delivery == first
                 [fact] = service.ledger.bounces.of(first)
