@@ -153,6 +153,24 @@ def test_a_retry_signed_afresh_and_its_double_submit_both_get_the_original(clien
 
 
 @pytestmark_sqlite
+def test_a_replay_after_the_campaign_was_closed_gets_the_original_answer(client, environ, catalog, service):
+    body = appeal_body()
+    raw, header = signed(environ, catalog, body)
+    first = post(client, raw, header).json()
+    service.ledger.controls.close_campaign(body["campaign"], "the detainee was released", datetime.now(UTC))
+
+    again = post(client, raw, header)
+    assert again.status_code == 202
+    assert (again.json()["appeal_id"], again.json()["replayed"]) == (first["appeal_id"], True)
+    # a new appeal to the closed campaign is refused, and leaves nothing behind
+    fresh = post(client, *signed(environ, catalog, appeal_body()))
+    assert fresh.status_code == 410 and "the detainee was released" in fresh.json()["error"]["message"]
+    assert appeals_in_ledger(service) == 1
+    with service.ledger.session() as s:
+        assert s.scalar(select(func.count()).select_from(UsedSignature)) == 1
+
+
+@pytestmark_sqlite
 def test_a_refused_request_sent_again_is_refused_again(client, environ, catalog, service):
     body = appeal_body()
     assert post(client, *signed(environ, catalog, body)).status_code == 202

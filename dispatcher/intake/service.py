@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.channels.builtin import builtin_channels
@@ -101,7 +101,6 @@ class Accepted:
 #: the intake's statements, built once (SQLAlchemy's construction and cache-key work would
 #: otherwise cost more per appeal than the database does)
 _INSERT_SIGNATURE = insert(US)
-_SIGNATURE_ANSWER = update(US).where(US.c.signature == bindparam("p_signature")).values(appeal_id=bindparam("p_appeal"))
 _SIGNATURE_SEEN = select(US.c.appeal_id).where(US.c.signature == bindparam("p_signature"))
 _INSERT_APPEAL = insert(AP)
 _INSERT_DELIVERY = insert(D)
@@ -178,22 +177,24 @@ class IntakeService:
         ``signature`` is the verified HMAC of a signed request. It covers the timestamp and the
         body, so a signature seen before means the very same request again (a double click, a
         proxy's retry): it gets the answer the first one got, whatever changed since."""
-        if signature is not None:
-            original = self._answered(signature)
-            if original is not None:
-                return original
-        appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
-        now = self.clock()
-        routes = self._check_against_catalog(appeal, now)
-        # Before anything is written; the slot goes back if nothing is (a 409, a replay).
-        charge = self.quotas.charge(
-            self.catalog.section(appeal.section),
-            campaign=appeal.campaign,
-            supporter_ref=self.supporter_ref(appeal.supporter.email),
-            client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
-        )
+        try:
+            appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
+            now = self.clock()
+            routes = self._check_against_catalog(appeal, now)
+            # Before anything is written; the slot goes back if nothing is (a 409, a replay).
+            charge = self.quotas.charge(
+                self.catalog.section(appeal.section),
+                campaign=appeal.campaign,
+                supporter_ref=self.supporter_ref(appeal.supporter.email),
+                client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
+            )
+        except IntakeError as exc:
+            return self._original_or(signature, exc)
         try:
             accepted = self._record(appeal, routes, signature, now)
+        except CampaignClosed as exc:
+            charge.cancel()
+            return self._original_or(signature, exc)
         except BaseException:
             charge.cancel()
             raise
@@ -202,6 +203,17 @@ class IntakeService:
         else:
             self._offer_to_queue(accepted, now)
         return accepted
+
+    def _original_or(self, signature: str | None, refusal: IntakeError) -> Accepted:
+        """The answer a signed request already got, else ``refusal``. Looked for only when a
+        request would be refused (its campaign closed since, the quota is spent): on the way
+        in, the signature's unique key finds a replay in the appeal's own transaction, without
+        a read of its own for every appeal."""
+        if signature is not None:
+            original = self._answered(signature)
+            if original is not None:
+                return original
+        raise refusal
 
     # ------------------------------------------------------------------ steps
 
@@ -278,9 +290,7 @@ class IntakeService:
         if campaign.status == "closed":
             reason = f": {campaign.closed_reason}" if campaign.closed_reason else ""
             raise CampaignClosed(f"campaign {campaign.id!r} is closed{reason}", campaign=campaign.id)
-        closed_early = self.ledger.controls.closure(campaign.id)
-        if closed_early is not None:
-            raise CampaignClosed(f"campaign {campaign.id!r} was closed: {closed_early.reason}", campaign=campaign.id)
+        # (closed early by an operator: asked in the appeal's own transaction, _record)
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             raise CampaignClosed(
@@ -311,11 +321,17 @@ class IntakeService:
                         _INSERT_SIGNATURE,
                         {"signature": signature, "section": section.code, "seen_at": now, "appeal_id": appeal_id},
                     )
-                existing = self._existing(session, appeal, ref)
-                if existing is not None:
-                    if signature is not None:
-                        session.execute(_SIGNATURE_ANSWER, {"p_signature": signature, "p_appeal": existing.appeal_id})
-                    return existing
+                # In the write transaction, not a read of its own. A close that commits while
+                # this appeal is being written leaves its letters to the claim, which cancels
+                # a closed campaign's letters (Lifecycle.claim).
+                closed_early = self.ledger.controls.closure(campaign.id, conn=session.connection())
+                if closed_early is not None:
+                    raise CampaignClosed(
+                        f"campaign {campaign.id!r} was closed: {closed_early.reason}", campaign=campaign.id
+                    )
+                # No read for an earlier appeal of this supporter or client_ref: the ledger's
+                # unique keys refuse one, and the refusal is looked into below (a retry is rare,
+                # a read per appeal is not).
                 # Core statements built once, not ORM objects: the unit of work's flushes cost
                 # more than the rest of an appeal's path (bench/intake.py, docs/benchmarks.md).
                 session.execute(
@@ -383,7 +399,8 @@ class IntakeService:
                     queued = tuple(d.id for d in at_once)
                     Lifecycle.release(conn, queued, now)
         except IntegrityError:
-            # A concurrent request won the race for the same signature, client_ref or supporter.
+            # The same signed request again, or an earlier appeal with this client_ref or by
+            # this supporter (sent before, or by a concurrent request that won the race).
             if signature is not None:
                 original = self._answered(signature)
                 if original is not None:
@@ -391,6 +408,8 @@ class IntakeService:
             with self.ledger.session(read_only=True) as session:
                 existing = self._existing(session, appeal, ref)
             if existing is not None:
+                if signature is not None:
+                    self._remember(signature, section.code, existing.appeal_id, now)
                 return existing
             raise
         log.info(
@@ -413,6 +432,18 @@ class IntakeService:
                 language=d.language,
             )
         return Accepted(appeal_id, campaign.id, section.code, planned, queued=queued)
+
+    def _remember(self, signature: str, section: str, appeal_id: str, now: datetime) -> None:
+        """Record that this signature was answered with ``appeal_id`` (an idempotent retry by
+        client_ref): the same request again gets the same answer without a lookup."""
+        try:
+            with self.ledger.session() as session:
+                session.execute(
+                    _INSERT_SIGNATURE,
+                    {"signature": signature, "section": section, "seen_at": now, "appeal_id": appeal_id},
+                )
+        except IntegrityError:
+            pass  # a concurrent copy of the request recorded it first
 
     def _answered(self, signature: str) -> Accepted | None:
         """The appeal a signed request was already answered with, or None if the signature is new."""

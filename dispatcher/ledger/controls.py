@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 
 from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.engine import reading
@@ -76,9 +76,13 @@ class Controls:
                 )
             return cancelled
 
-    def closure(self, campaign: str) -> Closure | None:
-        with self.reads.connect() as conn:
+    def closure(self, campaign: str, *, conn: Connection | None = None) -> Closure | None:
+        """The early closure of ``campaign``, if any; within ``conn``'s transaction when given."""
+        if conn is not None:
             row = conn.execute(_CLOSURE, {"p_campaign": campaign}).one_or_none()
+        else:
+            with self.reads.connect() as c:
+                row = c.execute(_CLOSURE, {"p_campaign": campaign}).one_or_none()
         return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
 
     # ------------------------------------------------------------------ paused channels
