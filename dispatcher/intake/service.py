@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.channels.builtin import builtin_channels
@@ -31,8 +31,10 @@ from dispatcher.errors import (
     ValidationFailed,
 )
 from dispatcher.intake import signature as sig
+from dispatcher.intake.groupcommit import GroupCommit
 from dispatcher.intake.quotas import Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
+from dispatcher.ledger.controls import Closure
 from dispatcher.ledger.engine import new_id
 from dispatcher.ledger.lifecycle import Lifecycle, planned_values
 from dispatcher.ledger.models import Appeal, Delivery, utcnow
@@ -98,6 +100,27 @@ class Accepted:
         }
 
 
+@dataclass(eq=False)
+class _Pending:
+    """One appeal on its way into the ledger: its rows, built by its request's thread, and what
+    the writer found (set by ``IntakeService._write``)."""
+
+    campaign: str
+    section: str
+    ref: str
+    now: datetime
+    signature_row: dict[str, Any] | None
+    appeal_row: dict[str, Any]
+    delivery_rows: list[dict[str, Any]]
+    planned: list[PlannedDelivery]
+    #: (channel, recipient) of its letters whose recipient has caps: they join a backlog
+    capped: set[tuple[str, str]]
+    queued: tuple[str, ...] = ()
+    closed: Closure | None = None
+    conflict: IntegrityError | None = None
+    error: BaseException | None = None
+
+
 #: the intake's statements, built once (SQLAlchemy's construction and cache-key work would
 #: otherwise cost more per appeal than the database does)
 _INSERT_SIGNATURE = insert(US)
@@ -153,6 +176,7 @@ class IntakeService:
         self.environ = os.environ if environ is None else environ
         self._pepper = pepper_of(settings)
         self.quotas = Quotas(limiter, settings, self._pepper)
+        self._writer: GroupCommit[_Pending] = GroupCommit(self._write_batch)
 
     # ------------------------------------------------------------------ entry points
 
@@ -200,8 +224,6 @@ class IntakeService:
             raise
         if accepted.replayed:
             charge.cancel()
-        else:
-            self._offer_to_queue(accepted, now)
         return accepted
 
     def _original_or(self, signature: str | None, refusal: IntakeError) -> Accepted:
@@ -306,99 +328,18 @@ class IntakeService:
         return supporter_ref(email, self._pepper)
 
     def _record(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> Accepted:
-        campaign = self.catalog.campaign(appeal.campaign)
-        section = self.catalog.section(appeal.section)
-        ref = self.supporter_ref(appeal.supporter.email)
-        extra_langs = [lang for lang in appeal.supporter.languages if lang != appeal.language]
-        try:
-            with self.ledger.session() as session:
-                appeal_id = new_id("ap")
-                if signature is not None:
-                    # Written first: the same request sent twice at once waits here for this
-                    # transaction and then fails on the key (and is answered with our appeal)
-                    # instead of racing us to plan letters.
-                    session.execute(
-                        _INSERT_SIGNATURE,
-                        {"signature": signature, "section": section.code, "seen_at": now, "appeal_id": appeal_id},
-                    )
-                # In the write transaction, not a read of its own. A close that commits while
-                # this appeal is being written leaves its letters to the claim, which cancels
-                # a closed campaign's letters (Lifecycle.claim).
-                closed_early = self.ledger.controls.closure(campaign.id, conn=session.connection())
-                if closed_early is not None:
-                    raise CampaignClosed(
-                        f"campaign {campaign.id!r} was closed: {closed_early.reason}", campaign=campaign.id
-                    )
-                # No read for an earlier appeal of this supporter or client_ref: the ledger's
-                # unique keys refuse one, and the refusal is looked into below (a retry is rare,
-                # a read per appeal is not).
-                # Core statements built once, not ORM objects: the unit of work's flushes cost
-                # more than the rest of an appeal's path (bench/intake.py, docs/benchmarks.md).
-                session.execute(
-                    _INSERT_APPEAL,
-                    {
-                        "id": appeal_id,
-                        "campaign": campaign.id,
-                        "section": section.code,
-                        "language": appeal.language,
-                        "client_ref": appeal.client_ref,
-                        "supporter_ref": ref,
-                        "created_at": now,
-                        "supporter_name": appeal.supporter.name,
-                        "supporter_email": str(appeal.supporter.email),
-                        "supporter_city": appeal.supporter.city,
-                        "supporter_country": appeal.supporter.country,
-                        "supporter_languages": " ".join(extra_langs) or None,
-                        "message": appeal.message,
-                    },
-                )
-                planned = []
-                rows = []
-                for route in routes:
-                    delivery_id = new_id("dl")
-                    language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
-                    recipient = self.channels.address_of(route.target, route.channel)
-                    assert recipient is not None  # routes are planned only for channels the target has
-                    rows.append(
-                        planned_values(
-                            id=delivery_id,
-                            appeal_id=appeal_id,
-                            kind="letter",
-                            digest_id=None,
-                            campaign=campaign.id,
-                            section=section.code,
-                            target=route.target.id,
-                            channel=route.channel,
-                            recipient=recipient,
-                            language=language,
-                            next_attempt_at=now,
-                            message_id=f"<{delivery_id}@{section.sender.domain}>",
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
-                    planned.append(
-                        PlannedDelivery(
-                            delivery_id,
-                            route.target.id,
-                            route.target.name,
-                            route.channel,
-                            language,
-                            initial(),
-                            recipient,
-                        )
-                    )
-                if rows:
-                    session.execute(_INSERT_DELIVERY, rows)
-                queued: tuple[str, ...] = ()
-                if self.enqueuer is not None:
-                    # Marked in this transaction, not a second one: the outbox row and the appeal
-                    # are written together (the queue is told after the commit).
-                    conn = session.connection()
-                    at_once = self._goes_at_once(campaign.id, section.code, planned, conn)
-                    queued = tuple(d.id for d in at_once)
-                    Lifecycle.release(conn, queued, now)
-        except IntegrityError:
+        """Write the appeal and its letters (in a transaction shared with the appeals that
+        arrive meanwhile: groupcommit.py); the letters to offer to the queue now are marked
+        queued in it."""
+        pending = self._prepare(appeal, routes, signature, now)
+        self._writer.write(pending)
+        if pending.error is not None:
+            raise pending.error
+        if pending.closed is not None:
+            raise CampaignClosed(
+                f"campaign {pending.campaign!r} was closed: {pending.closed.reason}", campaign=pending.campaign
+            )
+        if pending.conflict is not None:
             # The same signed request again, or an earlier appeal with this client_ref or by
             # this supporter (sent before, or by a concurrent request that won the race).
             if signature is not None:
@@ -406,32 +347,145 @@ class IntakeService:
                 if original is not None:
                     return original
             with self.ledger.session(read_only=True) as session:
-                existing = self._existing(session, appeal, ref)
+                existing = self._existing(session, appeal, pending.ref)
             if existing is not None:
                 if signature is not None:
-                    self._remember(signature, section.code, existing.appeal_id, now)
+                    self._remember(signature, pending.section, existing.appeal_id, now)
                 return existing
-            raise
-        log.info(
-            "appeal.accepted",
-            appeal=appeal_id,
+            raise pending.conflict
+        return Accepted(
+            pending.appeal_row["id"], pending.campaign, pending.section, pending.planned, queued=pending.queued
+        )
+
+    def _prepare(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> _Pending:
+        """The rows of one appeal, built in the request's own thread (not the writer's)."""
+        campaign = self.catalog.campaign(appeal.campaign)
+        section = self.catalog.section(appeal.section)
+        ref = self.supporter_ref(appeal.supporter.email)
+        extra_langs = [lang for lang in appeal.supporter.languages if lang != appeal.language]
+        appeal_id = new_id("ap")
+        planned = []
+        rows = []
+        for route in routes:
+            delivery_id = new_id("dl")
+            language = self.choose_language(campaign, route.target, appeal.language, extra_langs)
+            recipient = self.channels.address_of(route.target, route.channel)
+            assert recipient is not None  # routes are planned only for channels the target has
+            rows.append(
+                planned_values(
+                    id=delivery_id,
+                    appeal_id=appeal_id,
+                    kind="letter",
+                    digest_id=None,
+                    campaign=campaign.id,
+                    section=section.code,
+                    target=route.target.id,
+                    channel=route.channel,
+                    recipient=recipient,
+                    language=language,
+                    next_attempt_at=now,
+                    message_id=f"<{delivery_id}@{section.sender.domain}>",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            planned.append(
+                PlannedDelivery(
+                    delivery_id, route.target.id, route.target.name, route.channel, language, initial(), recipient
+                )
+            )
+        paced = self.paced
+        capped = (
+            set()
+            if paced is None
+            else {(r.channel, d.recipient) for r, d in zip(routes, planned, strict=True) if paced(r.target, r.channel)}
+        )
+        return _Pending(
             campaign=campaign.id,
             section=section.code,
-            supporter_ref=ref,
-            deliveries=len(planned),
+            ref=ref,
+            now=now,
+            signature_row=None
+            if signature is None
+            else {"signature": signature, "section": section.code, "seen_at": now, "appeal_id": appeal_id},
+            appeal_row={
+                "id": appeal_id,
+                "campaign": campaign.id,
+                "section": section.code,
+                "language": appeal.language,
+                "client_ref": appeal.client_ref,
+                "supporter_ref": ref,
+                "created_at": now,
+                "supporter_name": appeal.supporter.name,
+                "supporter_email": str(appeal.supporter.email),
+                "supporter_city": appeal.supporter.city,
+                "supporter_country": appeal.supporter.country,
+                "supporter_languages": " ".join(extra_langs) or None,
+                "message": appeal.message,
+            },
+            delivery_rows=rows,
+            planned=planned,
+            capped=capped,
         )
-        for d in planned:
-            log.info(
-                "delivery.planned",
-                delivery=d.id,
-                appeal=appeal_id,
-                campaign=campaign.id,
-                section=section.code,
-                target=d.target,
-                channel=d.channel,
-                language=d.language,
-            )
-        return Accepted(appeal_id, campaign.id, section.code, planned, queued=queued)
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """One transaction for the batch; if one of its appeals breaks a unique key (a replay, a
+        duplicate), each appeal in a transaction of its own, so that the others still go in.
+        Then the letters it marked queued go to the queue."""
+        try:
+            self._write(batch)
+        except IntegrityError as exc:
+            if len(batch) == 1:
+                batch[0].conflict = exc
+                return
+            for pending in batch:
+                try:
+                    self._write([pending])
+                except IntegrityError as one:
+                    pending.conflict = one
+                except Exception as other:  # noqa: BLE001 - the others of the batch are written
+                    pending.error = other
+        written = [p for p in batch if p.conflict is None and p.closed is None and p.error is None]
+        for pending in written:
+            _log_accepted(pending)
+        self._offer_to_queue(written)
+
+    def _write(self, batch: list[_Pending]) -> None:
+        # Core statements built once, one per table for the whole batch, not ORM objects: the
+        # unit of work's flushes cost more than the rest of an appeal's path (bench/intake.py).
+        # No read for an earlier appeal of a supporter or client_ref: the ledger's unique keys
+        # refuse one, and the refusal is looked into by its request (a retry is rare, a read
+        # per appeal is not).
+        for pending in batch:
+            pending.queued, pending.closed = (), None
+        with self.ledger.engine.begin() as conn:
+            # In the write transaction, not a read of its own. A close that commits while these
+            # appeals are being written leaves their letters to the claim, which cancels a
+            # closed campaign's letters (Lifecycle.claim).
+            closures = self.ledger.controls.closures(sorted({p.campaign for p in batch}), conn=conn)
+            live = []
+            for pending in batch:
+                pending.closed = closures.get(pending.campaign)
+                if pending.closed is None:
+                    live.append(pending)
+            if not live:
+                return
+            signatures = [p.signature_row for p in live if p.signature_row is not None]
+            if signatures:
+                conn.execute(_INSERT_SIGNATURE, signatures)
+            conn.execute(_INSERT_APPEAL, [p.appeal_row for p in live])
+            rows = [row for p in live for row in p.delivery_rows]
+            if rows:
+                conn.execute(_INSERT_DELIVERY, rows)
+            if self.enqueuer is None:
+                return
+            # Marked in this transaction, not a second one: the outbox rows and the appeals are
+            # written together (the queue is told after the commit, by each request).
+            pairs = sorted({pair for p in live for pair in p.capped})
+            busy = self.ledger.schedule.has_backlog(pairs, exclude=[r["id"] for r in rows], conn=conn)
+            for pending in live:
+                pending.queued = tuple(d.id for d in pending.planned if (d.channel, d.recipient) not in busy)
+            Lifecycle.release(conn, [i for p in live for i in p.queued], max(p.now for p in live))
 
     def _remember(self, signature: str, section: str, appeal_id: str, now: datetime) -> None:
         """Record that this signature was answered with ``appeal_id`` (an idempotent retry by
@@ -497,39 +551,57 @@ class IntakeService:
         ]
         return Accepted(prior.id, prior.campaign, prior.section, deliveries, replayed=replayed)
 
-    def _offer_to_queue(self, accepted: Accepted, now: datetime) -> None:
-        ids = list(accepted.queued)
+    def _offer_to_queue(self, written: list[_Pending]) -> None:
+        """After the commit: the batch's letters marked queued go to the queue in one round
+        trip. A queue that refuses them loses nothing: they go back to planned, and the
+        reconciler sends them later (and requeues any it finds queued without a message)."""
+        ready = [p for p in written if p.queued]
+        ids = [i for p in ready for i in p.queued]
         if self.enqueuer is None or not ids:
             return
         try:
-            self.enqueuer.send(ids)
+            sent = set(self.enqueuer.send(ids))
         except Exception as exc:  # noqa: BLE001 - any broker failure: the outbox keeps the rows
-            sent = getattr(exc, "sent", [])
-            self.ledger.lifecycle.unmark_queued([i for i in ids if i not in sent], now)
-            log.warning(
-                "appeal.enqueue_deferred",
-                appeal=accepted.appeal_id,
-                error=type(getattr(exc, "cause", exc)).__name__,
-                note="queue unavailable; the reconciler will send these deliveries later",
-            )
-            return
-        for delivery_id in ids:
-            log.info("delivery.queued", delivery=delivery_id, appeal=accepted.appeal_id)
+            sent = set(getattr(exc, "sent", []))
+            error = type(getattr(exc, "cause", exc)).__name__
+            try:
+                self.ledger.lifecycle.unmark_queued([i for i in ids if i not in sent], max(p.now for p in ready))
+            except Exception as ledger_error:  # noqa: BLE001 - the appeals are in; the reconciler requeues
+                log.error("appeal.unmark_failed", error=type(ledger_error).__name__, deliveries=len(ids) - len(sent))
+            for pending in ready:
+                if not sent.issuperset(pending.queued):
+                    log.warning(
+                        "appeal.enqueue_deferred",
+                        appeal=pending.appeal_row["id"],
+                        error=error,
+                        note="queue unavailable; the reconciler will send these deliveries later",
+                    )
+        for pending in ready:
+            for delivery_id in pending.queued:
+                if delivery_id in sent:
+                    log.info("delivery.queued", delivery=delivery_id, appeal=pending.appeal_row["id"])
 
-    def _goes_at_once(
-        self, campaign: str, section: str, planned: list[PlannedDelivery], conn: Connection
-    ) -> list[PlannedDelivery]:
-        """The letters to offer to the queue now (asked within the appeal's transaction). A letter
-        to a recipient with caps that has a backlog in the ledger (letters its caps held back)
-        joins it, and the reconciler paces it towards the deadline: sent at once it would only be
-        deferred by the caps, or overtake letters that waited longer. Within its caps a
-        recipient's letters go at once."""
-        if self.paced is None:
-            return planned
-        capped = {
-            (d.channel, d.recipient)
-            for d in planned
-            if self.paced(self.catalog.target(campaign, section, d.target), d.channel)
-        }
-        busy = self.ledger.schedule.has_backlog(sorted(capped), exclude=[d.id for d in planned], conn=conn)
-        return [d for d in planned if (d.channel, d.recipient) not in busy]
+
+def _log_accepted(pending: _Pending) -> None:
+    """An appeal's lines once it is committed (by the thread that wrote its batch: before its
+    letters are queued, whoever's request it was)."""
+    appeal_id = pending.appeal_row["id"]
+    log.info(
+        "appeal.accepted",
+        appeal=appeal_id,
+        campaign=pending.campaign,
+        section=pending.section,
+        supporter_ref=pending.ref,
+        deliveries=len(pending.planned),
+    )
+    for d in pending.planned:
+        log.info(
+            "delivery.planned",
+            delivery=d.id,
+            appeal=appeal_id,
+            campaign=pending.campaign,
+            section=pending.section,
+            target=d.target,
+            channel=d.channel,
+            language=d.language,
+        )

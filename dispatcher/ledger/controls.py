@@ -7,6 +7,7 @@ moves (a worker pausing a channel its relay refuses) pass no ``by`` and are not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,6 +44,7 @@ class Closure:
 
 #: asked on every appeal: built once
 _CLOSURE = select(CC).where(CC.c.campaign == bindparam("p_campaign"))
+_CLOSURES = select(CC).where(CC.c.campaign.in_(bindparam("p_campaigns", expanding=True)))
 
 
 class Controls:
@@ -76,14 +78,15 @@ class Controls:
                 )
             return cancelled
 
-    def closure(self, campaign: str, *, conn: Connection | None = None) -> Closure | None:
-        """The early closure of ``campaign``, if any; within ``conn``'s transaction when given."""
-        if conn is not None:
+    def closure(self, campaign: str) -> Closure | None:
+        with self.reads.connect() as conn:
             row = conn.execute(_CLOSURE, {"p_campaign": campaign}).one_or_none()
-        else:
-            with self.reads.connect() as c:
-                row = c.execute(_CLOSURE, {"p_campaign": campaign}).one_or_none()
         return None if row is None else Closure(row.campaign, row.reason, row.closed_at)
+
+    def closures(self, campaigns: Sequence[str], *, conn: Connection) -> dict[str, Closure]:
+        """The early closures among ``campaigns``, within ``conn``'s transaction."""
+        rows = conn.execute(_CLOSURES, {"p_campaigns": list(campaigns)}).all()
+        return {row.campaign: Closure(row.campaign, row.reason, row.closed_at) for row in rows}
 
     # ------------------------------------------------------------------ paused channels
 

@@ -1,0 +1,110 @@
+"""Group commit: appeals arriving together share a transaction, each request still answers only
+once its appeal is committed, and one bad appeal in a batch costs the others nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+
+from dispatcher.errors import DuplicateAppeal
+from dispatcher.intake.groupcommit import GroupCommit
+from dispatcher.intake.signature import sign
+from dispatcher.ledger.models import Appeal, State
+from tests.conftest import appeal_body
+
+BOTH = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+def test_jobs_that_arrive_during_a_write_share_the_next_and_each_waits_for_its_own() -> None:
+    batches: list[list[int]] = []
+    first_started, release_first = threading.Event(), threading.Event()
+
+    def write(batch: list[int]) -> None:
+        batches.append(list(batch))
+        if batch == [0]:
+            first_started.set()
+            assert release_first.wait(10)
+
+    group: GroupCommit[int] = GroupCommit(write)
+    returned: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: (group.write(i), returned.append(i))) for i in range(6)]
+    threads[0].start()
+    assert first_started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    # the five others queue behind the first transaction; none has returned
+    while sum(len(b) for b in batches) < 1 or len(group._pending) < 5:
+        threading.Event().wait(0.01)
+    assert returned == []
+    release_first.set()
+    for t in threads:
+        t.join(10)
+    assert batches[0] == [0] and sorted(batches[1]) == [1, 2, 3, 4, 5]
+    assert sorted(returned) == list(range(6))
+
+
+def test_a_failed_transaction_fails_every_request_of_its_batch_and_not_the_next() -> None:
+    calls: list[list[str]] = []
+
+    def write(batch: list[str]) -> None:
+        calls.append(batch)
+        if "bad" in batch:
+            raise RuntimeError("database is locked")
+
+    group: GroupCommit[str] = GroupCommit(write)
+    with pytest.raises(RuntimeError, match="database is locked"):
+        group.write("bad")
+    group.write("good")
+    assert calls == [["bad"], ["good"]]
+
+
+def signed(environ, catalog, body):
+    raw = json.dumps(body).encode()
+    return raw, sign(environ[catalog.section(body["section"]).intake_key_env].encode(), raw)
+
+
+@BOTH
+def test_a_burst_with_a_double_submit_and_a_duplicate_supporter_loses_no_other_appeal(
+    service, environ, catalog, redis_server
+) -> None:
+    bodies = [appeal_body() for _ in range(24)]
+    duplicate = appeal_body(supporter=bodies[0]["supporter"])  # same supporter, another request: 409
+    requests = [signed(environ, catalog, b) for b in bodies]
+    requests += [requests[1], signed(environ, catalog, duplicate)]  # the double submit of #1
+    answers: list[object] = [None] * len(requests)
+    start = threading.Barrier(len(requests), timeout=30)
+
+    def post(i: int) -> None:
+        start.wait()
+        try:
+            answers[i] = service.intake.submit_signed(*requests[i])
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertions
+            answers[i] = exc
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    # of the two appeals by one supporter, whichever was written first is in, the other is a 409
+    first, second = answers[0], answers[25]
+    assert sorted(type(a).__name__ for a in (first, second)) == ["Accepted", "DuplicateAppeal"]
+    accepted = [a for a in [*answers[:24], second] if not isinstance(a, DuplicateAppeal)]
+    assert len(accepted) == 24 and all(not isinstance(a, Exception) for a in accepted)
+    # the double submit got the very appeal its first copy got (whichever was written first)
+    assert answers[24].appeal_id == answers[1].appeal_id  # type: ignore[union-attr]
+    assert answers[24].replayed != answers[1].replayed  # type: ignore[union-attr]
+    with service.ledger.session() as s:
+        assert s.scalar(select(func.count()).select_from(Appeal)) == 24
+    # every letter of every appeal is on the queue, each once
+    ids = [d.id for a in accepted for d in a.deliveries]  # type: ignore[union-attr]
+    assert Counter(service.ledger.views.state_of(i) for i in ids) == {State.QUEUED: len(ids)}
+    queue = service.broker.client.lrange(f"{service.settings.redis_namespace}:deliveries", 0, -1)
+    assert len(queue) == len(ids)
