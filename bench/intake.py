@@ -284,9 +284,10 @@ def api_env(settings: Settings, key: str, args: argparse.Namespace) -> dict[str,
     return env
 
 
-def py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def py_spy(pid: int, out: Path, log_path: Path, *, gil: bool = False) -> subprocess.Popen[bytes]:
     """Wall-clock samples of every thread of the API (waits included: a request waiting for the
-    pool or for SQLite's lock is time the supporter waits)."""
+    pool or for SQLite's lock is time the supporter waits); with ``gil``, only the thread that
+    holds the GIL: where the process's CPU goes."""
     with open(log_path, "wb") as errf:
         spy = subprocess.Popen(
             [
@@ -294,7 +295,7 @@ def py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen[bytes]:
                 "record",
                 "--pid",
                 str(pid),
-                "--idle",
+                "--gil" if gil else "--idle",
                 "--rate",
                 "100",
                 "--format",
@@ -429,7 +430,9 @@ def _measure(
             raise RuntimeError(f"warm-up appeals were refused: {Counter(warm)}\n{tail(api_log)}")
         spy = None
         if args.profile:
-            spy = py_spy(proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log")
+            spy = py_spy(
+                proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log", gil=args.profile_gil
+            )
         log(f"intake: wrk -c {args.connections} -d {args.duration}s, workers stopped")
         try:
             intake = run_wrk(args, wrk, api_port, appeals_file, proc.pid, wrap=False)
@@ -616,6 +619,9 @@ def main() -> int:
     parser.add_argument("--log-level", default="WARNING", choices=("WARNING", "INFO"), help="the API's log level")
     parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
     parser.add_argument("--profile", action="store_true", help="sample the API with py-spy during the intake run")
+    parser.add_argument(
+        "--profile-gil", action="store_true", help="with --profile: sample only the thread holding the GIL (CPU)"
+    )
     bench_history.add_arguments(parser, "intake")
     parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to the results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, ledgers, profiles) and print it")

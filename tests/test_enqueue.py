@@ -12,7 +12,7 @@ from typing import Any
 import dramatiq
 import pytest
 import redis
-from dramatiq import Message, Worker
+from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.brokers.redis import RedisBroker
 
 from dispatcher.queue.actors import ACTOR, QUEUE, EnqueueFailed, Enqueuer
@@ -87,13 +87,19 @@ def test_a_real_dramatiq_worker_runs_letters_sent_together(redis_server: RedisSe
     assert sorted(ran) == sorted(ids)
 
 
-def test_a_redis_that_forgot_the_script_still_takes_the_letters(broker: RedisBroker) -> None:
-    enqueuer = Enqueuer(broker)
-    enqueuer.send(["dl_a", "dl_b"])
-    broker.client.script_flush()  # as after a restart of Redis without persistence
+def test_a_middleware_that_watches_enqueues_sees_each_letter(broker: RedisBroker) -> None:
+    seen: list[tuple[str, str]] = []
 
-    assert enqueuer.send(["dl_c", "dl_d", "dl_e"]) == ["dl_c", "dl_d", "dl_e"]
-    assert [m["args"][0] for m in stored(broker)] == ["dl_a", "dl_b", "dl_c", "dl_d", "dl_e"]
+    class Watching(Middleware):
+        def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+            seen.append(("before", message.args[0]))
+
+        def after_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+            seen.append(("after", message.args[0]))
+
+    broker.add_middleware(Watching())
+    Enqueuer(broker).send(["dl_a", "dl_b"])
+    assert seen == [("before", "dl_a"), ("before", "dl_b"), ("after", "dl_a"), ("after", "dl_b")]
 
 
 def test_a_queue_that_is_down_names_nothing_as_sent() -> None:

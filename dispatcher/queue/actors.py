@@ -13,8 +13,7 @@ from uuid import uuid4
 import dramatiq
 from dramatiq import Broker, Message
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import current_millis
-from redis.exceptions import NoScriptError
+from dramatiq.middleware import Middleware
 
 from dispatcher.errors import DispatchError
 
@@ -65,7 +64,7 @@ class Enqueuer:
         messages: list[Message[Any]] = [
             Message(queue_name=QUEUE, actor_name=ACTOR, args=(i,), kwargs={}, options={}) for i in ids
         ]
-        if isinstance(self.broker, RedisBroker) and len(ids) > 1:
+        if isinstance(self.broker, RedisBroker):
             return pipelined(self.broker, ids, messages)
         sent: list[str] = []
         for delivery_id, message in zip(ids, messages, strict=True):
@@ -78,64 +77,49 @@ class Enqueuer:
 
 
 def pipelined(broker: RedisBroker, ids: list[str], messages: list[Message[Any]]) -> list[str]:
-    """What ``RedisBroker.enqueue`` does for each message, in one round trip to Redis.
+    """What ``RedisBroker.enqueue`` does for each message, for all of them in one MULTI/EXEC
+    (one round trip; a connection lost before EXEC leaves none), two commands whatever their
+    number.
 
-    An appeal's five letters, one at a time, cost five round trips and most of intake's Redis
-    time (bench/intake.py). The script, its arguments and the middleware hooks are dramatiq's
-    own (``RedisBroker.enqueue`` and ``_dispatch`` in dramatiq 2.x, pinned in pyproject.toml);
-    tests/test_enqueue.py checks that a message sent this way looks in Redis exactly like one
-    sent by ``broker.enqueue`` and that a real dramatiq worker runs it."""
+    An appeal's five letters, one at a time, cost five round trips and dramatiq's dispatch
+    script five times, which was a fifth of the API's CPU under load (bench/intake.py). The
+    script's enqueue is ``HSET <ns>:<queue>.msgs <id> <data>`` and ``RPUSH <ns>:<queue> <id>``
+    (dramatiq 2.x's dispatch.lua; pinned in pyproject.toml); what it does besides on every
+    call (a heartbeat for the caller, a random maintenance pass) concerns consumers, and the
+    workers' own fetches do it. tests/test_enqueue.py checks that messages sent this way look in
+    Redis exactly like those sent by ``broker.enqueue`` and that a real dramatiq worker runs them.
+    """
+    if not ids:
+        return []
+    before = _hooked(broker, "before_enqueue")
+    after = _hooked(broker, "after_enqueue")
     copies = []
+    fields: dict[str, bytes] = {}
     for message in messages:
         # a Redis id of its own per enqueue, as RedisBroker.enqueue gives (a message may be
         # enqueued again: a retry, a hand back)
         copy = message.copy(options={"redis_message_id": str(uuid4())})
-        broker.emit_before("enqueue", copy, None)
+        if before:
+            broker.emit_before("enqueue", copy, None)
         copies.append(copy)
+        fields[copy.options["redis_message_id"]] = copy.encode()
+    queue = f"{broker.namespace}:{QUEUE}"
+    pipe = broker.client.pipeline(transaction=True)
+    pipe.hset(f"{queue}.msgs", mapping=fields)  # type: ignore[arg-type]
+    pipe.rpush(queue, *fields)
     try:
-        answers = _dispatch_all(broker, copies)
-        if any(isinstance(a, NoScriptError) for a in answers):
-            # a Redis that restarted since the script was loaded: NOSCRIPT means not run
-            script = broker.scripts["dispatch"]
-            script.registered_client.script_load(script.script)
-            again = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
-            for i, answer in zip(again, _dispatch_all(broker, [copies[i] for i in again]), strict=True):
-                answers[i] = answer
+        pipe.execute()
     except Exception as exc:
-        # the connection failed mid-way: which messages Redis took is unknown
+        # none of them is on the queue, or (the answer to EXEC lost) all are: a duplicate
+        # message is harmless, the ledger's claim lets one through
         raise EnqueueFailed([], exc) from exc
-    sent: list[str] = []
-    failed: BaseException | None = None
-    for delivery_id, copy, answer in zip(ids, copies, answers, strict=True):
-        if isinstance(answer, BaseException):
-            failed = failed or answer
-            continue
-        broker.emit_after("enqueue", copy, None)
-        sent.append(delivery_id)
-    if failed is not None:
-        raise EnqueueFailed(sent, failed) from failed
-    return sent
+    if after:
+        for copy in copies:
+            broker.emit_after("enqueue", copy, None)
+    return ids
 
 
-def _dispatch_all(broker: RedisBroker, copies: list[Message[Any]]) -> list[Any]:
-    """One EVALSHA of dramatiq's dispatch script per message, pipelined; the answers, errors
-    included (not raised)."""
-    sha = broker.scripts["dispatch"].sha
-    pipe = broker.client.pipeline(transaction=False)
-    for copy in copies:
-        pipe.evalsha(
-            sha,
-            1,
-            broker.namespace,
-            "enqueue",
-            current_millis(),
-            QUEUE,
-            broker.broker_id,
-            broker.heartbeat_timeout,
-            broker.dead_message_ttl,
-            broker._should_do_maintenance("enqueue"),
-            broker._max_unpack_size(),
-            copy.options["redis_message_id"],
-            copy.encode(),
-        )
-    return list(pipe.execute(raise_on_error=False))
+def _hooked(broker: Broker, hook: str) -> bool:
+    """Whether a middleware of ``broker`` does something on ``hook`` (none of dramatiq's
+    defaults does on enqueue: calling each for each message costs for nothing)."""
+    return any(getattr(type(m), hook) is not getattr(Middleware, hook) for m in broker.middleware)
