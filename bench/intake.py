@@ -75,12 +75,14 @@ from throughput import (  # noqa: E402
     append_result,
     child_env,
     console,
+    default_sink,
     die_with_parent,
     dig,
     fill_ledger_history,
     fresh_database,
     git_commit,
     log,
+    make_sink,
     postgres_admin,
     stop_process,
     tail,
@@ -89,7 +91,7 @@ from throughput import (  # noqa: E402
 
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.intake import signature  # noqa: E402
-from dispatcher.ledger.tables import AP  # noqa: E402
+from dispatcher.ledger.tables import AP, D  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
 from tests.support.services import RedisServer, free_port, wait_for_port  # noqa: E402
@@ -350,6 +352,30 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
     }
 
 
+def start_drainers(args: argparse.Namespace, env: dict[str, str], workdir: Path, run: str) -> list[Any]:
+    """``--draining N``: N ``dispatcher worker --threads 4`` and a ``dispatcher reconcile``,
+    started just before wrk, sending what intake queues to the sink (workers sharing the two
+    cores with the API, as on a small production machine)."""
+    procs = []
+    for name, cmd in [
+        *[(f"worker-{i}", ["worker", "--threads", "4"]) for i in range(args.draining)],
+        ("reconciler", ["reconcile", "--interval", "1"]),
+    ]:
+        with open(workdir / f"{name}-{run}.log", "wb") as logf:
+            procs.append(
+                subprocess.Popen(
+                    [*die_with_parent(), DISPATCHER, *cmd],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                )
+            )
+    time.sleep(3.0)  # imported and consuming before the load starts
+    return procs
+
+
 # --------------------------------------------------------------------------- one repetition
 
 
@@ -359,7 +385,10 @@ def one_repetition(
     """The bare endpoint, then intake on a fresh ledger holding ``history`` historical appeals."""
     run = secrets.token_hex(3)
     key = secrets.token_hex(16)
-    with fresh_database(args.database_url, workdir, f"ledger-{run}") as url:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_database(args.database_url, workdir, f"ledger-{run}"))
+        # --draining: the workers send to Postfix's C sink (or the Python one), as in bench/throughput.py
+        sink = stack.enter_context(make_sink(default_sink(), workdir, f"sink-{run}")) if args.draining else None
         settings = Settings(
             config_dir=CONFIG_DIR,
             templates_dir=TEMPLATES_DIR,
@@ -369,6 +398,8 @@ def one_repetition(
             redis_namespace=f"bench-{run}",
             mode="sandbox",
             pepper=secrets.token_hex(8),
+            sandbox_smtp_host="127.0.0.1",
+            sandbox_smtp_port=sink.port if sink is not None else 2525,
         )
         service = Service(settings, environ={KEY_ENV: key})
         try:
@@ -430,22 +461,33 @@ def _measure(
             raise RuntimeError(f"warm-up appeals were refused: {Counter(warm)}\n{tail(api_log)}")
         spy = None
         if args.profile:
-            spy = py_spy(
-                proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log", gil=args.profile_gil
-            )
-        log(f"intake: wrk -c {args.connections} -d {args.duration}s, workers stopped")
+            spy = py_spy(proc.pid, workdir / f"profile-{run}.txt", workdir / f"py-spy-{run}.log", gil=args.profile_gil)
+        drainers = start_drainers(args, env, workdir, run) if args.draining else []
+        log(
+            f"intake: wrk -c {args.connections} -d {args.duration}s, "
+            + (f"{args.draining} workers × 4 threads and a reconciler draining" if drainers else "workers stopped")
+        )
+        started = datetime.now(UTC)
         try:
             intake = run_wrk(args, wrk, api_port, appeals_file, proc.pid, wrap=False)
         finally:
+            ended = datetime.now(UTC)
             if spy is not None:
                 stop_process(spy, signal.SIGINT, timeout=60)
+            for drainer in drainers:
+                stop_process(drainer)
         api_exit_log = tail(api_log, 5)
     with service.ledger.engine.connect() as conn:
         in_ledger = conn.execute(
             select(func.count()).select_from(AP).where(AP.c.created_at >= since)
         ).scalar_one() - len(warm)
+        sent = conn.execute(
+            select(func.count()).select_from(D).where(D.c.sent_at >= started, D.c.sent_at < ended)
+        ).scalar_one()
     out["intake"] = intake.as_dict()
     out["intake"]["appeals_in_ledger"] = in_ledger
+    if args.draining:
+        out["intake"]["letters_sent_per_s"] = round(sent / (ended - started).total_seconds(), 1)
     out["ratio"] = round(intake.accepted_rate / bare.accepted_rate, 3) if bare.accepted_rate else None
     notes = []
     if intake.exhausted:
@@ -477,6 +519,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("intake: API CPU ms / accepted appeal", "intake.server_cpu_ms_per_accepted", "{:.2f}"),
     ("intake: appeals in the ledger (≥ the 202s: + those in flight at the end)", "intake.appeals_in_ledger", "{:.0f}"),
     ("intake: 202s", "intake.accepted", "{:.0f}"),
+    ("intake: letters sent per second meanwhile (--draining)", "intake.letters_sent_per_s", "{:.0f}"),
     ("bare endpoint: 202/s (FastAPI + uvicorn, parse JSON, answer)", "bare.accepted_rate", "{:.0f}"),
     ("bare endpoint: latency p50 (ms)", "bare.p50_ms", "{:.1f}"),
     ("bare endpoint: latency p99 (ms)", "bare.p99_ms", "{:.1f}"),
@@ -508,8 +551,9 @@ def medians(reps: list[dict[str, Any]]) -> dict[str, float]:
 def describe(args: argparse.Namespace) -> str:
     return (
         f"dispatcher intake over HTTP — wrk -c {args.connections} -t {args.wrk_threads} -d {args.duration}s, "
-        f"{'PostgreSQL' if args.database_url else 'SQLite'}, {args.api_workers} API process(es), workers stopped, "
-        f"API log {args.log_level}, {os.cpu_count()} CPUs"
+        f"{'PostgreSQL' if args.database_url else 'SQLite'}, {args.api_workers} API process(es), "
+        + (f"{args.draining} workers × 4 threads draining, " if args.draining else "workers stopped, ")
+        + f"API log {args.log_level}, {os.cpu_count()} CPUs"
         + (
             f", intake on an empty ledger and on one with {args.history:,} historical appeals, alternating"
             if args.compare_history
@@ -581,6 +625,7 @@ def record(args: argparse.Namespace, reps: list[dict[str, Any]], med: dict[str, 
             "log_level": args.log_level,
             "repeat": args.repeat,
             "profile": args.profile,
+            "draining": args.draining,
             **bench_history.recorded_arguments(args),
         },
         "median": med,
@@ -615,6 +660,13 @@ def main() -> int:
         choices=("off", "unbinding"),
         default="off",
         help="off: quota settings empty; unbinding: rates that never bind (their Redis work measured)",
+    )
+    parser.add_argument(
+        "--draining",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N workers (× 4 threads) and a reconciler send to a sink during the intake run",
     )
     parser.add_argument("--log-level", default="WARNING", choices=("WARNING", "INFO"), help="the API's log level")
     parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
