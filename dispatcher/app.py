@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 
+from dispatcher import heap
 from dispatcher.channels.base import Channel
 from dispatcher.channels.builtin import builtin_channels
 from dispatcher.channels.fax.base import FaxGateway
@@ -386,7 +387,9 @@ class Service:
 
 def api_from_env() -> FastAPI:
     """The intake API of a process configured by its environment (``dispatcher api --workers``)."""
-    return Service(Settings.from_env()).api()
+    app = Service(Settings.from_env()).api()
+    heap.settle()
+    return app
 
 
 @dataclass

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from dispatcher.app import Service
     from dispatcher.queue.forecast import FallbackPreview
 
+from dispatcher import heap
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
 
@@ -862,6 +863,7 @@ def api(host: str, port: int, workers: int) -> None:
         except ConfigError as exc:
             _refuse_to_start(exc)
         if workers == 1:
+            heap.settle()
             uvicorn.run(app, host=host, port=port, log_level="warning")
         else:
             # uvicorn's own process manager: each process builds the app from the environment
@@ -891,6 +893,7 @@ def worker(threads: int, shutdown_timeout: float, metrics_port: int | None, metr
     hands back at once."""
     service = _service()
     handle = service.worker(threads=threads)
+    heap.settle()
     _serve_metrics(service, metrics_port, metrics_host)
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -917,6 +920,7 @@ def reconcile(interval: float, metrics_port: int | None, metrics_host: str) -> N
     service = _service()
     reconciler = service.reconciler(interval=interval)
     _serve_metrics(service, metrics_port, metrics_host)
+    heap.settle()
     reconciler.run(stop)
 
 
