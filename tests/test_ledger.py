@@ -278,3 +278,14 @@ def test_the_workers_claim_and_finish_store_and_read_values_as_the_orm_does(serv
     assert [(t.number, t.started_at, t.duration_ms, t.outcome, t.code, t.worker, t.pages) for t in tries] == [
         (1, claimed_at, 250.0, "transient", "451", "w1", None)
     ]
+    # a finish whose claim was taken back meanwhile moves nothing, and its try is recorded all the same
+    later = claimed_at + timedelta(minutes=6)
+    second = service.ledger.lifecycle.claim(delivery.id, "w1", later)
+    assert second is not None and second.attempt == 2
+    assert service.ledger.lifecycle.release_claims(later, workers=["w1"]) == [delivery.id]
+    sent = Result(Event.SENT, "sent", code=250, text="2.0.0 Ok: queued as Q1", remote_id="Q1")
+    assert service.ledger.lifecycle.finish(second, sent, worker="w1", started_at=later, now=later) is None
+    with service.ledger.session() as s:
+        late = s.scalars(select(Attempt).where(Attempt.delivery_id == delivery.id, Attempt.outcome == "sent")).all()
+    assert [(t.number, t.worker, t.remote_id, t.started_at) for t in late] == [(2, "w1", "Q1", later)]
+    assert row(service, delivery.id).state == "planned"

@@ -401,7 +401,9 @@ class Lifecycle:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._finishes: dict[tuple[Event, bool, bool], Prepared] = {}
+        self._finishes: dict[tuple[Event, bool, bool, bool], Prepared] = {}
+        #: the attempt row and the finish in one statement (data-modifying WITH: PostgreSQL)
+        self._attempt_in_finish = engine.dialect.name == "postgresql"
         # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
         # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
         now = bindparam("p_now", type_=D.c.claimed_at.type)
@@ -490,7 +492,7 @@ class Lifecycle:
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
         code = None if outcome.code is None else str(outcome.code)
-        params = {
+        params: dict[str, Any] = {
             "p_delivery_id": claim.id,
             "p_worker": worker,
             "p_claimed_at": claim.claimed_at,
@@ -504,25 +506,32 @@ class Lifecycle:
             "p_pages": outcome.pages,
             "p_line_seconds": outcome.line_seconds,
         }
+        # A deferral is not a try (the letter was held back by our own policy): no attempt row.
+        tried = outcome.outcome != "deferred"
+        attempt: dict[str, Any] = {
+            "delivery_id": claim.id,
+            "number": claim.attempt,
+            "started_at": started_at,
+            "duration_ms": (now - started_at).total_seconds() * 1000.0,
+            "outcome": outcome.outcome,
+            "code": code,
+            "text": outcome.text,
+            "worker": worker,
+            "remote_id": outcome.remote_id,
+            "pages": outcome.pages,
+        }
+        # PostgreSQL: the attempt row in the finish's own statement (a WITH ... INSERT), one
+        # round trip; SQLite takes no INSERT in a WITH, so there it goes first, in the same
+        # transaction.
+        together = tried and self._attempt_in_finish
+        if together:
+            params.update({f"a_{key}": value for key, value in attempt.items()})
+        statement = self._finish_statement(
+            outcome.event, outcome.counts_as_try, claim.claimed_at is not None, with_attempt=together
+        )
         with self.engine.begin() as conn:
-            # A deferral is not a try (the letter was held back by our own policy): no attempt row.
-            if outcome.outcome != "deferred":
-                self._prepared_attempt.run(
-                    conn,
-                    {
-                        "delivery_id": claim.id,
-                        "number": claim.attempt,
-                        "started_at": started_at,
-                        "duration_ms": (now - started_at).total_seconds() * 1000.0,
-                        "outcome": outcome.outcome,
-                        "code": code,
-                        "text": outcome.text,
-                        "worker": worker,
-                        "remote_id": outcome.remote_id,
-                        "pages": outcome.pages,
-                    },
-                )
-            statement = self._finish_statement(outcome.event, outcome.counts_as_try, claim.claimed_at is not None)
+            if tried and not together:
+                self._prepared_attempt.run(conn, attempt)
             rows = statement.run(conn, params)
             moved = State(rows[0].state) if rows else None
             if moved and claim.kind == "digest":
@@ -531,10 +540,13 @@ class Lifecycle:
                 _replan(conn, claim.id, outcome.replan, now)
         return moved
 
-    def _finish_statement(self, event: Event, counts_as_try: bool, by_claim_time: bool) -> Prepared:
+    def _finish_statement(
+        self, event: Event, counts_as_try: bool, by_claim_time: bool, *, with_attempt: bool = False
+    ) -> Prepared:
         """The finish of a send with ``event``, built once per kind of outcome (the worker's
-        second-hottest statement): every value a bound parameter."""
-        key = (event, counts_as_try, by_claim_time)
+        second-hottest statement): every value a bound parameter. ``with_attempt``: the try's
+        attempt row is inserted by the same statement (``a_<column>`` parameters; PostgreSQL)."""
+        key = (event, counts_as_try, by_claim_time, with_attempt)
         found = self._finishes.get(key)
         if found is not None:
             return found
@@ -567,7 +579,13 @@ class Lifecycle:
         mine = [D.c.id == bindparam("p_delivery_id"), D.c.claimed_by == bindparam("p_worker")]
         if by_claim_time:
             mine.append(D.c.claimed_at == bindparam("p_claimed_at", type_=D.c.claimed_at.type))
-        prepared = Prepared(_guarded(event, mine, [State.SENDING], values).returning(D.c.state), self.engine.dialect)
+        statement = _guarded(event, mine, [State.SENDING], values).returning(D.c.state)
+        if with_attempt:
+            # A data-modifying WITH runs once and to completion whether or not the UPDATE reads
+            # it, so the try is recorded even when the claim was taken back meanwhile.
+            row = {key_: bindparam(f"a_{key_}", type_=A.c[key_].type) for key_ in _ATTEMPT_KEYS}
+            statement = statement.add_cte(insert(A).values(row).cte("attempt_row"))
+        prepared = Prepared(statement, self.engine.dialect)
         self._finishes[key] = prepared
         return prepared
 
