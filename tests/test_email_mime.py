@@ -154,6 +154,13 @@ def test_tricky_subjects(subject: str) -> None:
         {"text": "From the start\r\nCRLF lines\rand a CR\n"},
         {"html": "<p>" + "مرحبا " * 200 + "</p>"},
         {"html": "<p>😀</p>\n" * 30},
+        # quoted-printable: long lines split by soft breaks, never inside an escape; trailing
+        # white space quoted, at every length around the limit
+        {"text": ("The authorities’ failure – “to investigate” = none. " * 30 + "\n\n") * 6},
+        *({"text": "ü" + "x" * n + "=é" * 3 + "\n"} for n in range(70, 80)),
+        *({"text": "ü" + "y" * n + end + "\n" * 12} for n in range(72, 80) for end in (" ", "\t", "  \t")),
+        {"text": "é\n" + "\n".join("z" * n + " " for n in range(60, 170)) + "\n"},
+        {"text": "Ünïcödé\x0b\x0c\x1c\x1d\x1e\x85\u2028 line breaks of str.splitlines\n" * 3},
     ],
 )
 def test_tricky_letters(overrides: dict[str, Any]) -> None:
@@ -181,6 +188,13 @@ header_text = st.text(
     max_size=90,
 )
 body_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=1500)
+#: mostly what quoted-printable splits and quotes: long runs, "=", white space, line ends
+qp_text = st.lists(
+    st.sampled_from(["a", "word ", "=", " ", "\t", "\n", "\r\n", "é", "’", "\x0c", "\x85", "😀"]).flatmap(
+        lambda piece: st.integers(1, 90).map(lambda n: piece * n)
+    ),
+    max_size=30,
+).map("".join)
 local_part = st.from_regex(r"\A[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\"-]{1,20}\Z")
 
 
@@ -215,3 +229,9 @@ def test_any_letter_is_the_email_packages_letter(
         text=text,
         html=html,
     )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=qp_text, html=qp_text)
+def test_any_quoted_printable_body_is_the_email_packages(text: str, html: str) -> None:
+    check(text=text, html=html)

@@ -247,3 +247,45 @@ def test_deliveries_are_listed_filtered_and_paged_for_operators(service):
     assert sorted(seen) == sorted(emails - {sent}) and pages == 2
     [only] = service.ledger.views.deliveries(DeliveryFilter(states=(State.SENT,))).items
     assert only.id == sent and only.sent_at is not None
+
+
+def test_the_workers_claim_and_finish_store_and_read_values_as_the_orm_does(service):
+    """The claim, the attempt row and the finish run as prepared statements on the driver's
+    cursor (dispatcher/ledger/prepared.py): what they write, the ORM reads back unchanged, and
+    what the claim returns is what the ORM reads; a whole second (no microseconds) included."""
+    from dispatcher.ledger.models import Attempt
+
+    service.intake.enqueuer = None
+    delivery = accept(service).deliveries[0]
+    claimed_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    claim = service.ledger.lifecycle.claim(delivery.id, "w1", claimed_at)
+    assert claim is not None
+    stored = row(service, delivery.id)
+    assert (claim.claimed_at, claim.created_at, claim.queued_at) == (claimed_at, stored.created_at, stored.queued_at)
+    assert claim.claimed_at is not None and claim.claimed_at.tzinfo is not None
+    assert (claim.recipient, claim.message_id, claim.attempt) == (stored.recipient, stored.message_id, 1)
+    retry_at = claimed_at + timedelta(minutes=5, microseconds=7)
+    finished = claimed_at + timedelta(milliseconds=250)
+    retry = Result(Event.RETRY, "transient", code=451, text="4.3.0 try later", next_attempt_at=retry_at)
+    # the finish matches the claim by its time as the claim stored it: it moves the letter
+    moved = service.ledger.lifecycle.finish(claim, retry, worker="w1", started_at=claimed_at, now=finished)
+    assert moved is State.PLANNED
+    stored = row(service, delivery.id)
+    assert (stored.state, stored.claimed_by, stored.claimed_at) == ("planned", None, None)
+    assert (stored.next_attempt_at, stored.updated_at, stored.last_code) == (retry_at, finished, "451")
+    with service.ledger.session() as s:
+        tries = s.scalars(select(Attempt).where(Attempt.delivery_id == delivery.id)).all()
+    assert [(t.number, t.started_at, t.duration_ms, t.outcome, t.code, t.worker, t.pages) for t in tries] == [
+        (1, claimed_at, 250.0, "transient", "451", "w1", None)
+    ]
+    # a finish whose claim was taken back meanwhile moves nothing, and its try is recorded all the same
+    later = claimed_at + timedelta(minutes=6)
+    second = service.ledger.lifecycle.claim(delivery.id, "w1", later)
+    assert second is not None and second.attempt == 2
+    assert service.ledger.lifecycle.release_claims(later, workers=["w1"]) == [delivery.id]
+    sent = Result(Event.SENT, "sent", code=250, text="2.0.0 Ok: queued as Q1", remote_id="Q1")
+    assert service.ledger.lifecycle.finish(second, sent, worker="w1", started_at=later, now=later) is None
+    with service.ledger.session() as s:
+        late = s.scalars(select(Attempt).where(Attempt.delivery_id == delivery.id, Attempt.outcome == "sent")).all()
+    assert [(t.number, t.worker, t.remote_id, t.started_at) for t in late] == [(2, "w1", "Q1", later)]
+    assert row(service, delivery.id).state == "planned"

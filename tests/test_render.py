@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -372,3 +373,33 @@ def test_shared_renderer_across_threads(tmp_path: Path) -> None:
         emails = list(pool.map(renderer.render_email, requests))
     reference = Renderer(TEMPLATES)
     assert emails == [reference.render_email(r) for r in requests]
+
+
+def test_a_letter_that_reads_the_supporter_is_written_for_each_supporter(tmp_path: Path) -> None:
+    """The words of a letter template that reads only what every letter to a target shares are
+    kept from one letter to the next; one that reads the supporter (or anything else it is not
+    sure of: a random filter, another template) is run for every letter."""
+    root = write_templates(
+        tmp_path,
+        {
+            "UA-002-19/en/letter.j2": simple_letter("From {{ supporter.city }}, to {{ target.organisation }}."),
+            "UA-002-19/fr/letter.j2": simple_letter("Pour {{ target.organisation }}, le {{ date }}."),
+            "UA-002-19/de/letter.j2": simple_letter("{{ ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'] | random }}"),
+        },
+    )
+    renderer = Renderer(root)
+    target = make_target()
+    campaign = make_campaign(target)
+    lyon = Supporter("Jane Roe", "jane@example.net", "Lyon", "FR")
+    oslo = Supporter("Ola Nordmann", "ola@example.no", "Oslo", "NO")
+    english = make_request(campaign=campaign, target=target, supporter=lyon)
+    words = [renderer.compose(replace(english, supporter=s)).paragraphs for s in (lyon, oslo)]
+    assert [p[0].split(",")[0] for p in words] == ["From Lyon", "From Oslo"]
+    french = make_request(campaign=campaign, target=target, language="fr")
+    letters = [renderer.compose(replace(french, supporter=s)) for s in (lyon, oslo)]
+    assert letters[0].paragraphs[0].startswith("Pour ") and "2019-01-20" in letters[0].paragraphs[0]
+    # the same words object: the template ran once
+    assert letters[0].paragraphs is letters[1].paragraphs
+    assert [letter.signature[0] for letter in letters] == ["Jane Roe", "Ola Nordmann"]
+    german = make_request(campaign=campaign, target=target, language="de")
+    assert len({renderer.compose(german).paragraphs for _ in range(40)}) > 1

@@ -44,6 +44,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
 from dispatcher.ledger.engine import new_id
+from dispatcher.ledger.prepared import Prepared
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
     PENDING,
@@ -99,6 +100,19 @@ def _compare_and_set(
 
 #: an attempt row, values bound at execution
 _INSERT_ATTEMPT = insert(A)
+#: the columns the worker's attempt row is given (the finish's)
+_ATTEMPT_KEYS = (
+    "delivery_id",
+    "number",
+    "started_at",
+    "duration_ms",
+    "outcome",
+    "code",
+    "text",
+    "worker",
+    "remote_id",
+    "pages",
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,7 +401,9 @@ class Lifecycle:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._finishes: dict[tuple[Event, bool, bool], Update] = {}
+        self._finishes: dict[tuple[Event, bool, bool, bool], Prepared] = {}
+        #: the attempt row and the finish in one statement (data-modifying WITH: PostgreSQL)
+        self._attempt_in_finish = engine.dialect.name == "postgresql"
         # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
         # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
         now = bindparam("p_now", type_=D.c.claimed_at.type)
@@ -430,6 +446,9 @@ class Lifecycle:
                 for column in _SUPPORTER_COLUMNS
             ),
         )
+        # The worker's three statements, compiled once for this database (prepared.py).
+        self._prepared_claim = Prepared(self._claim, engine.dialect)
+        self._prepared_attempt = Prepared(_INSERT_ATTEMPT, engine.dialect, _ATTEMPT_KEYS)
 
     # ------------------------------------------------------------------ the worker's path
 
@@ -438,9 +457,8 @@ class Lifecycle:
         of a closed campaign is cancelled instead of claimed (an appeal accepted while its
         campaign was being closed; on PostgreSQL, a move that raced the close)."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                self._claim, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker}
-            ).one_or_none()
+            rows = self._prepared_claim.run(conn, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker})
+            row = rows[0] if rows else None
             if row is None:
                 # Not ours: sent already, held by another worker, not due — or its campaign was
                 # closed, and then it is cancelled here rather than left waiting for ever.
@@ -474,7 +492,7 @@ class Lifecycle:
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
         code = None if outcome.code is None else str(outcome.code)
-        params = {
+        params: dict[str, Any] = {
             "p_delivery_id": claim.id,
             "p_worker": worker,
             "p_claimed_at": claim.claimed_at,
@@ -488,37 +506,47 @@ class Lifecycle:
             "p_pages": outcome.pages,
             "p_line_seconds": outcome.line_seconds,
         }
+        # A deferral is not a try (the letter was held back by our own policy): no attempt row.
+        tried = outcome.outcome != "deferred"
+        attempt: dict[str, Any] = {
+            "delivery_id": claim.id,
+            "number": claim.attempt,
+            "started_at": started_at,
+            "duration_ms": (now - started_at).total_seconds() * 1000.0,
+            "outcome": outcome.outcome,
+            "code": code,
+            "text": outcome.text,
+            "worker": worker,
+            "remote_id": outcome.remote_id,
+            "pages": outcome.pages,
+        }
+        # PostgreSQL: the attempt row in the finish's own statement (a WITH ... INSERT), one
+        # round trip; SQLite takes no INSERT in a WITH, so there it goes first, in the same
+        # transaction.
+        together = tried and self._attempt_in_finish
+        if together:
+            params.update({f"a_{key}": value for key, value in attempt.items()})
+        statement = self._finish_statement(
+            outcome.event, outcome.counts_as_try, claim.claimed_at is not None, with_attempt=together
+        )
         with self.engine.begin() as conn:
-            # A deferral is not a try (the letter was held back by our own policy): no attempt row.
-            if outcome.outcome != "deferred":
-                conn.execute(
-                    _INSERT_ATTEMPT,
-                    {
-                        "delivery_id": claim.id,
-                        "number": claim.attempt,
-                        "started_at": started_at,
-                        "duration_ms": (now - started_at).total_seconds() * 1000.0,
-                        "outcome": outcome.outcome,
-                        "code": code,
-                        "text": outcome.text,
-                        "worker": worker,
-                        "remote_id": outcome.remote_id,
-                        "pages": outcome.pages,
-                    },
-                )
-            statement = self._finish_statement(outcome.event, outcome.counts_as_try, claim.claimed_at is not None)
-            row = conn.execute(statement, params).first()
-            moved = None if row is None else State(row.state)
+            if tried and not together:
+                self._prepared_attempt.run(conn, attempt)
+            rows = statement.run(conn, params)
+            moved = State(rows[0].state) if rows else None
             if moved and claim.kind == "digest":
                 mirror_digest(conn, claim.id, now, _outcome_values(outcome, now))
             if moved in _REPLANNED and outcome.replan is not None:
                 _replan(conn, claim.id, outcome.replan, now)
         return moved
 
-    def _finish_statement(self, event: Event, counts_as_try: bool, by_claim_time: bool) -> Update:
+    def _finish_statement(
+        self, event: Event, counts_as_try: bool, by_claim_time: bool, *, with_attempt: bool = False
+    ) -> Prepared:
         """The finish of a send with ``event``, built once per kind of outcome (the worker's
-        second-hottest statement): every value a bound parameter."""
-        key = (event, counts_as_try, by_claim_time)
+        second-hottest statement): every value a bound parameter. ``with_attempt``: the try's
+        attempt row is inserted by the same statement (``a_<column>`` parameters; PostgreSQL)."""
+        key = (event, counts_as_try, by_claim_time, with_attempt)
         found = self._finishes.get(key)
         if found is not None:
             return found
@@ -552,8 +580,14 @@ class Lifecycle:
         if by_claim_time:
             mine.append(D.c.claimed_at == bindparam("p_claimed_at", type_=D.c.claimed_at.type))
         statement = _guarded(event, mine, [State.SENDING], values).returning(D.c.state)
-        self._finishes[key] = statement
-        return statement
+        if with_attempt:
+            # A data-modifying WITH runs once and to completion whether or not the UPDATE reads
+            # it, so the try is recorded even when the claim was taken back meanwhile.
+            row = {key_: bindparam(f"a_{key_}", type_=A.c[key_].type) for key_ in _ATTEMPT_KEYS}
+            statement = statement.add_cte(insert(A).values(row).cte("attempt_row"))
+        prepared = Prepared(statement, self.engine.dialect)
+        self._finishes[key] = prepared
+        return prepared
 
     # ------------------------------------------------------------------ late outcomes
 

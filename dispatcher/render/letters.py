@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Template, TemplatesNotFound
+from jinja2 import Template, TemplatesNotFound, meta, nodes
 
 from dispatcher.config.models import Campaign, Section, Target
 from dispatcher.errors import DispatchError
@@ -36,6 +36,12 @@ _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 _BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 #: folds a subject onto one line but keeps no-break spaces (French "Tchétchénie\u00a0:")
 _HEADER_SPACE = re.compile(r"[ \t\r\n]+")
+#: what a letter template may read and still have its words kept for the next letter to the
+#: same target on the same day: everything it is given but the supporter (and no globals:
+#: ``lipsum`` is random)
+_SHARED_CONTEXT = frozenset({"campaign", "section", "target", "language", "date", "salutation"})
+#: words kept (per template, campaign, section, target, language, day and salutation) at most
+_WORDS_KEPT = 4096
 
 
 class TemplateMissing(DispatchError):
@@ -151,6 +157,20 @@ def signature_lines(supporter: Supporter) -> tuple[str, ...]:
     return tuple(line for line in (supporter.name.strip(), place) if line)
 
 
+def _reads_only_shared(environment: Any, template: Template) -> bool:
+    """Whether ``template`` reads nothing but :data:`_SHARED_CONTEXT`: no supporter, no global,
+    no other template (whose reads this cannot see), no ``random`` filter."""
+    if template.filename is None:
+        return False
+    with open(template.filename, encoding="utf-8") as source:
+        ast = environment.parse(source.read())
+    if any(True for _ in meta.find_referenced_templates(ast)):
+        return False
+    if any(f.name == "random" for f in ast.find_all(nodes.Filter)):
+        return False
+    return meta.find_undeclared_variables(ast) <= _SHARED_CONTEXT
+
+
 class Renderer:
     """Renders letters from a templates directory. One per process, shared by threads.
 
@@ -168,6 +188,10 @@ class Renderer:
         # and Jinja caches hits only, so without this every letter would stat() the disk.
         self._letters: dict[tuple[str, str, str], Template] = {}
         self._lock = threading.Lock()
+        # Whether a letter template's words depend only on what every letter to a target shares
+        # (per template), and those words (see _words).
+        self._shared: dict[str, bool] = {}
+        self._words: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[str, tuple[str, ...], str]]] = {}
 
     # ------------------------------------------------------------------ language
 
@@ -210,6 +234,49 @@ class Renderer:
         """The words of the letter for ``req``; the part email and fax share."""
         salutation = salutation_for(req.target, req.language, req.campaign.default_language)
         template = self._letter_template(req.campaign, req.language, req.target.id)
+        subject, paragraphs, closing = self._template_words(template, req, salutation)
+        return Letter(
+            language=req.language,
+            subject=subject,
+            salutation=salutation.strip(),
+            paragraphs=paragraphs,
+            message=normalise_message(req.message),
+            closing=closing,
+            signature=signature_lines(req.supporter),
+            signers=tuple(signer_line(s) for s in req.signers),
+            signers_heading=SIGNERS_HEADING.get(req.language, SIGNERS_HEADING["en"]).format(n=len(req.signers))
+            if req.signers
+            else None,
+        )
+
+    def _template_words(
+        self, template: Template, req: LetterRequest, salutation: str
+    ) -> tuple[str, tuple[str, ...], str]:
+        """(subject, paragraphs, closing) as the letter template sets them for ``req``.
+
+        Kept for the next letter when the template reads nothing of the supporter (the model
+        letters do not): every letter of a campaign to one target on one day then has the same
+        words, and running the template and splitting its paragraphs was a fifth of rendering.
+        Keyed by the identity of the objects it reads, which the entry holds, so that a reloaded
+        catalog's new objects never find an old entry."""
+        shared = self._shared.get(template.name or "")
+        if shared is None:
+            shared = self._shared[template.name or ""] = _reads_only_shared(self.environment, template)
+        if not shared:
+            return self._run_template(template, req, salutation)
+        key = (id(template), id(req.campaign), id(req.section), id(req.target), req.language, req.date, salutation)
+        found = self._words.get(key)
+        if found is not None and found[0] == (template, req.campaign, req.section, req.target):
+            return found[1]
+        words = self._run_template(template, req, salutation)
+        if len(self._words) >= _WORDS_KEPT:
+            self._words.clear()  # a new day or a reloaded catalog: start again
+        self._words[key] = ((template, req.campaign, req.section, req.target), words)
+        return words
+
+    def _run_template(
+        self, template: Template, req: LetterRequest, salutation: str
+    ) -> tuple[str, tuple[str, ...], str]:
         module = template.make_module(
             {
                 "campaign": req.campaign,
@@ -227,19 +294,11 @@ class Renderer:
             if value is None or not str(value).strip():
                 raise TemplateMissing(f"{template.name} does not set {name!r}")
             parts[name] = str(value)
-        return Letter(
-            language=req.language,
+        return (
             # a header: one line, whatever the template's whitespace
-            subject=_HEADER_SPACE.sub(" ", parts["subject"]).strip(" "),
-            salutation=salutation.strip(),
-            paragraphs=split_paragraphs(parts["body"]),
-            message=normalise_message(req.message),
-            closing=parts["closing"].strip(),
-            signature=signature_lines(req.supporter),
-            signers=tuple(signer_line(s) for s in req.signers),
-            signers_heading=SIGNERS_HEADING.get(req.language, SIGNERS_HEADING["en"]).format(n=len(req.signers))
-            if req.signers
-            else None,
+            _HEADER_SPACE.sub(" ", parts["subject"]).strip(" "),
+            split_paragraphs(parts["body"]),
+            parts["closing"].strip(),
         )
 
     def render_email(self, req: LetterRequest) -> RenderedEmail:

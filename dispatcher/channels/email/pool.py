@@ -35,6 +35,7 @@ from email.message import EmailMessage
 from typing import Literal, Protocol
 
 import aiosmtplib
+from aiosmtplib import SMTPStatus
 from aiosmtplib.email import flatten_message, parse_address
 
 from dispatcher.channels.email.classify import Stage, classify
@@ -214,10 +215,10 @@ class SmtpPool:
         stage: Stage = "mail"
         conn.transactions += 1
         try:
-            await smtp.mail(sender, options=self._mail_options(smtp, data))
+            await _mail(smtp, sender, self._mail_options(smtp, data))
             stage = "rcpt"
             for recipient in recipients:
-                await smtp.rcpt(recipient)
+                await _rcpt(smtp, recipient)
             stage = "data"
             if window is not None:
                 await window.acquire()
@@ -354,6 +355,33 @@ class SmtpPool:
         self.stats.connections_closed += 1
         if reason is not None:
             log.debug("smtp.connection_dropped", relay=f"{self.host}:{self.port}", reason=reason)
+
+
+async def _mail(smtp: aiosmtplib.SMTP, sender: str, options: list[str]) -> None:
+    """``smtp.mail(sender, options=options)`` for an address :func:`_check_address` accepted.
+
+    Why not aiosmtplib's own: it runs every address through ``email.utils.parseaddr`` (pure
+    Python, about a tenth of the event loop's CPU per letter) only to find the bare address it
+    was given; ours are checked to be exactly that, once per address (cached). Same command,
+    same replies, same errors."""
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.mail(sender, options=options)  # the library's own path says EHLO first
+        return
+    response = await smtp.execute_command(
+        b"MAIL", b"FROM:<" + sender.encode("ascii") + b">", *(option.encode("ascii") for option in options)
+    )
+    if response.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+
+
+async def _rcpt(smtp: aiosmtplib.SMTP, recipient: str) -> None:
+    """``smtp.rcpt(recipient)`` for an address :func:`_check_address` accepted (see :func:`_mail`)."""
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.rcpt(recipient)
+        return
+    response = await smtp.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">")
+    if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
 
 
 class _StaleConnection(DispatchError):

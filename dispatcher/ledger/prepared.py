@@ -1,0 +1,96 @@
+"""The worker's hottest statements, compiled once and run on the driver's cursor.
+
+Why: per letter a worker runs three statements (the claim, the attempt row, the finish) in two
+transactions. Through ``Connection.execute`` each paid SQLAlchemy's execution path — cache key,
+execution context, events, result set-up — for more CPU than SQLite spent running it (about
+0.3 ms a letter, uncontended, bench/worker_path.py). These statements never change from one
+letter to the next, so they are compiled once per dialect, and each execution only binds.
+
+What stays SQLAlchemy's: the SQL (compiled by the dialect, as ``execute`` would compile it),
+the transaction and the pooled connection (``engine.begin()``: the caller's), every value's
+conversion both ways (each bind parameter's and each returned column's own processors, so a
+datetime is written and read exactly as ``execute`` writes and reads it), and the errors
+(wrapped by ``DBAPIError.instance`` as ``execute`` wraps them). What it skips: events on
+statement execution (the ledger registers none) and Python-side column defaults (refused at
+construction, so a statement that would need them cannot be prepared by mistake).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.dml import Insert, UpdateBase
+
+
+class PreparedRow:
+    """One returned row: its columns by name, as a Row from ``execute`` gives them."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Prepared:
+    """``statement`` compiled for ``dialect``; :meth:`run` executes it in the caller's
+    transaction. ``column_keys``: for an INSERT, the columns it is given (as ``execute`` would
+    compile it for a dict with those keys)."""
+
+    def __init__(self, statement: UpdateBase, dialect: Dialect, column_keys: Sequence[str] | None = None) -> None:
+        if isinstance(statement, Insert):
+            table = statement.table
+            for column in table.columns:
+                if column.default is not None and column.key not in (column_keys or ()):
+                    raise ValueError(f"{table}.{column.key} has a Python-side default: execute it instead")
+        compiled = statement.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
+        self._compiled = compiled
+        self.sql = compiled.string
+        #: positional paramstyles (SQLite's qmark): the order of the values; None for named ones
+        self._order: Sequence[str] | None = compiled.positiontup
+        self._binds: dict[str, Callable[[Any], Any]] = {}
+        for bind, name in compiled.bind_names.items():  # (anonymous ones by their compiled names)
+            # (the dialect's own form of the type: SQLite's DateTime writes its own string)
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                self._binds[name] = process
+        self._columns: list[tuple[str, Callable[[Any], Any] | None]] = []
+        for returned in statement.exported_columns:
+            if returned.key is None:
+                raise ValueError("every returned column needs a name")
+            self._columns.append((returned.key, returned.type.dialect_impl(dialect).result_processor(dialect, None)))
+        self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> list[PreparedRow]:
+        """Execute with ``params`` (by bind name) in ``conn``'s transaction; the returned rows."""
+        values = self._compiled.construct_params(params)
+        for name, process in self._binds.items():
+            values[name] = process(values[name])
+        args: Any = values if self._order is None else [values[name] for name in self._order]
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self.sql, args)
+            # (an INSERT may return its new primary key unasked, PostgreSQL's implicit RETURNING)
+            rows = cursor.fetchall() if self._columns else []
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+        finally:
+            cursor.close()
+        columns = self._columns
+        return [
+            PreparedRow(
+                {
+                    name: value if process is None else process(value)
+                    for (name, process), value in zip(columns, row, strict=True)
+                }
+            )
+            for row in rows
+        ]
