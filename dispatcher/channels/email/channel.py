@@ -18,14 +18,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import random
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import ClassVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
 
 from dispatcher.channels.base import (
     BaseChannel,
@@ -130,16 +138,33 @@ class EmailChannel(BaseChannel):
             return self._sandbox_relay
         return live_relay(section)
 
-    def _blip_pause(self, tries: int) -> float:
-        """The pause after the ``tries``-th blip: ``blip_wait`` doubling from the first, plus up
-        to ``blip_wait`` of jitter, at most half the deadline (tenacity's wait_exponential_jitter
-        with multiplier=blip_wait, jitter=blip_wait, max=blip_deadline / 2)."""
-        cap = self._blip_deadline / 2
+    async def _retry_blips(
+        self, blip: BlipError, first: float, send: Callable[[], Awaitable[tuple[int, str]]]
+    ) -> tuple[int, str]:
+        """The quick retries after a first try (begun at ``first``) failed with ``blip``: tries
+        at most ``blip_attempts`` in all, within ``blip_deadline`` of the first; the pauses
+        grow from ``blip_wait``, with jitter. Raises TransientError once they are spent."""
+        tries = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(BlipError),
+            stop=stop_after_attempt(self._blip_attempts)
+            | stop_before_delay(self._blip_deadline - (time.monotonic() - first)),
+            wait=wait_exponential_jitter(
+                multiplier=self._blip_wait, max=self._blip_deadline / 2, jitter=self._blip_wait
+            ),
+            before_sleep=_log_blip,
+            reraise=True,
+        )
         try:
-            pause = self._blip_wait * 2 ** (tries - 1) + random.uniform(0, self._blip_wait)
-        except OverflowError:
-            pause = cap
-        return max(0.0, min(pause, cap))
+            async for attempt in retrying:
+                with attempt:
+                    tries += 1
+                    if tries == 1:
+                        raise blip  # the first try, made already: tenacity counts it and waits
+                    return await send()
+        except BlipError as exc:
+            raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
+        raise AssertionError("unreachable: tenacity either returned or raised")
 
     def wire(self, message: EmailMessage, section: Section) -> bytes:
         """The bytes that go into DATA: ``message`` serialised (CRLF line ends) and, when the
@@ -181,25 +206,17 @@ class EmailChannel(BaseChannel):
             message = self.wire(message, section)
         pool = self._pool_for(section)
         started = time.perf_counter()
-        # The quick retries by hand rather than with tenacity's AsyncRetrying: the same rules
-        # (tenacity's wait_exponential_jitter, stop_after_attempt | stop_before_delay), without
-        # building a retrying object and its per-try machinery for every letter (about a sixth
-        # of the event loop's CPU per letter, bench/worker_path.py).
+        sender = envelope or section.sender.envelope_sender
         first = time.monotonic()
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                code, text = await pool.send(
-                    message, envelope or section.sender.envelope_sender, [recipient], window=window
-                )
-                break
-            except BlipError as exc:
-                pause = self._blip_pause(tries)
-                if tries >= self._blip_attempts or time.monotonic() - first + pause >= self._blip_deadline:
-                    raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
-                log.info("email.blip_retry", attempt=tries, error=str(exc))
-                await asyncio.sleep(pause)
+        try:
+            # The first try outside tenacity: a retrying object and its per-try machinery built
+            # for every letter cost about a sixth of the event loop's CPU per letter
+            # (bench/worker_path.py); only a letter that blipped pays for them.
+            code, text = await pool.send(message, sender, [recipient], window=window)
+        except BlipError as blip:
+            code, text = await self._retry_blips(
+                blip, first, lambda: pool.send(message, sender, [recipient], window=window)
+            )
         duration_ms = (time.perf_counter() - started) * 1000
         log.debug(
             "email.sent",
@@ -389,3 +406,8 @@ class EmailChannel(BaseChannel):
                 raise OperationalError(f"SMTP credentials for {relay.host}: environment variable {name} is not set")
             values.append(value)
         return values[0], values[1]
+
+
+def _log_blip(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.info("email.blip_retry", attempt=state.attempt_number, error=str(error))
