@@ -138,12 +138,12 @@ class Quotas:
         try:
             if all(self.limiter.holds(key, token) for _, key in applying):
                 return Charge()  # this very appeal was charged already: a retry, a double submit
-            for quota, key in applying:
-                wait = self.limiter.reserve(key, _parsed(quota.rates), token=token)
-                if wait > 0:
-                    charge.cancel()
-                    self._refuse(section, quota, wait, supporter_ref)
-                charge.keys.append(key)
+            # every quota in one atomic call: all slots taken, or none
+            full = self.limiter.reserve_all([(key, _parsed(quota.rates)) for quota, key in applying], token=token)
+            if full is not None:
+                which, wait = full
+                self._refuse(section, applying[which][0], wait, supporter_ref)
+            charge.keys = [key for _, key in applying]
         except redis.RedisError as exc:
             charge.cancel()
             log.warning("intake.quota_unchecked", section=section.code, error=type(exc).__name__)

@@ -480,7 +480,7 @@ class IntakeService:
             if self.enqueuer is None:
                 return
             # Marked in this transaction, not a second one: the outbox rows and the appeals are
-            # written together (the queue is told after the commit, by each request).
+            # written together (the queue is told after the commit: _offer_to_queue).
             pairs = sorted({pair for p in live for pair in p.capped})
             busy = self.ledger.schedule.has_backlog(pairs, exclude=[r["id"] for r in rows], conn=conn)
             for pending in live:
