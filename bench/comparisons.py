@@ -44,8 +44,10 @@ from throughput import (
 )
 
 from dispatcher.channels.email.message import MESSAGE_POLICY, build_message
+from dispatcher.config.catalog import PlannedRoute
 from dispatcher.config.loader import load_catalog
-from dispatcher.render.letters import LetterRequest, Renderer, Supporter
+from dispatcher.config.models import Section
+from dispatcher.render.letters import LetterRequest, RenderedEmail, Renderer, Supporter
 
 DRAMATIQ = str(Path(sys.executable).with_name("dramatiq"))
 #: stands for the supporter's name in the letters rendered for the naive actor
@@ -84,36 +86,47 @@ class Comparison:
         }
 
 
-def _letters_for_targets() -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One rendered letter per route of the bench campaign (the real templates), and the
-    section's sender; the supporter's name is left as PLACEHOLDER."""
+def _rendered(run: str) -> tuple[Section, list[PlannedRoute], dict[str, Any], list[RenderedEmail]]:
+    """The bench campaign's section, its routes, one bench supporter, and that supporter's
+    letter to each route's target rendered with the real templates."""
     catalog = load_catalog(CONFIG_DIR, TEMPLATES_DIR)
     renderer = Renderer(TEMPLATES_DIR)
     campaign = catalog.campaign(CAMPAIGN)
     section = catalog.section(SECTION)
-    person = appeal_payload(0, "naive")["supporter"]
-    letters = []
-    for route in catalog.routes(CAMPAIGN, SECTION):
-        rendered = renderer.render_email(
+    routes = catalog.routes(CAMPAIGN, SECTION)
+    payload = appeal_payload(0, run)
+    person = payload["supporter"]
+    rendered = [
+        renderer.render_email(
             LetterRequest(
                 campaign=campaign,
                 section=section,
                 target=route.target,
                 language="en",
                 supporter=Supporter(person["name"], person["email"], person["city"], person["country"]),
-                message=appeal_payload(0, "naive")["message"],
+                message=payload["message"],
                 date=datetime.now(UTC).date(),
             )
         )
-        letters.append(
-            {
-                "to_name": route.target.name,
-                "to_address": str(route.target.email),
-                "subject": rendered.subject,
-                "text": rendered.text.replace(person["name"], PLACEHOLDER),
-                "html": rendered.html.replace(person["name"], PLACEHOLDER),
-            }
-        )
+        for route in routes
+    ]
+    return section, routes, person, rendered
+
+
+def _letters_for_targets() -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One rendered letter per route of the bench campaign (the real templates), and the
+    section's sender; the supporter's name is left as PLACEHOLDER."""
+    section, routes, person, rendered_letters = _rendered("naive")
+    letters = [
+        {
+            "to_name": route.target.name,
+            "to_address": str(route.target.email),
+            "subject": rendered.subject,
+            "text": rendered.text.replace(person["name"], PLACEHOLDER),
+            "html": rendered.html.replace(person["name"], PLACEHOLDER),
+        }
+        for route, rendered in zip(routes, rendered_letters, strict=True)
+    ]
     sender = {
         "sender_name": section.sender.name,
         "sender_address": str(section.sender.address),
@@ -129,27 +142,8 @@ def _letters_for_targets() -> tuple[list[dict[str, Any]], dict[str, str]]:
 def run_bare_loop(n: int, sink: CountingSink) -> Comparison:
     """``n`` letters built beforehand (distinct Message-IDs), sent one after another over one
     aiosmtplib connection: the client and sink's own ceiling, nothing of ours in it."""
-    catalog = load_catalog(CONFIG_DIR, TEMPLATES_DIR)
-    renderer = Renderer(TEMPLATES_DIR)
-    campaign = catalog.campaign(CAMPAIGN)
-    section = catalog.section(SECTION)
-    routes = catalog.routes(CAMPAIGN, SECTION)
+    section, routes, person, rendered = _rendered("bare")
     envelope = section.sender.envelope_sender
-    person = appeal_payload(0, "bare")["supporter"]
-    rendered = [
-        renderer.render_email(
-            LetterRequest(
-                campaign=campaign,
-                section=section,
-                target=route.target,
-                language="en",
-                supporter=Supporter(person["name"], person["email"], person["city"], person["country"]),
-                message=appeal_payload(0, "bare")["message"],
-                date=datetime.now(UTC).date(),
-            )
-        )
-        for route in routes
-    ]
     raw: list[tuple[str, bytes]] = []
     for i in range(n):
         k = i % len(routes)

@@ -16,18 +16,11 @@ from sqlalchemy import select
 from dispatcher.app import Service
 from dispatcher.ledger.housekeeping import PERSONAL_COLUMNS
 from dispatcher.ledger.models import Appeal
-from tests.conftest import appeal_body
-from tests.support.console import add_operator, csrf_of, sign_in
+from tests.support.console import csrf_of, signed_in, submit_appeal
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 PAGE = "/console/supporters/erase"
 EMAIL = "Rosa.Quill@example.org"
-
-
-def submit(service: Service, **supporter: str) -> Any:
-    body = appeal_body(section="us", language="en")
-    body["supporter"].update(supporter)
-    return service.intake.submit(body)
 
 
 @pytest.fixture
@@ -35,13 +28,6 @@ def web(service: Service) -> Iterator[TestClient]:
     service.intake.enqueuer = None  # letters wait in the ledger: no worker runs here
     with TestClient(service.api(), raise_server_exceptions=False) as client:
         yield client
-
-
-def signed_in(web: TestClient, service: Service, role: str, sections: tuple[str, ...] = ()) -> Any:
-    web.cookies.clear()
-    account = add_operator(service, role, sections)
-    assert sign_in(web, account).status_code == 303
-    return account
 
 
 def personal_data(service: Service, appeal_id: str) -> dict[str, Any]:
@@ -62,8 +48,8 @@ def assert_no_email_in_urls(*answers: Any) -> None:
 
 
 def test_an_admin_erases_a_supporter_by_email_in_two_steps(web, service):
-    mine = submit(service, name="Rosa Quill", email=EMAIL)
-    other = submit(service, name="Otto Other", email="otto@example.org")
+    mine = submit_appeal(service, name="Rosa Quill", email=EMAIL)
+    other = submit_appeal(service, name="Otto Other", email="otto@example.org")
     admin = signed_in(web, service, "admin")
     form = web.get(PAGE)
     assert form.status_code == 200 and f'href="{PAGE}"' in form.text  # in the nav, for an admin
@@ -102,7 +88,7 @@ def test_an_admin_erases_a_supporter_by_email_in_two_steps(web, service):
 
 
 def test_an_appeal_is_erased_by_its_id_typed_as_the_confirmation(web, service):
-    mine = submit(service)
+    mine = submit_appeal(service)
     signed_in(web, service, "admin")
     token = csrf_of(web.get(PAGE).text)
     asked = {"csrf": token, "appeal_id": mine.appeal_id, "campaign": "UA-002-19-DEMO", "reason": "safety"}
@@ -119,7 +105,7 @@ def test_an_appeal_is_erased_by_its_id_typed_as_the_confirmation(web, service):
 def test_only_an_admin_reaches_the_page(web, service, role, sections):
     """Erasure concerns every section: an operator of us (or of us and ch) and a viewer get 403
     for the page and the form, whatever they post, and nothing changes."""
-    mine = submit(service, email=EMAIL)
+    mine = submit_appeal(service, email=EMAIL)
     signed_in(web, service, role, sections)
     overview = web.get("/console/")
     assert PAGE not in overview.text  # no link to it
@@ -133,7 +119,7 @@ def test_only_an_admin_reaches_the_page(web, service, role, sections):
 
 
 def test_a_form_without_its_token_is_refused(web, service):
-    mine = submit(service, email=EMAIL)
+    mine = submit_appeal(service, email=EMAIL)
     signed_in(web, service, "admin")
     for token in ({}, {"csrf": "forged"}):
         answer = web.post(PAGE, data={**token, "email": EMAIL, "reason": "x", "confirm": "ERASE"})
@@ -142,7 +128,7 @@ def test_a_form_without_its_token_is_refused(web, service):
 
 
 def test_nothing_found_says_so_and_audits_nothing(web, service):
-    mine = submit(service, email=EMAIL)
+    mine = submit_appeal(service, email=EMAIL)
     signed_in(web, service, "admin")
     token = csrf_of(web.get(PAGE).text)
     for form in (

@@ -17,8 +17,7 @@ from sqlalchemy import update
 from dispatcher.app import Service
 from dispatcher.ledger.models import Appeal, Delivery
 from dispatcher.ledger.states import State
-from tests.conftest import appeal_body
-from tests.support.console import add_operator, csrf_of, sign_in
+from tests.support.console import csrf_of, signed_in, submit_appeal
 
 SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 pytestmark = SQLITE
@@ -33,25 +32,11 @@ def ch_only(service: Service) -> tuple[str, ...]:
     return ("embassy-ru", embassy.fax, "Switzerland")
 
 
-def submit(service: Service, section: str = "us", **supporter: str) -> Any:
-    body = appeal_body(section=section, language="de" if section == "ch" else "en")
-    if section == "ch":
-        body["supporter"]["country"] = "CH"
-    body["supporter"].update(supporter)
-    return service.intake.submit(body)
-
-
 @pytest.fixture
 def web(service: Service) -> Iterator[TestClient]:
     service.intake.enqueuer = None  # letters wait in the ledger: no worker runs here
     with TestClient(service.api(), raise_server_exceptions=False) as client:
         yield client
-
-
-def signed_in(web: TestClient, service: Service, role: str, sections: tuple[str, ...] = ()) -> TestClient:
-    web.cookies.clear()
-    assert sign_in(web, add_operator(service, role, sections)).status_code == 303
-    return web
 
 
 def post_form(web: TestClient, page_path: str, path: str, **form: str) -> Any:
@@ -65,8 +50,8 @@ def state_of(service: Service, delivery: str) -> str | None:
 
 
 def test_the_pages_show_campaigns_letters_and_a_letter_as_rendered(web, service):
-    us = submit(service, name="Rosa Quill")
-    submit(service, "ch")
+    us = submit_appeal(service, name="Rosa Quill")
+    submit_appeal(service, "ch")
     email = next(d.id for d in us.deliveries if d.channel == "email")
     fax = next(d.id for d in us.deliveries if d.channel == "fax")
     signed_in(web, service, "admin")
@@ -107,7 +92,7 @@ def test_the_pages_show_campaigns_letters_and_a_letter_as_rendered(web, service)
 
 
 def test_an_erased_supporters_letter_says_so(web, service):
-    us = submit(service)
+    us = submit_appeal(service)
     email = next(d.id for d in us.deliveries if d.channel == "email")
     with service.ledger.session() as s:
         s.execute(update(Appeal).where(Appeal.id == us.appeal_id).values(supporter_name=None, supporter_email=None))
@@ -118,8 +103,8 @@ def test_an_erased_supporters_letter_says_so(web, service):
 
 
 def test_a_supporter_is_found_by_email_without_the_email_in_any_url(web, service):
-    mine = submit(service, email="Rosa.Quill@example.org")
-    submit(service)
+    mine = submit_appeal(service, email="Rosa.Quill@example.org")
+    submit_appeal(service)
     signed_in(web, service, "viewer", ("us",))  # a viewer may search
     answer = post_form(web, "/console/letters", "/console/letters/supporter", email="rosa.quill@example.org")
     assert answer.status_code == 303
@@ -130,7 +115,7 @@ def test_a_supporter_is_found_by_email_without_the_email_in_any_url(web, service
 
 
 def test_cancel_and_retry_from_the_letter_page_are_audited_and_refused_with_reasons(web, service):
-    us = submit(service)
+    us = submit_appeal(service)
     email = next(d.id for d in us.deliveries if d.channel == "email")
     fax = next(d.id for d in us.deliveries if d.channel == "fax")
     signed_in(web, service, "operator", ("us",))
@@ -166,7 +151,7 @@ def test_cancel_and_retry_from_the_letter_page_are_audited_and_refused_with_reas
 
 
 def test_a_viewer_sees_but_cannot_act(web, service):
-    us = submit(service)
+    us = submit_appeal(service)
     email = next(d.id for d in us.deliveries if d.channel == "email")
     signed_in(web, service, "viewer", ("us",))
     page = web.get(f"/console/letters/{email}")
@@ -177,7 +162,7 @@ def test_a_viewer_sees_but_cannot_act(web, service):
 
 
 def test_closing_a_campaign_is_an_admins_and_takes_a_reason_and_a_confirmation(web, service):
-    us = submit(service)
+    us = submit_appeal(service)
     page = f"/console/campaigns/{CAMPAIGN}"
     signed_in(web, service, "operator", ("us",))
     assert "Close the campaign" not in web.get(page).text
@@ -210,8 +195,8 @@ def test_nothing_of_section_ch_reaches_an_operator_of_us(web, service):
     """Every console URL of ch's letters and campaign data, as an operator of us: 404 for each of
     ch's letters (page, HTML, PNG pages, every action), and no ch id or name in any list, page or
     CSV, whatever the filters ask for."""
-    mine = submit(service)
-    theirs = [submit(service, "ch", name="Heidi Chlaus", email=f"heidi{n}@example.ch") for n in ("", ".b")]
+    mine = submit_appeal(service)
+    theirs = [submit_appeal(service, "ch", name="Heidi Chlaus", email=f"heidi{n}@example.ch") for n in ("", ".b")]
     ch_letters = [d.id for a in theirs for d in a.deliveries]
     ch_ids = [*ch_letters, *(a.appeal_id for a in theirs)]
     with service.ledger.session() as s:  # one of them failed: retry would be offered to its own operators

@@ -18,26 +18,18 @@ from dispatcher.ledger.states import State
 from dispatcher.policy.pacing import PacingPolicy, RecipientLoad
 from dispatcher.queue.forecast import per_day
 from dispatcher.queue.preview import EmailPreview, FaxPreview, Previews, Unavailable
-from tests.conftest import appeal_body
+from tests.support.console import submit_appeal
 
 SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 CAMPAIGN = "UA-002-19-DEMO"
-
-
-def submit(service, section: str = "us", **supporter):
-    body = appeal_body(section=section, language="de" if section == "ch" else "en")
-    if section == "ch":
-        body["supporter"]["country"] = "CH"
-    body["supporter"].update(supporter)
-    return service.intake.submit(body)
 
 
 @pytest.fixture
 def letters(service):
     """Three us appeals (an email and a fax letter each) and two ch appeals (two faxes each)."""
     service.intake.enqueuer = None
-    us = [submit(service) for _ in range(3)]
-    ch = [submit(service, "ch") for _ in range(2)]
+    us = [submit_appeal(service) for _ in range(3)]
+    ch = [submit_appeal(service, "ch") for _ in range(2)]
     return us, ch
 
 
@@ -75,9 +67,9 @@ def test_search_filters_and_scope(service, letters):
 
 def test_a_supporter_is_found_by_the_keyed_hash_of_their_exact_email(service):
     service.intake.enqueuer = None
-    mine = submit(service, email="Jane.Roe@Example.org")
-    submit(service, email="jane.roe@example.org.evil")  # near miss: not a pattern match
-    submit(service, "ch", email="jane.roe@example.org")  # the same person through another section
+    mine = submit_appeal(service, email="Jane.Roe@Example.org")
+    submit_appeal(service, email="jane.roe@example.org.evil")  # near miss: not a pattern match
+    submit_appeal(service, "ch", email="jane.roe@example.org")  # the same person through another section
     ref = service.intake.supporter_ref(" jane.roe@example.org ")
     found = service.ledger.search.page(LetterQuery(supporter_ref=ref), sections={"us"})
     assert {r.appeal_id for r in found.rows} == {mine.appeal_id}
@@ -156,7 +148,7 @@ def test_the_forecast_as_letters_per_day_until_the_deadline():
 @SQLITE
 def test_a_letter_as_rendered_email_and_fax_pages(service):
     service.intake.enqueuer = None
-    accepted = submit(service, name="Rosa Quill")
+    accepted = submit_appeal(service, name="Rosa Quill")
     previews = Previews(
         catalog=service.catalog, ledger=service.ledger, channels=service.channels, documents=service.documents
     )

@@ -56,7 +56,7 @@ from dispatcher.ledger.states import (
     initial,
 )
 from dispatcher.ledger.tables import AP, CC, A, D
-from dispatcher.ledger.views import SupporterData, supporter_of
+from dispatcher.ledger.views import SUPPORTER_COLUMNS, SupporterData, supporter_of
 
 E = Event
 
@@ -131,16 +131,6 @@ _ERASED = exists().where(AP.c.id == D.c.appeal_id, AP.c.erased_at.is_not(None))
 # subquery an unqualified "appeal_id" would be the delivery's only while appeals has no such column.
 _CLAIMED_APPEAL = AP.alias("claimed_appeal")
 _DELIVERY_APPEAL: ColumnElement[str] = literal_column(f"{D.name}.{D.c.appeal_id.name}")
-#: what the claim returns of the letter's appeal (views.supporter_of reads them by name)
-_SUPPORTER_COLUMNS = (
-    AP.c.supporter_name,
-    AP.c.supporter_email,
-    AP.c.supporter_city,
-    AP.c.supporter_country,
-    AP.c.supporter_languages,
-    AP.c.message,
-    AP.c.supporter_ref,
-)
 
 #: states a letter is in while it is out of the ledger's waiting states: a worker holds it, or its
 #: channel accepted it and its report may still send it back
@@ -443,7 +433,7 @@ class Lifecycle:
                 .where(_CLAIMED_APPEAL.c.id == _DELIVERY_APPEAL)
                 .scalar_subquery()
                 .label(column.name)
-                for column in _SUPPORTER_COLUMNS
+                for column in SUPPORTER_COLUMNS
             ),
         )
         # The worker's three statements, compiled once for this database (prepared.py).

@@ -33,8 +33,20 @@ class SupporterData:
     supporter_ref: str
 
 
+#: the appeal's columns :func:`supporter_of` reads (by their names)
+SUPPORTER_COLUMNS = (
+    AP.c.supporter_name,
+    AP.c.supporter_email,
+    AP.c.supporter_city,
+    AP.c.supporter_country,
+    AP.c.supporter_languages,
+    AP.c.message,
+    AP.c.supporter_ref,
+)
+
+
 def supporter_of(row: Any) -> SupporterData | None:
-    """The supporter in a row with the appeal's supporter columns (by their names); None when
+    """The supporter in a row with the appeal's :data:`SUPPORTER_COLUMNS`; None when
     there is no row or the data was purged."""
     if row is None or row.supporter_name is None or row.supporter_email is None:
         return None
@@ -276,17 +288,7 @@ class Views:
 
     def supporter(self, appeal_id: str) -> SupporterData | None:
         with self.reads.connect() as conn:
-            row = conn.execute(
-                select(
-                    AP.c.supporter_name,
-                    AP.c.supporter_email,
-                    AP.c.supporter_city,
-                    AP.c.supporter_country,
-                    AP.c.supporter_languages,
-                    AP.c.message,
-                    AP.c.supporter_ref,
-                ).where(AP.c.id == appeal_id)
-            ).one_or_none()
+            row = conn.execute(select(*SUPPORTER_COLUMNS).where(AP.c.id == appeal_id)).one_or_none()
         return supporter_of(row)
 
     def appeal(self, appeal_id: str) -> AppealView | None:

@@ -59,6 +59,25 @@ def add_operator(service: Service, role: str, sections: tuple[str, ...] = (), na
     return Account(name, password, role, sections)
 
 
+def signed_in(client: Any, service: Service, role: str, sections: tuple[str, ...] = ()) -> Account:
+    """``client`` signed in as a new operator of ``role`` (and ``sections``): its account."""
+    client.cookies.clear()
+    account = add_operator(service, role, sections)
+    assert sign_in(client, account).status_code == 303
+    return account
+
+
+def submit_appeal(service: Service, section: str = "us", **supporter: str) -> Any:
+    """An appeal through ``section``'s form (ch's in German, from Switzerland), in process."""
+    from tests.conftest import appeal_body
+
+    body = appeal_body(section=section, language="de" if section == "ch" else "en")
+    if section == "ch":
+        body["supporter"]["country"] = "CH"
+    body["supporter"].update(supporter)
+    return service.intake.submit(body)
+
+
 def csrf_of(html: str) -> str:
     found = _CSRF.search(html)
     assert found is not None, "no form with a CSRF token on this page"
