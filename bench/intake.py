@@ -500,6 +500,9 @@ def _measure(
     out["notes"] = notes
     if args.profile:
         out["profile"] = summarise_profile(workdir / f"profile-{run}.txt")
+        if args.profile_out:
+            args.profile_out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(workdir / f"profile-{run}.txt", args.profile_out / f"profile-{run}.txt")
     log(
         f"intake: {intake.accepted_rate:.0f} appeals/s, p50 {intake.p50_ms:.0f} ms, p99 {intake.p99_ms:.0f} ms, "
         f"non-2xx {intake.non_2xx}, ratio to bare {out['ratio']}"
@@ -671,6 +674,9 @@ def main() -> int:
     parser.add_argument("--log-level", default="WARNING", choices=("WARNING", "INFO"), help="the API's log level")
     parser.add_argument("--repeat", type=int, default=1, help="run everything K times and report medians")
     parser.add_argument("--profile", action="store_true", help="sample the API with py-spy during the intake run")
+    parser.add_argument(
+        "--profile-out", type=Path, help="keep py-spy's raw stacks (collapsed, one file per run) in this directory"
+    )
     parser.add_argument(
         "--profile-gil", action="store_true", help="with --profile: sample only the thread holding the GIL (CPU)"
     )

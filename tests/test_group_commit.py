@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
@@ -108,3 +109,47 @@ def test_a_burst_with_a_double_submit_and_a_duplicate_supporter_loses_no_other_a
     assert Counter(service.ledger.views.state_of(i) for i in ids) == {State.QUEUED: len(ids)}
     queue = service.broker.client.lrange(f"{service.settings.redis_namespace}:deliveries", 0, -1)
     assert len(queue) == len(ids)
+
+
+@BOTH
+def test_a_batch_written_in_one_statement_per_table_reads_back_as_given(service, environ, catalog) -> None:
+    """The batch's rows go in through the driver's executemany (ledger/prepared.py): the ORM
+    reads back every value as the appeal gave it, times to the microsecond, accents and empty
+    fields included, for each appeal of a batch."""
+    from dispatcher.ledger.models import Delivery
+
+    service.intake.enqueuer = None
+    written_at = datetime.now(UTC).replace(microsecond=123456)
+    service.intake.clock = lambda: written_at
+    bodies = [
+        appeal_body(supporter={"name": "Zoë Ñúñez-Łukasz", "email": f"z{i}@example.org", "country": "CH"})
+        for i in range(3)
+    ]
+    bodies[1]["supporter"]["city"] = "Genève"
+    bodies[2].pop("client_ref")
+    answers: list[object] = [None] * 3
+    start = threading.Barrier(3, timeout=30)
+
+    def post(i: int) -> None:
+        start.wait()
+        answers[i] = service.intake.submit(bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with service.ledger.session() as s:
+        for body, accepted in zip(bodies, answers, strict=True):
+            appeal = s.get(Appeal, accepted.appeal_id)  # type: ignore[union-attr]
+            assert appeal is not None
+            assert (appeal.supporter_name, appeal.supporter_email) == (
+                body["supporter"]["name"],
+                body["supporter"]["email"],
+            )
+            assert (appeal.supporter_city, appeal.client_ref) == (body["supporter"].get("city"), body.get("client_ref"))
+            assert appeal.created_at == written_at
+            letters = s.scalars(select(Delivery).where(Delivery.appeal_id == appeal.id)).all()
+            assert sorted(d.id for d in letters) == sorted(d.id for d in accepted.deliveries)  # type: ignore[union-attr]
+            for letter in letters:
+                assert (letter.created_at, letter.next_attempt_at, letter.state) == (written_at, written_at, "planned")

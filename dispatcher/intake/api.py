@@ -19,10 +19,12 @@ from starlette.exceptions import HTTPException
 from dispatcher.channels.base import WebhookRequest
 from dispatcher.channels.registry import Channels
 from dispatcher.config.models import Section
-from dispatcher.errors import BodyTooLarge, IntakeError, NotFound
+from dispatcher.errors import IntakeError, NotFound
 from dispatcher.intake import contract
 from dispatcher.intake.contract import refusals
 from dispatcher.intake.erasures import SignedErasures
+from dispatcher.intake.fastpath import PATH as APPEALS
+from dispatcher.intake.fastpath import AppealsFastPath, answer_appeal, read_limited
 from dispatcher.intake.public import public_router
 from dispatcher.intake.schema import field_problems
 from dispatcher.intake.service import IntakeService
@@ -40,17 +42,7 @@ class SandboxWebhook(IntakeError):
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body is {declared} bytes; at most {limit} are accepted")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_limited(request.headers, request.receive, limit)
 
 
 def create_app(
@@ -102,7 +94,7 @@ def create_app(
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.post(
-        "/v1/appeals",
+        APPEALS,
         status_code=202,
         response_model=None,
         responses={
@@ -113,10 +105,17 @@ def create_app(
     async def post_appeal(request: Request) -> JSONResponse:
         """One supporter's appeal, signed with the section's key. Retrying with the same
         `client_ref` is safe: the answer is the original appeal, `replayed: true`."""
+        # Served by AppealsFastPath (fastpath.py) before FastAPI's routing; the same answer here.
         raw = await _read_limited(request, service.settings.max_body_bytes)
-        # The ledger and the queue client are synchronous: keep them off the event loop.
-        accepted = await run_in_threadpool(service.submit_signed, raw, request.headers.get(HEADER))
-        return JSONResponse(accepted.body(), status_code=202)
+        return await answer_appeal(service, raw, request.headers.get(HEADER))
+
+    app.add_middleware(
+        AppealsFastPath,
+        service=service,
+        route=next(
+            r for r in app.routes if getattr(r, "path", None) == APPEALS and "POST" in getattr(r, "methods", ())
+        ),
+    )
 
     erasures = SignedErasures(service, Supporters(service.ledger, service.settings, service.clock))
 

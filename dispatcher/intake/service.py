@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, insert, select
+from anyio.to_thread import run_sync
+from sqlalchemy import Connection, Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.channels.builtin import builtin_channels
@@ -32,12 +33,13 @@ from dispatcher.errors import (
 )
 from dispatcher.intake import signature as sig
 from dispatcher.intake.groupcommit import GroupCommit
-from dispatcher.intake.quotas import Quotas
+from dispatcher.intake.quotas import Charge, Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
 from dispatcher.ledger.controls import Closure
 from dispatcher.ledger.engine import new_id
 from dispatcher.ledger.lifecycle import Lifecycle, planned_values
 from dispatcher.ledger.models import Appeal, Delivery, utcnow
+from dispatcher.ledger.prepared import Prepared
 from dispatcher.ledger.states import initial
 from dispatcher.ledger.store import Ledger
 from dispatcher.ledger.tables import AP, US, D
@@ -120,13 +122,19 @@ class _Pending:
     conflict: IntegrityError | None = None
     error: BaseException | None = None
 
+    @property
+    def written(self) -> bool:
+        """Whether the writer wrote it (not refused by a unique key, a closure, an error)."""
+        return self.conflict is None and self.closed is None and self.error is None
+
+    def accepted(self) -> Accepted:
+        return Accepted(self.appeal_row["id"], self.campaign, self.section, self.planned, queued=self.queued)
+
 
 #: the intake's statements, built once (SQLAlchemy's construction and cache-key work would
 #: otherwise cost more per appeal than the database does)
 _INSERT_SIGNATURE = insert(US)
 _SIGNATURE_SEEN = select(US.c.appeal_id).where(US.c.signature == bindparam("p_signature"))
-_INSERT_APPEAL = insert(AP)
-_INSERT_DELIVERY = insert(D)
 _BY_CLIENT_REF = select(AP.c.id, AP.c.campaign, AP.c.supporter_ref).where(
     AP.c.section == bindparam("p_section"), AP.c.client_ref == bindparam("p_client_ref")
 )
@@ -176,12 +184,36 @@ class IntakeService:
         self.environ = os.environ if environ is None else environ
         self._pepper = pepper_of(settings)
         self.quotas = Quotas(limiter, settings, self._pepper)
-        self._writer: GroupCommit[_Pending] = GroupCommit(self._write_batch)
+        self._writer: GroupCommit[_Pending] = GroupCommit(self._write_batch, name="intake-writer")
+        self._inserts: dict[tuple[str, tuple[str, ...]], Prepared] = {}
 
     # ------------------------------------------------------------------ entry points
 
     def submit_signed(self, raw: bytes, header: str | None) -> Accepted:
         """The HTTP path: verify ``Dispatch-Signature`` over the raw body, then submit."""
+        data, matched = self._verified(raw, header)
+        return self.submit(data, signature=matched)
+
+    async def submit_signed_async(self, raw: bytes, header: str | None) -> Accepted:
+        """``submit_signed`` for the API's event loop: the checks run on the loop, the write is
+        awaited (the group commit's writer thread), and only what needs the ledger besides (a
+        refusal's or a conflict's look at the original) goes to a thread."""
+        data, matched = self._verified(raw, header)
+        try:
+            admitted = self._admit(data)
+        except IntakeError as exc:
+            return await self._original_or_async(matched, exc)
+        pending = self._prepare(*admitted[:3], matched)
+        try:
+            await self._writer.write_async(pending)
+        except BaseException:
+            admitted[3].cancel()
+            raise
+        if pending.written:
+            return pending.accepted()
+        return await run_sync(self._settle, pending, admitted, matched)
+
+    def _verified(self, raw: bytes, header: str | None) -> tuple[dict[str, Any], str]:
         sig.parse(header)  # a missing or malformed header is a 401 before the body is even read
         # The key depends on the section named in the body, so the body is parsed first; nothing
         # beyond its section is looked at before the signature is verified.
@@ -192,8 +224,7 @@ class IntakeService:
             raise ValidationFailed(
                 [FieldProblem(("section",), f"unknown section {code!r} (known: {known})", "unknown")]
             )
-        matched = sig.verify(self.intake_key(code), raw, header, self.clock().timestamp())
-        return self.submit(data, signature=matched)
+        return data, sig.verify(self.intake_key(code), raw, header, self.clock().timestamp())
 
     def submit(self, payload: Mapping[str, Any] | AppealIn, *, signature: str | None = None) -> Accepted:
         """The in-process path (and the end of the HTTP path): validate, record, enqueue.
@@ -202,20 +233,42 @@ class IntakeService:
         body, so a signature seen before means the very same request again (a double click, a
         proxy's retry): it gets the answer the first one got, whatever changed since."""
         try:
-            appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
-            now = self.clock()
-            routes = self._check_against_catalog(appeal, now)
-            # Before anything is written; the slot goes back if nothing is (a 409, a replay).
-            charge = self.quotas.charge(
-                self.catalog.section(appeal.section),
-                campaign=appeal.campaign,
-                supporter_ref=self.supporter_ref(appeal.supporter.email),
-                client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
-            )
+            admitted = self._admit(payload)
         except IntakeError as exc:
             return self._original_or(signature, exc)
+        pending = self._prepare(*admitted[:3], signature)
         try:
-            accepted = self._record(appeal, routes, signature, now)
+            self._writer.write(pending)
+        except BaseException:
+            admitted[3].cancel()
+            raise
+        return self._settle(pending, admitted, signature)
+
+    def _admit(self, payload: Mapping[str, Any] | AppealIn) -> tuple[AppealIn, list[PlannedRoute], datetime, Charge]:
+        """Validate against the model, the catalog and the quotas; raise the refusal."""
+        appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
+        now = self.clock()
+        routes = self._check_against_catalog(appeal, now)
+        # Before anything is written; the slot goes back if nothing is (a 409, a replay).
+        charge = self.quotas.charge(
+            self.catalog.section(appeal.section),
+            campaign=appeal.campaign,
+            supporter_ref=self.supporter_ref(appeal.supporter.email),
+            client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
+        )
+        return appeal, routes, now, charge
+
+    def _settle(
+        self,
+        pending: _Pending,
+        admitted: tuple[AppealIn, list[PlannedRoute], datetime, Charge],
+        signature: str | None,
+    ) -> Accepted:
+        """The answer once the writer is done with ``pending``; its quota slot goes back if
+        nothing new was written."""
+        appeal, _, now, charge = admitted
+        try:
+            accepted = self._outcome(pending, appeal, signature, now)
         except CampaignClosed as exc:
             charge.cancel()
             return self._original_or(signature, exc)
@@ -225,6 +278,11 @@ class IntakeService:
         if accepted.replayed:
             charge.cancel()
         return accepted
+
+    async def _original_or_async(self, signature: str | None, refusal: IntakeError) -> Accepted:
+        if signature is None:
+            raise refusal
+        return await run_sync(self._original_or, signature, refusal)
 
     def _original_or(self, signature: str | None, refusal: IntakeError) -> Accepted:
         """The answer a signed request already got, else ``refusal``. Looked for only when a
@@ -312,7 +370,7 @@ class IntakeService:
         if campaign.status == "closed":
             reason = f": {campaign.closed_reason}" if campaign.closed_reason else ""
             raise CampaignClosed(f"campaign {campaign.id!r} is closed{reason}", campaign=campaign.id)
-        # (closed early by an operator: asked in the appeal's own transaction, _record)
+        # (closed early by an operator: asked in the appeal's own transaction, _write)
         deadline = self.catalog.deadline_at(campaign.id, section.code)
         if now >= deadline:
             raise CampaignClosed(
@@ -327,12 +385,10 @@ class IntakeService:
     def supporter_ref(self, email: str) -> str:
         return supporter_ref(email, self._pepper)
 
-    def _record(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> Accepted:
-        """Write the appeal and its letters (in a transaction shared with the appeals that
-        arrive meanwhile: groupcommit.py); the letters to offer to the queue now are marked
-        queued in it."""
-        pending = self._prepare(appeal, routes, signature, now)
-        self._writer.write(pending)
+    def _outcome(self, pending: _Pending, appeal: AppealIn, signature: str | None, now: datetime) -> Accepted:
+        """What the writer found of ``pending`` (written in a transaction shared with the
+        appeals that arrived meanwhile: groupcommit.py): the new appeal, or the original a
+        retry gets, or the refusal."""
         if pending.error is not None:
             raise pending.error
         if pending.closed is not None:
@@ -353,11 +409,9 @@ class IntakeService:
                     self._remember(signature, pending.section, existing.appeal_id, now)
                 return existing
             raise pending.conflict
-        return Accepted(
-            pending.appeal_row["id"], pending.campaign, pending.section, pending.planned, queued=pending.queued
-        )
+        return pending.accepted()
 
-    def _prepare(self, appeal: AppealIn, routes: list[PlannedRoute], signature: str | None, now: datetime) -> _Pending:
+    def _prepare(self, appeal: AppealIn, routes: list[PlannedRoute], now: datetime, signature: str | None) -> _Pending:
         """The rows of one appeal, built in the request's own thread (not the writer's)."""
         campaign = self.catalog.campaign(appeal.campaign)
         section = self.catalog.section(appeal.section)
@@ -445,10 +499,12 @@ class IntakeService:
                     pending.conflict = one
                 except Exception as other:  # noqa: BLE001 - the others of the batch are written
                     pending.error = other
-        written = [p for p in batch if p.conflict is None and p.closed is None and p.error is None]
+        written = [p for p in batch if p.written]
+        # bound once for the batch: the module's logger resolves its configuration on every call
+        out = log.bind()
         for pending in written:
-            _log_accepted(pending)
-        self._offer_to_queue(written)
+            _log_accepted(out, pending)
+        self._offer_to_queue(written, out)
 
     def _write(self, batch: list[_Pending]) -> None:
         # Core statements built once, one per table for the whole batch, not ORM objects: the
@@ -472,11 +528,11 @@ class IntakeService:
                 return
             signatures = [p.signature_row for p in live if p.signature_row is not None]
             if signatures:
-                conn.execute(_INSERT_SIGNATURE, signatures)
-            conn.execute(_INSERT_APPEAL, [p.appeal_row for p in live])
+                self._insert_many(conn, US, signatures)
+            self._insert_many(conn, AP, [p.appeal_row for p in live])
             rows = [row for p in live for row in p.delivery_rows]
             if rows:
-                conn.execute(_INSERT_DELIVERY, rows)
+                self._insert_many(conn, D, rows)
             if self.enqueuer is None:
                 return
             # Marked in this transaction, not a second one: the outbox rows and the appeals are
@@ -486,6 +542,16 @@ class IntakeService:
             for pending in live:
                 pending.queued = tuple(d.id for d in pending.planned if (d.channel, d.recipient) not in busy)
             Lifecycle.release(conn, [i for p in live for i in p.queued], max(p.now for p in live))
+
+    def _insert_many(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+        """One INSERT of ``rows`` (all with the same columns), compiled once per table and
+        columns (ledger/prepared.py): SQLAlchemy's execution path, run for each row of a batch,
+        cost more than SQLite did (bench/intake.py)."""
+        keys = tuple(rows[0])
+        prepared = self._inserts.get((table.name, keys))
+        if prepared is None:
+            prepared = self._inserts[(table.name, keys)] = Prepared(insert(table), self.ledger.engine.dialect, keys)
+        prepared.run_many(conn, rows)
 
     def _remember(self, signature: str, section: str, appeal_id: str, now: datetime) -> None:
         """Record that this signature was answered with ``appeal_id`` (an idempotent retry by
@@ -551,7 +617,7 @@ class IntakeService:
         ]
         return Accepted(prior.id, prior.campaign, prior.section, deliveries, replayed=replayed)
 
-    def _offer_to_queue(self, written: list[_Pending]) -> None:
+    def _offer_to_queue(self, written: list[_Pending], out: Any) -> None:
         """After the commit: the batch's letters marked queued go to the queue in one round
         trip. A queue that refuses them loses nothing: they go back to planned, and the
         reconciler sends them later (and requeues any it finds queued without a message)."""
@@ -567,10 +633,10 @@ class IntakeService:
             try:
                 self.ledger.lifecycle.unmark_queued([i for i in ids if i not in sent], max(p.now for p in ready))
             except Exception as ledger_error:  # noqa: BLE001 - the appeals are in; the reconciler requeues
-                log.error("appeal.unmark_failed", error=type(ledger_error).__name__, deliveries=len(ids) - len(sent))
+                out.error("appeal.unmark_failed", error=type(ledger_error).__name__, deliveries=len(ids) - len(sent))
             for pending in ready:
                 if not sent.issuperset(pending.queued):
-                    log.warning(
+                    out.warning(
                         "appeal.enqueue_deferred",
                         appeal=pending.appeal_row["id"],
                         error=error,
@@ -579,14 +645,14 @@ class IntakeService:
         for pending in ready:
             for delivery_id in pending.queued:
                 if delivery_id in sent:
-                    log.info("delivery.queued", delivery=delivery_id, appeal=pending.appeal_row["id"])
+                    out.info("delivery.queued", delivery=delivery_id, appeal=pending.appeal_row["id"])
 
 
-def _log_accepted(pending: _Pending) -> None:
+def _log_accepted(out: Any, pending: _Pending) -> None:
     """An appeal's lines once it is committed (by the thread that wrote its batch: before its
     letters are queued, whoever's request it was)."""
     appeal_id = pending.appeal_row["id"]
-    log.info(
+    out.info(
         "appeal.accepted",
         appeal=appeal_id,
         campaign=pending.campaign,
@@ -595,7 +661,7 @@ def _log_accepted(pending: _Pending) -> None:
         deliveries=len(pending.planned),
     )
     for d in pending.planned:
-        log.info(
+        out.info(
             "delivery.planned",
             delivery=d.id,
             appeal=appeal_id,

@@ -68,6 +68,35 @@ class Prepared:
                 raise ValueError("every returned column needs a name")
             self._columns.append((returned.key, returned.type.dialect_impl(dialect).result_processor(dialect, None)))
         self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+        #: an INSERT's bind names in the compiled order, each with its processor (run_many)
+        self._spec: list[tuple[str, Callable[[Any], Any] | None]] | None = None
+        if isinstance(statement, Insert) and column_keys:
+            names = list(self._order) if self._order is not None else list(compiled.bind_names.values())
+            if sorted(names) != sorted(column_keys):
+                raise ValueError(f"{statement.table}: bind names {names} are not the column keys {list(column_keys)}")
+            self._spec = [(name, self._binds.get(name)) for name in names]
+
+    def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """An INSERT of ``rows`` (the driver's ``executemany``), each with exactly the
+        ``column_keys`` it was prepared for: the intake's batches (one statement per table for a
+        whole group commit)."""
+        spec = self._spec
+        if spec is None:
+            raise ValueError("run_many is for an INSERT prepared with its column_keys")
+        width = len(spec)
+        args: list[Any] = []
+        for row in rows:
+            if len(row) != width:
+                raise ValueError(f"a row has columns {sorted(row)}; prepared for {[n for n, _ in spec]}")
+            values = [row[name] if process is None else process(row[name]) for name, process in spec]
+            args.append(values if self._order is not None else dict(zip([n for n, _ in spec], values, strict=True)))
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(self.sql, args)
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+        finally:
+            cursor.close()
 
     def run(self, conn: Connection, params: Mapping[str, Any]) -> list[PreparedRow]:
         """Execute with ``params`` (by bind name) in ``conn``'s transaction; the returned rows."""
