@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 
 from dispatcher.errors import AuthenticationFailed, SignatureExpired
 
 HEADER = "Dispatch-Signature"
+_HEX64 = re.compile("[0-9a-f]{64}")
 TOLERANCE_SECONDS = 300
 
 
@@ -49,7 +51,7 @@ def parse(header: str | None) -> ParsedSignature:
             timestamp = int(value)
         elif key == "v1":
             value = value.lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            if _HEX64.fullmatch(value) is None:
                 raise AuthenticationFailed(f"malformed {HEADER} header: v1 must be 64 hex digits")
             sigs.append(value)
         # unknown schemes (v0, v2...) are ignored so that senders can add newer ones early

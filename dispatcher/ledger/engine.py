@@ -62,5 +62,17 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        # psycopg prepares a statement on the server from its fifth run on a connection, and
+        # PostgreSQL may then reuse one generic plan, chosen from the statistics of that moment:
+        # on a ledger that was small then (a new deployment's first campaign), a sequential scan
+        # that it kept as the table grew (intake's release of a batch took 50 ms at 8,000
+        # letters instead of 1; bench/intake.py). Planned with each execution's own values
+        # instead; the statements stay prepared (parsed once).
+        return create_engine(
+            url,
+            pool_size=10,
+            max_overflow=10,
+            pool_pre_ping=True,
+            connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
+        )
     return create_engine(url, poolclass=NullPool)

@@ -85,10 +85,25 @@ class Prepared:
             raise ValueError("run_many is for an INSERT prepared with its column_keys")
         width = len(spec)
         args: list[Any] = []
+        # A batch repeats its values (every letter of an appeal has the same times four times
+        # over): each distinct one is converted once.
+        # (by type too: 1 and True are equal keys, and need not convert alike)
+        converted: dict[tuple[Callable[[Any], Any], type, Any], Any] = {}
+
+        def convert(process: Callable[[Any], Any], value: Any) -> Any:
+            key = (process, type(value), value)
+            try:
+                return converted[key]
+            except KeyError:
+                out = converted[key] = process(value)
+                return out
+            except TypeError:  # unhashable
+                return process(value)
+
         for row in rows:
             if len(row) != width:
                 raise ValueError(f"a row has columns {sorted(row)}; prepared for {[n for n, _ in spec]}")
-            values = [row[name] if process is None else process(row[name]) for name, process in spec]
+            values = [row[name] if process is None else convert(process, row[name]) for name, process in spec]
             args.append(values if self._order is not None else dict(zip([n for n, _ in spec], values, strict=True)))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
