@@ -17,12 +17,18 @@ construction, so a statement that would need them cannot be prepared by mistake)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert, UpdateBase
+
+#: a named bind parameter as psycopg's paramstyle writes it: %(name)s
+_NAMED = re.compile(r"%\((\w+)\)s")
+#: bind parameters in one statement at most (PostgreSQL's protocol allows 65,535)
+_MAX_PARAMS = 30_000
 
 
 class PreparedRow:
@@ -70,16 +76,26 @@ class Prepared:
         self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
         #: an INSERT's bind names in the compiled order, each with its processor (run_many)
         self._spec: list[tuple[str, Callable[[Any], Any] | None]] | None = None
+        #: for a named paramstyle (psycopg's): the INSERT up to its VALUES, and one row's group
+        #: with positional placeholders, in the order of ``_spec``
+        self._many: tuple[str, str] | None = None
         if isinstance(statement, Insert) and column_keys:
-            names = list(self._order) if self._order is not None else list(compiled.bind_names.values())
+            if self._order is not None:
+                names = list(self._order)
+            else:
+                head, values, group = self.sql.rpartition(" VALUES ")
+                names = _NAMED.findall(group)
+                if not values or not group.startswith("("):
+                    raise ValueError(f"cannot read the VALUES of {self.sql!r}")
+                self._many = (head + values, _NAMED.sub("%s", group))
             if sorted(names) != sorted(column_keys):
                 raise ValueError(f"{statement.table}: bind names {names} are not the column keys {list(column_keys)}")
             self._spec = [(name, self._binds.get(name)) for name in names]
 
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """An INSERT of ``rows`` (the driver's ``executemany``), each with exactly the
-        ``column_keys`` it was prepared for: the intake's batches (one statement per table for a
-        whole group commit)."""
+        """An INSERT of ``rows``, each with exactly the ``column_keys`` it was prepared for: the
+        intake's batches (one statement per table for a whole group commit). SQLite's driver
+        runs ``executemany`` in process; for PostgreSQL the rows go as one statement."""
         spec = self._spec
         if spec is None:
             raise ValueError("run_many is for an INSERT prepared with its column_keys")
@@ -104,12 +120,23 @@ class Prepared:
             if len(row) != width:
                 raise ValueError(f"a row has columns {sorted(row)}; prepared for {[n for n, _ in spec]}")
             values = [row[name] if process is None else convert(process, row[name]) for name, process in spec]
-            args.append(values if self._order is not None else dict(zip([n for n, _ in spec], values, strict=True)))
+            args.append(values)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        sql = self.sql
         try:
-            cursor.executemany(self.sql, args)
+            if self._many is None:
+                cursor.executemany(sql, args)
+            else:
+                # many VALUES groups in one statement (as SQLAlchemy's "insertmanyvalues"):
+                # psycopg's executemany has the server run one statement per row
+                head, group = self._many
+                per = max(1, _MAX_PARAMS // width)
+                for start in range(0, len(args), per):
+                    chunk = args[start : start + per]
+                    sql = head + ", ".join([group] * len(chunk))
+                    cursor.execute(sql, [value for values in chunk for value in values])
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+            raise DBAPIError.instance(sql, args, exc, self._dbapi_error) from exc
         finally:
             cursor.close()
 
