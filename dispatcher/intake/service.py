@@ -200,7 +200,13 @@ class IntakeService:
         refusal's or a conflict's look at the original) goes to a thread."""
         data, matched = self._verified(raw, header)
         try:
-            admitted = self._admit(data)
+            appeal = self._validate(data)
+            # A quota is a Redis call, which may wait on the network (Redis slow or away for
+            # seconds): in a thread, not on the loop that serves every other request.
+            if self.quotas.counted(self.catalog.section(appeal.section)):
+                admitted = await run_sync(self._admit, appeal)
+            else:
+                admitted = self._admit(appeal)
         except IntakeError as exc:
             return await self._original_or_async(matched, exc)
         pending = self._prepare(*admitted[:3], matched)
