@@ -10,7 +10,8 @@ What stays SQLAlchemy's: the SQL (compiled by the dialect, as ``execute`` would 
 the transaction and the pooled connection (``engine.begin()``: the caller's), every value's
 conversion both ways (each bind parameter's and each returned column's own processors, so a
 datetime is written and read exactly as ``execute`` writes and reads it), and the errors
-(wrapped by ``DBAPIError.instance`` as ``execute`` wraps them). What it skips: events on
+(handled by the connection's own handler, as ``execute`` handles them: wrapped, and a lost
+connection invalidated). What it skips: events on
 statement execution (the ledger registers none) and Python-side column defaults (refused at
 construction, so a statement that would need them cannot be prepared by mistake).
 """
@@ -18,11 +19,20 @@ construction, so a statement that would need them cannot be prepared by mistake)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert, UpdateBase
+
+
+def _failed(conn: Connection, exc: Exception, sql: str, args: Any, cursor: Any) -> NoReturn:
+    """Raise ``exc`` as ``Connection.execute`` raises a driver's error, by SQLAlchemy's own
+    handler: wrapped in its DBAPIError, and, when the dialect says the connection is gone
+    (``is_disconnect``), with ``connection_invalidated`` set, the connection invalidated and
+    every connection pooled before it recycled at its next checkout. Wrapped by hand, a dead
+    connection went back to the pool as if alive, and failed the next transaction too."""
+    conn._handle_dbapi_exception(exc, sql, args, cursor, None)
+    raise AssertionError("unreachable: SQLAlchemy's handler raises")  # pragma: no cover
 
 
 class PreparedRow:
@@ -94,7 +104,7 @@ class Prepared:
         try:
             cursor.executemany(self.sql, args)
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+            _failed(conn, exc, self.sql, args, cursor)
         finally:
             cursor.close()
 
@@ -110,7 +120,7 @@ class Prepared:
             # (an INSERT may return its new primary key unasked, PostgreSQL's implicit RETURNING)
             rows = cursor.fetchall() if self._columns else []
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+            _failed(conn, exc, self.sql, args, cursor)
         finally:
             cursor.close()
         columns = self._columns
