@@ -109,26 +109,26 @@ def test_a_finish_succeeds_on_a_pool_whose_connections_were_killed(service: Serv
     assert attempts(service, letter) == ["sent"]
 
 
-def test_a_finish_whose_commit_went_unanswered_is_recorded_once(
-    service: Service, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The connection dies right after COMMIT reached the server: the transaction is in, only
-    its answer is lost. The second try finds it, and neither repeats the attempt row nor reports
-    the letter as taken back."""
+def test_a_finish_whose_answer_was_lost_is_recorded_once(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection dies right after the finish's statement was committed (on PostgreSQL the
+    statement is a transaction of its own): only its answer is lost. The second try finds it,
+    and neither repeats the attempt row nor reports the letter as taken back."""
     letter = planned_letter(service)
     now = datetime.now(UTC)
     claim = service.ledger.lifecycle.claim(letter, "w1", now)
     assert claim is not None
-    dialect = service.ledger.engine.dialect
-    commit = dialect.do_commit
+    execute = psycopg.Cursor.execute
 
-    def commit_then_lose_the_answer(dbapi_connection: Any) -> None:
-        commit(dbapi_connection)
-        monkeypatch.setattr(dialect, "do_commit", commit)
-        kill_backends(service.settings.database_url)
-        dbapi_connection.cursor().execute("SELECT 1")  # what the client sees next: the connection is gone
+    def execute_then_lose_the_answer(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = execute(cursor, query, *args, **kwargs)
+        if "attempt_row" in str(query):  # the finish
+            monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+            assert cursor.connection.autocommit  # committed already
+            kill_backends(service.settings.database_url)
+            execute(cursor, "SELECT 1")  # what the client meets next: the connection is gone
+        return result
 
-    monkeypatch.setattr(dialect, "do_commit", commit_then_lose_the_answer)
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute_then_lose_the_answer)
 
     moved = service.ledger.lifecycle.finish(claim, SENT, worker="w1", started_at=now, now=now)
 

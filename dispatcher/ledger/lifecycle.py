@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -425,8 +426,13 @@ class Lifecycle:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._finishes: dict[tuple[Event, bool, bool, bool], Prepared] = {}
+        postgresql = engine.dialect.name == "postgresql"
         #: the attempt row and the finish in one statement (data-modifying WITH: PostgreSQL)
-        self._attempt_in_finish = engine.dialect.name == "postgresql"
+        self._attempt_in_finish = postgresql
+        #: PostgreSQL: connections on which each statement is a transaction of its own
+        #: (autocommit), for the worker's transactions of one statement. psycopg sends BEGIN and
+        #: COMMIT as round trips of their own: four of a letter's six, without this.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT") if postgresql else None
         # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
         # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
         now = bindparam("p_now", type_=D.c.claimed_at.type)
@@ -505,12 +511,17 @@ class Lifecycle:
             supporter=supporter_of(row),
         )
 
+    def _one_statement(self) -> AbstractContextManager[Connection]:
+        """A transaction for one statement: on PostgreSQL, the statement alone (autocommit)."""
+        return self.engine.begin() if self._autocommit is None else self._autocommit.connect()
+
     def _claim_row(self, delivery_id: str, worker: str, now: datetime) -> PreparedRow | None:
-        with self.engine.begin() as conn:
+        with self._one_statement() as conn:
             rows = self._prepared_claim.run(conn, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker})
             if not rows:
                 # Not ours: sent already, held by another worker, not due — or its campaign was
-                # closed, and then it is cancelled here rather than left waiting for ever.
+                # closed, and then it is cancelled here rather than left waiting for ever (a
+                # compare-and-set of its own: on PostgreSQL, a transaction of its own).
                 self.cancel_closed(conn, delivery_id, now)
                 return None
             return rows[0]
@@ -568,9 +579,11 @@ class Lifecycle:
         statement = self._finish_statement(
             outcome.event, outcome.counts_as_try, claim.claimed_at is not None, with_attempt=together
         )
+        # one statement, unless the letter's digest or its replacement follow it
+        alone = (tried == together) and claim.kind == "letter" and not (outcome.replan and outcome.state in _REPLANNED)
 
         def record(again: bool) -> State | None:
-            with self.engine.begin() as conn:
+            with self._one_statement() if alone and not again else self.engine.begin() as conn:
                 if again and tried:
                     recorded = _recorded_try(conn, claim, worker, started_at)
                     if recorded is not None:
