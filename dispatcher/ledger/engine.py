@@ -83,7 +83,7 @@ def ping_when_idle(engine: Engine, after: float) -> None:
     transactions per letter (6 % of a PostgreSQL worker's CPU). A connection in steady use was
     alive a moment ago; one that dies in between fails its statement instead, which invalidates
     it (``Connection.execute``, and :class:`dispatcher.ledger.prepared.Prepared` the same way), and
-    the worker's finish tries once more on a fresh connection (``Lifecycle.finish``)."""
+    the worker's claim and finish try once more on a fresh connection (``Lifecycle``)."""
     dialect = engine.dialect
 
     @event.listens_for(engine, "checkin")

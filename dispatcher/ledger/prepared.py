@@ -29,8 +29,10 @@ def _failed(conn: Connection, exc: Exception, sql: str, args: Any, cursor: Any) 
     """Raise ``exc`` as ``Connection.execute`` raises a driver's error, by SQLAlchemy's own
     handler: wrapped in its DBAPIError, and, when the dialect says the connection is gone
     (``is_disconnect``), with ``connection_invalidated`` set, the connection invalidated and
-    every connection pooled before it recycled at its next checkout. Wrapped by hand, a dead
-    connection went back to the pool as if alive, and failed the next transaction too."""
+    every connection pooled before it recycled at its next checkout. Wrapped by hand, the error
+    left all that to a ROLLBACK failing after it: in a transaction psycopg's does (and its error
+    takes the statement's place); in autocommit no ROLLBACK goes out, and the dead connection
+    went back to the pool."""
     conn._handle_dbapi_exception(exc, sql, args, cursor, None)
     raise AssertionError("unreachable: SQLAlchemy's handler raises")  # pragma: no cover
 
