@@ -19,10 +19,11 @@ New deliveries start in :func:`dispatcher.ledger.states.initial` (:func:`planned
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -40,11 +41,12 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
 from dispatcher.ledger.engine import new_id
-from dispatcher.ledger.prepared import Prepared
+from dispatcher.ledger.prepared import Prepared, PreparedRow
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
     PENDING,
@@ -385,6 +387,38 @@ def _outcome_values(outcome: Result, now: datetime) -> dict[str, Any]:
     return values
 
 
+T = TypeVar("T")
+
+
+def _once_more_if_disconnected(transaction: Callable[[bool], T]) -> T:
+    """``transaction(False)``, and ``transaction(True)`` if its connection was found dead
+    (SQLAlchemy then invalidated it, and every connection pooled before it: the second try gets
+    a fresh one). Only for a compare-and-set, which a second run cannot apply twice."""
+    try:
+        return transaction(False)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return transaction(True)
+
+
+def _recorded_try(conn: Connection, claim: Claim, worker: str, started_at: datetime) -> tuple[str, datetime] | None:
+    """The letter's state and ``updated_at`` if this try's attempt row is there: a finish whose
+    connection died had committed all the same (only the answer to its COMMIT was lost)."""
+    row = conn.execute(
+        select(D.c.state, D.c.updated_at).where(
+            D.c.id == claim.id,
+            exists().where(
+                A.c.delivery_id == claim.id,
+                A.c.number == claim.attempt,
+                A.c.worker == worker,
+                A.c.started_at == started_at,
+            ),
+        )
+    ).first()
+    return None if row is None else (row.state, row.updated_at)
+
+
 class Lifecycle:
     """The moves of a letter's life: claims, outcomes, late reports, hand-backs, releases to the
     queue, expiry, closing, digests. Every method is one transaction."""
@@ -392,8 +426,13 @@ class Lifecycle:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._finishes: dict[tuple[Event, bool, bool, bool], Prepared] = {}
+        postgresql = engine.dialect.name == "postgresql"
         #: the attempt row and the finish in one statement (data-modifying WITH: PostgreSQL)
-        self._attempt_in_finish = engine.dialect.name == "postgresql"
+        self._attempt_in_finish = postgresql
+        #: PostgreSQL: connections on which each statement is a transaction of its own
+        #: (autocommit), for the worker's transactions of one statement. psycopg sends BEGIN and
+        #: COMMIT as round trips of their own: four of a letter's six, without this.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT") if postgresql else None
         # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
         # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
         now = bindparam("p_now", type_=D.c.claimed_at.type)
@@ -445,15 +484,15 @@ class Lifecycle:
     def claim(self, delivery_id: str, worker: str, now: datetime) -> Claim | None:
         """Take a waiting, due delivery for sending; None if it is not ours to send. A letter
         of a closed campaign is cancelled instead of claimed (an appeal accepted while its
-        campaign was being closed; on PostgreSQL, a move that raced the close)."""
-        with self.engine.begin() as conn:
-            rows = self._prepared_claim.run(conn, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker})
-            row = rows[0] if rows else None
-            if row is None:
-                # Not ours: sent already, held by another worker, not due — or its campaign was
-                # closed, and then it is cancelled here rather than left waiting for ever.
-                self.cancel_closed(conn, delivery_id, now)
-                return None
+        campaign was being closed; on PostgreSQL, a move that raced the close).
+
+        A connection found dead fails the claim's transaction: it is tried once more on a fresh
+        one (a compare-and-set: it takes the letter once at most). Should the first try have
+        committed and only its answer been lost, the second finds the letter taken and answers
+        None: the letter waits for the stale-claim sweep, then goes out once."""
+        row = _once_more_if_disconnected(lambda _again: self._claim_row(delivery_id, worker, now))
+        if row is None:
+            return None
         return Claim(
             id=row.id,
             appeal_id=row.appeal_id,
@@ -472,6 +511,21 @@ class Lifecycle:
             supporter=supporter_of(row),
         )
 
+    def _one_statement(self) -> AbstractContextManager[Connection]:
+        """A transaction for one statement: on PostgreSQL, the statement alone (autocommit)."""
+        return self.engine.begin() if self._autocommit is None else self._autocommit.connect()
+
+    def _claim_row(self, delivery_id: str, worker: str, now: datetime) -> PreparedRow | None:
+        with self._one_statement() as conn:
+            rows = self._prepared_claim.run(conn, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker})
+            if not rows:
+                # Not ours: sent already, held by another worker, not due — or its campaign was
+                # closed, and then it is cancelled here rather than left waiting for ever (a
+                # compare-and-set of its own: on PostgreSQL, a transaction of its own).
+                self.cancel_closed(conn, delivery_id, now)
+                return None
+            return rows[0]
+
     def finish(
         self, claim: Claim, outcome: Result, *, worker: str, started_at: datetime, now: datetime
     ) -> State | None:
@@ -479,6 +533,12 @@ class Lifecycle:
         (``cancelled`` rather than waiting again when its campaign was closed meanwhile), or
         None when the claim was no longer ours (a reconciler took it back); the attempt is
         recorded either way, because it happened.
+
+        A connection found dead fails the transaction: it is tried once more on a fresh one. The
+        letter may have gone out already, and a finish left undone would leave it claimed until
+        the stale-claim sweep sent it again. The second try is safe: the move is a
+        compare-and-set on this claim, and the attempt row is not written twice should the
+        first try have committed with only its answer lost.
         """
         _sources(outcome.event, [State.SENDING])  # refuse an outcome that cannot end a send, up front
         code = None if outcome.code is None else str(outcome.code)
@@ -519,16 +579,29 @@ class Lifecycle:
         statement = self._finish_statement(
             outcome.event, outcome.counts_as_try, claim.claimed_at is not None, with_attempt=together
         )
-        with self.engine.begin() as conn:
-            if tried and not together:
-                self._prepared_attempt.run(conn, attempt)
-            rows = statement.run(conn, params)
-            moved = State(rows[0].state) if rows else None
-            if moved and claim.kind == "digest":
-                mirror_digest(conn, claim.id, now, _outcome_values(outcome, now))
-            if moved in _REPLANNED and outcome.replan is not None:
-                _replan(conn, claim.id, outcome.replan, now)
-        return moved
+        # one statement, unless the letter's digest or its replacement follow it
+        alone = (tried == together) and claim.kind == "letter" and not (outcome.replan and outcome.state in _REPLANNED)
+
+        def record(again: bool) -> State | None:
+            with self._one_statement() if alone and not again else self.engine.begin() as conn:
+                if again and tried:
+                    recorded = _recorded_try(conn, claim, worker, started_at)
+                    if recorded is not None:
+                        # Moved by it (the row still bears its time), or the claim had been
+                        # taken back, or the letter moved since: what the first try returned.
+                        state, updated_at = recorded
+                        return State(state) if updated_at == now else None
+                if tried and not together:
+                    self._prepared_attempt.run(conn, attempt)
+                rows = statement.run(conn, params)
+                moved = State(rows[0].state) if rows else None
+                if moved and claim.kind == "digest":
+                    mirror_digest(conn, claim.id, now, _outcome_values(outcome, now))
+                if moved in _REPLANNED and outcome.replan is not None:
+                    _replan(conn, claim.id, outcome.replan, now)
+            return moved
+
+        return _once_more_if_disconnected(record)
 
     def _finish_statement(
         self, event: Event, counts_as_try: bool, by_claim_time: bool, *, with_attempt: bool = False

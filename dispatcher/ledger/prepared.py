@@ -10,7 +10,8 @@ What stays SQLAlchemy's: the SQL (compiled by the dialect, as ``execute`` would 
 the transaction and the pooled connection (``engine.begin()``: the caller's), every value's
 conversion both ways (each bind parameter's and each returned column's own processors, so a
 datetime is written and read exactly as ``execute`` writes and reads it), and the errors
-(wrapped by ``DBAPIError.instance`` as ``execute`` wraps them). What it skips: events on
+(handled by the connection's own handler, as ``execute`` handles them: wrapped, and a lost
+connection invalidated). What it skips: events on
 statement execution (the ledger registers none) and Python-side column defaults (refused at
 construction, so a statement that would need them cannot be prepared by mistake).
 """
@@ -19,16 +20,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert, UpdateBase
 
 #: a named bind parameter as psycopg's paramstyle writes it: %(name)s
 _NAMED = re.compile(r"%\((\w+)\)s")
 #: bind parameters in one statement at most (PostgreSQL's protocol allows 65,535)
 _MAX_PARAMS = 30_000
+
+
+def _failed(conn: Connection, exc: Exception, sql: str, args: Any, cursor: Any) -> NoReturn:
+    """Raise ``exc`` as ``Connection.execute`` raises a driver's error, by SQLAlchemy's own
+    handler: wrapped in its DBAPIError, and, when the dialect says the connection is gone
+    (``is_disconnect``), with ``connection_invalidated`` set, the connection invalidated and
+    every connection pooled before it recycled at its next checkout. Wrapped by hand, the error
+    left all that to a ROLLBACK failing after it: in a transaction psycopg's does (and its error
+    takes the statement's place); in autocommit no ROLLBACK goes out, and the dead connection
+    went back to the pool."""
+    conn._handle_dbapi_exception(exc, sql, args, cursor, None)
+    raise AssertionError("unreachable: SQLAlchemy's handler raises")  # pragma: no cover
 
 
 class PreparedRow:
@@ -136,7 +148,7 @@ class Prepared:
                     sql = head + ", ".join([group] * len(chunk))
                     cursor.execute(sql, [value for values in chunk for value in values])
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(sql, args, exc, self._dbapi_error) from exc
+            _failed(conn, exc, sql, args, cursor)
         finally:
             cursor.close()
 
@@ -152,7 +164,7 @@ class Prepared:
             # (an INSERT may return its new primary key unasked, PostgreSQL's implicit RETURNING)
             rows = cursor.fetchall() if self._columns else []
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(self.sql, args, exc, self._dbapi_error) from exc
+            _failed(conn, exc, self.sql, args, cursor)
         finally:
             cursor.close()
         columns = self._columns
