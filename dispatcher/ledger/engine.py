@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.pool import NullPool
 
@@ -21,8 +21,6 @@ def new_id(prefix: str) -> str:
 
 
 _READ_ONLY = "dispatch_read_only"
-#: a pooled SQLite connection's descriptor of the write-turn file (its ``info`` key)
-_TURN = "dispatch_write_turn"
 
 
 class WriteTurns:
@@ -57,6 +55,10 @@ class WriteTurns:
         of one process wait for each other like two processes)."""
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
+    def connection_class(self) -> type[sqlite3.Connection]:
+        """The sqlite3 connection class of an engine's connections (``factory``)."""
+        return type("TurnTakingConnection", (_TurnTakingConnection,), {"turns": self})
+
     def take(self, fd: int) -> None:
         if getattr(self._held, "fd", None) is not None:
             return
@@ -75,17 +77,59 @@ def reading(engine: Engine) -> Engine:
     return engine.execution_options(**{_READ_ONLY: True})
 
 
+class _TurnTakingConnection(sqlite3.Connection):
+    """A connection that gives its turn back once its transaction has ended: after SQLite's
+    COMMIT or ROLLBACK, not before (SQLAlchemy's commit event comes before, and the next writer
+    would find SQLite's lock still held, and sleep in its busy handler). The pool's reset on
+    check-in is a rollback, and closing drops the lock with the descriptor."""
+
+    turns: WriteTurns
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turn_fd = self.turns.open()
+
+    def take_turn(self) -> None:
+        self.turns.take(self._turn_fd)
+
+    def give_turn_back(self) -> None:
+        if self._turn_fd >= 0:
+            self.turns.give_back(self._turn_fd)
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.give_turn_back()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.give_turn_back()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._turn_fd >= 0:
+                self.give_turn_back()
+                os.close(self._turn_fd)
+                self._turn_fd = -1
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # Several worker threads and an API share one file: WAL lets readers run beside the
         # writer, busy_timeout makes writers queue instead of failing with "database is locked".
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        turns = WriteTurns.beside(engine.url.database)
+        connect_args: dict[str, Any] = {"timeout": 30, "check_same_thread": False}
+        turns = WriteTurns.beside(make_url(url).database)
+        if turns is not None:
+            connect_args["factory"] = turns.connection_class()
+        engine = create_engine(url, connect_args=connect_args)
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, record: Any) -> None:
-            if turns is not None:
-                record.info[_TURN] = turns.open()
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             # We issue BEGIN ourselves (below), not the sqlite3 module.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -105,47 +149,19 @@ def make_engine(url: str) -> Engine:
             # beside the writer, instead of queueing behind every other process's writes.
             read_only = conn.get_execution_options().get(_READ_ONLY)
             begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+            driver = conn.connection.driver_connection
             if turns is not None and not read_only:
-                turns.take(conn.connection.info[_TURN])
+                driver.take_turn()
             # On the driver's connection, not through exec_driver_sql: SQLAlchemy's execution
             # path (events, context, result) cost a fifth of a worker's claim or finish for a
             # statement that takes no parameters and returns nothing. Its errors are wrapped
             # as SQLAlchemy would wrap them.
             try:
-                conn.connection.driver_connection.execute(begin)
+                driver.execute(begin)
             except sqlite3.Error as exc:
                 if turns is not None and not read_only:
-                    turns.give_back(conn.connection.info[_TURN])
+                    driver.give_turn_back()
                 raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
-
-        if turns is not None:
-            # The turn goes back when the transaction ends, however it ends: committed, rolled
-            # back, or its connection reset, invalidated or closed by the pool.
-            @event.listens_for(engine, "commit")
-            @event.listens_for(engine, "rollback")
-            def _turn_over(conn: Any) -> None:
-                fd = conn.connection.info.get(_TURN)
-                if fd is not None:
-                    turns.give_back(fd)
-
-            def _turn_over_pooled(record: Any) -> None:
-                fd = record.info.get(_TURN)
-                if fd is not None:
-                    turns.give_back(fd)
-
-            @event.listens_for(engine, "reset")
-            def _reset(_dbapi_conn: Any, record: Any, _state: Any) -> None:
-                _turn_over_pooled(record)
-
-            @event.listens_for(engine, "invalidate")
-            def _invalidated(_dbapi_conn: Any, record: Any, _exc: Any) -> None:
-                _turn_over_pooled(record)
-
-            @event.listens_for(engine, "close")
-            def _turn_closed(_dbapi_conn: Any, record: Any) -> None:
-                fd = record.info.pop(_TURN, None)
-                if fd is not None:
-                    os.close(fd)  # (closing drops a lock it held)
 
         return engine
     if url.startswith("postgresql"):
