@@ -196,8 +196,9 @@ class IntakeService:
 
     async def submit_signed_async(self, raw: bytes, header: str | None) -> Accepted:
         """``submit_signed`` for the API's event loop: the checks run on the loop, the write is
-        awaited (the group commit's writer thread), and only what needs the ledger besides (a
-        refusal's or a conflict's look at the original) goes to a thread."""
+        awaited (the group commit's writer thread), and only what may wait on the network goes
+        to a thread: the quotas' Redis call, and a refusal's or a conflict's look for the
+        original answer."""
         data, matched = self._verified(raw, header)
         try:
             appeal = self._validate(data)
@@ -418,7 +419,8 @@ class IntakeService:
         return pending.accepted()
 
     def _prepare(self, appeal: AppealIn, routes: list[PlannedRoute], now: datetime, signature: str | None) -> _Pending:
-        """The rows of one appeal, built in the request's own thread (not the writer's)."""
+        """The rows of one appeal, built by its request (on the event loop, or in the caller's
+        thread), not by the writer, whose thread the batch's transaction waits on."""
         campaign = self.catalog.campaign(appeal.campaign)
         section = self.catalog.section(appeal.section)
         ref = self.supporter_ref(appeal.supporter.email)
