@@ -26,7 +26,8 @@ appeals are signed; with ``--compare-history`` each repetition measures intake o
 ledger and on one with history, alternating which goes first.
 
     .venv/bin/python bench/intake.py [--duration 20] [--connections 32] [--database-url URL]
-        [--repeat 1] [--api-workers N] [--quotas off|unbinding] [--profile]
+        [--repeat 1] [--api-workers N] [--quotas off|unbinding] [--profile [--profile-gil]
+        [--profile-out DIR]]
         [--history N [--compare-history] [--history-days 60]]
 
 wrk (Debian package ``wrk``) is installed with apt-get when missing (as root). Figures go to

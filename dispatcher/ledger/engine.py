@@ -21,6 +21,11 @@ def new_id(prefix: str) -> str:
 
 
 _READ_ONLY = "dispatch_read_only"
+#: the descriptor whose write turn this thread holds, whichever engine's: a thread that begins a
+#: second write transaction inside its first (on another connection, or another engine on the
+#: same file) is left to SQLite's busy timeout, an error after 30 s, rather than waiting for
+#: itself for ever
+_HELD = threading.local()
 
 
 class WriteTurns:
@@ -39,10 +44,6 @@ class WriteTurns:
 
     def __init__(self, path: str):
         self.path = path
-        #: the descriptor whose turn this thread holds: a thread that begins a second write
-        #: transaction inside its first (on another connection) is left to SQLite's busy
-        #: timeout, an error after 30 s, rather than waiting for itself for ever
-        self._held = threading.local()
 
     @classmethod
     def beside(cls, database: str | None) -> WriteTurns | None:
@@ -60,15 +61,15 @@ class WriteTurns:
         return type("TurnTakingConnection", (_TurnTakingConnection,), {"turns": self})
 
     def take(self, fd: int) -> None:
-        if getattr(self._held, "fd", None) is not None:
+        if getattr(_HELD, "fd", None) is not None:
             return
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self._held.fd = fd
+        _HELD.fd = fd
 
     def give_back(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
-        if getattr(self._held, "fd", None) == fd:
-            self._held.fd = None
+        if getattr(_HELD, "fd", None) == fd:
+            _HELD.fd = None
 
 
 def reading(engine: Engine) -> Engine:
