@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from anyio.to_thread import run_sync
@@ -100,6 +100,16 @@ class Accepted:
                 for d in self.deliveries
             ],
         }
+
+
+class _Admitted(NamedTuple):
+    """An appeal that passed the model, the catalog and the quotas, not yet written."""
+
+    appeal: AppealIn
+    routes: list[PlannedRoute]
+    now: datetime
+    #: its quota slots, given back if nothing new is written
+    charge: Charge
 
 
 @dataclass(eq=False)
@@ -210,11 +220,11 @@ class IntakeService:
                 admitted = self._admit(appeal)
         except IntakeError as exc:
             return await self._original_or_async(matched, exc)
-        pending = self._prepare(*admitted[:3], matched)
+        pending = self._prepare(admitted.appeal, admitted.routes, admitted.now, matched)
         try:
             await self._writer.write_async(pending)
         except BaseException:
-            admitted[3].cancel()
+            admitted.charge.cancel()
             raise
         if pending.written:
             return pending.accepted()
@@ -243,15 +253,15 @@ class IntakeService:
             admitted = self._admit(payload)
         except IntakeError as exc:
             return self._original_or(signature, exc)
-        pending = self._prepare(*admitted[:3], signature)
+        pending = self._prepare(admitted.appeal, admitted.routes, admitted.now, signature)
         try:
             self._writer.write(pending)
         except BaseException:
-            admitted[3].cancel()
+            admitted.charge.cancel()
             raise
         return self._settle(pending, admitted, signature)
 
-    def _admit(self, payload: Mapping[str, Any] | AppealIn) -> tuple[AppealIn, list[PlannedRoute], datetime, Charge]:
+    def _admit(self, payload: Mapping[str, Any] | AppealIn) -> _Admitted:
         """Validate against the model, the catalog and the quotas; raise the refusal."""
         appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
         now = self.clock()
@@ -263,12 +273,12 @@ class IntakeService:
             supporter_ref=self.supporter_ref(appeal.supporter.email),
             client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
         )
-        return appeal, routes, now, charge
+        return _Admitted(appeal, routes, now, charge)
 
     def _settle(
         self,
         pending: _Pending,
-        admitted: tuple[AppealIn, list[PlannedRoute], datetime, Charge],
+        admitted: _Admitted,
         signature: str | None,
     ) -> Accepted:
         """The answer once the writer is done with ``pending``; its quota slot goes back if
