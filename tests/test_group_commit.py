@@ -153,3 +153,34 @@ def test_a_batch_written_in_one_statement_per_table_reads_back_as_given(service,
             assert sorted(d.id for d in letters) == sorted(d.id for d in accepted.deliveries)  # type: ignore[union-attr]
             for letter in letters:
                 assert (letter.created_at, letter.next_attempt_at, letter.state) == (written_at, written_at, "planned")
+
+
+@BOTH
+def test_letters_for_the_queue_are_written_as_a_release_of_planned_letters_leaves_them(service) -> None:
+    """Intake writes a letter that goes straight to the queue already released
+    (``released_values``), not planned and then updated: same state and times as the release
+    (``Lifecycle.mark_queued``) leaves on a letter written planned, and on the queue."""
+    from dispatcher.ledger.models import Delivery
+
+    written_at = datetime.now(UTC).replace(microsecond=654321)
+    service.intake.clock = lambda: written_at
+    released = service.intake.submit(appeal_body(supporter={"name": "Ada", "email": "ada@example.org"}))
+    enqueuer, service.intake.enqueuer = service.intake.enqueuer, None
+    twin = service.intake.submit(appeal_body(supporter={"name": "Bea", "email": "bea@example.org"}))
+    service.intake.enqueuer = enqueuer
+    assert {service.ledger.views.state_of(d.id) for d in twin.deliveries} == {State.PLANNED}
+    service.ledger.lifecycle.mark_queued([d.id for d in twin.deliveries], written_at)
+
+    columns = [c.key for c in Delivery.__table__.columns if c.key not in {"id", "appeal_id", "message_id"}]
+
+    def rows(appeal_id: str) -> list[dict[str, object]]:
+        with service.ledger.session() as s:
+            letters = s.scalars(select(Delivery).where(Delivery.appeal_id == appeal_id).order_by(Delivery.target))
+            return [{c: getattr(d, c) for c in columns} for d in letters]
+
+    ours = rows(released.appeal_id)
+    assert ours == rows(twin.appeal_id)
+    assert {(r["state"], r["queued_at"], r["updated_at"]) for r in ours} == {(State.QUEUED, written_at, written_at)}
+    assert sorted(released.queued) == sorted(d.id for d in released.deliveries)
+    queue = service.broker.client.lrange(f"{service.settings.redis_namespace}:deliveries", 0, -1)
+    assert len(queue) == len(ours)

@@ -37,7 +37,7 @@ from dispatcher.intake.quotas import Charge, Quotas
 from dispatcher.intake.schema import AppealIn, parse_body, validate_appeal
 from dispatcher.ledger.controls import Closure
 from dispatcher.ledger.engine import new_id
-from dispatcher.ledger.lifecycle import Lifecycle, planned_values
+from dispatcher.ledger.lifecycle import planned_values, released_values
 from dispatcher.ledger.models import Appeal, Delivery, utcnow
 from dispatcher.ledger.prepared import Prepared
 from dispatcher.ledger.states import initial
@@ -544,22 +544,38 @@ class IntakeService:
                     live.append(pending)
             if not live:
                 return
+            rows, queued = self._release(conn, live)
             signatures = [p.signature_row for p in live if p.signature_row is not None]
             if signatures:
                 self._insert_many(conn, US, signatures)
             self._insert_many(conn, AP, [p.appeal_row for p in live])
-            rows = [row for p in live for row in p.delivery_rows]
             if rows:
                 self._insert_many(conn, D, rows)
-            if self.enqueuer is None:
-                return
-            # Marked in this transaction, not a second one: the outbox rows and the appeals are
-            # written together (the queue is told after the commit: _offer_to_queue).
-            pairs = sorted({pair for p in live for pair in p.capped})
-            busy = self.ledger.schedule.has_backlog(pairs, exclude=[r["id"] for r in rows], conn=conn)
-            for pending in live:
-                pending.queued = tuple(d.id for d in pending.planned if (d.channel, d.recipient) not in busy)
-            Lifecycle.release(conn, [i for p in live for i in p.queued], max(p.now for p in live))
+        for pending, ids in zip(live, queued, strict=True):
+            pending.queued = ids
+
+    def _release(self, conn: Connection, live: list[_Pending]) -> tuple[list[dict[str, Any]], list[tuple[str, ...]]]:
+        """The batch's delivery rows, those that go to the queue now already released (their
+        outbox mark: the queue is told after the commit, _offer_to_queue), and each appeal's
+        released ids. A letter to a recipient with a backlog in the ledger (held by a cap, a
+        retry or the pacer) stays planned behind it. Read before the batch's rows are written:
+        the backlog is the other appeals' letters."""
+        if self.enqueuer is None:
+            return [row for p in live for row in p.delivery_rows], [() for _ in live]
+        busy = self.ledger.schedule.has_backlog(sorted({pair for p in live for pair in p.capped}), conn=conn)
+        now = max(p.now for p in live)
+        rows: list[dict[str, Any]] = []
+        queued: list[tuple[str, ...]] = []
+        for pending in live:
+            ids = []
+            for row, planned in zip(pending.delivery_rows, pending.planned, strict=True):
+                if (planned.channel, planned.recipient) in busy:
+                    rows.append(row)
+                else:
+                    rows.append(released_values(row, now))
+                    ids.append(planned.id)
+            queued.append(tuple(ids))
+        return rows, queued
 
     def _insert_many(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
         """One INSERT of ``rows`` (all with the same columns), compiled once per table and

@@ -22,7 +22,6 @@ _BACKLOG = (
     .where(
         tuple_(D.c.channel, D.c.recipient).in_(bindparam("p_pairs", expanding=True)),
         D.c.state == State.PLANNED,
-        D.c.id.not_in(bindparam("p_exclude", expanding=True)),
     )
     .distinct()
 )
@@ -154,15 +153,13 @@ class Schedule:
         released = sorted([*older, *sent, *(r.updated_at for r in rows if r.state != State.PLANNED)])
         return RecipientBacklog(planned=planned, released=released)
 
-    def has_backlog(
-        self, pairs: Sequence[tuple[str, str]], exclude: Sequence[str], *, conn: Connection | None = None
-    ) -> set[tuple[str, str]]:
+    def has_backlog(self, pairs: Sequence[tuple[str, str]], *, conn: Connection | None = None) -> set[tuple[str, str]]:
         """Of these (channel, recipient) pairs, those with letters held in the ledger (planned:
-        deferred by a cap, waiting for a retry or for the pacer), not counting ``exclude``;
-        within ``conn``'s transaction when given."""
+        deferred by a cap, waiting for a retry or for the pacer); within ``conn``'s transaction
+        when given."""
         if not pairs:
             return set()
-        params = {"p_pairs": list(pairs), "p_exclude": list(exclude)}
+        params = {"p_pairs": list(pairs)}
         if conn is not None:
             rows = conn.execute(_BACKLOG, params).all()
         else:
