@@ -334,6 +334,7 @@ class Service:
 
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
         """A dramatiq worker consuming deliveries in this process (not yet started)."""
+        self.ledger.plan_generically()
         loop = LoopThread()
         # Host and pid for operators; a random part because a container restarted after a kill
         # gets the same host name and pid, and must not pass for (and keep alive) the dead one.

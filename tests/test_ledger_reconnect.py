@@ -10,6 +10,7 @@ database from another connection, as an operator would.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -240,3 +241,33 @@ def test_a_letter_whose_connections_die_mid_send_goes_out_once_and_is_recorded_s
     finally:
         handle.loop.run(handle.channels.get("email").aclose(), timeout=10)
         handle.loop.stop()
+
+
+def test_a_worker_lets_the_server_keep_generic_plans_and_other_processes_plan_each_run(
+    settings: Settings, environ: dict[str, str]
+) -> None:
+    """The API's and the reconciler's statements are planned with each execution's values (a
+    generic plan chosen on a small ledger kept a sequential scan); a worker's, primary-key
+    lookups, keep the server's default, also on connections opened again after a kill."""
+
+    def plan_mode(svc: Service) -> str:
+        with svc.ledger.engine.connect() as conn:
+            return str(conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one())
+
+    api = Service(settings, environ=environ)
+    worker = Service(settings, environ=environ)
+    try:
+        api.ledger.migrate()
+        assert plan_mode(api) == plan_mode(worker) == "force_custom_plan"
+        handle = worker.worker(threads=1)
+        try:
+            assert (plan_mode(api), plan_mode(worker)) == ("force_custom_plan", "auto")
+            kill_backends(settings.database_url)
+            with contextlib.suppress(DBAPIError):
+                plan_mode(worker)  # the pooled connection was killed (unless the idle ping saw it)
+            assert plan_mode(worker) == "auto"
+        finally:
+            handle.loop.stop()
+    finally:
+        api.ledger.dispose()
+        worker.ledger.dispose()

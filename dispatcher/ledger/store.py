@@ -31,7 +31,7 @@ from dispatcher.ledger.audit import Audit
 from dispatcher.ledger.bounces import BounceFacts, Suppressions
 from dispatcher.ledger.campaigns import CampaignReads
 from dispatcher.ledger.controls import Controls
-from dispatcher.ledger.engine import make_engine, reading
+from dispatcher.ledger.engine import make_engine, plan_generically, reading
 from dispatcher.ledger.erasure import Erasures
 from dispatcher.ledger.housekeeping import Housekeeping
 from dispatcher.ledger.lifecycle import Lifecycle
@@ -86,3 +86,7 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def plan_generically(self) -> None:
+        """A worker's ledger: see :func:`dispatcher.ledger.engine.plan_generically`."""
+        plan_generically(self.engine)
