@@ -197,7 +197,7 @@ def plan_generically(engine: Engine) -> None:
     For a process whose hot statements find their rows by primary key: a worker's claim and
     finish, whose plan is an index lookup whatever the values. Planning them afresh for every
     letter cost the server's CPU, which the workers share it with: on this 2-core machine the
-    drain went from about 450 to 590 letters/s and the worker's own CPU per letter from 2.2 to
+    drain went from about 450 to 600 letters/s and the worker's own CPU per letter from 2.2 to
     1.7 ms (bench/throughput.py, PostgreSQL, 2 workers x 4 threads)."""
     if engine.dialect.name != "postgresql" or event.contains(engine, "connect", _generic_plans):
         return

@@ -230,7 +230,7 @@ def released_values(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     transaction creating it also releases (intake).
 
     Why not insert it planned and release it: the UPDATE wrote a second version of every row
-    of the batch (on PostgreSQL a dead tuple and new index entries per letter), a third of
+    of the batch (on PostgreSQL a dead tuple and new index entries per letter), a quarter of
     the intake writer's time on PostgreSQL (bench/intake.py)."""
     event = TRANSITIONS[E.RELEASED]
     if row["state"] not in event.sources:
