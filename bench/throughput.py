@@ -588,7 +588,10 @@ def fill_ledger_history(service: Service, appeals: int, days: float) -> dict[str
         retention_days=service.settings.pii_retention_days,
         progress=progress,
     )
-    log(f"history: {fill.appeals:,} appeals, {fill.deliveries:,} letters and tries each, in {fill.seconds:.0f} s")
+    log(
+        f"history: {fill.appeals:,} appeals, {fill.deliveries:,} letters and tries each, in {fill.seconds:.0f} s; "
+        f"on disk {fill.settle_seconds:.0f} s later"
+    )
     return fill.as_dict()
 
 
