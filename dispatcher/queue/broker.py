@@ -15,6 +15,8 @@ deleted after 7 days. Our choices:
   letter is still in Redis when an operator looks; the ledger keeps the delivery either way, and
   records the dead letter itself within seconds (``queue/deadletters.py``: the worker's middleware,
   else the reconciler's sweep of the dead-letter queue every housekeeping run).
+
+Its consumer fetches and acknowledges in batches (``queue/consumer.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from dispatcher.queue.consumer import BatchingRedisBroker
 from dispatcher.settings import Settings
 
 HEARTBEAT_TIMEOUT_MS = 20_000
@@ -38,7 +41,7 @@ def make_broker(settings: Settings) -> RedisBroker:
         socket_timeout=10,
         health_check_interval=30,
     )
-    return RedisBroker(
+    return BatchingRedisBroker(
         client=client,
         namespace=settings.redis_namespace,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,

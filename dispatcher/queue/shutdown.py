@@ -84,6 +84,14 @@ class InFlight(Middleware):
         """Runs on the consumer's own thread as it stops: a Redis consumer may hold messages it
         fetched (they are in this worker's ack set) but never yielded; put them back now."""
         consumer: Any = getattr(thread, "consumer", None)
+        stop_batching = getattr(consumer, "stop_batching", None)
+        if stop_batching is not None:
+            # Nobody sends batched acks once this thread is gone: the letters still in flight
+            # must be acknowledged as they finish.
+            try:
+                stop_batching()
+            except Exception as exc:  # noqa: BLE001 - Redis away: maintenance redelivers them; the claim skips them
+                log.warning("worker.acks_pending", error=type(exc).__name__)
         cache = getattr(consumer, "message_cache", None)
         if not cache:
             return
