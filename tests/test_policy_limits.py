@@ -136,6 +136,25 @@ def test_the_same_token_holds_one_slot(limiter: RateLimiter) -> None:
     assert limiter.usage("k", rates, now=T0 + 70) == [1]
 
 
+def test_reserve_once_counts_a_token_once_and_leaves_its_slots_where_they_are(limiter: RateLimiter) -> None:
+    # an appeal submitted twice (a double click): its quotas are charged once, in one round trip
+    section, supporter = [Rate.parse("3/minute")], [Rate.parse("1/minute")]
+    caps = [("section", section), ("supporter", supporter)]
+    assert limiter.reserve_once(caps, now=T0, token="appeal-1") == (False, None)
+    assert limiter.reserve_once(caps, now=T0 + 30, token="appeal-1") == (True, None)
+    assert limiter.usage("section", section, now=T0 + 59) == [1]  # not moved to T0 + 30
+    assert limiter.usage("section", section, now=T0 + 60) == [0]
+    # another appeal of the same supporter: refused, nothing taken
+    held, full = limiter.reserve_once(caps, now=T0 + 30, token="appeal-2")
+    assert not held and full is not None and full[0] == 1 and full[1] == pytest.approx(30)
+    assert limiter.usage("section", section, now=T0 + 30) == [1]
+    # a token held under one key only is not "held": it is reserved (moved where it had a slot)
+    assert limiter.reserve("section", section, now=T0 + 40, token="appeal-3") == 0.0
+    assert limiter.reserve_once(caps, now=T0 + 61, token="appeal-3") == (False, None)
+    assert limiter.usage("section", section, now=T0 + 61) == [1]
+    assert limiter.usage("supporter", supporter, now=T0 + 61) == [1]
+
+
 def test_several_keys_in_one_call_take_all_or_nothing(limiter: RateLimiter) -> None:
     recipient, relay = [Rate.parse("3/minute")], [Rate.parse("1/minute")]
     caps = [("recipient", recipient), ("relay", relay)]

@@ -141,10 +141,12 @@ class Quotas:
         token = self._hashed("appeal", f"{section.code}:{campaign}:{supporter_ref}")
         charge = Charge(self.limiter, token)
         try:
-            if all(self.limiter.holds(key, token) for _, key in applying):
-                return Charge()  # this very appeal was charged already: a retry, a double submit
             # every quota in one atomic call: all slots taken, or none
-            full = self.limiter.reserve_all([(key, _parsed(quota.rates)) for quota, key in applying], token=token)
+            held, full = self.limiter.reserve_once(
+                [(key, _parsed(quota.rates)) for quota, key in applying], token=token
+            )
+            if held:
+                return Charge()  # this very appeal was charged already: a retry, a double submit
             if full is not None:
                 which, wait = full
                 self._refuse(section, applying[which][0], wait, supporter_ref)

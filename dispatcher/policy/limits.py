@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -108,6 +109,25 @@ end
 return {0, 0}
 """
 
+#: _RESERVE, unless ``token`` already holds a slot in every key's log: then nothing is touched
+#: and it returns {-1, 0}. For a charge that must count once however often it is asked for (an
+#: appeal submitted twice), in the same round trip as the reservation.
+_RESERVE_ONCE = (
+    """
+local held = true
+for k = 1, #KEYS, 2 do
+    if not redis.call('ZSCORE', KEYS[k], ARGV[2]) then
+        held = false
+        break
+    end
+end
+if held then
+    return {-1, 0}
+end
+"""
+    + _RESERVE
+)
+
 #: KEYS[1] log; ARGV: now_us or "", then window_us per rate. Returns the live count per rate.
 _USAGE = """
 local now
@@ -136,6 +156,7 @@ class RateLimiter:
         self.client = client
         self.namespace = namespace
         self._reserve = client.register_script(_RESERVE)
+        self._reserve_once = client.register_script(_RESERVE_ONCE)
         self._usage = client.register_script(_USAGE)
 
     def _keys(self, key: str) -> list[str]:
@@ -168,8 +189,21 @@ class RateLimiter:
         or take none at all and return (index in ``caps`` of the first key that is full, seconds
         until a slot frees under all of its rates). One round trip, atomic across processes;
         ``now`` and ``token`` as for :meth:`reserve`. Keys without rates are skipped."""
+        return self._call(self._reserve, caps, now, token or uuid.uuid4().hex)[1]
+
+    def reserve_once(
+        self, caps: Sequence[tuple[str, Sequence[Rate]]], *, token: str, now: float | None = None
+    ) -> tuple[bool, tuple[int, float] | None]:
+        """(True, None) when ``token`` already holds a slot under every key of ``caps`` (then
+        nothing is taken or moved: what :meth:`holds` says of each key), else (False, what
+        :meth:`reserve_all` returns). One round trip."""
+        return self._call(self._reserve_once, caps, now, token)
+
+    def _call(
+        self, script: Any, caps: Sequence[tuple[str, Sequence[Rate]]], now: float | None, token: str
+    ) -> tuple[bool, tuple[int, float] | None]:
         keys: list[str] = []
-        args: list[str | int] = [_micros(now), token or uuid.uuid4().hex]
+        args: list[str | int] = [_micros(now), token]
         positions = []
         for position, (key, rates) in enumerate(caps):
             if not rates:
@@ -180,17 +214,19 @@ class RateLimiter:
             for rate in rates:
                 args += [rate.count, rate.micros]
         if not keys:
-            return None
-        which, wait_us = (int(v) for v in self._reserve(keys=keys, args=args))
+            return False, None
+        which, wait_us = (int(v) for v in script(keys=keys, args=args))
+        if which < 0:
+            return True, None
         if which == 0 or wait_us <= 0:
-            return None
+            return False, None
         wait = wait_us / MICROS
         if now is not None:
             # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
             target = round(now * MICROS) + wait_us
             while round((now + wait) * MICROS) < target:
                 wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
-        return positions[which - 1], wait
+        return False, (positions[which - 1], wait)
 
     def cancel(self, key: str, token: str) -> None:
         """Give back the slot taken with ``token``: the send it was for did not happen."""
