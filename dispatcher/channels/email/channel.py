@@ -16,6 +16,7 @@ process); using it from a second loop is refused rather than left to fail obscur
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import re
@@ -65,9 +66,11 @@ log = get_logger(__name__)
 _REMOTE_ID = re.compile(r"\b(?:queued as|id=)\s*([A-Za-z0-9][A-Za-z0-9._-]*)", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=64)
 def is_loopback_host(host: str) -> bool:
     """True for a loopback IP literal or the name localhost; other names are not resolved,
-    because what a name resolves to when checked need not be where we later connect."""
+    because what a name resolves to when checked need not be where we later connect.
+    Cached: the sandbox relay is checked for every letter, and parsing an address is not free."""
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
