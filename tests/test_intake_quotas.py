@@ -171,6 +171,19 @@ def test_without_redis_appeals_are_accepted_unchecked_and_the_log_says_so(tmp_pa
     assert len(unchecked) == 2 and unchecked[0]["section"] == "us"
 
 
+@sqlite
+def test_without_redis_the_api_accepts_appeals_unchecked_and_the_log_says_so(tmp_path, database_url, environ, catalog):
+    # the API's own path: its quota call is awaited on the event loop (redis.asyncio)
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    service = quota_service(tmp_path, database_url, closed, environ, section_quota=("1/hour",))
+    with capture_logs() as logs, TestClient(service.api(), raise_server_exceptions=False) as client:
+        answers = [signed_post(client, environ, catalog, appeal_body()) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    unchecked = [e for e in logs if e["event"] == "intake.quota_unchecked"]
+    assert len(unchecked) == 2 and unchecked[0]["section"] == "us"
+    assert unchecked[0]["error"] == "ConnectionError"
+
+
 def test_config_check_prints_each_sections_quotas(tmp_path, monkeypatch):
     config = config_with_quota(tmp_path, "ch", 'quota = ["600/minute", "20000/day"]\nclient_ip_quota = []')
     monkeypatch.setenv("DISPATCH_CONFIG_DIR", str(config))

@@ -7,6 +7,8 @@ own body parsing is not used for it. Every refusal is an IntakeError rendered as
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,9 +57,16 @@ def create_app(
     """``health`` is an optional callable returning a dict of component states for /healthz;
     ``channels`` and ``reports`` enable the channels' status webhooks (live mode only: sandbox
     mode delivers to local sinks, which call no webhooks)."""
+
     # Swagger UI (/docs) and ReDoc (/redoc) with their assets served from the fastapi-offline
     # package, not a CDN: the pages work on a machine without internet.
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.quotas.aclose()  # its Redis connections belong to this loop
+
     app = FastAPIOffline(
+        lifespan=lifespan,
         title="Appeal dispatch service",
         version="1",
         description="Signed appeals in; letters to officials out. docs/intake.md is the integrators' guide.",

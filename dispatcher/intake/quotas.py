@@ -20,22 +20,31 @@ that nobody sends again, while the caps at sending still protect the officials.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import redis
+import redis.asyncio
 
 from dispatcher.config.models import Section
 from dispatcher.errors import QuotaExceeded
 from dispatcher.logging import get_logger
-from dispatcher.policy.limits import Rate, RateLimiter
+from dispatcher.policy.limits import AsyncRateLimiter, Rate, RateLimiter
 from dispatcher.settings import Settings
 
 log = get_logger("dispatcher.intake")
+
+#: charge_async's Redis connections per API process (its requests in flight at once) and the
+#: broker's timeouts (queue/broker.py)
+_ASYNC_CONNECTIONS = 64
+_ASYNC_CONNECT_TIMEOUT = 2
+_ASYNC_SOCKET_TIMEOUT = 10
 
 #: the quotas, in the order they are checked and shown
 NAMES = ("section", "supporter", "client_ip")
@@ -109,26 +118,88 @@ class Charge:
         self.keys = []
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What charging one appeal takes: the quotas that apply, their keys, the appeal's token."""
+
+    applying: list[tuple[QuotaRates, str]]
+    token: str
+
+    @property
+    def caps(self) -> list[tuple[str, tuple[Rate, ...]]]:
+        return [(key, _parsed(quota.rates)) for quota, key in self.applying]
+
+
 class Quotas:
     def __init__(self, limiter: RateLimiter | None, settings: Settings, pepper: bytes):
         """``limiter`` None: no quotas (a service without Redis, e.g. a benchmark's intake)."""
         self.limiter = limiter
         self.settings = settings
         self._pepper = pepper
+        #: charge_async's limiters, one per event loop (redis.asyncio's connections belong to one)
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRateLimiter] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _hashed(self, kind: str, value: str) -> str:
         return hmac.new(self._pepper, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def counted(self, section: Section) -> bool:
         """Whether an appeal through ``section`` is counted in Redis (a call that may wait on
-        the network: the API makes it off its event loop)."""
+        the network)."""
         return self.limiter is not None and any(q.rates for q in quotas_of(section, self.settings))
 
     def charge(self, section: Section, *, campaign: str, supporter_ref: str, client_ip: str | None) -> Charge:
         """Take one slot under each of the section's quotas for this appeal, or raise
         QuotaExceeded (taking none). ``supporter_ref`` is the supporter's keyed hash."""
-        if self.limiter is None:
+        plan = self._plan(section, campaign, supporter_ref, client_ip)
+        if plan is None or self.limiter is None:
             return Charge()
+        try:
+            # every quota in one atomic call: all slots taken, or none
+            held, full = self.limiter.reserve_once(plan.caps, token=plan.token)
+        except redis.RedisError as exc:
+            return self._unchecked(section, exc)
+        return self._charged(section, plan, held, full, supporter_ref)
+
+    async def charge_async(
+        self, section: Section, *, campaign: str, supporter_ref: str, client_ip: str | None
+    ) -> Charge:
+        """:meth:`charge` for the API's event loop: the Redis call is awaited (redis.asyncio)."""
+        plan = self._plan(section, campaign, supporter_ref, client_ip)
+        if plan is None or self.limiter is None:
+            return Charge()
+        try:
+            held, full = await self._async_limiter(self.limiter.namespace).reserve_once(plan.caps, token=plan.token)
+        except redis.RedisError as exc:
+            return self._unchecked(section, exc)
+        return self._charged(section, plan, held, full, supporter_ref)
+
+    async def aclose(self) -> None:
+        """Close charge_async's connections on the running loop (the API's shutdown)."""
+        limiter = self._async.pop(asyncio.get_running_loop(), None)
+        if limiter is not None:
+            await limiter.aclose()
+
+    def _async_limiter(self, namespace: str) -> AsyncRateLimiter:
+        loop = asyncio.get_running_loop()
+        limiter = self._async.get(loop)
+        if limiter is None:
+            # The broker's timeouts (queue/broker.py); a pool that waits for a free connection
+            # rather than failing, which would let an appeal through unchecked under load.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.settings.redis_url,
+                max_connections=_ASYNC_CONNECTIONS,
+                timeout=_ASYNC_SOCKET_TIMEOUT,
+                socket_connect_timeout=_ASYNC_CONNECT_TIMEOUT,
+                socket_timeout=_ASYNC_SOCKET_TIMEOUT,
+            )
+            limiter = self._async[loop] = AsyncRateLimiter(redis.asyncio.Redis(connection_pool=pool), namespace)
+        return limiter
+
+    def _plan(self, section: Section, campaign: str, supporter_ref: str, client_ip: str | None) -> _Plan | None:
+        if self.limiter is None:
+            return None
         keys: dict[str, str] = {
             "supporter": f"quota:supporter:{supporter_ref}",
             "section": f"quota:section:{section.code}",
@@ -137,25 +208,28 @@ class Quotas:
             keys["client_ip"] = f"quota:ip:{self._hashed('ip', client_network(client_ip))}"
         applying = [(q, keys[q.name]) for q in quotas_of(section, self.settings) if q.rates and q.name in keys]
         if not applying:
-            return Charge()
-        token = self._hashed("appeal", f"{section.code}:{campaign}:{supporter_ref}")
-        charge = Charge(self.limiter, token)
-        try:
-            # every quota in one atomic call: all slots taken, or none
-            held, full = self.limiter.reserve_once(
-                [(key, _parsed(quota.rates)) for quota, key in applying], token=token
-            )
-            if held:
-                return Charge()  # this very appeal was charged already: a retry, a double submit
-            if full is not None:
-                which, wait = full
-                self._refuse(section, applying[which][0], wait, supporter_ref)
-            charge.keys = [key for _, key in applying]
-        except redis.RedisError as exc:
-            charge.cancel()
-            log.warning("intake.quota_unchecked", section=section.code, error=type(exc).__name__)
-            return Charge()
-        return charge
+            return None
+        return _Plan(applying, self._hashed("appeal", f"{section.code}:{campaign}:{supporter_ref}"))
+
+    def _charged(
+        self,
+        section: Section,
+        plan: _Plan,
+        held: bool,
+        full: tuple[int, float] | None,
+        supporter_ref: str,
+    ) -> Charge:
+        if held:
+            return Charge()  # this very appeal was charged already: a retry, a double submit
+        if full is not None:
+            which, wait = full
+            self._refuse(section, plan.applying[which][0], wait, supporter_ref)
+        return Charge(self.limiter, plan.token, [key for _, key in plan.applying])
+
+    def _unchecked(self, section: Section, exc: redis.RedisError) -> Charge:
+        # (nothing to give back: a slot is ours only once the reservation answered)
+        log.warning("intake.quota_unchecked", section=section.code, error=type(exc).__name__)
+        return Charge()
 
     def _refuse(self, section: Section, quota: QuotaRates, wait: float, supporter_ref: str) -> None:
         retry_after = max(1, math.ceil(wait))

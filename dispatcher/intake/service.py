@@ -205,19 +205,16 @@ class IntakeService:
         return self.submit(data, signature=matched)
 
     async def submit_signed_async(self, raw: bytes, header: str | None) -> Accepted:
-        """``submit_signed`` for the API's event loop: the checks run on the loop, the write is
-        awaited (the group commit's writer thread), and only what may wait on the network goes
-        to a thread: the quotas' Redis call, and a refusal's or a conflict's look for the
-        original answer."""
+        """``submit_signed`` for the API's event loop: the checks run on the loop, the quotas'
+        Redis call and the write are awaited (redis.asyncio; the group commit's writer thread),
+        and only a refusal's or a conflict's look for the original answer goes to a thread."""
         data, matched = self._verified(raw, header)
         try:
             appeal = self._validate(data)
-            # A quota is a Redis call, which may wait on the network (Redis slow or away for
-            # seconds): in a thread, not on the loop that serves every other request.
-            if self.quotas.counted(self.catalog.section(appeal.section)):
-                admitted = await run_sync(self._admit, appeal)
-            else:
-                admitted = self._admit(appeal)
+            now, routes = self._checked(appeal)
+            # Awaited: a Redis that is slow or away for seconds holds up this request only.
+            charge = await self.quotas.charge_async(**self._charge_for(appeal))
+            admitted = _Admitted(appeal, routes, now, charge)
         except IntakeError as exc:
             return await self._original_or_async(matched, exc)
         pending = self._prepare(admitted.appeal, admitted.routes, admitted.now, matched)
@@ -264,16 +261,23 @@ class IntakeService:
     def _admit(self, payload: Mapping[str, Any] | AppealIn) -> _Admitted:
         """Validate against the model, the catalog and the quotas; raise the refusal."""
         appeal = payload if isinstance(payload, AppealIn) else self._validate(payload)
-        now = self.clock()
-        routes = self._check_against_catalog(appeal, now)
+        now, routes = self._checked(appeal)
         # Before anything is written; the slot goes back if nothing is (a 409, a replay).
-        charge = self.quotas.charge(
-            self.catalog.section(appeal.section),
-            campaign=appeal.campaign,
-            supporter_ref=self.supporter_ref(appeal.supporter.email),
-            client_ip=None if appeal.client_ip is None else str(appeal.client_ip),
-        )
+        charge = self.quotas.charge(**self._charge_for(appeal))
         return _Admitted(appeal, routes, now, charge)
+
+    def _checked(self, appeal: AppealIn) -> tuple[datetime, list[PlannedRoute]]:
+        now = self.clock()
+        return now, self._check_against_catalog(appeal, now)
+
+    def _charge_for(self, appeal: AppealIn) -> dict[str, Any]:
+        """The quota charge's arguments for ``appeal``."""
+        return {
+            "section": self.catalog.section(appeal.section),
+            "campaign": appeal.campaign,
+            "supporter_ref": self.supporter_ref(appeal.supporter.email),
+            "client_ip": None if appeal.client_ip is None else str(appeal.client_ip),
+        }
 
     def _settle(
         self,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from dispatcher.rates import MICROS
 from dispatcher.rates import Rate as Rate
@@ -149,6 +150,46 @@ def _micros(now: float | None) -> str:
     return "" if now is None else str(round(now * MICROS))
 
 
+def _keys(namespace: str, key: str) -> list[str]:
+    # The hash tag keeps a key's log and horizon in one cluster slot, as a script needs.
+    base = f"{namespace}:rate:{{{key}}}"
+    return [base, f"{base}:horizon"]
+
+
+class _Request:
+    """One call of _RESERVE or _RESERVE_ONCE: its keys and arguments, and what its reply means."""
+
+    def __init__(self, namespace: str, caps: Sequence[tuple[str, Sequence[Rate]]], now: float | None, token: str):
+        self.now = now
+        self.keys: list[str] = []
+        self.args: list[str | int] = [_micros(now), token]
+        self.positions: list[int] = []
+        for position, (key, rates) in enumerate(caps):
+            if not rates:
+                continue
+            self.positions.append(position)
+            self.keys += _keys(namespace, key)
+            self.args.append(len(rates))
+            for rate in rates:
+                self.args += [rate.count, rate.micros]
+
+    def answer(self, reply: Sequence[Any]) -> tuple[bool, tuple[int, float] | None]:
+        """(held, full): see RateLimiter.reserve_once."""
+        which, wait_us = (int(v) for v in reply)
+        if which < 0:
+            return True, None
+        if which == 0 or wait_us <= 0:
+            return False, None
+        wait = wait_us / MICROS
+        now = self.now
+        if now is not None:
+            # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
+            target = round(now * MICROS) + wait_us
+            while round((now + wait) * MICROS) < target:
+                wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
+        return False, (self.positions[which - 1], wait)
+
+
 class RateLimiter:
     """Slots under one or more rates per key (a recipient, a relay, a gateway account)."""
 
@@ -160,9 +201,7 @@ class RateLimiter:
         self._usage = client.register_script(_USAGE)
 
     def _keys(self, key: str) -> list[str]:
-        # The hash tag keeps a key's log and horizon in one cluster slot, as a script needs.
-        base = f"{self.namespace}:rate:{{{key}}}"
-        return [base, f"{base}:horizon"]
+        return _keys(self.namespace, key)
 
     def reserve(self, key: str, rates: Sequence[Rate], *, now: float | None = None, token: str | None = None) -> float:
         """Take one slot under every rate for ``key`` and return 0.0, or take nothing and return
@@ -202,31 +241,10 @@ class RateLimiter:
     def _call(
         self, script: Any, caps: Sequence[tuple[str, Sequence[Rate]]], now: float | None, token: str
     ) -> tuple[bool, tuple[int, float] | None]:
-        keys: list[str] = []
-        args: list[str | int] = [_micros(now), token]
-        positions = []
-        for position, (key, rates) in enumerate(caps):
-            if not rates:
-                continue
-            positions.append(position)
-            keys += self._keys(key)
-            args.append(len(rates))
-            for rate in rates:
-                args += [rate.count, rate.micros]
-        if not keys:
+        request = _Request(self.namespace, caps, now, token)
+        if not request.keys:
             return False, None
-        which, wait_us = (int(v) for v in script(keys=keys, args=args))
-        if which < 0:
-            return True, None
-        if which == 0 or wait_us <= 0:
-            return False, None
-        wait = wait_us / MICROS
-        if now is not None:
-            # Promise that reserving at exactly ``now + wait`` succeeds, despite float rounding.
-            target = round(now * MICROS) + wait_us
-            while round((now + wait) * MICROS) < target:
-                wait += math.ulp(now + wait)  # the sum's own step: a smaller one may not move it
-        return False, (positions[which - 1], wait)
+        return request.answer(script(keys=request.keys, args=request.args))
 
     def cancel(self, key: str, token: str) -> None:
         """Give back the slot taken with ``token``: the send it was for did not happen."""
@@ -242,3 +260,27 @@ class RateLimiter:
             return []
         args: list[str | int] = [_micros(now), *(rate.micros for rate in rates)]
         return [int(n) for n in self._usage(keys=self._keys(key)[:1], args=args)]
+
+
+class AsyncRateLimiter:
+    """:meth:`RateLimiter.reserve_once` for code on an event loop, through redis.asyncio: the
+    API's intake charges its quotas without a thread per appeal. A thread hop per call cost
+    about three times the call itself with 32 requests in flight (523 against 145 µs of CPU an
+    EVALSHA, measured on this machine); a Redis that hangs still holds up only the requests
+    that wait for it. Bound to the event loop it is first used on, as redis.asyncio is."""
+
+    def __init__(self, client: redis.asyncio.Redis, namespace: str):
+        self.client = client
+        self.namespace = namespace
+        self._reserve_once = client.register_script(_RESERVE_ONCE)
+
+    async def reserve_once(
+        self, caps: Sequence[tuple[str, Sequence[Rate]]], *, token: str, now: float | None = None
+    ) -> tuple[bool, tuple[int, float] | None]:
+        request = _Request(self.namespace, caps, now, token)
+        if not request.keys:
+            return False, None
+        return request.answer(await self._reserve_once(keys=request.keys, args=request.args))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
