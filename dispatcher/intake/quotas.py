@@ -144,11 +144,6 @@ class Quotas:
     def _hashed(self, kind: str, value: str) -> str:
         return hmac.new(self._pepper, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    def counted(self, section: Section) -> bool:
-        """Whether an appeal through ``section`` is counted in Redis (a call that may wait on
-        the network)."""
-        return self.limiter is not None and any(q.rates for q in quotas_of(section, self.settings))
-
     def charge(self, section: Section, *, campaign: str, supporter_ref: str, client_ip: str | None) -> Charge:
         """Take one slot under each of the section's quotas for this appeal, or raise
         QuotaExceeded (taking none). ``supporter_ref`` is the supporter's keyed hash."""
