@@ -234,8 +234,8 @@ class RateLimiter:
         self, caps: Sequence[tuple[str, Sequence[Rate]]], *, token: str, now: float | None = None
     ) -> tuple[bool, tuple[int, float] | None]:
         """(True, None) when ``token`` already holds a slot under every key of ``caps`` (then
-        nothing is taken or moved: what :meth:`holds` says of each key), else (False, what
-        :meth:`reserve_all` returns). One round trip."""
+        nothing is taken or moved), else (False, what :meth:`reserve_all` returns). One round
+        trip."""
         return self._call(self._reserve_once, caps, now, token)
 
     def _call(
@@ -249,10 +249,6 @@ class RateLimiter:
     def cancel(self, key: str, token: str) -> None:
         """Give back the slot taken with ``token``: the send it was for did not happen."""
         self.client.zrem(self._keys(key)[0], token)
-
-    def holds(self, key: str, token: str) -> bool:
-        """Whether the slot taken with ``token`` is still counted under ``key``."""
-        return self.client.zscore(self._keys(key)[0], token) is not None
 
     def usage(self, key: str, rates: Sequence[Rate], *, now: float | None = None) -> list[int]:
         """How many slots of each rate are taken at ``now``, in the order given."""
