@@ -40,6 +40,17 @@ def put(broker: Any, n: int) -> list[str]:
     return ids
 
 
+def consumer_over(settings: Any, messages: int) -> tuple[Any, BatchingConsumer]:
+    """A broker on the shared Redis with ``messages`` on its queue, and a consumer of it (prefetch
+    8, as a worker of 4 threads has)."""
+    broker = make_broker(settings)
+    broker.declare_queue(QUEUE)
+    put(broker, messages)
+    consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
+    assert isinstance(consumer, BatchingConsumer)
+    return broker, consumer
+
+
 def take(consumer: BatchingConsumer, n: int) -> list[Any]:
     taken: list[Any] = []
     while len(taken) < n:
@@ -102,10 +113,7 @@ def test_acks_pending_when_redis_went_away_are_sent_by_the_consumer_built_after_
 
 
 def test_an_idle_consumer_sends_its_pending_acks_on_its_next_poll(settings, redis_server):
-    broker = make_broker(settings)
-    broker.declare_queue(QUEUE)
-    put(broker, 2)
-    consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
+    broker, consumer = consumer_over(settings, 2)
     for message in take(consumer, 2):
         consumer.ack(message)
     assert broker.client.scard(ack_set(broker)) == 2
@@ -115,10 +123,7 @@ def test_an_idle_consumer_sends_its_pending_acks_on_its_next_poll(settings, redi
 
 
 def test_a_consumer_whose_thread_stopped_acknowledges_at_once(settings, redis_server):
-    broker = make_broker(settings)
-    broker.declare_queue(QUEUE)
-    put(broker, 2)
-    consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
+    broker, consumer = consumer_over(settings, 2)
     first, second = take(consumer, 2)
     consumer.ack(first)
     consumer.stop_batching()  # what the worker's shutdown does when the consumer thread stops
@@ -128,10 +133,7 @@ def test_a_consumer_whose_thread_stopped_acknowledges_at_once(settings, redis_se
 
 
 def test_a_full_consumer_waits_for_an_ack_rather_than_fetching_one_by_one(settings, redis_server):
-    broker = make_broker(settings)
-    broker.declare_queue(QUEUE)
-    put(broker, 12)
-    consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
+    broker, consumer = consumer_over(settings, 12)
     taken = take(consumer, 8)  # one fetch of 8
     assert broker.client.llen(f"{broker.namespace}:{QUEUE}") == 4
     for message in taken[:3]:
