@@ -23,7 +23,10 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import secrets
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -91,6 +94,56 @@ def structlog_seconds(stats: pstats.Stats) -> float:
     return total
 
 
+#: set in the process that callgrind runs (``--instructions``)
+_UNDER_CALLGRIND = "DISPATCH_BENCH_UNDER_CALLGRIND"
+_TOTALS = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
+
+
+def count_instructions(args: argparse.Namespace) -> int:
+    """This bench again under callgrind, collecting only during the plain pass: instructions per
+    letter, the same from one run to the next whatever else the machine is doing (CPU time here
+    swings by half between runs of the same code). Counts both of the process's threads (the
+    worker's and the event loop's), not Redis or the sink."""
+    if shutil.which("valgrind") is None:
+        from bench.debian import ensure_program
+
+        ensure_program("valgrind", "valgrind")
+    with tempfile.TemporaryDirectory(prefix="dispatch-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            "-q",
+            "--instr-atstart=no",  # (faster, too, until the plain pass)
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            *sys.argv,
+        ]
+        started = time.perf_counter()
+        subprocess.run(argv, check=True, env={**os.environ, _UNDER_CALLGRIND: "1"}, stdout=subprocess.DEVNULL)
+        found = _TOTALS.search(out.read_text(errors="replace"))
+        if found is None:
+            raise SystemExit(f"no totals in callgrind's output {out}")
+        instructions = int(found.group(1))
+    print(f"letters: {args.letters}, log level {args.log_level}, DKIM {'on' if args.dkim else 'off'}, under callgrind")
+    print(
+        f"instructions per letter (worker and loop threads): {instructions / args.letters / 1e6:.3f} M"
+        f"  ({time.perf_counter() - started:.0f} s)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"letters": args.letters, "instructions_per_letter": instructions / args.letters}))
+    return 0
+
+
+def callgrind_collect(on: bool) -> None:
+    """Switch callgrind's instrumentation of this process (``--instructions``); waits until done."""
+    subprocess.run(
+        ["callgrind_control", "--instr=on" if on else "--instr=off", str(os.getpid())],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--letters", type=int, default=500, help="letters per pass (two passes + 50 warm-up)")
@@ -99,7 +152,14 @@ def main() -> int:
     parser.add_argument("--database-url", default=None, help="PostgreSQL server (default: SQLite in a temp dir)")
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with most own time")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="run under valgrind's callgrind and count the instructions of the plain pass only (no profiled pass)",
+    )
     args = parser.parse_args()
+    if args.instructions and not os.environ.get(_UNDER_CALLGRIND):
+        return count_instructions(args)
     configure_logging(args.log_level, stream=open(os.devnull, "w"))  # noqa: SIM115 - for the process
 
     with tempfile.TemporaryDirectory(prefix="dispatch-worker-path-") as tmp:
@@ -111,6 +171,8 @@ def main() -> int:
             fresh_database(args.database_url, workdir, "ledger") as url,
         ):
             figures = run(args, workdir, config_dir, url, redis_server, sink)
+    if os.environ.get(_UNDER_CALLGRIND):
+        return 0  # the parent prints (count_instructions)
     print_figures(args, figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
@@ -150,11 +212,17 @@ def run(
         plain = ids[warmup : warmup + args.letters]
         profiled = ids[warmup + args.letters : total]
 
+        counting = bool(os.environ.get(_UNDER_CALLGRIND))
+        if counting:
+            callgrind_collect(True)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for delivery_id in plain:
             processor(delivery_id)
         cpu_plain = (time.process_time() - cpu0) / len(plain)
         wall_plain = (time.perf_counter() - wall0) / len(plain)
+        if counting:
+            callgrind_collect(False)
+            return {"letters": len(plain), "plain_cpu_ms_per_letter": cpu_plain * 1000}
 
         main_prof, loop_prof = thread_profiler(), thread_profiler()
         started = threading.Event()
