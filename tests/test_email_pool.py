@@ -160,6 +160,50 @@ async def test_disconnect_after_data_is_a_blip_and_the_connection_is_dropped(
     assert server.connections == 2
 
 
+async def test_a_relay_that_does_not_answer_data_times_out_as_a_blip_and_is_dropped(server: SmtpTestServer) -> None:
+    pool = make_pool(server, timeout=0.3)
+    window = _Window()
+    server.hold_data(3.0)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BlipError, match="Timed out waiting for server response during DATA"):
+        await pool.send(letter(1), SENDER, [TARGET], window=window)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    # no 250: the letter is not in the send window, and nobody can tell which reply comes next
+    assert not window.lock.locked()
+    assert pool.stats.connections_closed == 1
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert server.connections == 2
+    await pool.aclose()
+
+
+async def test_waiting_for_the_send_window_does_not_count_against_the_relay_timeout(server: SmtpTestServer) -> None:
+    # Each command has the whole timeout, from when it is sent: a letter that waited its turn
+    # for DATA longer than that (another letter of the process being recorded) still goes.
+    pool = make_pool(server, timeout=0.3)
+    window = _Window()
+    await window.lock.acquire()
+    asyncio.get_running_loop().call_later(0.8, window.lock.release)
+    server.hold_data(0.2)
+    code, _ = await pool.send(letter(1), SENDER, [TARGET], window=window)
+    assert code == 250
+    assert [m.message["Subject"] for m in server.messages] == ["letter 1"]
+    assert pool.stats.connections_closed == 0
+    await pool.aclose()
+
+
+class _Window:
+    """A send window of one letter at a time (what dispatcher.queue.window gives the pool)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        await self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
 async def test_connection_refused_is_a_blip() -> None:
     pool = SmtpPool("127.0.0.1", free_port(), tls="none", local_hostname="localhost", timeout=2.0)
     with pytest.raises(BlipError):
