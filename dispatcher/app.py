@@ -335,6 +335,7 @@ class Service:
     def worker(self, *, threads: int = 8, **processor_options: Any) -> WorkerHandle:
         """A dramatiq worker consuming deliveries in this process (not yet started)."""
         self.ledger.plan_generically()
+        self.ledger.lifecycle.keep_connections()
         loop = LoopThread()
         # Host and pid for operators; a random part because a container restarted after a kill
         # gets the same host name and pid, and must not pass for (and keep alive) the dead one.
@@ -437,8 +438,9 @@ class WorkerHandle:
                 self.liveness.stop()
         if report.stragglers:
             # A send still runs on the loop; its letter was handed back. Closing the pools would
-            # wait on it: leave them to the process exit.
+            # wait on it, and its thread may still record it: leave them to the process exit.
             return report
+        (self.ledger if self.ledger is not None else self.processor.ledger).lifecycle.release_connections()
         try:
             for channel in self.channels.built():
                 self.loop.run(channel.aclose(), timeout=10)

@@ -271,3 +271,26 @@ def test_a_worker_lets_the_server_keep_generic_plans_and_other_processes_plan_ea
     finally:
         api.ledger.dispose()
         worker.ledger.dispose()
+
+
+def test_a_workers_kept_connection_found_dead_is_replaced_and_given_back_at_stop(service: Service) -> None:
+    """A worker's threads keep their connection between letters (no checkout per claim or
+    finish); one the server killed meanwhile fails its claim, which goes again on a fresh one,
+    and a stopped worker gives every kept connection back."""
+    first, second = planned_letter(service), planned_letter(service)
+    handle = service.worker(threads=1)
+    try:
+        now = datetime.now(UTC)
+        claim = service.ledger.lifecycle.claim(first, "w1", now)
+        assert claim is not None
+        assert service.ledger.lifecycle.finish(claim, SENT, worker="w1", started_at=now, now=now) is State.SENT
+        assert service.ledger.engine.pool.checkedout() == 1  # kept by this thread
+        assert kill_backends(service.settings.database_url) >= 1
+
+        again = service.ledger.lifecycle.claim(second, "w1", now)
+
+        assert again is not None and delivery(service, second).state == State.SENDING
+        assert service.ledger.engine.pool.checkedout() == 1  # the dead one closed, a fresh one kept
+    finally:
+        handle.stop(timeout_ms=5000)
+    assert service.ledger.engine.pool.checkedout() == 0

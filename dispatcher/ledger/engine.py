@@ -3,6 +3,7 @@ processes writing at once."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -11,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.pool import NullPool
 
@@ -191,6 +192,56 @@ def make_engine(url: str) -> Engine:
         ping_when_idle(engine, IDLE_PING_SECONDS)
         return engine
     return create_engine(url, poolclass=NullPool)
+
+
+class ThreadConnections:
+    """One connection of ``engine`` per thread, kept checked out between transactions.
+
+    For a worker's threads, each of which runs two short transactions per letter (the claim and
+    the finish): through ``engine.begin()`` each paid a checkout from the pool and a check-in
+    (the pool's reset, the connection's wrappers made and dropped), about as much CPU as the
+    statements themselves on SQLite (30-40 us a transaction, bench/worker_path.py). A kept
+    connection is dropped by :meth:`drop` after any error in its transaction (its state is
+    unknown: a lost connection, a failed rollback) and a fresh one is taken the next time; the
+    pool's ping of an idle connection does not apply to it, and a connection that died while
+    kept fails its statement, which the worker's claim and finish try once more
+    (``Lifecycle``). :meth:`close` returns them all, once their threads are done with them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._kept: set[Connection] = set()
+
+    def get(self) -> Connection:
+        """The calling thread's connection (a fresh one if it had none, or it was closed)."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                self.drop(conn)
+            conn = self.engine.connect()
+            self._local.conn = conn
+            with self._lock:
+                self._kept.add(conn)
+        return conn
+
+    def drop(self, conn: Connection) -> None:
+        """Close ``conn`` (the calling thread's): the next :meth:`get` takes a fresh one."""
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            self._kept.discard(conn)
+        with contextlib.suppress(Exception):  # a dead connection may fail to close cleanly
+            conn.close()
+
+    def close(self) -> None:
+        """Return every kept connection to the pool: for when no thread uses one any more (a
+        worker stopped). A thread that goes on after that takes a fresh one."""
+        with self._lock:
+            kept, self._kept = self._kept, set()
+        for conn in kept:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 #: a pooled connection unused for longer than this is pinged before it is handed out

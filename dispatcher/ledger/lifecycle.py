@@ -21,8 +21,8 @@ when the transaction that writes them also releases them to the queue, in the re
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from dispatcher.errors import DispatchError
-from dispatcher.ledger.engine import new_id
+from dispatcher.ledger.engine import ThreadConnections, new_id
 from dispatcher.ledger.prepared import Prepared, PreparedRow
 from dispatcher.ledger.states import (
     DIGEST_FOLLOWS,
@@ -449,6 +449,8 @@ class Lifecycle:
         #: (autocommit), for the worker's transactions of one statement. psycopg sends BEGIN and
         #: COMMIT as round trips of their own: four of a letter's six, without this.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT") if postgresql else None
+        #: a worker's threads keep their connections between letters (:meth:`keep_connections`)
+        self._kept: ThreadConnections | None = None
         # The worker's hottest statement, built once: UPDATE ... RETURNING (SQLite >= 3.35,
         # PostgreSQL), the closed-campaign check included (a NOT IN on a table of a few rows).
         now = bindparam("p_now", type_=D.c.claimed_at.type)
@@ -527,12 +529,42 @@ class Lifecycle:
             supporter=supporter_of(row),
         )
 
-    def _one_statement(self) -> AbstractContextManager[Connection]:
-        """A transaction for one statement: on PostgreSQL, the statement alone (autocommit)."""
-        return self.engine.begin() if self._autocommit is None else self._autocommit.connect()
+    def keep_connections(self) -> None:
+        """From now on each thread keeps its connection for the claim and the finish (a worker:
+        :class:`dispatcher.ledger.engine.ThreadConnections`) until :meth:`release_connections`."""
+        if self._kept is None:
+            self._kept = ThreadConnections(self._autocommit or self.engine)
+
+    def release_connections(self) -> None:
+        """Give the kept connections back to the pool (the worker's threads are done)."""
+        if self._kept is not None:
+            self._kept.close()
+
+    @contextmanager
+    def _worker_transaction(self, *, one_statement: bool) -> Iterator[Connection]:
+        """The claim's or the finish's transaction; on PostgreSQL a statement alone runs in
+        autocommit. On the thread's kept connection, if it keeps one."""
+        autocommit = one_statement and self._autocommit is not None
+        kept = self._kept
+        if kept is None or (self._autocommit is not None and not autocommit):
+            # (PostgreSQL's kept connections are autocommit ones: a transaction of several
+            # statements, a digest's or a replacement letter's, takes a pooled connection)
+            with self._autocommit.connect() if autocommit and self._autocommit else self.engine.begin() as conn:
+                yield conn
+            return
+        conn = kept.get()
+        try:
+            if autocommit:
+                yield conn
+            else:
+                with conn.begin():
+                    yield conn
+        except BaseException:
+            kept.drop(conn)
+            raise
 
     def _claim_row(self, delivery_id: str, worker: str, now: datetime) -> PreparedRow | None:
-        with self._one_statement() as conn:
+        with self._worker_transaction(one_statement=True) as conn:
             rows = self._prepared_claim.run(conn, {"p_delivery_id": delivery_id, "p_now": now, "p_worker": worker})
             if not rows:
                 # Not ours: sent already, held by another worker, not due — or its campaign was
@@ -599,7 +631,7 @@ class Lifecycle:
         alone = (tried == together) and claim.kind == "letter" and not (outcome.replan and outcome.state in _REPLANNED)
 
         def record(again: bool) -> State | None:
-            with self._one_statement() if alone and not again else self.engine.begin() as conn:
+            with self._worker_transaction(one_statement=alone and not again) as conn:
                 if again and tried:
                     recorded = _recorded_try(conn, claim, worker, started_at)
                     if recorded is not None:
