@@ -943,6 +943,11 @@ def _one_repetition(
         if "naive_actor" in out:
             out[name]["drain_to_naive"] = round(p.drain_rate / out["naive_actor"]["rate"], 3)
             out[name]["e2e_to_naive"] = round(p.e2e_rate / out["naive_actor"]["rate"], 3)
+            # CPU of a letter against the naive actor's per message, measured in the same minutes:
+            # this machine's speed swings by half between runs, and both sides swing together
+            naive_cpu = out["naive_actor"]["cpu_ms_per_message"]
+            if naive_cpu:
+                out[name]["cpu_to_naive"] = round(out[name]["cpu_ms_per_delivery"]["workers"] / naive_cpu, 3)
         if p.profile is not None:
             out[name]["profile"] = p.profile
         log(
@@ -982,6 +987,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency sent_at − queued_at p99 (ms)", "pipeline.latency_p99_ms", "{:.0f}"),
     ("worker peak RSS, VmHWM (MB)", "pipeline.worker_peak_rss_mb", "{:.1f}"),
     ("worker CPU ms / letter", "pipeline.cpu_ms_per_delivery.workers", "{:.2f}"),
+    ("ratio worker CPU per letter / naive actor's per message", "pipeline.cpu_to_naive", "{:.2f}"),
     ("reconciler CPU ms / letter", "pipeline.cpu_ms_per_delivery.reconciler", "{:.2f}"),
     ("intake (bench process) CPU ms / letter", "pipeline.cpu_ms_per_delivery.intake", "{:.2f}"),
     ("redis-server CPU ms / letter", "pipeline.cpu_ms_per_delivery.redis", "{:.2f}"),
