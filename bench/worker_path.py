@@ -131,7 +131,9 @@ def count_instructions(args: argparse.Namespace) -> int:
         f"  ({time.perf_counter() - started:.0f} s)"
     )
     if args.json:
-        args.json.write_text(json.dumps({"letters": args.letters, "instructions_per_letter": instructions / args.letters}))
+        args.json.write_text(
+            json.dumps({"letters": args.letters, "instructions_per_letter": instructions / args.letters})
+        )
     return 0
 
 

@@ -137,7 +137,9 @@ def make_engine(url: str) -> Engine:
         turns = WriteTurns.beside(make_url(url).database)
         if turns is not None:
             connect_args["factory"] = turns.connection_class()
-        engine = create_engine(url, connect_args=connect_args)
+        # Ten steady connections, as PostgreSQL's below: a worker's eight threads (the default)
+        # keep one each (ThreadConnections), two are left for the rest of the process.
+        engine = create_engine(url, connect_args=connect_args, pool_size=10, max_overflow=10)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -194,6 +196,10 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, poolclass=NullPool)
 
 
+#: a pool's steady connections that no thread keeps (ThreadConnections)
+KEPT_BESIDE = 2
+
+
 class ThreadConnections:
     """One connection of ``engine`` per thread, kept checked out between transactions.
 
@@ -205,24 +211,36 @@ class ThreadConnections:
     unknown: a lost connection, a failed rollback) and a fresh one is taken the next time; the
     pool's ping of an idle connection does not apply to it, and a connection that died while
     kept fails its statement, which the worker's claim and finish try once more
-    (``Lifecycle``). :meth:`close` returns them all, once their threads are done with them."""
+    (``Lifecycle``). :meth:`close` returns them all, once their threads are done with them.
+
+    At most the pool's steady size less two are kept (:data:`KEPT_BESIDE`): the other parts of
+    the process (a worker's reads of paused channels and suppressions, its dead letters, the
+    parked reports) keep the rest and the overflow. A thread beyond that gets None and takes a
+    pooled connection for each transaction, as before; so a worker with more threads than the
+    pool never waits for a connection none will give back."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        size = getattr(engine.pool, "size", None)  # (NullPool has none: nothing is kept)
+        self.limit = max(size() - KEPT_BESIDE, 0) if callable(size) else 0
         self._local = threading.local()
         self._lock = threading.Lock()
         self._kept: set[Connection] = set()
 
-    def get(self) -> Connection:
-        """The calling thread's connection (a fresh one if it had none, or it was closed)."""
+    def get(self) -> Connection | None:
+        """The calling thread's connection (a fresh one if it had none, or it was closed), or
+        None when as many as :attr:`limit` are kept by other threads."""
         conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated:
-            if conn is not None:
-                self.drop(conn)
+        if conn is not None and not conn.closed and not conn.invalidated:
+            return conn
+        if conn is not None:
+            self.drop(conn)
+        with self._lock:
+            if len(self._kept) >= self.limit:
+                return None
             conn = self.engine.connect()
-            self._local.conn = conn
-            with self._lock:
-                self._kept.add(conn)
+            self._kept.add(conn)
+        self._local.conn = conn
         return conn
 
     def drop(self, conn: Connection) -> None:

@@ -545,14 +545,14 @@ class Lifecycle:
         """The claim's or the finish's transaction; on PostgreSQL a statement alone runs in
         autocommit. On the thread's kept connection, if it keeps one."""
         autocommit = one_statement and self._autocommit is not None
+        # (PostgreSQL's kept connections are autocommit ones: a transaction of several
+        # statements, a digest's or a replacement letter's, takes a pooled connection)
         kept = self._kept
-        if kept is None or (self._autocommit is not None and not autocommit):
-            # (PostgreSQL's kept connections are autocommit ones: a transaction of several
-            # statements, a digest's or a replacement letter's, takes a pooled connection)
-            with self._autocommit.connect() if autocommit and self._autocommit else self.engine.begin() as conn:
-                yield conn
+        conn = kept.get() if kept is not None and (self._autocommit is None or autocommit) else None
+        if kept is None or conn is None:
+            with self._autocommit.connect() if autocommit and self._autocommit else self.engine.begin() as pooled:
+                yield pooled
             return
-        conn = kept.get()
         try:
             if autocommit:
                 yield conn
