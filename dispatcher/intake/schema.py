@@ -7,11 +7,12 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, IPvAnyAddress, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from dispatcher.channels.email.headers import unsafe_header_reason
 from dispatcher.errors import FieldProblem, ValidationFailed
+from dispatcher.intake.emails import EmailAddress
 
 CLIENT_REF_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"
 LanguageCode = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", examples=["en"])]
@@ -43,7 +44,7 @@ class SupporterIn(BaseModel):
         description="No line breaks, control characters or '=?': it goes into mail headers.",
         examples=["Jane Doe"],
     )
-    email: EmailStr = Field(examples=["jane@example.org"])
+    email: EmailAddress = Field(examples=["jane@example.org"])
     city: str | None = Field(None, max_length=100, examples=["Boston"])
     country: str | None = Field(None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166 alpha-2.", examples=["US"])
     #: other languages the supporter can write in (the appeal's ``language`` is the first)
@@ -138,7 +139,7 @@ _MESSAGES = {
     "list_type": "must be a list",
 }
 
-#: where pydantic's EmailStr reports a bad address (as a plain value_error)
+#: where the address check (emails.py: pydantic's EmailStr) reports a bad address (as a plain value_error)
 _EMAIL_FIELDS = {("supporter", "email")}
 
 #: pydantic's error types -> our field codes (docs/intake.md lists them; forms translate them)
