@@ -205,8 +205,9 @@ class ThreadConnections:
 
     For a worker's threads, each of which runs two short transactions per letter (the claim and
     the finish): through ``engine.begin()`` each paid a checkout from the pool and a check-in
-    (the pool's reset, the connection's wrappers made and dropped), about as much CPU as the
-    statements themselves on SQLite (30-40 us a transaction, bench/worker_path.py). A kept
+    (the pool's reset, the connection's wrappers made and dropped): 30-40 us a transaction in
+    process, about as much as SQLite's statements, and 5 % of a letter's instructions
+    (bench/worker_path.py ``--instructions``). A kept
     connection is dropped by :meth:`drop` after any error in its transaction (its state is
     unknown: a lost connection, a failed rollback) and a fresh one is taken the next time; the
     pool's ping of an idle connection does not apply to it, and a connection that died while

@@ -531,7 +531,8 @@ class Lifecycle:
 
     def keep_connections(self) -> None:
         """From now on each thread keeps its connection for the claim and the finish (a worker:
-        :class:`dispatcher.ledger.engine.ThreadConnections`) until :meth:`release_connections`."""
+        :class:`dispatcher.ledger.engine.ThreadConnections`) until :meth:`release_connections`
+        (a Service builds one worker: its actor is registered once)."""
         if self._kept is None:
             self._kept = ThreadConnections(self._autocommit or self.engine)
 
