@@ -25,7 +25,6 @@ import os
 import pstats
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,14 +103,13 @@ def count_instructions(args: argparse.Namespace) -> int:
     letter, the same from one run to the next whatever else the machine is doing (CPU time here
     swings by half between runs of the same code). Counts both of the process's threads (the
     worker's and the event loop's), not Redis or the sink."""
-    if shutil.which("valgrind") is None:
-        from bench.debian import ensure_program
+    from bench.debian import ensure_program  # (installs valgrind when missing, as root)
 
-        ensure_program("valgrind", "valgrind")
+    valgrind = ensure_program("valgrind", "valgrind")
     with tempfile.TemporaryDirectory(prefix="dispatch-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         argv = [
-            "valgrind",
+            valgrind,
             "--tool=callgrind",
             "-q",
             "--instr-atstart=no",  # (faster, too, until the plain pass)
