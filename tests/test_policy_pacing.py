@@ -377,6 +377,22 @@ def test_replanning_after_every_release_follows_the_first_plan_when_spreading(ho
     assert_caps_hold(load, list(went.values()))
 
 
+def test_a_release_whose_even_gaps_end_at_closing_time_goes_at_the_next_opening() -> None:
+    # 14 letters at 1/hour, open 10-16 on Tuesdays, Wednesdays and weekends: spread evenly, the
+    # eighth lands on Wednesday's closing time exactly, which float seconds put a microsecond
+    # either side of it. The plan and the re-plan after the seventh release must both say
+    # Saturday's opening: a forecast of Wednesday 15:59:59.999999 would be three days wrong.
+    hours = Weekdays(time(10), time(16), frozenset({1, 2, 5, 6}))
+    load = fax_load(14, MONDAY + timedelta(hours=198), rates=[Rate(1, 3600)], hours=hours)
+    plan = release_times(load, MONDAY)
+    went = simulate(load, MONDAY)
+    saturday = datetime(2024, 3, 9, 10, 0, tzinfo=UTC)
+    assert plan[7] == went[7] == saturday
+    assert plan[6] < datetime(2024, 3, 6, 16, 0, tzinfo=UTC)
+    assert len(went) == forecast(load, MONDAY).fits_count == 14
+    assert all(abs(went[i] - plan[i]) < timedelta(milliseconds=1) for i in went)
+
+
 def test_a_one_second_tick_delays_releases_by_under_a_second_each() -> None:
     # The reconciler releases on its ticks, not on the planned microsecond: at the caps' pace each
     # release counts from the previous actual one, so the delays add up; they stay small.

@@ -408,9 +408,22 @@ def _advance(hours: HoursLike, start: datetime, seconds: float) -> datetime:
     for _ in range(_MAX_STEPS):
         missing = seconds - hours.open_seconds(start, end)
         if missing <= _EPSILON:
-            return end
+            return _past_closing(hours, end)
         end = _utc(hours.next_open(end), "next_open") + timedelta(seconds=missing)
     raise ValueError(f"office hours never add up to {seconds:.0f} open seconds after {start.isoformat()}")
+
+
+def _past_closing(hours: HoursLike, at: datetime) -> datetime:
+    """``at``, or the closing instant if the office closes less than ``_EPSILON`` after it.
+
+    Even gaps often add up to exactly a closing time, where the office is already closed and
+    the letter goes at the next opening. Float seconds land a microsecond either side of it, and
+    a plan and a re-plan made at different instants need not land on the same side: one would
+    send on Wednesday at 15:59:59.999999, the other on Saturday at 10:00.
+    """
+    tail = timedelta(seconds=_EPSILON)
+    still_open = hours.open_seconds(at, at + tail)
+    return at + timedelta(seconds=still_open) if still_open < _EPSILON else at
 
 
 def _open(hours: HoursLike, start: datetime, end: datetime) -> float:
