@@ -6,13 +6,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
+import aiosmtplib
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
 
-from dispatcher.channels.email.pool import SmtpPool
+from dispatcher.channels.email.mime import letter_bytes
+from dispatcher.channels.email.pool import SmtpPool, wire_data
 from dispatcher.errors import BlipError, OperationalError, PermanentError, TransientError
-from tests.support.smtp import DROP, SmtpTestServer
+from tests.support.smtp import DROP, SmtpTestServer, make_section
 
 SENDER = "bounces@aiusa.example.org"
 TARGET = "ambassador@embassy.example.org"
@@ -344,3 +350,55 @@ async def test_implicit_tls_to_a_plain_server_is_operational(server: SmtpTestSer
     with pytest.raises(OperationalError, match="TLS"):
         await pool.send(letter(), SENDER, [TARGET])
     await pool.aclose()
+
+
+# ---------------------------------------------------------------------------- the message's bytes
+
+LINES = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"x", b"\r", b"\n", b"\r\n", b"\n."]), max_size=12)
+
+
+@given(st.builds(b"".join, LINES))
+def test_the_bytes_after_data_are_aiosmtplibs_whenever_the_shortcut_is_taken(data: bytes) -> None:
+    wire = wire_data(data)
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    assert wire is None or wire == expected
+    # it is taken exactly when every line already ends in CRLF
+    assert (wire is not None) == (normalize_message_line_endings(data) in (data, data + b"\r\n"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b".a line starting with a dot\r\n.\r\n..two dots\r\n.\r\nthe end\r\n",  # our letters: CRLF only
+        b"no line end at the end\r\n.dot",
+        b"bare LF\n.dot after it\nand a lone CR\rhere\r\n",  # through aiosmtplib's own data()
+    ],
+    ids=["crlf", "no-final-crlf", "bare-lf-and-cr"],
+)
+async def test_the_relay_receives_what_aiosmtplibs_own_data_sends(server: SmtpTestServer, body: bytes) -> None:
+    raw = b"From: appeals@aiusa.example.org\r\nTo: " + TARGET.encode() + b"\r\nSubject: dots\r\n\r\n" + body
+    async with aiosmtplib.SMTP(hostname=server.host, port=server.port, start_tls=False) as smtp:
+        await smtp.sendmail(SENDER, [TARGET], raw)
+    pool = make_pool(server)
+    await pool.send(raw, SENDER, [TARGET])
+    await pool.aclose()
+    library, ours = server.messages
+    assert ours.data == library.data
+    assert ours.message["Subject"] == "dots"
+
+
+def test_a_letter_we_write_takes_the_shortcut() -> None:
+    data = letter_bytes(
+        delivery_id="d-1",
+        section=make_section(),
+        to_name="Ambassador Jane Smith",
+        to_address=TARGET,
+        supporter_name="Zoë Martín",
+        supporter_email="zoe@example.net",
+        subject="Libérez les militants détenus",
+        text="Madame l'Ambassadrice,\n\n.Une ligne qui commence par un point.\n" + "é" * 200 + "\n",
+        html="<p>Madame l'Ambassadrice,</p>\n.<p>point</p>",
+        language="fr",
+        date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
+    )
+    assert wire_data(data) == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
