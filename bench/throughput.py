@@ -63,7 +63,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -688,7 +688,7 @@ def run_pipeline(
         if preload:
             # Everything on the queue before any worker runs: intake uncontended, then a pure drain.
             expected, intake_s, intake_cpu = submit_all(service, appeals, run, pace)
-        before = set(client.zrange(f"{settings.redis_namespace}:__heartbeats__", 0, -1))
+        before: set[bytes] = set(cast(list[bytes], client.zrange(f"{settings.redis_namespace}:__heartbeats__", 0, -1)))
         for w in range(workers):
             worker_logs.append(workdir / f"worker-{run}-{w}.log")
             with open(worker_logs[-1], "wb") as logf:
