@@ -1,0 +1,175 @@
+"""What the SMTP client costs per letter, and what a pipelining client would save (issue 11).
+
+One connection to Postfix's ``smtp-sink`` (C, almost no CPU of its own), one coroutine sending
+the same letter (``mime.letter_bytes``, about 5 KB, quoted-printable) over and over, CPU of this
+process per message, three ways:
+
+* **pool**: ``SmtpPool.send``, what a worker does (aiosmtplib: MAIL, RCPT, DATA and the message,
+  each waiting for its reply: four round trips);
+* **raw, 4 trips**: the same four round trips over a bare ``asyncio.Protocol`` that only
+  counts reply lines: what the library and the pool add;
+* **raw, pipelined**: MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING, which smtp-sink
+  and Postfix offer), then the message: two round trips. aiosmtplib cannot do this: its
+  protocol hands over one reply at a time.
+
+The raw clients are measuring sticks, not a client: no error handling, no timeouts. The modes
+alternate within each round; the medians and the ratios to the pool are printed.
+
+    .venv/bin/python bench/smtp_client_cost.py [--messages 4000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+for path in (ROOT, BENCH):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
+from postfix_sink import PostfixSink  # noqa: E402
+
+from dispatcher.channels.email.mime import letter_bytes  # noqa: E402
+from dispatcher.channels.email.pool import SmtpPool, wire_data  # noqa: E402
+from dispatcher.logging import configure as configure_logging  # noqa: E402
+from tests.support.smtp import make_section  # noqa: E402
+
+SENDER = "bounces@bench.example.org"
+RECIPIENT = "ambassador@embassy.example.org"
+
+
+def letter() -> bytes:
+    paragraph = (
+        "Je vous écris au sujet des militants détenus depuis le mois dernier, dont la santé "
+        "inquiète leurs familles et leurs avocats, et je vous demande d'intervenir."
+    )
+    return letter_bytes(
+        delivery_id="d-bench",
+        section=make_section(),
+        to_name="Ambassador Jane Smith",
+        to_address=RECIPIENT,
+        supporter_name="Zoë Martín",
+        supporter_email="zoe@example.net",
+        subject="Libérez les militants détenus",
+        text="Madame l'Ambassadrice,\n\n" + "\n\n".join([paragraph] * 8) + "\n",
+        html="<p>Madame l'Ambassadrice,</p>" + f"<p>{paragraph}</p>" * 8,
+        language="fr",
+        date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
+    )
+
+
+class _Replies(asyncio.Protocol):
+    """Counts complete reply lines (continuations skipped) and wakes whoever waits for n."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.codes: list[int] = []
+        self.needed = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line[3:4] != b"-":
+                self.codes.append(int(line[:3]))
+        if self.waiter is not None and len(self.codes) >= self.needed and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def expect(self, n: int) -> list[int]:
+        self.needed = n
+        if len(self.codes) < n:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        got, self.codes = self.codes[:n], self.codes[n:]
+        return got
+
+
+async def _raw(port: int, data: bytes, messages: int, pipelined: bool) -> float:
+    loop = asyncio.get_running_loop()
+    transport, replies = await loop.create_connection(_Replies, "127.0.0.1", port)
+    await replies.expect(1)
+    transport.write(b"EHLO localhost\r\n")
+    await replies.expect(1)
+    wire = wire_data(data)
+    assert wire is not None
+    envelope = [f"MAIL FROM:<{SENDER}>\r\n".encode(), f"RCPT TO:<{RECIPIENT}>\r\n".encode(), b"DATA\r\n"]
+    started = time.process_time()
+    for _ in range(messages):
+        if pipelined:
+            transport.write(b"".join(envelope))
+            codes = await replies.expect(3)
+        else:
+            codes = []
+            for command in envelope:
+                transport.write(command)
+                codes += await replies.expect(1)
+        transport.write(wire)
+        codes += await replies.expect(1)
+        if codes != [250, 250, 354, 250]:
+            raise RuntimeError(f"smtp-sink answered {codes}")
+    cpu = time.process_time() - started
+    transport.close()
+    return cpu
+
+
+async def _pool(port: int, data: bytes, messages: int) -> float:
+    pool = SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost", timeout=30.0, size=1)
+    await pool.send(data, SENDER, [RECIPIENT])  # connect and EHLO outside the measurement
+    started = time.process_time()
+    for _ in range(messages):
+        await pool.send(data, SENDER, [RECIPIENT])
+    cpu = time.process_time() - started
+    await pool.aclose()
+    return cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=4000, help="messages per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the modes alternate within each")
+    args = parser.parse_args()
+    configure_logging("WARNING")  # as the worker benches run: the pool's debug lines would be timed
+    data = letter()
+    modes: dict[str, Callable[[int], Coroutine[Any, Any, float]]] = {
+        "pool (aiosmtplib, 4 round trips)": lambda port: _pool(port, data, args.messages),
+        "raw protocol, 4 round trips": lambda port: _raw(port, data, args.messages, pipelined=False),
+        "raw protocol, pipelined (2 round trips)": lambda port: _raw(port, data, args.messages, pipelined=True),
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    results: dict[str, list[float]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory(prefix="dispatch-smtp-cost-") as tmp, PostfixSink(Path(tmp), "sink", port):
+        print(f"{args.messages} messages of {len(data):,} bytes per mode and round, one connection to smtp-sink")
+        for round_ in range(args.rounds):
+            names = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+            for name in names:
+                cpu = asyncio.run(modes[name](port))
+                results[name].append(cpu * 1e6 / args.messages)
+                print(f"  round {round_ + 1}: {name}: {results[name][-1]:.0f} µs of CPU a message")
+    pool = statistics.median(results["pool (aiosmtplib, 4 round trips)"])
+    print(f"{'mode':42s} {'CPU µs/message, median':>24s} {'÷ pool':>8s}")
+    for name, figures in results.items():
+        median = statistics.median(figures)
+        print(f"{name:42s} {median:24.0f} {median / pool:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
