@@ -40,6 +40,13 @@ class CountingHandler:
         self.first: float | None = None
         self.last: float | None = None
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # PIPELINING, as smtp-sink and real relays offer it (dispatcher.sandbox.smtp's reasons)
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         now = time.time()
         content = envelope.original_content or b""

@@ -4,10 +4,13 @@ and classification of what the server actually answers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -16,8 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher.channels.email.mime import letter_bytes
+from dispatcher.channels.email.pipelining import ReplyReader
 from dispatcher.channels.email.pool import SmtpPool, wire_data
 from dispatcher.errors import BlipError, OperationalError, PermanentError, TransientError
+from tests.support.dovecot import make_test_ca
 from tests.support.smtp import DROP, SmtpTestServer, make_section
 
 SENDER = "bounces@aiusa.example.org"
@@ -34,9 +39,10 @@ def letter(n: int = 1) -> EmailMessage:
     return msg
 
 
-@pytest.fixture
-def server() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as smtp:
+@pytest.fixture(params=[False, True], ids=["one command at a time", "pipelined"])
+def server(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
+    """Every test runs against a relay without PIPELINING and one with it (RFC 2920)."""
+    with SmtpTestServer(pipelining=request.param) as smtp:
         yield smtp
 
 
@@ -61,6 +67,17 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- reuse and recycling
+
+
+async def test_a_relay_that_offers_pipelining_gets_every_transaction_pipelined(
+    server: SmtpTestServer, pool: SmtpPool
+) -> None:
+    for n in range(3):
+        assert (await pool.send(letter(n), SENDER, [TARGET]))[0] == 250
+    assert pool.stats.pipelined == (3 if server.pipelining else 0)
+    assert [m.message["Subject"] for m in server.messages] == ["letter 0", "letter 1", "letter 2"]
+    assert [m.rcpt_tos for m in server.messages] == [(TARGET,)] * 3
+    assert server.connections == 1
 
 
 async def test_one_connection_carries_many_messages(server: SmtpTestServer, pool: SmtpPool) -> None:
@@ -297,6 +314,28 @@ async def test_bad_addresses_are_refused_before_any_connection(server: SmtpTestS
     assert server.connections == 0
 
 
+async def test_a_refused_recipient_never_lets_the_message_reach_the_others(server: SmtpTestServer) -> None:
+    # aiosmtpd answers the pipelined DATA with 354: another recipient was accepted. Whatever the
+    # client wrote next would be the message, so the pool closes the connection instead (an
+    # RSET would be read as the message and hang until the relay's 30 s timeout).
+    pool = make_pool(server, timeout=30.0)
+    server.script_rcpt([(550, "5.1.1 Unknown user")])
+    with pytest.raises(PermanentError) as info:
+        async with asyncio.timeout(5):
+            await pool.send(letter(1), SENDER, ["nobody@embassy.example.org", TARGET])
+    assert info.value.code == 550
+    await asyncio.sleep(0.05)  # the server has seen the connection end, or the RSET
+    assert server.messages == []
+    if server.pipelining:
+        assert pool.stats.connections_closed == 1
+    else:
+        assert "DATA" not in server.commands
+        assert server.commands[-1] == "RSET"
+    await pool.send(letter(2), SENDER, [TARGET])
+    assert [m.message["Subject"] for m in server.messages] == ["letter 2"]
+    await pool.aclose()
+
+
 async def test_bcc_is_not_transmitted(server: SmtpTestServer, pool: SmtpPool) -> None:
     msg = letter()
     msg["Bcc"] = "hidden@example.org"
@@ -343,6 +382,26 @@ async def test_starttls_required_but_not_offered_is_operational(server: SmtpTest
         await pool.send(letter(), SENDER, [TARGET])
     await pool.aclose()
     assert server.messages == []
+
+
+async def test_pipelining_over_starttls(tmp_path: Path) -> None:
+    ca, cert, key = make_test_ca(tmp_path, hostname="localhost")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(ca))
+    with SmtpTestServer(pipelining=True, tls_context=server_context) as smtp:
+        pool = make_pool(smtp, tls="starttls", tls_context=client_context)
+        smtp.script_rcpt([(450, "4.7.1 Greylisted, try again in 300 seconds")])
+        with pytest.raises(TransientError):
+            await pool.send(letter(1), SENDER, [TARGET])
+        for n in (2, 3):
+            await pool.send(letter(n), SENDER, [TARGET])
+        await pool.aclose()
+        assert pool.stats.pipelined == 3
+        assert [m.message["Subject"] for m in smtp.messages] == ["letter 2", "letter 3"]
+        # the refusal's RSET went through the TLS connection too, which carried the rest
+        assert "RSET" in smtp.commands
+        assert (pool.stats.connections_opened, pool.stats.connections_closed) == (1, 1)
 
 
 async def test_implicit_tls_to_a_plain_server_is_operational(server: SmtpTestServer) -> None:
@@ -402,3 +461,49 @@ def test_a_letter_we_write_takes_the_shortcut() -> None:
         date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
     )
     assert wire_data(data) == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+
+
+# ---------------------------------------------------------------------------- replies read together
+
+REPLIES = st.lists(
+    st.tuples(
+        st.sampled_from([250, 251, 354, 421, 450, 503, 550, 554]),
+        st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=20), min_size=1, max_size=3),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _wire(code: int, lines: list[str]) -> bytes:
+    return b"".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n".encode() for i, line in enumerate(lines))
+
+
+@given(REPLIES, st.lists(st.integers(min_value=0, max_value=400), max_size=6))
+def test_replies_that_arrive_together_or_in_pieces_are_each_read_as_aiosmtplib_reads_one(
+    replies: list[tuple[int, list[str]]], cuts: list[int]
+) -> None:
+    stream = b"".join(_wire(code, lines) for code, lines in replies)
+    expected = []
+    for code, lines in replies:
+        # aiosmtplib's own reading of each reply alone (a protocol, fed the bytes as they come)
+        one = aiosmtplib.protocol.SMTPProtocol(loop=asyncio.new_event_loop())
+        one._buffer.extend(_wire(code, lines))
+        expected.append(one._read_response_from_buffer())
+
+    async def read() -> list[aiosmtplib.SMTPResponse]:
+        reader = ReplyReader(asyncio.Protocol())
+        edges = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+        for start, end in itertools.pairwise(edges):
+            reader.data_received(stream[start:end])
+        return [await reader.next() for _ in replies]
+
+    assert asyncio.run(read()) == expected
+
+
+async def test_a_reply_that_is_not_smtp_fails_the_read() -> None:
+    reader = ReplyReader(asyncio.Protocol())
+    reader.data_received(b"250 2.1.0 Ok\r\nHTTP/1.1 400 Bad Request\r\n")
+    assert (await reader.next()).code == 250
+    with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed SMTP response line"):
+        await reader.next()

@@ -1,9 +1,11 @@
 """The send window (dispatcher/queue/window.py): at most one letter per worker process between
 the start of its DATA and the ledger's `sent`, so that a kill -9 repeats at most one letter.
 
-Against a real SMTP server (aiosmtpd on loopback) and a real ledger; the worker's processor is
-called from plain threads, as dramatiq's worker threads call it. The window of each letter is
-measured from both ends: when the server read its DATA command, and when ``ledger.finish``
+Against a real SMTP server (aiosmtpd on loopback), once without PIPELINING and once with it,
+and a real ledger; the worker's processor is called from plain threads, as dramatiq's worker
+threads call it. The window of each letter is measured from both ends: when the server read
+its DATA command (with PIPELINING, DATA goes with MAIL and RCPT and the window opens later,
+before the message: then when the server had the whole message), and when ``ledger.finish``
 returned (committed) in the worker thread, with the recording made slow on purpose.
 """
 
@@ -29,6 +31,13 @@ sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(params=[False, True], ids=["one command at a time", "pipelined"])
+def smtp(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
+    """The service's relay (conftest's ``service`` sends here), with and without PIPELINING."""
+    with SmtpTestServer(pipelining=request.param) as server:
+        yield server
 
 
 @pytest.fixture
@@ -93,12 +102,14 @@ def run_in_threads(processor: Any, ids: list[str], threads: int) -> None:
 
 
 def windows(smtp: SmtpTestServer, spy: FinishSpy) -> list[tuple[float, float, str]]:
-    """(server read DATA, ledger committed `sent`, delivery) of every letter, by start."""
+    """(server read DATA or, pipelined, the message, ledger committed `sent`, delivery) of every
+    letter, by start."""
     out = []
     for m in smtp.messages:
         delivery = str(m.message["X-Dispatch-Delivery"])
         assert m.data_started_at > 0
-        out.append((m.data_started_at, spy.committed[delivery], delivery))
+        opened = m.received_at if smtp.pipelining else m.data_started_at
+        out.append((opened, spy.committed[delivery], delivery))
     return sorted(out)
 
 
@@ -237,9 +248,9 @@ def test_send_given_up_while_waiting_for_the_window_never_enters_it(service, smt
 # ---------------------------------------------------------------------------- the pool and tickets
 
 
-@pytest.fixture
-def server() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as smtp:
+@pytest.fixture(params=[False, True], ids=["one command at a time", "pipelined"])
+def server(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
+    with SmtpTestServer(pipelining=request.param) as smtp:
         yield smtp
 
 

@@ -15,8 +15,10 @@ How it works:
 
 * The worker thread takes a :class:`WindowTicket` for its letter (:meth:`SendWindow.ticket`) and
   hands it to the email channel with the message.
-* The SMTP pool, on the event loop, calls :meth:`WindowTicket.acquire` just before DATA: an
-  ``asyncio.Lock`` of the process, so waiting never blocks the loop or another letter's MAIL/RCPT.
+* The SMTP pool, on the event loop, calls :meth:`WindowTicket.acquire` just before DATA (with
+  a relay that pipelines, just before the message, once DATA has its 354: only the message's
+  closing dot lets the relay accept it): an ``asyncio.Lock`` of the process, so waiting never
+  blocks the loop or another letter's MAIL/RCPT.
 * DATA refused or failed (no 250): the pool calls :meth:`WindowTicket.release` at once. That
   letter is recorded as a failure or a retry; a kill cannot make it a repeat that would not
   happen anyway.

@@ -22,6 +22,7 @@ import asyncio
 import email
 import email.policy
 import enum
+import ssl
 import threading
 import time
 import warnings
@@ -36,7 +37,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from dispatcher.config.models import Section, Sender, SmtpRelay
-from dispatcher.sandbox.smtp import LoopbackController
+from dispatcher.sandbox.smtp import LoopbackController, offer_pipelining
 
 
 class Action(enum.Enum):
@@ -79,10 +80,17 @@ class SmtpTestServer:
         auth: Mapping[str, str] | None = None,
         auth_required: bool = False,
         host: str = "127.0.0.1",
+        pipelining: bool = False,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """``auth``: user → password accepted by AUTH PLAIN/LOGIN (offered without TLS);
-        ``auth_required``: answer 530 to MAIL/RCPT/DATA before a successful AUTH."""
+        ``auth_required``: answer 530 to MAIL/RCPT/DATA before a successful AUTH;
+        ``pipelining``: say PIPELINING after EHLO (RFC 2920; aiosmtpd reads one command after
+        another, so a pipelined group is answered in order either way); ``tls_context``: offer
+        STARTTLS with this server context."""
         self.host = host
+        self.pipelining = pipelining
+        self._tls_context = tls_context
         self._auth = dict(auth) if auth is not None else None
         self._auth_required = auth_required
         self._lock = threading.Lock()
@@ -111,6 +119,7 @@ class SmtpTestServer:
             auth_required=self._auth_required,
             # Tests want the 8BITMIME/SMTPUTF8-less, plain relay that message.py assumes.
             enable_SMTPUTF8=False,
+            tls_context=self._tls_context,
         )
         controller.start()
         self._controller = controller
@@ -326,6 +335,14 @@ class _Controller(LoopbackController):
 class _Handler:
     def __init__(self, owner: SmtpTestServer) -> None:
         self.owner = owner
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self.owner.pipelining:
+            return offer_pipelining(session, hostname, responses)
+        session.host_name = hostname  # (aiosmtpd leaves it to a handler that answers EHLO)
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
