@@ -152,12 +152,15 @@ async def transact(
     recipients: Sequence[str],
     wire: bytes,
     window: DataWindow | None,
-    reading: Callable[[Stage | None], None],
+    stage: Callable[[Stage], None],
+    timer: Callable[[bool], None],
 ) -> SMTPResponse:
     """MAIL, RCPT and DATA in one write, then ``wire`` (the message as it goes after DATA, see
-    pool.wire_data) once DATA's 354 is in; the final reply. ``reading(stage)`` is called
-    before each wait for a reply (None: the wait for the send window, which has no timeout),
-    so the caller can time each reply and classify a failure by where it happened.
+    pool.wire_data) once DATA's 354 is in; the final reply. ``stage`` is called with the
+    command whose reply is awaited, so the caller can classify a failure by where it happened;
+    ``timer(True)`` when replies are due (after each write: every command has the relay's
+    timeout from when it went), ``timer(False)`` while waiting for the send window, which has
+    no timeout.
 
     ``window`` is acquired once 354 is in, just before the message goes: only its closing dot
     lets the relay accept the letter. It is released here if anything fails after that;
@@ -176,18 +179,19 @@ async def transact(
         group = [b" ".join((b"MAIL FROM:<" + sender.encode("ascii") + b">", *(o.encode("ascii") for o in options)))]
         group += [b"RCPT TO:<" + recipient.encode("ascii") + b">" for recipient in recipients]
         transport.write(b"\r\n".join(group) + b"\r\nDATA\r\n")
+        timer(True)
         # Every reply is read, refused or not, so that the connection stays in step.
         refusal: aiosmtplib.SMTPResponseException | None = None
-        reading("mail")
+        stage("mail")
         reply = await replies.next()
         if reply.code != SMTPStatus.completed:
             refusal = aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
+        stage("rcpt")
         for recipient in recipients:
-            reading("rcpt")
             reply = await replies.next()
             if refusal is None and reply.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
                 refusal = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
-        reading("data")
+        stage("data")
         reply = await replies.next()
         if refusal is not None:
             if reply.code == SMTPStatus.start_input:
@@ -197,11 +201,11 @@ async def transact(
         if reply.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         if window is not None:
-            reading(None)
+            timer(False)
             await window.acquire()
         try:
-            reading("data")
             transport.write(wire)
+            timer(True)
             reply = await replies.next()
             if reply.code != SMTPStatus.completed:
                 raise aiosmtplib.SMTPDataError(reply.code, reply.message)

@@ -224,13 +224,12 @@ class SmtpPool:
             # seconds; waiting for the send window has none, as before.
             async with asyncio.timeout(None) as limit:
 
-                def reading(now: Stage | None) -> None:
+                def at(now: Stage) -> None:
                     nonlocal stage
-                    if now is None:
-                        limit.reschedule(None)
-                        return
                     stage = now
-                    limit.reschedule(loop.time() + self.timeout)
+
+                def timer(on: bool) -> None:
+                    limit.reschedule(loop.time() + self.timeout if on else None)
 
                 wire = wire_data(data)
                 if wire is not None and pipelining.offered(smtp):
@@ -242,18 +241,21 @@ class SmtpPool:
                         recipients=recipients,
                         wire=wire,
                         window=window,
-                        reading=reading,
+                        stage=at,
+                        timer=timer,
                     )
                 else:
-                    reading("mail")
+                    timer(True)
                     await _mail(smtp, sender, self._mail_options(smtp, data))
+                    stage = "rcpt"
                     for recipient in recipients:
-                        reading("rcpt")
+                        timer(True)
                         await _rcpt(smtp, recipient)
+                    stage = "data"
                     if window is not None:
-                        reading(None)
+                        timer(False)
                         await window.acquire()
-                    reading("data")
+                    timer(True)
                     try:
                         reply = await _data(smtp, data, wire)
                     except BaseException:
