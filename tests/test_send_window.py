@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from dispatcher.errors import PermanentError, TransientError
-from dispatcher.queue.window import SendWindow, WindowClosed, WindowTicket
+from dispatcher.queue.loop import LoopThread
+from dispatcher.queue.window import SendWindow, Turnstile, WindowClosed, WindowTicket
 from tests.conftest import appeal_body, wait_for
 from tests.support.smtp import DROP, HANG, SmtpTestServer
 from tests.test_email_pool import SENDER, TARGET, letter, make_pool
@@ -346,3 +347,123 @@ def test_loop_thread_cancels_a_coroutine_whose_caller_stopped_waiting() -> None:
         assert cancelled.wait(2)
     finally:
         loop.stop()
+
+
+# ---------------------------------------------------------------------------- the turnstile under the window
+
+
+async def test_a_thread_leaving_an_uncontended_window_does_not_wake_the_loop() -> None:
+    turnstile = Turnstile()
+    loop = asyncio.get_running_loop()
+    wakes: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(callback, "__self__", None) is turnstile:  # (to_thread wakes it too)
+            wakes.append(callback)
+        return real(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        await turnstile.enter()
+        await asyncio.to_thread(turnstile.leave)  # the worker thread, its letter recorded
+        assert not turnstile.held and wakes == []
+        await turnstile.enter()
+        waiting = asyncio.create_task(turnstile.enter())
+        await asyncio.sleep(0.01)
+        await asyncio.to_thread(turnstile.leave)  # now a letter waits: its loop must hear of it
+        await asyncio.wait_for(waiting, 2)
+        assert turnstile.held and len(wakes) == 1
+        turnstile.leave()
+        assert not turnstile.held
+    finally:
+        loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+
+
+async def test_waiters_get_the_turn_in_order_and_a_cancelled_one_passes_it_on() -> None:
+    turnstile = Turnstile()
+    order: list[str] = []
+
+    async def enter(name: str) -> None:
+        await turnstile.enter()
+        order.append(name)
+
+    await turnstile.enter()
+    first = asyncio.create_task(enter("first"))
+    given_up = asyncio.create_task(enter("given up"))
+    last = asyncio.create_task(enter("last"))
+    await asyncio.sleep(0.01)
+    given_up.cancel()
+    await asyncio.to_thread(turnstile.leave)
+    await asyncio.wait_for(first, 2)
+    # handed to the cancelled one's successor: nobody is left waiting on a turn nobody has
+    await asyncio.to_thread(turnstile.leave)
+    await asyncio.wait_for(last, 2)
+    assert order == ["first", "last"] and given_up.cancelled()
+    turnstile.leave()
+    assert not turnstile.held
+
+
+@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancelled, then handed", "handed, then cancelled"])
+async def test_a_waiter_cancelled_as_the_turn_reaches_it_passes_the_turn_on(cancel_first: bool) -> None:
+    turnstile = Turnstile()
+    loop = asyncio.get_running_loop()
+    await turnstile.enter()
+    unlucky = asyncio.create_task(turnstile.enter())
+    after = asyncio.create_task(turnstile.enter())
+    await asyncio.sleep(0.01)
+
+    def from_another_thread() -> None:
+        # The worker thread leaves while the waiter's task is being cancelled; this loop is
+        # blocked meanwhile, so both land on it in the order given.
+        if cancel_first:
+            loop.call_soon_threadsafe(unlucky.cancel)
+        turnstile.leave()
+        if not cancel_first:
+            loop.call_soon_threadsafe(unlucky.cancel)
+
+    thread = threading.Thread(target=from_another_thread)
+    thread.start()
+    thread.join(5)
+    await asyncio.wait_for(after, 2)
+    assert unlucky.cancelled() and turnstile.held
+    turnstile.leave()
+    assert not turnstile.held
+
+
+def test_holders_on_two_loops_and_leavers_on_many_threads_never_overlap() -> None:
+    turnstile = Turnstile()
+    inside = 0
+    most = 0
+    entries = 0
+    counter = threading.Lock()
+    loops = [LoopThread(name=f"loop-{n}") for n in range(2)]
+
+    async def enter() -> None:
+        nonlocal inside, most, entries
+        await turnstile.enter()
+        with counter:
+            inside += 1
+            entries += 1
+            most = max(most, inside)
+
+    def worker(loop: LoopThread) -> None:
+        nonlocal inside
+        for _ in range(200):
+            loop.run(enter(), timeout=10)
+            with counter:
+                inside -= 1
+            turnstile.leave()  # from this thread, as the worker thread closes its ticket
+
+    try:
+        threads = [threading.Thread(target=worker, args=(loops[n % 2],)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        for loop in loops:
+            loop.stop()
+    assert (entries, most) == (1200, 1)
+    assert not turnstile.held
