@@ -23,7 +23,7 @@ lint: bootstrap
 	$(BIN)/ruff format --check dispatcher tests bench
 
 typecheck: bootstrap
-	$(BIN)/mypy dispatcher
+	$(BIN)/mypy dispatcher bench
 
 config-check: bootstrap
 	$(BIN)/dispatcher config check

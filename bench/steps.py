@@ -104,6 +104,7 @@ def one_pass(args: argparse.Namespace, workdir: Path, results: dict[str, list[fl
             claim = ledger.lifecycle.claim(delivery_id, worker, now)
             assert claim is not None
             t = step("ledger.lifecycle.claim (UPDATE + SELECT)", t)
+            assert claim.appeal_id is not None  # (a letter, not a digest)
             person = ledger.views.supporter(claim.appeal_id)
             assert person is not None
             t = step("ledger.views.supporter (SELECT)", t)

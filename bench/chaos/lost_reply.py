@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 if str(ROOT) not in sys.path:
@@ -30,6 +31,7 @@ from dramatiq import Message  # noqa: E402
 
 from dispatcher.queue.actors import ACTOR, QUEUE  # noqa: E402
 from dispatcher.queue.broker import make_broker  # noqa: E402
+from dispatcher.queue.consumer import BatchingConsumer  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
 from tests.support.services import RedisServer  # noqa: E402
 
@@ -56,6 +58,7 @@ def one_run(n: int, messages: int) -> tuple[int, int, int, str]:
 
         def consume() -> None:
             consumer = broker.consume(QUEUE, prefetch=8)
+            assert isinstance(consumer, BatchingConsumer)
             while True:
                 try:
                     message = next(consumer)
@@ -75,7 +78,8 @@ def one_run(n: int, messages: int) -> tuple[int, int, int, str]:
         thread.join(timeout=60)
         server.start()
         client = redis.Redis.from_url(server.url)
-        acks = {m.decode() for m in client.smembers(f"{settings.redis_namespace}:__acks__.{broker.broker_id}.{QUEUE}")}
+        key = f"{settings.redis_namespace}:__acks__.{broker.broker_id}.{QUEUE}"
+        acks = {m.decode() for m in cast(set[bytes], client.smembers(key))}
         client.close()
     return len(received), len(acks), len(acks - received), error[0] if error else "no error"
 

@@ -46,10 +46,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 CHAOS = Path(__file__).resolve().parent
 BENCH = CHAOS.parent
@@ -65,6 +66,7 @@ from sqlalchemy import text  # noqa: E402
 
 from dispatcher.app import Service  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
+from dispatcher.queue.reconciler import Reconciler  # noqa: E402
 from dispatcher.settings import Settings  # noqa: E402
 from tests.support.services import RedisServer  # noqa: E402
 
@@ -228,7 +230,7 @@ class Stack:
         self.start_sink()
         assert self.sink is not None
         self.key = secrets.token_hex(16)
-        self.settings = Settings(
+        self.settings: Settings = Settings(
             config_dir=tp.CONFIG_DIR,
             templates_dir=tp.TEMPLATES_DIR,
             var_dir=workdir / f"var-{name}",
@@ -242,10 +244,12 @@ class Stack:
             email_limits=(tp.EMAIL_LIMITS,),
             office_hours=False,
         )
-        self.service = Service(self.settings, environ={tp.KEY_ENV: self.key})
+        self.service: Service = Service(self.settings, environ={tp.KEY_ENV: self.key})
         self.service.ledger.migrate()
-        self.env = tp.child_env(self.settings, self.key, "WARNING") | {"DISPATCH_OFFICE_HOURS": "0"}
-        self.client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.env: dict[str, str] = tp.child_env(self.settings, self.key, "WARNING") | {"DISPATCH_OFFICE_HOURS": "0"}
+        self.client: redis.Redis = redis.Redis.from_url(
+            self.settings.redis_url, socket_connect_timeout=2, socket_timeout=5
+        )
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.broker_ids: dict[int, str] = {}
         self.worker_logs: dict[int, Path] = {}
@@ -254,12 +258,14 @@ class Stack:
         if REQUEUE_AFTER is not None:
             config["requeue_after"] = REQUEUE_AFTER
         self.reconciler_config = config
-        self._stop = threading.Event()
+        self._stop: threading.Event = threading.Event()
         reconciler = self.service.reconciler(**config)
-        self.reconciler = reconciler
-        self.spy = LedgerSpy(reconciler.ledger)
+        self.reconciler: Reconciler = reconciler
+        self.spy: LedgerSpy = LedgerSpy(reconciler.ledger)
         reconciler.ledger = self.spy
-        self._reconciler = threading.Thread(target=reconciler.run, args=(self._stop,), name="reconciler", daemon=True)
+        self._reconciler: threading.Thread = threading.Thread(
+            target=reconciler.run, args=(self._stop,), name="reconciler", daemon=True
+        )
         self._reconciler.start()
 
     # -- processes
@@ -293,7 +299,7 @@ class Stack:
             )
         self.workers[slot] = proc
         tp.wait_for_consumers(self.client, ns, 1, [proc], [path], before)
-        new = set(self.client.zrange(f"{ns}:__heartbeats__", 0, -1)) - before
+        new = set(cast(list[bytes], self.client.zrange(f"{ns}:__heartbeats__", 0, -1))) - before
         # intake's own broker may register at the same moment: keep the id only when unambiguous
         if len(new) == 1:
             self.broker_ids[slot] = next(iter(new)).decode()
@@ -327,12 +333,12 @@ class Stack:
         with contextlib.suppress(redis.RedisError):
             for key in self.client.scan_iter(f"{ns}:__acks__.{broker_id}.*", count=1000):
                 queue = key.decode().rsplit(".", 1)[1]
-                members = list(self.client.smembers(key))
+                members = list(cast(set[bytes], self.client.smembers(key)))
                 if not members:
                     continue
-                for data in self.client.hmget(f"{ns}:{queue}.msgs", members):
+                for data in cast(list[bytes | None], self.client.hmget(f"{ns}:{queue}.msgs", members)):
                     with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-                        out.append(str(json.loads(data)["args"][0]))
+                        out.append(str(json.loads(data or b"")["args"][0]))
         return out
 
     def sent_at(self, ids: list[str]) -> dict[str, datetime | None]:
@@ -405,24 +411,25 @@ class Stack:
         found: dict[str, list[str]] = {d: [] for d in delivery_ids}
         by_redis_id: dict[str, str] = {}
         for key in self.client.scan_iter(f"{ns}:*.msgs", count=1000):
-            for rid, data in self.client.hscan_iter(key, count=1000):
+            for rid, data in cast(Iterator[tuple[bytes, bytes]], self.client.hscan_iter(key, count=1000)):
                 with contextlib.suppress(ValueError, KeyError, IndexError):
                     args = json.loads(data)["args"]
                     if args and args[0] in wanted:
                         by_redis_id[rid.decode()] = args[0]
                         found[args[0]].append(f"message {rid.decode()} in {key.decode()}")
-        beats = {m.decode(): t for m, t in self.client.zrange(f"{ns}:__heartbeats__", 0, -1, withscores=True)}
+        heartbeats = self.client.zrange(f"{ns}:__heartbeats__", 0, -1, withscores=True)
+        beats = {m.decode(): t for m, t in cast(list[tuple[bytes, float]], heartbeats)}
         now_ms = time.time() * 1000
         for key in self.client.scan_iter(f"{ns}:*", count=1000):
             name = key.decode()
-            kind = self.client.type(key).decode()
+            kind = cast(bytes, self.client.type(key)).decode()
             members: list[bytes] = []
             if kind == "list":
-                members = self.client.lrange(key, 0, -1)
+                members = cast(list[bytes], self.client.lrange(key, 0, -1))
             elif kind == "set":
-                members = list(self.client.smembers(key))
+                members = list(cast(set[bytes], self.client.smembers(key)))
             elif kind == "zset" and not name.endswith("__heartbeats__"):
-                members = self.client.zrange(key, 0, -1)
+                members = cast(list[bytes], self.client.zrange(key, 0, -1))
             for m in members:
                 delivery = by_redis_id.get(m.decode(errors="replace"))
                 if delivery is None:
@@ -530,9 +537,9 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
             text("SELECT created_at, sent_at FROM deliveries WHERE state = 'sent' AND sent_at IS NOT NULL")
         ).all()
     for row in rows:
-        created, sent = stack_time(row.created_at), stack_time(row.sent_at)
-        if created is not None and sent is not None:
-            outcome.max_latency_s = max(outcome.max_latency_s, (sent - created).total_seconds())
+        made, went = stack_time(row.created_at), stack_time(row.sent_at)
+        if made is not None and went is not None:
+            outcome.max_latency_s = max(outcome.max_latency_s, (went - made).total_seconds())
     outcome.requeued_by_reconciler = len(stack.spy.requeued)
     outcome.outbox_by_reconciler = len(stack.spy.outbox)
     strays = stack.reconciler.strays
@@ -558,7 +565,7 @@ def drive(stack: Stack, outcome: Outcome, appeals: int, timeout: float, step: An
     if outcome.duplicate_ids:
         # the contract's one window: the letter's claim was taken back (its worker died mid-send)
         with stack.service.ledger.engine.connect() as conn:
-            stale = dict(
+            stale: dict[str, str] = dict(
                 conn.execute(
                     text(
                         "SELECT d.message_id, a.worker FROM deliveries d JOIN attempts a ON a.delivery_id = d.id "
@@ -695,11 +702,12 @@ def scenario_kill(args: argparse.Namespace, workdir: Path, rng: random.Random) -
                     text("SELECT count(*) FROM attempts WHERE worker LIKE :p"), {"p": f"%:{kill.pid}:%"}
                 ).scalar_one()
                 released = [
-                    stack_time(r.started_at) + timedelta(milliseconds=float(r.duration_ms or 0))  # type: ignore[operator]
+                    began + timedelta(milliseconds=float(r.duration_ms or 0))
                     for r in conn.execute(
                         text("SELECT started_at, duration_ms FROM attempts WHERE worker LIKE :p AND text LIKE :t"),
                         {"p": f"%:{kill.pid}:%", "t": RELEASED_TEXT},
                     )
+                    if (began := stack_time(r.started_at)) is not None
                 ]
                 claims_s, fetched_s = kill.recovery(sent_at)
                 both = [claims_s, fetched_s]
@@ -735,7 +743,7 @@ def scenario_redis(args: argparse.Namespace, workdir: Path, rng: random.Random) 
         n = appeals * 5
         threshold = int(rng.uniform(0.3, 0.5) * n)
         started = time.monotonic()
-        state = {"down_at": None, "done": False}
+        state: dict[str, Any] = {"down_at": None, "done": False}
 
         def step(sent: int | None, elapsed: float) -> bool:
             if sent is None:

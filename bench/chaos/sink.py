@@ -34,5 +34,5 @@ class LoggingHandler(smtp_sink.CountingHandler):
 
 
 if __name__ == "__main__":
-    smtp_sink.CountingHandler = LoggingHandler  # type: ignore[misc]
+    smtp_sink.CountingHandler = LoggingHandler
     raise SystemExit(smtp_sink.main())
