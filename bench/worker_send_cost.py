@@ -1,0 +1,192 @@
+"""What a worker process pays to send a letter from its threads: handed to the event loop's
+thread, as the worker does, or sent on a blocking socket by the thread itself (issue 11).
+
+Several threads (a worker's, default 4) each send their share of the messages to Postfix's
+``smtp-sink``, one after another, and the CPU of the whole process is divided by the messages:
+
+* **loop thread**: what ``DeliveryProcessor`` does. Each thread takes a send-window ticket,
+  hands ``SmtpPool.send`` to the ``LoopThread`` (which pipelines MAIL, RCPT and DATA: smtp-sink
+  offers PIPELINING) and closes the ticket when the send returns, as after recording ``sent``.
+* **an event loop in each thread**: each thread runs its own loop and its own pool
+  (``run_until_complete``): no hand-off between threads, asyncio all the same;
+* **blocking, in the thread**: each thread has its own connection and sends the same pipelined
+  transaction on a blocking socket (MAIL + RCPT + DATA in one write, the message once 354 is
+  in), the window a ``threading.Lock`` taken before the message and given back after the 250.
+
+The second is a measuring stick, not a client: no error handling, no timeouts, no TLS. It says
+what a synchronous email transport in the worker's threads could save against the event loop's
+hand-offs and wake-ups. The modes alternate within each round; medians and ratios are printed.
+
+    .venv/bin/python bench/worker_send_cost.py [--messages 4000] [--threads 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+for path in (ROOT, BENCH):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
+from postfix_sink import PostfixSink  # noqa: E402
+from smtp_client_cost import RECIPIENT, SENDER, letter  # noqa: E402
+
+from dispatcher.channels.email.pool import SmtpPool, wire_data  # noqa: E402
+from dispatcher.logging import configure as configure_logging  # noqa: E402
+from dispatcher.queue.loop import LoopThread  # noqa: E402
+from dispatcher.queue.window import SendWindow  # noqa: E402
+
+
+def _in_threads(threads: int, messages: int, send: Callable[[int], None]) -> float:
+    """CPU of the process per message, ``send(thread index)`` called ``messages`` times in all."""
+    each = messages // threads
+    barrier = threading.Barrier(threads + 1)
+
+    def work(index: int) -> None:
+        barrier.wait()
+        for _ in range(each):
+            send(index)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    started = time.process_time()
+    barrier.wait()
+    for t in workers:
+        t.join()
+    return (time.process_time() - started) / (each * threads)
+
+
+def loop_thread(port: int, data: bytes, messages: int, threads: int) -> float:
+    loop = LoopThread()
+    pool = SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost", size=threads)
+    window = SendWindow()
+    # every connection opened outside the measurement
+    warm = [threading.Thread(target=loop.run, args=(pool.send(data, SENDER, [RECIPIENT]),)) for _ in range(threads)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+
+    def send(_index: int) -> None:
+        ticket = window.ticket()
+        loop.run(pool.send(data, SENDER, [RECIPIENT], window=ticket), timeout=30)
+        window.close()  # (the worker records `sent` here)
+
+    try:
+        return _in_threads(threads, messages, send)
+    finally:
+        loop.run(pool.aclose(), timeout=10)
+        loop.stop()
+
+
+def loop_per_thread(port: int, data: bytes, messages: int, threads: int) -> float:
+    import asyncio
+
+    loops = [asyncio.new_event_loop() for _ in range(threads)]
+    pools = [SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost", size=1) for _ in range(threads)]
+    window = SendWindow()
+    for loop, pool in zip(loops, pools, strict=True):
+        loop.run_until_complete(pool.send(data, SENDER, [RECIPIENT]))
+
+    def send(index: int) -> None:
+        ticket = window.ticket()
+        loops[index].run_until_complete(pools[index].send(data, SENDER, [RECIPIENT], window=ticket))
+        window.close()
+
+    try:
+        return _in_threads(threads, messages, send)
+    finally:
+        for loop, pool in zip(loops, pools, strict=True):
+            loop.run_until_complete(pool.aclose())
+            loop.close()
+
+
+class _Blocking:
+    """One thread's connection: replies read from a blocking socket, continuations skipped."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.buffer = b""
+        self.read(1)
+        self.sock.sendall(b"EHLO localhost\r\n")
+        self.read(1)
+
+    def read(self, n: int) -> list[int]:
+        codes: list[int] = []
+        while len(codes) < n:
+            while b"\n" not in self.buffer:
+                self.buffer += self.sock.recv(65536)
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line[3:4] != b"-":
+                codes.append(int(line[:3]))
+        return codes
+
+
+def blocking(port: int, data: bytes, messages: int, threads: int) -> float:
+    wire = wire_data(data)
+    assert wire is not None
+    group = f"MAIL FROM:<{SENDER}> SIZE={len(data)}\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+    window = threading.Lock()
+    connections = [_Blocking(port) for _ in range(threads)]
+
+    def send(index: int) -> None:
+        conn = connections[index]
+        conn.sock.sendall(group)
+        codes = conn.read(3)
+        with window:
+            conn.sock.sendall(wire)
+            codes += conn.read(1)
+        if codes != [250, 250, 354, 250]:
+            raise RuntimeError(f"smtp-sink answered {codes}")
+
+    try:
+        return _in_threads(threads, messages, send)
+    finally:
+        for conn in connections:
+            conn.sock.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=4000, help="messages per mode and round")
+    parser.add_argument("--threads", type=int, default=4, help="sending threads (a worker's --threads)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the modes alternate within each")
+    args = parser.parse_args()
+    configure_logging("WARNING")
+    data = letter()
+    modes: dict[str, Callable[[int], float]] = {
+        "loop thread (the worker's way)": lambda port: loop_thread(port, data, args.messages, args.threads),
+        "an event loop in each thread": lambda port: loop_per_thread(port, data, args.messages, args.threads),
+        "blocking sockets in the threads": lambda port: blocking(port, data, args.messages, args.threads),
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    results: dict[str, list[float]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory(prefix="dispatch-send-cost-") as tmp, PostfixSink(Path(tmp), "sink", port):
+        print(f"{args.messages} messages of {len(data):,} bytes per mode and round, {args.threads} threads, smtp-sink")
+        for round_ in range(args.rounds):
+            names = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+            for name in names:
+                results[name].append(modes[name](port) * 1e6)
+                print(f"  round {round_ + 1}: {name}: {results[name][-1]:.0f} µs of CPU a message")
+    base = statistics.median(results["loop thread (the worker's way)"])
+    print(f"{'mode':36s} {'CPU µs/message, median':>24s} {'÷ loop thread':>14s}")
+    for name, figures in results.items():
+        median = statistics.median(figures)
+        print(f"{name:36s} {median:24.0f} {median / base:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
