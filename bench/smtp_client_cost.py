@@ -141,6 +141,30 @@ async def _pool(port: int, data: bytes, messages: int) -> float:
     return cpu
 
 
+def alternate_against_sink(
+    modes: dict[str, Callable[[int], float]], rounds: int, heading: str, *, base: str, width: int = 42
+) -> None:
+    """Run each mode once a round against one smtp-sink (the order reversed every other round),
+    each returning µs of CPU a message for the sink's port; print each figure, then the medians
+    and their ratio to ``base``'s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    results: dict[str, list[float]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory(prefix="dispatch-smtp-cost-") as tmp, PostfixSink(Path(tmp), "sink", port):
+        print(heading)
+        for round_ in range(rounds):
+            names = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+            for name in names:
+                results[name].append(modes[name](port))
+                print(f"  round {round_ + 1}: {name}: {results[name][-1]:.0f} µs of CPU a message")
+    reference = statistics.median(results[base])
+    print(f"{'mode':{width}s} {'CPU µs/message, median':>24s} {'÷ ' + base.split(' (')[0]:>14s}")
+    for name, figures in results.items():
+        median = statistics.median(figures)
+        print(f"{name:{width}s} {median:24.0f} {median / reference:14.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=4000, help="messages per mode and round")
@@ -148,28 +172,23 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("WARNING")  # as the worker benches run: the pool's debug lines would be timed
     data = letter()
-    modes: dict[str, Callable[[int], Coroutine[Any, Any, float]]] = {
-        "pool (pipelined, 2 round trips)": lambda port: _pool(port, data, args.messages),
-        "raw protocol, 4 round trips": lambda port: _raw(port, data, args.messages, pipelined=False),
-        "raw protocol, pipelined (2 round trips)": lambda port: _raw(port, data, args.messages, pipelined=True),
+
+    def per_message(run: Callable[[int], Coroutine[Any, Any, float]]) -> Callable[[int], float]:
+        return lambda port: asyncio.run(run(port)) * 1e6 / args.messages
+
+    modes: dict[str, Callable[[int], float]] = {
+        "pool (pipelined, 2 round trips)": per_message(lambda port: _pool(port, data, args.messages)),
+        "raw protocol, 4 round trips": per_message(lambda port: _raw(port, data, args.messages, pipelined=False)),
+        "raw protocol, pipelined (2 round trips)": per_message(
+            lambda port: _raw(port, data, args.messages, pipelined=True)
+        ),
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    results: dict[str, list[float]] = {name: [] for name in modes}
-    with tempfile.TemporaryDirectory(prefix="dispatch-smtp-cost-") as tmp, PostfixSink(Path(tmp), "sink", port):
-        print(f"{args.messages} messages of {len(data):,} bytes per mode and round, one connection to smtp-sink")
-        for round_ in range(args.rounds):
-            names = list(modes) if round_ % 2 == 0 else list(reversed(modes))
-            for name in names:
-                cpu = asyncio.run(modes[name](port))
-                results[name].append(cpu * 1e6 / args.messages)
-                print(f"  round {round_ + 1}: {name}: {results[name][-1]:.0f} µs of CPU a message")
-    pool = statistics.median(results["pool (pipelined, 2 round trips)"])
-    print(f"{'mode':42s} {'CPU µs/message, median':>24s} {'÷ pool':>8s}")
-    for name, figures in results.items():
-        median = statistics.median(figures)
-        print(f"{name:42s} {median:24.0f} {median / pool:8.2f}")
+    alternate_against_sink(
+        modes,
+        args.rounds,
+        f"{args.messages} messages of {len(data):,} bytes per mode and round, one connection to smtp-sink",
+        base="pool (pipelined, 2 round trips)",
+    )
 
 
 if __name__ == "__main__":

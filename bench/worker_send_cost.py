@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +36,7 @@ for path in (ROOT, BENCH):
     if str(path) not in sys.path:
         sys.path.append(str(path))
 
-from postfix_sink import PostfixSink  # noqa: E402
-from smtp_client_cost import RECIPIENT, SENDER, letter  # noqa: E402
+from smtp_client_cost import RECIPIENT, SENDER, alternate_against_sink, letter  # noqa: E402
 
 from dispatcher.channels.email.pool import SmtpPool, wire_data  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
@@ -166,26 +163,17 @@ def main() -> None:
     configure_logging("WARNING")
     data = letter()
     modes: dict[str, Callable[[int], float]] = {
-        "loop thread (the worker's way)": lambda port: loop_thread(port, data, args.messages, args.threads),
-        "an event loop in each thread": lambda port: loop_per_thread(port, data, args.messages, args.threads),
-        "blocking sockets in the threads": lambda port: blocking(port, data, args.messages, args.threads),
+        "loop thread (the worker's way)": lambda port: loop_thread(port, data, args.messages, args.threads) * 1e6,
+        "an event loop in each thread": lambda port: loop_per_thread(port, data, args.messages, args.threads) * 1e6,
+        "blocking sockets in the threads": lambda port: blocking(port, data, args.messages, args.threads) * 1e6,
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    results: dict[str, list[float]] = {name: [] for name in modes}
-    with tempfile.TemporaryDirectory(prefix="dispatch-send-cost-") as tmp, PostfixSink(Path(tmp), "sink", port):
-        print(f"{args.messages} messages of {len(data):,} bytes per mode and round, {args.threads} threads, smtp-sink")
-        for round_ in range(args.rounds):
-            names = list(modes) if round_ % 2 == 0 else list(reversed(modes))
-            for name in names:
-                results[name].append(modes[name](port) * 1e6)
-                print(f"  round {round_ + 1}: {name}: {results[name][-1]:.0f} µs of CPU a message")
-    base = statistics.median(results["loop thread (the worker's way)"])
-    print(f"{'mode':36s} {'CPU µs/message, median':>24s} {'÷ loop thread':>14s}")
-    for name, figures in results.items():
-        median = statistics.median(figures)
-        print(f"{name:36s} {median:24.0f} {median / base:14.2f}")
+    alternate_against_sink(
+        modes,
+        args.rounds,
+        f"{args.messages} messages of {len(data):,} bytes per mode and round, {args.threads} threads, smtp-sink",
+        base="loop thread (the worker's way)",
+        width=36,
+    )
 
 
 if __name__ == "__main__":
