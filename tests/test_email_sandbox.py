@@ -23,6 +23,7 @@ import pytest
 
 from dispatcher.channels.email.channel import EmailChannel
 from dispatcher.channels.email.message import build_message
+from dispatcher.channels.email.pool import SmtpPool
 from dispatcher.sandbox.smtp import SandboxSMTP, safe_file_stem
 from dispatcher.settings import Settings
 from tests.support.smtp import make_section
@@ -93,6 +94,24 @@ async def test_every_envelope_recipient_and_resend_is_kept(sandbox: SandboxSMTP)
     files = emls(sandbox.directory)
     assert len(files) == 2
     assert all(b"X-Sandbox-Envelope-To: ambassador@embassy.example.org, cc@x.org\r\n" in f.read_bytes() for f in files)
+
+
+async def test_the_sandbox_offers_pipelining_and_keeps_what_comes_pipelined(sandbox: SandboxSMTP) -> None:
+    # As the relays it stands for: the pool sends MAIL, RCPT and DATA in one write here too.
+    pool = SmtpPool(sandbox.host, sandbox.port, tls="none", local_hostname="localhost")
+    try:
+        for n in (1, 2):
+            await pool.send(letter(f"d-000{n}"), "bounces@aiusa.example.org", [TARGET])
+    finally:
+        await pool.aclose()
+    assert pool.stats.pipelined == 2
+    files = emls(sandbox.directory)
+    assert [f.name.rsplit("-", 1)[1] for f in files] == ["0001_aiusa.example.org.eml", "0002_aiusa.example.org.eml"]
+    parsed = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    plain = parsed.get_body(("plain",))
+    assert plain is not None
+    assert plain.get_content().replace("\r\n", "\n") == "Dear Ambassador,\n.\nA line that is only a dot, above.\n"
 
 
 async def test_message_without_message_id(sandbox: SandboxSMTP) -> None:
