@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,9 @@ for path in (ROOT, BENCH):
 
 from postfix_sink import PostfixSink  # noqa: E402
 
-from dispatcher.channels.email.mime import letter_bytes  # noqa: E402
 from dispatcher.channels.email.pool import SmtpPool, wire_data  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
-from tests.support.smtp import make_section  # noqa: E402
+from tests.support.smtp import french_letter_bytes  # noqa: E402
 
 SENDER = "bounces@bench.example.org"
 RECIPIENT = "ambassador@embassy.example.org"
@@ -54,18 +52,11 @@ def letter() -> bytes:
         "Je vous écris au sujet des militants détenus depuis le mois dernier, dont la santé "
         "inquiète leurs familles et leurs avocats, et je vous demande d'intervenir."
     )
-    return letter_bytes(
-        delivery_id="d-bench",
-        section=make_section(),
-        to_name="Ambassador Jane Smith",
-        to_address=RECIPIENT,
-        supporter_name="Zoë Martín",
-        supporter_email="zoe@example.net",
-        subject="Libérez les militants détenus",
+    return french_letter_bytes(
         text="Madame l'Ambassadrice,\n\n" + "\n\n".join([paragraph] * 8) + "\n",
         html="<p>Madame l'Ambassadrice,</p>" + f"<p>{paragraph}</p>" * 8,
-        language="fr",
-        date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
+        to_address=RECIPIENT,
+        delivery_id="d-bench",
     )
 
 

@@ -66,7 +66,8 @@ def _in_threads(threads: int, messages: int, send: Callable[[int], None]) -> flo
 
 def loop_thread(port: int, data: bytes, messages: int, threads: int) -> float:
     loop = LoopThread()
-    pool = SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost", size=threads)
+    # the pool's own defaults (size 4, the relay timeout bounding every reply), as a worker's
+    pool = SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost")
     window = SendWindow()
     # every connection opened outside the measurement
     warm = [threading.Thread(target=loop.run, args=(pool.send(data, SENDER, [RECIPIENT]),)) for _ in range(threads)]
@@ -77,13 +78,13 @@ def loop_thread(port: int, data: bytes, messages: int, threads: int) -> float:
 
     def send(_index: int) -> None:
         ticket = window.ticket()
-        loop.run(pool.send(data, SENDER, [RECIPIENT], window=ticket), timeout=30)
+        loop.run(pool.send(data, SENDER, [RECIPIENT], window=ticket))
         window.close()  # (the worker records `sent` here)
 
     try:
         return _in_threads(threads, messages, send)
     finally:
-        loop.run(pool.aclose(), timeout=10)
+        loop.run(pool.aclose())
         loop.stop()
 
 
@@ -91,7 +92,7 @@ def loop_per_thread(port: int, data: bytes, messages: int, threads: int) -> floa
     import asyncio
 
     loops = [asyncio.new_event_loop() for _ in range(threads)]
-    pools = [SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost", size=1) for _ in range(threads)]
+    pools = [SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost") for _ in range(threads)]
     window = SendWindow()
     for loop, pool in zip(loops, pools, strict=True):
         loop.run_until_complete(pool.send(data, SENDER, [RECIPIENT]))
@@ -123,7 +124,10 @@ class _Blocking:
         codes: list[int] = []
         while len(codes) < n:
             while b"\n" not in self.buffer:
-                self.buffer += self.sock.recv(65536)
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("smtp-sink closed the connection")
+                self.buffer += chunk
             line, self.buffer = self.buffer.split(b"\n", 1)
             if line[3:4] != b"-":
                 codes.append(int(line[:3]))

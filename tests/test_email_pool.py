@@ -8,7 +8,6 @@ import itertools
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.channels.email.mime import letter_bytes
 from dispatcher.channels.email.pipelining import ReplyReader
 from dispatcher.channels.email.pool import SmtpPool, wire_data
 from dispatcher.errors import BlipError, OperationalError, PermanentError, TransientError
 from tests.support.dovecot import make_test_ca
-from tests.support.smtp import DROP, SmtpTestServer, make_section
+from tests.support.smtp import DROP, SmtpTestServer, french_letter_bytes
 
 SENDER = "bounces@aiusa.example.org"
 TARGET = "ambassador@embassy.example.org"
@@ -447,18 +445,10 @@ async def test_the_relay_receives_what_aiosmtplibs_own_data_sends(server: SmtpTe
 
 
 def test_a_letter_we_write_takes_the_shortcut() -> None:
-    data = letter_bytes(
-        delivery_id="d-1",
-        section=make_section(),
-        to_name="Ambassador Jane Smith",
-        to_address=TARGET,
-        supporter_name="Zoë Martín",
-        supporter_email="zoe@example.net",
-        subject="Libérez les militants détenus",
+    data = french_letter_bytes(
         text="Madame l'Ambassadrice,\n\n.Une ligne qui commence par un point.\n" + "é" * 200 + "\n",
         html="<p>Madame l'Ambassadrice,</p>\n.<p>point</p>",
-        language="fr",
-        date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
+        to_address=TARGET,
     )
     assert wire_data(data) == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
 

@@ -29,6 +29,7 @@ import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from types import TracebackType
 from typing import Any, TypeAlias
@@ -36,6 +37,7 @@ from typing import Any, TypeAlias
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from dispatcher.channels.email.mime import letter_bytes
 from dispatcher.config.models import Section, Sender, SmtpRelay
 from dispatcher.sandbox.smtp import LoopbackController, offer_pipelining
 
@@ -421,6 +423,24 @@ def make_section(
         intake_key_env="TEST_INTAKE_KEY",
         sender=Sender(name=sender_name, address=sender_address, envelope=envelope),
         smtp=relay or SmtpRelay(host="192.0.2.25", port=587),
+    )
+
+
+def french_letter_bytes(*, text: str, html: str, to_address: str, delivery_id: str = "d-1") -> bytes:
+    """The bytes the worker would send for a French letter of ``make_section()``'s section with
+    this ``text`` and ``html`` (non-ASCII throughout, so quoted-printable), dated 2024-03-05."""
+    return letter_bytes(
+        delivery_id=delivery_id,
+        section=make_section(),
+        to_name="Ambassador Jane Smith",
+        to_address=to_address,
+        supporter_name="Zoë Martín",
+        supporter_email="zoe@example.net",
+        subject="Libérez les militants détenus",
+        text=text,
+        html=html,
+        language="fr",
+        date=datetime(2024, 3, 5, 14, 30, tzinfo=UTC),
     )
 
 
