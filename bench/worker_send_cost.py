@@ -1,21 +1,20 @@
-"""What a worker process pays to send a letter from its threads: handed to the event loop's
-thread, as the worker does, or sent on a blocking socket by the thread itself (issue 11).
+"""What a worker process pays to send a letter from its threads (issue 11): through the SMTP
+pool, as the worker does, against a bare blocking client that does only what must be done.
 
 Several threads (a worker's, default 4) each send their share of the messages to Postfix's
 ``smtp-sink``, one after another, and the CPU of the whole process is divided by the messages:
 
-* **loop thread**: what ``DeliveryProcessor`` does. Each thread takes a send-window ticket,
-  hands ``SmtpPool.send`` to the ``LoopThread`` (which pipelines MAIL, RCPT and DATA: smtp-sink
-  offers PIPELINING) and closes the ticket when the send returns, as after recording ``sent``.
-* **an event loop in each thread**: each thread runs its own loop and its own pool
-  (``run_until_complete``): no hand-off between threads, asyncio all the same;
-* **blocking, in the thread**: each thread has its own connection and sends the same pipelined
-  transaction on a blocking socket (MAIL + RCPT + DATA in one write, the message once 354 is
-  in), the window a ``threading.Lock`` taken before the message and given back after the 250.
+* **the pool**: what ``DeliveryProcessor`` does. Each thread takes a send-window ticket, calls
+  ``SmtpPool.send`` (blocking, in the thread; it pipelines MAIL, RCPT and DATA: smtp-sink
+  offers PIPELINING) and closes the ticket when the send returns, as after recording ``sent``;
+* **bare blocking sockets**: each thread has its own connection and sends the same pipelined
+  transaction (MAIL + RCPT + DATA in one write, the message once 354 is in), the window a
+  ``threading.Lock`` taken before the message and given back after the 250.
 
-The second is a measuring stick, not a client: no error handling, no timeouts, no TLS. It says
-what a synchronous email transport in the worker's threads could save against the event loop's
-hand-offs and wake-ups. The modes alternate within each round; medians and ratios are printed.
+The second is a measuring stick, not a client: no error handling, no timeouts, no TLS, no
+reply parsing beyond the codes. Until session 13 the pool ran on the worker's event loop; the
+same bench then measured 215 µs a message through the loop against 48 for this stick
+(docs/benchmarks.md). The modes alternate within each round; medians and ratios are printed.
 
     .venv/bin/python bench/worker_send_cost.py [--messages 4000] [--threads 4] [--rounds 3]
 """
@@ -40,7 +39,6 @@ from smtp_client_cost import RECIPIENT, SENDER, alternate_against_sink, letter  
 
 from dispatcher.channels.email.pool import SmtpPool, wire_data  # noqa: E402
 from dispatcher.logging import configure as configure_logging  # noqa: E402
-from dispatcher.queue.loop import LoopThread  # noqa: E402
 from dispatcher.queue.window import SendWindow  # noqa: E402
 
 
@@ -64,50 +62,25 @@ def _in_threads(threads: int, messages: int, send: Callable[[int], None]) -> flo
     return (time.process_time() - started) / (each * threads)
 
 
-def loop_thread(port: int, data: bytes, messages: int, threads: int) -> float:
-    loop = LoopThread()
+def pooled(port: int, data: bytes, messages: int, threads: int) -> float:
     # the pool's own defaults (size 4, the relay timeout bounding every reply), as a worker's
     pool = SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost")
     window = SendWindow()
     # every connection opened outside the measurement
-    warm = [threading.Thread(target=loop.run, args=(pool.send(data, SENDER, [RECIPIENT]),)) for _ in range(threads)]
+    warm = [threading.Thread(target=pool.send, args=(data, SENDER, [RECIPIENT])) for _ in range(threads)]
     for t in warm:
         t.start()
     for t in warm:
         t.join()
 
     def send(_index: int) -> None:
-        ticket = window.ticket()
-        loop.run(pool.send(data, SENDER, [RECIPIENT], window=ticket))
+        pool.send(data, SENDER, [RECIPIENT], window=window.ticket())
         window.close()  # (the worker records `sent` here)
 
     try:
         return _in_threads(threads, messages, send)
     finally:
-        loop.run(pool.aclose())
-        loop.stop()
-
-
-def loop_per_thread(port: int, data: bytes, messages: int, threads: int) -> float:
-    import asyncio
-
-    loops = [asyncio.new_event_loop() for _ in range(threads)]
-    pools = [SmtpPool("127.0.0.1", port, tls="none", local_hostname="localhost") for _ in range(threads)]
-    window = SendWindow()
-    for loop, pool in zip(loops, pools, strict=True):
-        loop.run_until_complete(pool.send(data, SENDER, [RECIPIENT]))
-
-    def send(index: int) -> None:
-        ticket = window.ticket()
-        loops[index].run_until_complete(pools[index].send(data, SENDER, [RECIPIENT], window=ticket))
-        window.close()
-
-    try:
-        return _in_threads(threads, messages, send)
-    finally:
-        for loop, pool in zip(loops, pools, strict=True):
-            loop.run_until_complete(pool.aclose())
-            loop.close()
+        pool.close()
 
 
 class _Blocking:
@@ -167,15 +140,14 @@ def main() -> None:
     configure_logging("WARNING")
     data = letter()
     modes: dict[str, Callable[[int], float]] = {
-        "loop thread (the worker's way)": lambda port: loop_thread(port, data, args.messages, args.threads) * 1e6,
-        "an event loop in each thread": lambda port: loop_per_thread(port, data, args.messages, args.threads) * 1e6,
-        "blocking sockets in the threads": lambda port: blocking(port, data, args.messages, args.threads) * 1e6,
+        "the pool (the worker's way)": lambda port: pooled(port, data, args.messages, args.threads) * 1e6,
+        "bare blocking sockets": lambda port: blocking(port, data, args.messages, args.threads) * 1e6,
     }
     alternate_against_sink(
         modes,
         args.rounds,
         f"{args.messages} messages of {len(data):,} bytes per mode and round, {args.threads} threads, smtp-sink",
-        base="loop thread (the worker's way)",
+        base="the pool (the worker's way)",
         width=36,
     )
 

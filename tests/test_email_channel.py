@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from dispatcher.config.models import Section, SmtpRelay
 from dispatcher.errors import OperationalError, PermanentError, TransientError
 from dispatcher.settings import Settings
 from tests.support.smtp import DROP, SmtpTestServer, make_section
+from tests.test_email_dkim import outgoing
 
 TARGET = "ambassador@embassy.example.org"
 
@@ -69,16 +71,14 @@ def sandbox_channel(tmp_path: Path, port: int, **options: Any) -> EmailChannel:
 # ---------------------------------------------------------------------------- sandbox mode
 
 
-async def test_sandbox_mode_sends_to_the_sandbox_whatever_the_sections_relay(
-    tmp_path: Path, server: SmtpTestServer
-) -> None:
+def test_sandbox_mode_sends_to_the_sandbox_whatever_the_sections_relay(tmp_path: Path, server: SmtpTestServer) -> None:
     # The section's relay is TEST-NET-1: were it used, the send would fail.
     section = make_section(relay=SmtpRelay(host="192.0.2.25", port=587, tls="starttls"))
     channel = sandbox_channel(tmp_path, server.port)
     try:
-        result = await channel.send(letter(section), section=section, recipient=TARGET)
+        result = channel.send(letter(section), section=section, recipient=TARGET)
     finally:
-        await channel.aclose()
+        channel.close()
     assert isinstance(result, SendResult)
     assert (result.code, result.text, result.remote_id) == (250, "2.0.0 Ok: queued as TEST0001", "TEST0001")
     assert result.duration_ms > 0
@@ -90,7 +90,7 @@ async def test_sandbox_mode_sends_to_the_sandbox_whatever_the_sections_relay(
     assert [relay.host for relay in channel.pools] == []  # closed
 
 
-async def test_sections_share_the_one_sandbox_pool(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_sections_share_the_one_sandbox_pool(tmp_path: Path, server: SmtpTestServer) -> None:
     us = make_section(code="us")
     ch = make_section(
         code="ch",
@@ -101,11 +101,11 @@ async def test_sections_share_the_one_sandbox_pool(tmp_path: Path, server: SmtpT
     )
     channel = sandbox_channel(tmp_path, server.port)
     try:
-        await channel.send(letter(us, "d-1"), section=us, recipient=TARGET)
-        await channel.send(letter(ch, "d-2"), section=ch, recipient=TARGET)
+        channel.send(letter(us, "d-1"), section=us, recipient=TARGET)
+        channel.send(letter(ch, "d-2"), section=ch, recipient=TARGET)
         assert [(r.host, r.port, r.tls) for r in channel.pools] == [("127.0.0.1", server.port, "none")]
     finally:
-        await channel.aclose()
+        channel.close()
     assert server.connections == 1
     assert [m.mail_from for m in server.messages] == ["bounces@aiusa.example.org", "appell@amnesty-ch.example.org"]
 
@@ -114,13 +114,13 @@ NOT_LOOPBACK = ["192.0.2.25", "smtp.example.org", "10.0.0.1", "0.0.0.0", "localh
 
 
 @pytest.mark.parametrize("host", NOT_LOOPBACK)
-async def test_sandbox_refuses_a_host_that_is_not_loopback(tmp_path: Path, host: str) -> None:
+def test_sandbox_refuses_a_host_that_is_not_loopback(tmp_path: Path, host: str) -> None:
     channel = EmailChannel(settings_for(tmp_path, sandbox_smtp_host=host, sandbox_smtp_port=25), environ={})
     section = make_section()
     with pytest.raises(OperationalError, match="loopback"):
-        await channel.send(letter(section), section=section, recipient=TARGET)
+        channel.send(letter(section), section=section, recipient=TARGET)
     assert channel.pools == {}
-    await channel.aclose()
+    channel.close()
 
 
 @pytest.mark.parametrize(
@@ -142,121 +142,155 @@ def live_section(port: int) -> Section:
     return make_section(relay=relay)
 
 
-async def test_live_mode_uses_the_sections_relay_and_credentials(tmp_path: Path) -> None:
+def test_live_mode_uses_the_sections_relay_and_credentials(tmp_path: Path) -> None:
     with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as relay:
         section = live_section(relay.port)
         environ = {"TEST_SMTP_USER": "relay-user", "TEST_SMTP_PASSWORD": "s3cret"}
         # The sandbox port is closed: live mode must not go there.
         channel = EmailChannel(settings_for(tmp_path, mode="live", sandbox_smtp_port=closed_port()), environ=environ)
         try:
-            result = await channel.send(letter(section), section=section, recipient=TARGET)
+            result = channel.send(letter(section), section=section, recipient=TARGET)
         finally:
-            await channel.aclose()
+            channel.close()
         assert result.code == 250
         [received] = relay.messages
         assert received.login == "relay-user"
         assert received.mail_from == "bounces@aiusa.example.org"
 
 
-async def test_live_mode_missing_credential_names_the_variable_not_a_value(tmp_path: Path) -> None:
+def test_live_mode_missing_credential_names_the_variable_not_a_value(tmp_path: Path) -> None:
     section = live_section(closed_port())
     channel = EmailChannel(settings_for(tmp_path, mode="live"), environ={"TEST_SMTP_USER": "relay-user-value"})
     with pytest.raises(OperationalError) as info:
-        await channel.send(letter(section), section=section, recipient=TARGET)
+        channel.send(letter(section), section=section, recipient=TARGET)
     assert "TEST_SMTP_PASSWORD" in str(info.value)
     assert "relay-user-value" not in str(info.value)
-    await channel.aclose()
+    channel.close()
 
 
-async def test_live_mode_bad_password_is_operational(tmp_path: Path) -> None:
+def test_live_mode_bad_password_is_operational(tmp_path: Path) -> None:
     with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as relay:
         section = live_section(relay.port)
         environ = {"TEST_SMTP_USER": "relay-user", "TEST_SMTP_PASSWORD": "not-the-password"}
         channel = EmailChannel(settings_for(tmp_path, mode="live"), environ=environ)
         with pytest.raises(OperationalError) as info:
-            await channel.send(letter(section), section=section, recipient=TARGET)
-        await channel.aclose()
+            channel.send(letter(section), section=section, recipient=TARGET)
+        channel.close()
         assert info.value.code == 535
         assert "not-the-password" not in str(info.value)
 
 
-async def test_live_sections_with_the_same_relay_share_a_pool(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_live_sections_with_the_same_relay_share_a_pool(tmp_path: Path, server: SmtpTestServer) -> None:
     relay = SmtpRelay(host="127.0.0.1", port=server.port, tls="none")
     first, second = make_section(code="us", relay=relay), make_section(code="usa", relay=relay)
     channel = EmailChannel(settings_for(tmp_path, mode="live"), environ={})
     try:
-        await channel.send(letter(first, "d-1"), section=first, recipient=TARGET)
-        await channel.send(letter(second, "d-2"), section=second, recipient=TARGET)
+        channel.send(letter(first, "d-1"), section=first, recipient=TARGET)
+        channel.send(letter(second, "d-2"), section=second, recipient=TARGET)
         assert len(channel.pools) == 1  # one pool, one connection
     finally:
-        await channel.aclose()
+        channel.close()
     assert server.connections == 1
 
 
 # ---------------------------------------------------------------------------- blips and other errors
 
 
-async def test_a_blip_is_retried_in_process(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_a_blip_is_retried_in_process(tmp_path: Path, server: SmtpTestServer) -> None:
     server.script_rcpt([DROP])
     section = make_section()
     channel = sandbox_channel(tmp_path, server.port)
     try:
-        result = await channel.send(letter(section), section=section, recipient=TARGET)
+        result = channel.send(letter(section), section=section, recipient=TARGET)
     finally:
-        await channel.aclose()
+        channel.close()
     assert result.code == 250
     assert len(server.messages) == 1
     assert server.connections == 2
 
 
-async def test_blips_that_persist_become_transient(tmp_path: Path) -> None:
+def test_blips_that_persist_become_transient(tmp_path: Path) -> None:
     section = make_section()
     channel = sandbox_channel(tmp_path, closed_port(), blip_attempts=3)
     with pytest.raises(TransientError) as info:
-        await channel.send(letter(section), section=section, recipient=TARGET)
-    await channel.aclose()
+        channel.send(letter(section), section=section, recipient=TARGET)
+    channel.close()
     assert type(info.value) is TransientError  # not BlipError: the ledger retries it later
     assert "after 3 quick tries" in info.value.message
 
 
-async def test_other_transient_errors_are_not_retried_in_process(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_other_transient_errors_are_not_retried_in_process(tmp_path: Path, server: SmtpTestServer) -> None:
     server.script_rcpt([(450, "4.7.1 Greylisted")])
     section = make_section()
     channel = sandbox_channel(tmp_path, server.port)
     with pytest.raises(TransientError) as info:
-        await channel.send(letter(section), section=section, recipient=TARGET)
-    await channel.aclose()
+        channel.send(letter(section), section=section, recipient=TARGET)
+    channel.close()
     assert (info.value.code, info.value.message) == (450, "4.7.1 Greylisted")
     assert server.commands.count("RCPT") == 1
 
 
-async def test_permanent_errors_pass_through(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_permanent_errors_pass_through(tmp_path: Path, server: SmtpTestServer) -> None:
     server.script_rcpt([(550, "5.1.1 User unknown")])
     section = make_section()
     channel = sandbox_channel(tmp_path, server.port)
     with pytest.raises(PermanentError, match=r"5\.1\.1"):
-        await channel.send(letter(section), section=section, recipient=TARGET)
-    await channel.aclose()
+        channel.send(letter(section), section=section, recipient=TARGET)
+    channel.close()
 
 
-async def test_aclose_closes_the_connections(tmp_path: Path, server: SmtpTestServer) -> None:
+def test_aclose_closes_the_connections(tmp_path: Path, server: SmtpTestServer) -> None:
     section = make_section()
     channel = sandbox_channel(tmp_path, server.port)
-    await channel.send(letter(section), section=section, recipient=TARGET)
+    channel.send(letter(section), section=section, recipient=TARGET)
     assert server.open_connections == 1
-    await channel.aclose()
-    await server.until(lambda: server.open_connections == 0)
+    channel.close()
+    server.wait_for(lambda: server.open_connections == 0)
     with pytest.raises(RuntimeError):
-        await channel.send(letter(section), section=section, recipient=TARGET)
+        channel.send(letter(section), section=section, recipient=TARGET)
 
 
-def test_a_channel_belongs_to_one_event_loop(tmp_path: Path) -> None:
+def test_the_threads_of_a_worker_share_one_pool(tmp_path: Path, server: SmtpTestServer) -> None:
     section = make_section()
-    channel = sandbox_channel(tmp_path, closed_port(), blip_attempts=1)
-    with pytest.raises(TransientError):
-        asyncio.run(channel.send(letter(section), section=section, recipient=TARGET))
-    with pytest.raises(RuntimeError, match="event loop"):
-        asyncio.run(channel.send(letter(section), section=section, recipient=TARGET))
+    channel = sandbox_channel(tmp_path, server.port)
+    try:
+        with ThreadPoolExecutor(max_workers=6) as threads:
+            sends = [
+                threads.submit(channel.send, letter(section, f"d-{n}"), section=section, recipient=TARGET)
+                for n in range(24)
+            ]
+            codes = [send.result(timeout=30).code for send in sends]
+        assert codes == [250] * 24 and len(channel.pools) == 1
+    finally:
+        channel.close()
+    assert len(server.messages) == 24
+    assert 1 <= server.connections <= SmtpRelay(host="127.0.0.1", port=25).pool_size
+
+
+async def test_deliver_on_an_event_loop_sends_from_a_thread_and_keeps_the_loop_free(
+    tmp_path: Path, server: SmtpTestServer
+) -> None:
+    section = make_section()
+    channel = sandbox_channel(tmp_path, server.port)
+    server.hold_data(0.3)
+    letter_ = channel.prepare(outgoing(section, "d-1"))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        report = await channel.deliver(letter_)
+    finally:
+        ticker.cancel()
+        await channel.aclose()
+    assert (report.code, report.tag) == (250, "d-1")
+    assert ticks >= 10  # the loop went on while the relay sat on DATA
+    assert [str(m.message["X-Dispatch-Delivery"]) for m in server.messages] == ["d-1"]
 
 
 def test_is_a_channel(tmp_path: Path) -> None:

@@ -4,10 +4,15 @@ and classification of what the server actually answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import smtplib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -17,9 +22,9 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.channels.email.pipelining import ReplyReader
-from dispatcher.channels.email.pool import SmtpPool, wire_data
+from dispatcher.channels.email.pool import SmtpPool, read_reply, wire_data
 from dispatcher.errors import BlipError, OperationalError, PermanentError, TransientError
+from dispatcher.queue.window import SendWindow, WindowTicket
 from tests.support.dovecot import make_test_ca
 from tests.support.smtp import DROP, SmtpTestServer, french_letter_bytes
 
@@ -52,10 +57,10 @@ def make_pool(smtp: SmtpTestServer, **options: object) -> SmtpPool:
 
 
 @pytest.fixture
-async def pool(server: SmtpTestServer) -> AsyncIterator[SmtpPool]:
+def pool(server: SmtpTestServer) -> Iterator[SmtpPool]:
     p = make_pool(server)
     yield p
-    await p.aclose()
+    p.close()
 
 
 def free_port() -> int:
@@ -67,20 +72,20 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- reuse and recycling
 
 
-async def test_a_relay_that_offers_pipelining_gets_every_transaction_pipelined(
+def test_a_relay_that_offers_pipelining_gets_every_transaction_pipelined(
     server: SmtpTestServer, pool: SmtpPool
 ) -> None:
     for n in range(3):
-        assert (await pool.send(letter(n), SENDER, [TARGET]))[0] == 250
+        assert (pool.send(letter(n), SENDER, [TARGET]))[0] == 250
     assert pool.stats.pipelined == (3 if server.pipelining else 0)
     assert [m.message["Subject"] for m in server.messages] == ["letter 0", "letter 1", "letter 2"]
     assert [m.rcpt_tos for m in server.messages] == [(TARGET,)] * 3
     assert server.connections == 1
 
 
-async def test_one_connection_carries_many_messages(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_one_connection_carries_many_messages(server: SmtpTestServer, pool: SmtpPool) -> None:
     for n in range(10):
-        code, text = await pool.send(letter(n), SENDER, [TARGET])
+        code, text = pool.send(letter(n), SENDER, [TARGET])
         assert (code, text) == (250, f"2.0.0 Ok: queued as TEST{n + 1:04d}")
     assert server.connections == 1
     assert pool.stats.connections_opened == 1
@@ -90,299 +95,283 @@ async def test_one_connection_carries_many_messages(server: SmtpTestServer, pool
     assert {(m.mail_from, m.rcpt_tos) for m in received} == {(SENDER, (TARGET,))}
 
 
-async def test_concurrent_senders_share_at_most_size_connections(server: SmtpTestServer) -> None:
+def test_concurrent_senders_share_at_most_size_connections(server: SmtpTestServer) -> None:
     pool = make_pool(server, size=3)
     try:
-        results = await asyncio.gather(*(pool.send(letter(n), SENDER, [TARGET]) for n in range(30)))
+        with ThreadPoolExecutor(max_workers=8) as threads:  # a worker's threads, and more
+            results = list(threads.map(lambda n: pool.send(letter(n), SENDER, [TARGET]), range(30)))
     finally:
-        await pool.aclose()
+        pool.close()
     assert all(code == 250 for code, _ in results)
     assert len(server.messages) == 30
     assert 1 <= server.connections <= 3
     assert pool.stats.connections_opened == server.connections
 
 
-async def test_connection_recycled_after_max_messages(server: SmtpTestServer) -> None:
+def test_connection_recycled_after_max_messages(server: SmtpTestServer) -> None:
     pool = make_pool(server, max_messages_per_connection=3)
     for n in range(7):
-        await pool.send(letter(n), SENDER, [TARGET])
-    await pool.aclose()
+        pool.send(letter(n), SENDER, [TARGET])
+    pool.close()
     assert server.connections == 3  # 3 + 3 + 1
     assert pool.stats.connections_opened == pool.stats.connections_closed == 3
     assert server.commands.count("QUIT") == 3  # retired politely, not dropped
     assert len(server.messages) == 7
 
 
-async def test_idle_connection_closed_after_idle_timeout(server: SmtpTestServer) -> None:
+def test_idle_connection_closed_after_idle_timeout(server: SmtpTestServer) -> None:
     pool = make_pool(server, idle_timeout=0.1)
     try:
-        await pool.send(letter(1), SENDER, [TARGET])
+        pool.send(letter(1), SENDER, [TARGET])
         assert server.open_connections == 1
-        await server.until(lambda: server.open_connections == 0)
+        server.wait_for(lambda: server.open_connections == 0)
         assert pool.idle_connections == 0
         assert "QUIT" in server.commands
-        await pool.send(letter(2), SENDER, [TARGET])
+        pool.send(letter(2), SENDER, [TARGET])
     finally:
-        await pool.aclose()
+        pool.close()
     assert server.connections == 2
 
 
-async def test_aclose_quits_idle_connections_and_refuses_new_sends(server: SmtpTestServer) -> None:
+def test_aclose_quits_idle_connections_and_refuses_new_sends(server: SmtpTestServer) -> None:
     pool = make_pool(server)
-    await pool.send(letter(), SENDER, [TARGET])
-    await pool.aclose()
+    pool.send(letter(), SENDER, [TARGET])
+    pool.close()
     assert server.commands[-1] == "QUIT"
-    await server.until(lambda: server.open_connections == 0)
+    server.wait_for(lambda: server.open_connections == 0)
     with pytest.raises(RuntimeError, match="closed"):
-        await pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
 
 
 # ---------------------------------------------------------------------------- reconnecting
 
 
-async def test_reconnects_after_the_server_dropped_an_idle_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
-    await pool.send(letter(1), SENDER, [TARGET])
+def test_reconnects_after_the_server_dropped_an_idle_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+    pool.send(letter(1), SENDER, [TARGET])
     server.drop_connections()
-    await asyncio.sleep(0.02)  # let the client see the EOF: found dead at checkout
-    await pool.send(letter(2), SENDER, [TARGET])
+    time.sleep(0.02)  # let the client see the EOF: found dead at checkout
+    pool.send(letter(2), SENDER, [TARGET])
     assert server.connections == 2
     assert len(server.messages) == 2
     assert pool.stats.stale_retries == 0
 
 
-async def test_connection_found_dead_at_mail_from_is_retried_on_a_fresh_one(
-    server: SmtpTestServer, pool: SmtpPool
-) -> None:
-    await pool.send(letter(1), SENDER, [TARGET])
+def test_connection_found_dead_at_mail_from_is_retried_on_a_fresh_one(server: SmtpTestServer, pool: SmtpPool) -> None:
+    pool.send(letter(1), SENDER, [TARGET])
     server.script_mail([DROP])  # the reused connection dies just as MAIL FROM goes out
-    code, _ = await pool.send(letter(2), SENDER, [TARGET])
+    code, _ = pool.send(letter(2), SENDER, [TARGET])
     assert code == 250
     assert pool.stats.stale_retries == 1
     assert server.connections == 2
     assert [m.message["Subject"] for m in server.messages] == ["letter 1", "letter 2"]
 
 
-async def test_fresh_connection_dying_is_a_blip_not_a_silent_retry(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_fresh_connection_dying_is_a_blip_not_a_silent_retry(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_mail([DROP])
     with pytest.raises(BlipError):
-        await pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
     assert pool.stats.stale_retries == 0
     assert server.messages == []
 
 
-async def test_disconnect_after_data_is_a_blip_and_the_connection_is_dropped(
-    server: SmtpTestServer, pool: SmtpPool
-) -> None:
+def test_disconnect_after_data_is_a_blip_and_the_connection_is_dropped(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_data([DROP])
     with pytest.raises(BlipError, match="DATA"):
-        await pool.send(letter(1), SENDER, [TARGET])
+        pool.send(letter(1), SENDER, [TARGET])
     assert pool.stats.connections_closed == 1
-    await pool.send(letter(2), SENDER, [TARGET])
+    pool.send(letter(2), SENDER, [TARGET])
     assert server.connections == 2
 
 
-async def test_a_relay_that_does_not_answer_data_times_out_as_a_blip_and_is_dropped(server: SmtpTestServer) -> None:
+def test_a_relay_that_does_not_answer_data_times_out_as_a_blip_and_is_dropped(server: SmtpTestServer) -> None:
     pool = make_pool(server, timeout=0.3)
-    window = _Window()
+    window = SendWindow()
     server.hold_data(3.0)
-    started = asyncio.get_running_loop().time()
+    started = time.monotonic()
     with pytest.raises(BlipError, match="Timed out waiting for server response during DATA"):
-        await pool.send(letter(1), SENDER, [TARGET], window=window)
-    assert asyncio.get_running_loop().time() - started < 2.0
+        pool.send(letter(1), SENDER, [TARGET], window=window.ticket())
+    assert time.monotonic() - started < 2.0
     # no 250: the letter is not in the send window, and nobody can tell which reply comes next
-    assert not window.lock.locked()
+    assert not window.occupied
     assert pool.stats.connections_closed == 1
-    await pool.send(letter(2), SENDER, [TARGET])
+    pool.send(letter(2), SENDER, [TARGET])
     assert server.connections == 2
-    await pool.aclose()
+    pool.close()
 
 
-async def test_waiting_for_the_send_window_does_not_count_against_the_relay_timeout(server: SmtpTestServer) -> None:
+def test_waiting_for_the_send_window_does_not_count_against_the_relay_timeout(server: SmtpTestServer) -> None:
     # Each command has the whole timeout, from when it is sent: a letter that waited its turn
     # for DATA longer than that (another letter of the process being recorded) still goes.
     pool = make_pool(server, timeout=0.3)
-    window = _Window()
-    await window.lock.acquire()
-    asyncio.get_running_loop().call_later(0.8, window.lock.release)
+    window = SendWindow()
+    holder = WindowTicket(window)
+    holder.acquire()
+    threading.Timer(0.8, holder.close).start()
     server.hold_data(0.2)
-    code, _ = await pool.send(letter(1), SENDER, [TARGET], window=window)
+    code, _ = pool.send(letter(1), SENDER, [TARGET], window=window.ticket())
     assert code == 250
     assert [m.message["Subject"] for m in server.messages] == ["letter 1"]
     assert pool.stats.connections_closed == 0
-    await pool.aclose()
+    pool.close()
 
 
-class _Window:
-    """A send window of one letter at a time (what dispatcher.queue.window gives the pool)."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        await self.lock.acquire()
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-async def test_connection_refused_is_a_blip() -> None:
+def test_connection_refused_is_a_blip() -> None:
     pool = SmtpPool("127.0.0.1", free_port(), tls="none", local_hostname="localhost", timeout=2.0)
     with pytest.raises(BlipError):
-        await pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
     assert pool.stats.connections_opened == 0
-    await pool.aclose()
+    pool.close()
 
 
 # ---------------------------------------------------------------------------- refusals, through the server
 
 
-async def test_greylisted_twice_then_accepted_on_the_same_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_greylisted_twice_then_accepted_on_the_same_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_rcpt([(450, "4.7.1 Greylisted, try again in 300 seconds")] * 2)
     for _ in range(2):
         with pytest.raises(TransientError) as info:
-            await pool.send(letter(), SENDER, [TARGET])
+            pool.send(letter(), SENDER, [TARGET])
         assert type(info.value) is TransientError
         assert info.value.code == 450
         assert info.value.message == "4.7.1 Greylisted, try again in 300 seconds"
         assert info.value.retry_after == 300.0
-    code, _ = await pool.send(letter(), SENDER, [TARGET])
+    code, _ = pool.send(letter(), SENDER, [TARGET])
     assert code == 250
     assert server.connections == 1
     assert server.commands.count("RSET") == 2
 
 
-async def test_unknown_user_is_permanent_and_the_connection_stays_usable(
-    server: SmtpTestServer, pool: SmtpPool
-) -> None:
+def test_unknown_user_is_permanent_and_the_connection_stays_usable(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_rcpt([(550, "5.1.1 <nobody@embassy.example.org>: Recipient address rejected")])
     with pytest.raises(PermanentError) as info:
-        await pool.send(letter(1), SENDER, ["nobody@embassy.example.org"])
+        pool.send(letter(1), SENDER, ["nobody@embassy.example.org"])
     assert info.value.code == 550
     assert info.value.message.startswith("5.1.1 ")
     assert server.commands[-1] == "RSET"
-    await pool.send(letter(2), SENDER, [TARGET])
+    pool.send(letter(2), SENDER, [TARGET])
     assert server.connections == 1
     assert [m.message["Subject"] for m in server.messages] == ["letter 2"]
 
 
-async def test_421_is_transient_and_drops_the_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_421_is_transient_and_drops_the_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_rcpt([(421, "4.3.2 Service shutting down, closing transmission channel")])
     with pytest.raises(TransientError) as info:
-        await pool.send(letter(1), SENDER, [TARGET])
+        pool.send(letter(1), SENDER, [TARGET])
     assert type(info.value) is TransientError
     assert info.value.code == 421
     assert pool.stats.connections_closed == 1
     assert pool.idle_connections == 0
-    await pool.send(letter(2), SENDER, [TARGET])
+    pool.send(letter(2), SENDER, [TARGET])
     assert server.connections == 2
 
 
-async def test_sender_refused_is_operational(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_sender_refused_is_operational(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_mail([(550, "5.7.1 Sender address not owned by user")])
     with pytest.raises(OperationalError) as info:
-        await pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
     assert info.value.code == 550
 
 
-async def test_content_refused_at_data_is_permanent(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_content_refused_at_data_is_permanent(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_data([(554, "5.6.0 Message content rejected")])
     with pytest.raises(PermanentError) as info:
-        await pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
     assert (info.value.code, info.value.message) == (554, "5.6.0 Message content rejected")
     assert server.messages == []
-    await pool.send(letter(), SENDER, [TARGET])
+    pool.send(letter(), SENDER, [TARGET])
     assert server.connections == 1
 
 
-async def test_one_refused_recipient_aborts_the_whole_transaction(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_one_refused_recipient_aborts_the_whole_transaction(server: SmtpTestServer, pool: SmtpPool) -> None:
     server.script_rcpt([(250, "2.1.5 Ok"), (550, "5.1.1 Unknown user")])
     with pytest.raises(PermanentError):
-        await pool.send(letter(), SENDER, [TARGET, "nobody@embassy.example.org"])
+        pool.send(letter(), SENDER, [TARGET, "nobody@embassy.example.org"])
     assert "DATA" not in server.commands
     assert server.commands[-1] == "RSET"
 
 
-async def test_bad_addresses_are_refused_before_any_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_bad_addresses_are_refused_before_any_connection(server: SmtpTestServer, pool: SmtpPool) -> None:
     with pytest.raises(PermanentError):
-        await pool.send(letter(), SENDER, ["victim@example.org> NOTIFY=NEVER"])
+        pool.send(letter(), SENDER, ["victim@example.org> NOTIFY=NEVER"])
     with pytest.raises(PermanentError, match="ASCII"):
-        await pool.send(letter(), SENDER, ["président@élysée.example.org"])
+        pool.send(letter(), SENDER, ["président@élysée.example.org"])
     with pytest.raises(OperationalError):
-        await pool.send(letter(), "bounces@aiusa.example.org\r\nRSET", [TARGET])
+        pool.send(letter(), "bounces@aiusa.example.org\r\nRSET", [TARGET])
     assert server.connections == 0
 
 
-async def test_a_refused_recipient_never_lets_the_message_reach_the_others(server: SmtpTestServer) -> None:
+def test_a_refused_recipient_never_lets_the_message_reach_the_others(server: SmtpTestServer) -> None:
     # aiosmtpd answers the pipelined DATA with 354: another recipient was accepted. Whatever the
     # client wrote next would be the message, so the pool closes the connection instead (an
     # RSET would be read as the message and hang until the relay's 30 s timeout).
     pool = make_pool(server, timeout=30.0)
     server.script_rcpt([(550, "5.1.1 Unknown user")])
+    started = time.monotonic()
     with pytest.raises(PermanentError) as info:
-        async with asyncio.timeout(5):
-            await pool.send(letter(1), SENDER, ["nobody@embassy.example.org", TARGET])
+        pool.send(letter(1), SENDER, ["nobody@embassy.example.org", TARGET])
+    assert time.monotonic() - started < 5
     assert info.value.code == 550
-    await asyncio.sleep(0.05)  # the server has seen the connection end, or the RSET
+    time.sleep(0.05)  # the server has seen the connection end, or the RSET
     assert server.messages == []
     if server.pipelining:
         assert pool.stats.connections_closed == 1
     else:
         assert "DATA" not in server.commands
         assert server.commands[-1] == "RSET"
-    await pool.send(letter(2), SENDER, [TARGET])
+    pool.send(letter(2), SENDER, [TARGET])
     assert [m.message["Subject"] for m in server.messages] == ["letter 2"]
-    await pool.aclose()
+    pool.close()
 
 
-async def test_bcc_is_not_transmitted(server: SmtpTestServer, pool: SmtpPool) -> None:
+def test_bcc_is_not_transmitted(server: SmtpTestServer, pool: SmtpPool) -> None:
     msg = letter()
     msg["Bcc"] = "hidden@example.org"
-    await pool.send(msg, SENDER, [TARGET])
+    pool.send(msg, SENDER, [TARGET])
     assert b"hidden@example.org" not in server.messages[0].data
 
 
 # ---------------------------------------------------------------------------- authentication and TLS
 
 
-async def test_login_with_credentials() -> None:
+def test_login_with_credentials() -> None:
     with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
         pool = make_pool(smtp, username="relay-user", password="s3cret")
-        await pool.send(letter(), SENDER, [TARGET])
-        await pool.send(letter(), SENDER, [TARGET])
-        await pool.aclose()
+        pool.send(letter(), SENDER, [TARGET])
+        pool.send(letter(), SENDER, [TARGET])
+        pool.close()
         assert [m.login for m in smtp.messages] == ["relay-user", "relay-user"]
         assert smtp.commands.count("AUTH") == 1  # once per connection, not per message
 
 
-async def test_bad_credentials_are_operational() -> None:
+def test_bad_credentials_are_operational() -> None:
     with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
         pool = make_pool(smtp, username="relay-user", password="wrong")
         with pytest.raises(OperationalError) as info:
-            await pool.send(letter(), SENDER, [TARGET])
-        await pool.aclose()
+            pool.send(letter(), SENDER, [TARGET])
+        pool.close()
         assert info.value.code == 535
         assert "5.7.8" in info.value.message
         assert "wrong" not in str(info.value)
 
 
-async def test_missing_login_is_operational() -> None:
+def test_missing_login_is_operational() -> None:
     with SmtpTestServer(auth={"relay-user": "s3cret"}, auth_required=True) as smtp:
         pool = make_pool(smtp)
         with pytest.raises(OperationalError) as info:
-            await pool.send(letter(), SENDER, [TARGET])
-        await pool.aclose()
+            pool.send(letter(), SENDER, [TARGET])
+        pool.close()
         assert info.value.code == 530
 
 
-async def test_starttls_required_but_not_offered_is_operational(server: SmtpTestServer) -> None:
+def test_starttls_required_but_not_offered_is_operational(server: SmtpTestServer) -> None:
     pool = make_pool(server, tls="starttls")
     with pytest.raises(OperationalError, match="STARTTLS"):
-        await pool.send(letter(), SENDER, [TARGET])
-    await pool.aclose()
+        pool.send(letter(), SENDER, [TARGET])
+    pool.close()
     assert server.messages == []
 
 
-async def test_pipelining_over_starttls(tmp_path: Path) -> None:
+def test_pipelining_over_starttls(tmp_path: Path) -> None:
     ca, cert, key = make_test_ca(tmp_path, hostname="localhost")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
@@ -391,10 +380,10 @@ async def test_pipelining_over_starttls(tmp_path: Path) -> None:
         pool = make_pool(smtp, tls="starttls", tls_context=client_context)
         smtp.script_rcpt([(450, "4.7.1 Greylisted, try again in 300 seconds")])
         with pytest.raises(TransientError):
-            await pool.send(letter(1), SENDER, [TARGET])
+            pool.send(letter(1), SENDER, [TARGET])
         for n in (2, 3):
-            await pool.send(letter(n), SENDER, [TARGET])
-        await pool.aclose()
+            pool.send(letter(n), SENDER, [TARGET])
+        pool.close()
         assert pool.stats.pipelined == 3
         assert [m.message["Subject"] for m in smtp.messages] == ["letter 2", "letter 3"]
         # the refusal's RSET went through the TLS connection too, which carried the rest
@@ -402,11 +391,11 @@ async def test_pipelining_over_starttls(tmp_path: Path) -> None:
         assert (pool.stats.connections_opened, pool.stats.connections_closed) == (1, 1)
 
 
-async def test_implicit_tls_to_a_plain_server_is_operational(server: SmtpTestServer) -> None:
+def test_implicit_tls_to_a_plain_server_is_operational(server: SmtpTestServer) -> None:
     pool = make_pool(server, tls="implicit")
     with pytest.raises(OperationalError, match="TLS"):
-        await pool.send(letter(), SENDER, [TARGET])
-    await pool.aclose()
+        pool.send(letter(), SENDER, [TARGET])
+    pool.close()
 
 
 # ---------------------------------------------------------------------------- the message's bytes
@@ -432,13 +421,17 @@ def test_the_bytes_after_data_are_aiosmtplibs_whenever_the_shortcut_is_taken(dat
     ],
     ids=["crlf", "no-final-crlf", "bare-lf-and-cr"],
 )
-async def test_the_relay_receives_what_aiosmtplibs_own_data_sends(server: SmtpTestServer, body: bytes) -> None:
+def test_the_relay_receives_what_aiosmtplibs_own_data_sends(server: SmtpTestServer, body: bytes) -> None:
     raw = b"From: appeals@aiusa.example.org\r\nTo: " + TARGET.encode() + b"\r\nSubject: dots\r\n\r\n" + body
-    async with aiosmtplib.SMTP(hostname=server.host, port=server.port, start_tls=False) as smtp:
-        await smtp.sendmail(SENDER, [TARGET], raw)
+
+    async def library() -> None:
+        async with aiosmtplib.SMTP(hostname=server.host, port=server.port, start_tls=False) as smtp:
+            await smtp.sendmail(SENDER, [TARGET], raw)
+
+    asyncio.run(library())
     pool = make_pool(server)
-    await pool.send(raw, SENDER, [TARGET])
-    await pool.aclose()
+    pool.send(raw, SENDER, [TARGET])
+    pool.close()
     library, ours = server.messages
     assert ours.data == library.data
     assert ours.message["Subject"] == "dots"
@@ -481,19 +474,38 @@ def test_replies_that_arrive_together_or_in_pieces_are_each_read_as_aiosmtplib_r
         one._buffer.extend(_wire(code, lines))
         expected.append(one._read_response_from_buffer())
 
-    async def read() -> list[aiosmtplib.SMTPResponse]:
-        reader = ReplyReader(asyncio.Protocol())
-        edges = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    edges = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    with relay_end() as (smtp, relay):
         for start, end in itertools.pairwise(edges):
-            reader.data_received(stream[start:end])
-        return [await reader.next() for _ in replies]
+            relay.sendall(stream[start:end])  # (all there before the first read: as they come together)
+        read = [read_reply(smtp) for _ in replies]
+    assert [aiosmtplib.SMTPResponse(code, text) for code, text in read] == expected
 
-    assert asyncio.run(read()) == expected
+
+@contextlib.contextmanager
+def relay_end() -> Iterator[tuple[smtplib.SMTP, socket.socket]]:
+    """A client connection (smtplib's, as the pool's) and the relay's end of it."""
+    ours, relay = socket.socketpair()
+    smtp = smtplib.SMTP()
+    smtp.sock = ours
+    try:
+        yield smtp, relay
+    finally:
+        smtp.close()
+        relay.close()
 
 
-async def test_a_reply_that_is_not_smtp_fails_the_read() -> None:
-    reader = ReplyReader(asyncio.Protocol())
-    reader.data_received(b"250 2.1.0 Ok\r\nHTTP/1.1 400 Bad Request\r\n")
-    assert (await reader.next()).code == 250
-    with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed SMTP response line"):
-        await reader.next()
+def test_a_reply_that_is_not_smtp_fails_the_read() -> None:
+    with relay_end() as (smtp, relay):
+        relay.sendall(b"250 2.1.0 Ok\r\nHTTP/1.1 400 Bad Request\r\n")
+        assert read_reply(smtp) == (250, "2.1.0 Ok")
+        with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed SMTP response line"):
+            read_reply(smtp)
+
+
+def test_a_relay_gone_mid_reply_is_a_lost_connection() -> None:
+    with relay_end() as (smtp, relay):
+        relay.sendall(b"250-2.1.0 Ok\r\n")
+        relay.close()
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            read_reply(smtp)

@@ -58,16 +58,16 @@ def emls(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.eml"))
 
 
-async def test_channel_in_sandbox_mode_writes_an_eml_file(tmp_path: Path, sandbox: SandboxSMTP) -> None:
+def test_channel_in_sandbox_mode_writes_an_eml_file(tmp_path: Path, sandbox: SandboxSMTP) -> None:
     settings = Settings(
         config_dir=tmp_path, templates_dir=tmp_path, var_dir=tmp_path / "var", database_url="", redis_url=""
     ).but(sandbox_smtp_port=sandbox.port)
     section = make_section()
     channel = EmailChannel(settings, environ={})
     try:
-        result = await channel.send(letter(), section=section, recipient=TARGET)
+        result = channel.send(letter(), section=section, recipient=TARGET)
     finally:
-        await channel.aclose()
+        channel.close()
 
     [path] = emls(sandbox.directory)
     assert path.name.endswith("-d-0001_aiusa.example.org.eml")
@@ -96,14 +96,14 @@ async def test_every_envelope_recipient_and_resend_is_kept(sandbox: SandboxSMTP)
     assert all(b"X-Sandbox-Envelope-To: ambassador@embassy.example.org, cc@x.org\r\n" in f.read_bytes() for f in files)
 
 
-async def test_the_sandbox_offers_pipelining_and_keeps_what_comes_pipelined(sandbox: SandboxSMTP) -> None:
+def test_the_sandbox_offers_pipelining_and_keeps_what_comes_pipelined(sandbox: SandboxSMTP) -> None:
     # As the relays it stands for: the pool sends MAIL, RCPT and DATA in one write here too.
     pool = SmtpPool(sandbox.host, sandbox.port, tls="none", local_hostname="localhost")
     try:
         for n in (1, 2):
-            await pool.send(letter(f"d-000{n}"), "bounces@aiusa.example.org", [TARGET])
+            pool.send(letter(f"d-000{n}"), "bounces@aiusa.example.org", [TARGET])
     finally:
-        await pool.aclose()
+        pool.close()
     assert pool.stats.pipelined == 2
     files = emls(sandbox.directory)
     assert [f.name.rsplit("-", 1)[1] for f in files] == ["0001_aiusa.example.org.eml", "0002_aiusa.example.org.eml"]

@@ -11,18 +11,17 @@ returned (committed) in the worker thread, with the recording made slow on purpo
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from dispatcher.errors import PermanentError, TransientError
-from dispatcher.queue.loop import LoopThread
-from dispatcher.queue.window import SendWindow, Turnstile, WindowClosed, WindowTicket
+from dispatcher.queue.window import SendWindow, WindowClosed, WindowTicket
 from tests.conftest import appeal_body, wait_for
 from tests.support.smtp import DROP, HANG, SmtpTestServer
 from tests.test_email_pool import SENDER, TARGET, letter, make_pool
@@ -231,7 +230,7 @@ def test_send_given_up_while_waiting_for_the_window_never_enters_it(service, smt
     waiting, later = email_letters(service, 2)
     # another letter of the process sits in the window (its recording is stuck)
     holder = WindowTicket(processor.window)
-    processor.loop.run(holder.acquire(), timeout=5)
+    holder.acquire(timeout=5)
 
     in_thread(processor, waiting)
 
@@ -255,215 +254,136 @@ def server(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
         yield smtp
 
 
-async def test_second_letters_data_waits_until_the_first_is_recorded(server: SmtpTestServer) -> None:
+def test_second_letters_data_waits_until_the_first_is_recorded(server: SmtpTestServer) -> None:
     window = SendWindow()
     pool = make_pool(server)
     first, second = WindowTicket(window), WindowTicket(window)
     try:
-        await pool.send(letter(1), SENDER, [TARGET], window=first)
+        pool.send(letter(1), SENDER, [TARGET], window=first)
         assert first.held and window.occupied  # until the caller has recorded it
-        task = asyncio.create_task(pool.send(letter(2), SENDER, [TARGET], window=second))
-        await server.until(lambda: server.commands.count("RCPT") == 2)
-        await asyncio.sleep(0.1)
-        # the second envelope is accepted, its DATA held back
-        assert server.commands.count("DATA") == 1 and not task.done()
-        first.close()
-        await asyncio.wait_for(task, 5)
+        with ThreadPoolExecutor(1) as other_thread:
+            sending = other_thread.submit(pool.send, letter(2), SENDER, [TARGET], window=second)
+            server.wait_for(lambda: server.commands.count("RCPT") == 2)
+            time.sleep(0.1)
+            # the second envelope is accepted, its message held back
+            assert len(server.messages) == 1 and not sending.done()
+            if not server.pipelining:
+                assert server.commands.count("DATA") == 1
+            first.close()
+            assert sending.result(timeout=5)[0] == 250
         assert len(server.messages) == 2 and second.held
         second.close()
         assert not window.occupied
     finally:
-        await pool.aclose()
+        pool.close()
 
 
 @pytest.mark.parametrize(
     ("reply", "error"), [((554, "5.6.0 refused"), PermanentError), ((452, "4.3.1 full"), TransientError)]
 )
-async def test_refused_data_releases_the_ticket(server: SmtpTestServer, reply: Any, error: type) -> None:
+def test_refused_data_releases_the_ticket(server: SmtpTestServer, reply: Any, error: type) -> None:
     window = SendWindow()
     pool = make_pool(server)
     ticket = WindowTicket(window)
     server.script_data([reply])
     try:
         with pytest.raises(error):
-            await pool.send(letter(1), SENDER, [TARGET], window=ticket)
+            pool.send(letter(1), SENDER, [TARGET], window=ticket)
         assert not ticket.held and not window.occupied
         # the same ticket may try again (the channel's quick retries do)
-        await pool.send(letter(1), SENDER, [TARGET], window=ticket)
+        pool.send(letter(1), SENDER, [TARGET], window=ticket)
         assert ticket.held
         ticket.close()
         assert not window.occupied
     finally:
-        await pool.aclose()
+        pool.close()
 
 
-async def test_ticket_closed_while_waiting_never_takes_the_window() -> None:
+def test_a_send_given_up_at_its_deadline_while_waiting_for_the_window_sends_nothing(server: SmtpTestServer) -> None:
+    window = SendWindow()
+    pool = make_pool(server)
+    holder = WindowTicket(window)
+    holder.acquire()
+    try:
+        with pytest.raises(TimeoutError):
+            pool.send(letter(1), SENDER, [TARGET], window=window.ticket(), deadline=time.monotonic() + 0.3)
+        holder.close()
+        assert not window.occupied
+        # the connection waited after DATA (or its 354): dropped, never given a message
+        assert pool.stats.connections_closed == 1 and server.messages == []
+        pool.send(letter(2), SENDER, [TARGET])
+        assert [m.message["Subject"] for m in server.messages] == ["letter 2"]
+    finally:
+        pool.close()
+
+
+def test_ticket_closed_while_waiting_never_takes_the_window() -> None:
     window = SendWindow()
     holder, waiter = WindowTicket(window), WindowTicket(window)
-    await holder.acquire()
-    task = asyncio.create_task(waiter.acquire())
-    await asyncio.sleep(0.01)
-    # closed from another thread (the worker thread gave up on its letter)
-    await asyncio.to_thread(waiter.close)
-    holder.close()
-    with pytest.raises(WindowClosed):
-        await asyncio.wait_for(task, 2)
+    holder.acquire()
+    with ThreadPoolExecutor(1) as other_thread:
+        waiting = other_thread.submit(waiter.acquire)
+        time.sleep(0.05)
+        waiter.close()  # from this thread: the letter was given up
+        holder.close()
+        with pytest.raises(WindowClosed):
+            waiting.result(timeout=2)
     assert not window.occupied and not waiter.held
     with pytest.raises(WindowClosed):
-        await waiter.acquire()
+        waiter.acquire()
 
 
-async def test_closing_is_idempotent_and_a_thread_has_one_ticket() -> None:
+def test_waiting_for_the_window_times_out() -> None:
+    window = SendWindow()
+    holder, waiter = WindowTicket(window), WindowTicket(window)
+    holder.acquire()
+    with pytest.raises(TimeoutError):
+        waiter.acquire(timeout=0.05)
+    assert not waiter.held
+    holder.close()
+    waiter.acquire(timeout=0.05)
+    assert waiter.held and window.occupied
+    waiter.close()
+    assert not window.occupied
+
+
+def test_closing_is_idempotent_and_a_thread_has_one_ticket() -> None:
     window = SendWindow()
     first = window.ticket()
-    await first.acquire()
+    first.acquire()
     second = window.ticket()  # the thread's next letter: the earlier ticket is closed
     assert not first.held and not window.occupied
-    await second.acquire()
+    second.acquire()
     window.close()
     window.close()
     second.close()
     assert not window.occupied
 
 
-def test_loop_thread_cancels_a_coroutine_whose_caller_stopped_waiting() -> None:
-    """The worker thread's send timeout: the coroutine must not go on (and reach DATA) after its
-    caller recorded the letter as a retry."""
-    from dispatcher.queue.loop import LoopThread
-
-    loop = LoopThread()
-    cancelled = threading.Event()
-
-    async def stalled_send() -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    try:
-        with pytest.raises(TimeoutError):
-            loop.run(stalled_send(), timeout=0.2)
-        assert cancelled.wait(2)
-    finally:
-        loop.stop()
-
-
-# ---------------------------------------------------------------------------- the turnstile under the window
-
-
-async def test_a_thread_leaving_an_uncontended_window_does_not_wake_the_loop() -> None:
-    turnstile = Turnstile()
-    loop = asyncio.get_running_loop()
-    wakes: list[object] = []
-    real = loop.call_soon_threadsafe
-
-    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(callback, "__self__", None) is turnstile:  # (to_thread wakes it too)
-            wakes.append(callback)
-        return real(callback, *args, **kwargs)
-
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-    try:
-        await turnstile.enter()
-        await asyncio.to_thread(turnstile.leave)  # the worker thread, its letter recorded
-        assert not turnstile.held and wakes == []
-        await turnstile.enter()
-        waiting = asyncio.create_task(turnstile.enter())
-        await asyncio.sleep(0.01)
-        await asyncio.to_thread(turnstile.leave)  # now a letter waits: its loop must hear of it
-        await asyncio.wait_for(waiting, 2)
-        assert turnstile.held and len(wakes) == 1
-        turnstile.leave()
-        assert not turnstile.held
-    finally:
-        loop.call_soon_threadsafe = real  # type: ignore[method-assign]
-
-
-async def test_waiters_get_the_turn_in_order_and_a_cancelled_one_passes_it_on() -> None:
-    turnstile = Turnstile()
-    order: list[str] = []
-
-    async def enter(name: str) -> None:
-        await turnstile.enter()
-        order.append(name)
-
-    await turnstile.enter()
-    first = asyncio.create_task(enter("first"))
-    given_up = asyncio.create_task(enter("given up"))
-    last = asyncio.create_task(enter("last"))
-    await asyncio.sleep(0.01)
-    given_up.cancel()
-    await asyncio.to_thread(turnstile.leave)
-    await asyncio.wait_for(first, 2)
-    # handed to the cancelled one's successor: nobody is left waiting on a turn nobody has
-    await asyncio.to_thread(turnstile.leave)
-    await asyncio.wait_for(last, 2)
-    assert order == ["first", "last"] and given_up.cancelled()
-    turnstile.leave()
-    assert not turnstile.held
-
-
-@pytest.mark.parametrize("cancel_first", [True, False], ids=["cancelled, then handed", "handed, then cancelled"])
-async def test_a_waiter_cancelled_as_the_turn_reaches_it_passes_the_turn_on(cancel_first: bool) -> None:
-    turnstile = Turnstile()
-    loop = asyncio.get_running_loop()
-    await turnstile.enter()
-    unlucky = asyncio.create_task(turnstile.enter())
-    after = asyncio.create_task(turnstile.enter())
-    await asyncio.sleep(0.01)
-
-    def from_another_thread() -> None:
-        # The worker thread leaves while the waiter's task is being cancelled; this loop is
-        # blocked meanwhile, so both land on it in the order given.
-        if cancel_first:
-            loop.call_soon_threadsafe(unlucky.cancel)
-        turnstile.leave()
-        if not cancel_first:
-            loop.call_soon_threadsafe(unlucky.cancel)
-
-    thread = threading.Thread(target=from_another_thread)
-    thread.start()
-    thread.join(5)
-    await asyncio.wait_for(after, 2)
-    assert unlucky.cancelled() and turnstile.held
-    turnstile.leave()
-    assert not turnstile.held
-
-
-def test_holders_on_two_loops_and_leavers_on_many_threads_never_overlap() -> None:
-    turnstile = Turnstile()
-    inside = 0
-    most = 0
-    entries = 0
+def test_holders_on_many_threads_never_overlap() -> None:
+    window = SendWindow()
+    inside = most = entries = 0
     counter = threading.Lock()
-    loops = [LoopThread(name=f"loop-{n}") for n in range(2)]
 
-    async def enter() -> None:
+    def worker() -> None:
         nonlocal inside, most, entries
-        await turnstile.enter()
-        with counter:
-            inside += 1
-            entries += 1
-            most = max(most, inside)
-
-    def worker(loop: LoopThread) -> None:
-        nonlocal inside
         for _ in range(200):
-            loop.run(enter(), timeout=10)
+            ticket = window.ticket()
+            ticket.acquire(timeout=10)
+            with counter:
+                inside += 1
+                entries += 1
+                most = max(most, inside)
+            time.sleep(0)  # let another thread try its luck
             with counter:
                 inside -= 1
-            turnstile.leave()  # from this thread, as the worker thread closes its ticket
+            window.close()  # this thread's letter is recorded
 
-    try:
-        threads = [threading.Thread(target=worker, args=(loops[n % 2],)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads)
-    finally:
-        for loop in loops:
-            loop.stop()
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
     assert (entries, most) == (1200, 1)
-    assert not turnstile.held
+    assert not window.occupied

@@ -21,7 +21,8 @@ What a channel declares:
   account's limits (:meth:`Channel.provider`), its default caps (from the service's settings)
   and whether office hours hold it;
 * **its sending**: :meth:`Channel.prepare` (in the worker's thread) and :meth:`Channel.deliver`
-  (on the event loop) take a rendered letter; ``deliver`` returns a
+  (on the event loop; or, for a channel that says ``blocking``, :meth:`Channel.deliver_blocking`
+  in the worker's thread) take a rendered letter; ``deliver`` returns a
   :class:`Report`, or raises a classified :class:`dispatcher.errors.DeliveryError` (the error
   classes are the channel's mapping of its own failures onto the delivery classes);
 * **its late outcomes**: :meth:`Channel.find` looks an uncertain send up by its tag (our
@@ -197,6 +198,9 @@ class Channel(Protocol):
     poll_after: timedelta | None
     #: a send taking longer is abandoned and retried
     send_timeout: float
+    #: the worker calls :meth:`deliver_blocking` in its own thread, not :meth:`deliver` on its
+    #: event loop: for a channel whose sends are blocking calls cheaper than the loop's hand-offs
+    blocking: ClassVar[bool]
 
     @staticmethod
     def address_of(target: Target) -> str | None: ...
@@ -218,6 +222,8 @@ class Channel(Protocol):
     def prepare(self, letter: Outgoing) -> Outgoing: ...
 
     async def deliver(self, letter: Outgoing) -> Report: ...
+
+    def deliver_blocking(self, letter: Outgoing, *, timeout: float) -> Report: ...
 
     async def find(self, tag: str, section: Section) -> Report | None: ...
 
@@ -243,6 +249,7 @@ class BaseChannel:
     one_at_a_time: ClassVar[bool] = False
     config_model: ClassVar[type[BaseModel] | None] = None
     reads_bounces: ClassVar[bool] = False
+    blocking: ClassVar[bool] = False
     poll_after: timedelta | None = None
 
     def __init__(self, settings: Settings):
@@ -285,6 +292,11 @@ class BaseChannel:
         that every worker thread of the process shares. May raise a DeliveryError. Default: the
         letter as it is."""
         return letter
+
+    def deliver_blocking(self, letter: Outgoing, *, timeout: float) -> Report:
+        """:meth:`deliver`, in the calling thread, given up after ``timeout`` seconds
+        (TimeoutError); only for a channel that says ``blocking``."""
+        raise NotImplementedError(f"the {self.name} channel delivers on the event loop")
 
     async def find(self, tag: str, section: Section) -> Report | None:
         return None

@@ -492,12 +492,16 @@ class DeliveryProcessor:
                 attempt=claim.attempt,
                 window=self.window.ticket(),
             )
-            # the CPU work in this thread; the shared event loop only sends
+            # the CPU work in this thread; the shared event loop only sends (or nothing: a
+            # blocking channel sends from here too)
             letter = channel.prepare(letter)
             sending = time.perf_counter()
             try:
                 with channel_faults():
-                    report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
+                    if channel.blocking:
+                        report = channel.deliver_blocking(letter, timeout=channel.send_timeout)
+                    else:
+                        report = self.loop.run(channel.deliver(letter), timeout=channel.send_timeout)
             finally:
                 if self.metrics is not None:
                     self.metrics.send_seconds.labels(claim.channel).observe(time.perf_counter() - sending)

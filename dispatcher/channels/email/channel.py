@@ -9,8 +9,8 @@ A letter is serialised once, in :meth:`EmailChannel.prepare` (the worker's threa
 there when its section has a ``[dkim]`` table, in sandbox mode too, so what is tested is what
 goes live; the pool sends those very bytes (dkim.py).
 
-A channel, like its pools, belongs to one event loop (the worker runs one loop thread per
-process); using it from a second loop is refused rather than left to fail obscurely.
+The worker sends in its own threads (:meth:`EmailChannel.deliver_blocking`): the pools are
+blocking and thread-safe (pool.py says why), shared by every thread of the process.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ import functools
 import ipaddress
 import os
 import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import ClassVar
 
 from tenacity import (
-    AsyncRetrying,
     RetryCallState,
+    Retrying,
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
@@ -91,6 +92,7 @@ class EmailChannel(BaseChannel):
     address_noun: ClassVar[str] = "email address"
     sent_final_after: ClassVar[timedelta | None] = BOUNCE_WINDOW
     reads_bounces: ClassVar[bool] = True
+    blocking: ClassVar[bool] = True
     # (its settings are the section's historic [smtp] table, SmtpRelay, not a [channels.email] one)
 
     def __init__(
@@ -112,7 +114,7 @@ class EmailChannel(BaseChannel):
         self._blip_deadline = blip_deadline
         # Keyed by the relay's whole config: sections sharing a relay share its connections.
         self._pools: dict[SmtpRelay, SmtpPool] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pools_lock = threading.Lock()
         self._closed = False
         self._verps: dict[tuple[frozenset[str], frozenset[str]], Verp] = {}
         self._signers = Signers(settings.config_dir, environ)
@@ -141,14 +143,12 @@ class EmailChannel(BaseChannel):
             return self._sandbox_relay
         return live_relay(section)
 
-    async def _retry_blips(
-        self, blip: BlipError, first: float, send: Callable[[], Awaitable[tuple[int, str]]]
-    ) -> tuple[int, str]:
+    def _retry_blips(self, blip: BlipError, first: float, send: Callable[[], tuple[int, str]]) -> tuple[int, str]:
         """The quick retries after a first try (begun at ``first``) failed with ``blip``: tries
         at most ``blip_attempts`` in all, within ``blip_deadline`` of the first; the pauses
         grow from ``blip_wait``, with jitter. Raises TransientError once they are spent."""
         tries = 0
-        retrying = AsyncRetrying(
+        retrying = Retrying(
             retry=retry_if_exception_type(BlipError),
             stop=stop_after_attempt(self._blip_attempts)
             | stop_before_delay(self._blip_deadline - (time.monotonic() - first)),
@@ -159,12 +159,12 @@ class EmailChannel(BaseChannel):
             reraise=True,
         )
         try:
-            async for attempt in retrying:
+            for attempt in retrying:
                 with attempt:
                     tries += 1
                     if tries == 1:
                         raise blip  # the first try, made already: tenacity counts it and waits
-                    return await send()
+                    return send()
         except BlipError as exc:
             raise TransientError(f"{exc.message} (gave up after {tries} quick tries)", code=exc.code) from exc
         raise AssertionError("unreachable: tenacity either returned or raised")
@@ -184,7 +184,7 @@ class EmailChannel(BaseChannel):
             raise OperationalError(f"DKIM keys of section {section.code!r}: {exc}") from None
         return data if signer is None else signer.sign(data)
 
-    async def send(
+    def send(
         self,
         message: bytes | EmailMessage,
         *,
@@ -193,6 +193,7 @@ class EmailChannel(BaseChannel):
         window: DataWindow | None = None,
         envelope: str | None = None,
         delivery: str | None = None,
+        deadline: float | None = None,
     ) -> SendResult:
         """Send ``message`` to ``recipient`` from ``envelope`` (default: the section's fixed
         envelope sender).
@@ -201,8 +202,10 @@ class EmailChannel(BaseChannel):
         ``delivery``: the delivery id, for the log (default: the message's X-Dispatch-Delivery).
 
         Raises DeliveryError subclasses only (see classify.py); a blip that outlasts the quick
-        retries is raised as TransientError, for the ledger to retry later. ``window``: see
-        SmtpPool.send (held on success, for the caller to release once the letter is recorded).
+        retries is raised as TransientError, for the ledger to retry later. ``window`` and
+        ``deadline`` (a ``time.monotonic()``): see SmtpPool.send (the window is held on success,
+        for the caller to release once the letter is recorded); past the deadline TimeoutError
+        is raised, and no quick retry begins.
         """
         if isinstance(message, EmailMessage):
             delivery = delivery or message.get("X-Dispatch-Delivery")
@@ -215,10 +218,10 @@ class EmailChannel(BaseChannel):
             # The first try outside tenacity: a retrying object and its per-try machinery built
             # for every letter cost about a sixth of the event loop's CPU per letter
             # (bench/worker_path.py); only a letter that blipped pays for them.
-            code, text = await pool.send(message, sender, [recipient], window=window)
+            code, text = pool.send(message, sender, [recipient], window=window, deadline=deadline)
         except BlipError as blip:
-            code, text = await self._retry_blips(
-                blip, first, lambda: pool.send(message, sender, [recipient], window=window)
+            code, text = self._retry_blips(
+                blip, first, lambda: pool.send(message, sender, [recipient], window=window, deadline=deadline)
             )
         duration_ms = (time.perf_counter() - started) * 1000
         log.debug(
@@ -306,15 +309,16 @@ class EmailChannel(BaseChannel):
         )
         return replace(letter, document=self.signed(data, letter.section))
 
-    async def deliver(self, letter: Outgoing) -> Report:
+    def deliver_blocking(self, letter: Outgoing, *, timeout: float) -> Report:
         data: bytes = letter.document  # made by prepare()
-        sent = await self.send(
+        sent = self.send(
             data,
             section=letter.section,
             recipient=letter.recipient,
             window=letter.window,
             delivery=letter.tag,
             envelope=self.envelope_sender(letter.section, letter.tag),
+            deadline=time.monotonic() + timeout,
         )
         return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)
 
@@ -369,20 +373,31 @@ class EmailChannel(BaseChannel):
             verp = self._verps[key] = Verp(self.settings.verp_secret(), domains=key[0], local_parts=key[1])
         return verp
 
+    async def deliver(self, letter: Outgoing) -> Report:
+        return await asyncio.to_thread(self.deliver_blocking, letter, timeout=self.send_timeout)
+
+    def close(self) -> None:
+        """Close the pools' idle connections (QUIT); busy ones close as their sends finish."""
+        with self._pools_lock:
+            self._closed = True
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
     async def aclose(self) -> None:
-        self._closed = True
-        pools, self._pools = list(self._pools.values()), {}
-        await asyncio.gather(*(pool.aclose() for pool in pools))
+        await asyncio.to_thread(self.close)
 
     def _pool_for(self, section: Section) -> SmtpPool:
+        relay = self.relay_for(section)
+        pool = self._pools.get(relay)
+        if pool is not None and not self._closed:
+            return pool
+        with self._pools_lock:
+            return self._open_pool(relay)
+
+    def _open_pool(self, relay: SmtpRelay) -> SmtpPool:
         if self._closed:
             raise RuntimeError("the email channel is closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("an EmailChannel is bound to the event loop it first sent on")
-        relay = self.relay_for(section)
         pool = self._pools.get(relay)
         if pool is None:
             if self.settings.live:

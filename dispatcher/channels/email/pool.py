@@ -1,50 +1,70 @@
-"""A small pool of SMTP connections to one relay, for one event loop.
+"""A small pool of SMTP connections to one relay, shared by a worker's threads.
 
 Why pool: a worker sends thousands of short letters to the same relay; a TCP + TLS + AUTH
 handshake per letter costs more than the letter, and relays rate-limit connection churn.
+
+Why blocking sockets in the worker's own threads (the standard library's smtplib for the
+connection, this module for the transaction) and not aiosmtplib on the process's event loop:
+the worker's CPU per letter is what issue 11 measures, and every hand-off between a worker
+thread and the loop thread, and every turn of the loop for a reply, cost more than the SMTP
+itself. bench/worker_send_cost.py measured 215 µs a letter through the loop against 48 with
+blocking sockets; the whole worker's CPU per letter fell by a fifth (docs/benchmarks.md).
 
 How it works:
 
 * At most ``size`` connections exist: a semaphore bounds the sends in flight, and a new
   connection is opened only when no idle one is left, so idle + busy never exceeds ``size``.
 * Idle connections are kept last-in first-out, so a quiet period lets the coldest ones reach
-  ``idle_timeout`` (a timer then closes them with QUIT) while busy periods reuse warm ones.
+  ``idle_timeout`` (a reaper thread then closes them with QUIT) while busy periods reuse warm
+  ones. A connection idle for longer is never reused, whether the reaper has been or not.
 * A connection is retired (QUIT) after ``max_messages_per_connection`` transactions.
 * A refused transaction (4xx/5xx on MAIL, RCPT or DATA) is followed by RSET and the
-  connection goes back to the pool; after a 421, a failed RSET, a disconnect, a timeout or
-  any error we do not understand it is dropped, because its state is unknown.
+  connection goes back to the pool; after a 421, a failed RSET, a disconnect, a timeout, a
+  reply that is not SMTP or any error we do not understand it is dropped, because its state is
+  unknown.
 * A reused connection that turns out dead before MAIL FROM was accepted (the relay closed
   it while it sat idle) is replaced by a fresh one and the message tried once more: nothing
   of it had reached the relay, so this cannot duplicate a letter.
 * One message goes to all its recipients or to none: the first refused RCPT aborts the
-  transaction (RSET) before DATA.
+  transaction (RSET) before the message.
+* A relay that offers PIPELINING (RFC 2920) gets MAIL, RCPT and DATA in one write: two round
+  trips a letter instead of four. DATA is then already sent when MAIL or RCPT is refused; a
+  relay that follows the RFC refuses that DATA too and RSET puts the connection right. One that
+  answers 354 all the same would take whatever came next as the message, so that connection is
+  closed without sending anything: nothing is delivered, to nobody.
 * A caller may pass a ``window`` (dispatcher/queue/window.py): it is acquired just before DATA
-  (from then on the relay may accept the letter) and released here only if DATA fails; after a
-  250 the caller releases it once the letter is recorded as sent.
-* A relay that offers PIPELINING (RFC 2920) gets MAIL, RCPT and DATA in one write
-  (pipelining.py): two round trips a letter instead of four. The window is then acquired after
-  DATA's 354, just before the message itself, whose closing dot is what the relay accepts.
-  Messages whose bytes need aiosmtplib's own line-end repair go one command at a time.
+  (pipelined, DATA went with the envelope: then once DATA has its 354, just before the message,
+  whose closing dot is what the relay accepts), and released here only if the message is not
+  accepted; after a 250 the caller releases it once the letter is recorded as sent.
+* A ``deadline`` bounds the whole send, waits for a connection and for the window included:
+  when it passes, TimeoutError is raised (not a classified error: the caller gave the send that
+  long) and a connection in the middle of a transaction is dropped.
+
+Errors are aiosmtplib's classes (translated from smtplib's where the library raised them), so
+classify.py stays the one place that maps what a relay did onto the delivery classes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
+import select
+import smtplib
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
 from aiosmtplib.email import flatten_message, parse_address
+from aiosmtplib.protocol import normalize_message_line_endings
 
-from dispatcher.channels.email import pipelining
 from dispatcher.channels.email.classify import Stage, classify
-from dispatcher.channels.email.pipelining import DataWindow
 from dispatcher.config.models import SmtpRelay
 from dispatcher.errors import DispatchError, OperationalError, PermanentError
 from dispatcher.logging import get_logger
@@ -53,11 +73,19 @@ log = get_logger(__name__)
 
 TlsMode = Literal["starttls", "implicit", "none"]
 
-# A polite QUIT when retiring a connection must not hold up shutdown for a full timeout.
+# A polite QUIT when retiring a connection must not hold up a worker thread or shutdown.
 _QUIT_TIMEOUT = 2.0
 
-# What aiosmtplib raises for transport trouble; anything else is a bug and propagates as is.
-_SMTP_FAILURES = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# What a connection raises for transport trouble; anything else is a bug and propagates as is.
+_SMTP_FAILURES = (aiosmtplib.SMTPException, smtplib.SMTPException, OSError)
+
+
+class DataWindow(Protocol):
+    """What a transaction needs of dispatcher.queue.window.WindowTicket."""
+
+    def acquire(self, timeout: float | None = None) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -76,21 +104,19 @@ class PoolStats:
 
 @dataclass(eq=False)
 class _Connection:
-    smtp: aiosmtplib.SMTP
+    smtp: smtplib.SMTP
+    sock: socket.socket
     last_used: float
+    pipelining: bool
     #: MAIL FROM commands issued, accepted or not: what recycling counts
     transactions: int = 0
-    idle_timer: asyncio.TimerHandle | None = None
+    #: the socket's timeout now (shortened near a deadline)
+    timeout: float = 0.0
     closed: bool = False
-
-    def stop_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
 
 
 class SmtpPool:
-    """Connections to one relay, shared by every coroutine sending through it."""
+    """Connections to one relay, shared by every thread sending through it."""
 
     def __init__(
         self,
@@ -120,10 +146,13 @@ class SmtpPool:
         self._username = username
         self._password = password
         self._local_hostname = local_hostname
+        # smtplib's own default context verifies nothing; aiosmtplib's (and ours) does.
         self._tls_context = tls_context
-        self._slots = asyncio.Semaphore(size)
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._reaper_wake = threading.Condition(self._lock)
+        self._reaper: threading.Thread | None = None
         self._idle: list[_Connection] = []
-        self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
@@ -157,23 +186,32 @@ class SmtpPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def send(
-        self, message: bytes | EmailMessage, sender: str, recipients: Sequence[str], *, window: DataWindow | None = None
+    def send(
+        self,
+        message: bytes | EmailMessage,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        window: DataWindow | None = None,
+        deadline: float | None = None,
     ) -> tuple[int, str]:
-        """Send ``message`` in one transaction; the DATA reply's code and text on success.
+        """Send ``message`` in one transaction; the final reply's code and text on success.
 
         ``message``: the bytes to send as they are (CRLF line ends; the channel's, DKIM-signed),
         or an EmailMessage, serialised here.
 
-        ``window``, if given, is acquired just before DATA (with PIPELINING: just before the
-        message, after DATA's 354) and still held when this returns (see the module's
-        docstring); on any failure it is released before the error is raised.
+        ``window``, if given, is acquired just before the message and still held when this
+        returns (see the module's docstring); on any failure it is released before the error is
+        raised. ``deadline``: a ``time.monotonic()`` by which the send is given up.
 
         Raises a classified DeliveryError (see classify.py) for anything the relay or the
-        network did; other exceptions are bugs and propagate unchanged.
+        network did, TimeoutError when the deadline passed; other exceptions are bugs and
+        propagate unchanged.
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
+        if _past(deadline):
+            raise TimeoutError("the send's deadline passed")
         if isinstance(recipients, str) or not recipients:
             raise ValueError("recipients must be a non-empty sequence of addresses")
         _check_address(sender, "envelope sender", OperationalError)
@@ -182,90 +220,110 @@ class SmtpPool:
         # flatten_message also drops any Bcc header
         data = message if isinstance(message, bytes) else flatten_message(message)
 
-        async with self._slots:
-            conn, reused = await self._checkout()
+        if not self._slots.acquire(timeout=_remaining(deadline, default=None)):
+            raise TimeoutError("timed out waiting for a connection to the relay")
+        try:
+            conn, reused = self._checkout(deadline)
             while True:
                 try:
-                    code, text = await self._transact(conn, data, sender, recipients, window)
+                    code, text = self._transact(conn, data, sender, recipients, window, deadline)
                 except _StaleConnection as stale:
                     if not reused:
                         raise classify(stale.cause, "mail") from stale.cause
                     # Only a reused connection can be stale; its replacement is not retried.
-                    self.stats.stale_retries += 1
-                    conn, reused = await self._open(), False
+                    with self._lock:
+                        self.stats.stale_retries += 1
+                    conn, reused = self._open(deadline), False
                     continue
-                self.stats.messages_sent += 1
+                with self._lock:
+                    self.stats.messages_sent += 1
                 return code, text
+        finally:
+            self._slots.release()
 
-    async def aclose(self) -> None:
-        """Close idle connections (QUIT) and retire busy ones as their sends finish."""
-        self._closed = True
-        while self._idle:
-            conn = self._idle.pop()
-            conn.stop_timer()
-            self._retire(conn)
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+    def close(self) -> None:
+        """Close idle connections (QUIT); busy ones are retired as their sends finish."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._reaper_wake.notify()
+        for conn in idle:
+            self._quit(conn)
 
     # ------------------------------------------------------------------ one transaction
 
-    async def _transact(
-        self, conn: _Connection, data: bytes, sender: str, recipients: Sequence[str], window: DataWindow | None = None
+    def _transact(
+        self,
+        conn: _Connection,
+        data: bytes,
+        sender: str,
+        recipients: Sequence[str],
+        window: DataWindow | None,
+        deadline: float | None,
     ) -> tuple[int, str]:
-        smtp = conn.smtp
         stage: Stage = "mail"
         conn.transactions += 1
-        loop = asyncio.get_running_loop()
+        entered = accepted = False
         try:
-            # One timer for the whole transaction, set again for each command, rather than
-            # aiosmtplib's wait_for per reply (a timer, a future and two callbacks each time,
-            # and a turn of the event loop more per reply: 16 turns a letter became 12, and
-            # the worker path's instructions 2.6 % fewer). Each command still has ``timeout``
-            # seconds; waiting for the send window has none, as before.
-            async with asyncio.timeout(None) as limit:
-
-                def at(now: Stage) -> None:
-                    nonlocal stage
-                    stage = now
-
-                def timer(on: bool) -> None:
-                    limit.reschedule(loop.time() + self.timeout if on else None)
-
-                wire = wire_data(data)
-                if wire is not None and pipelining.offered(smtp):
+            mail = b" ".join((b"MAIL FROM:<" + sender.encode("ascii") + b">", *self._mail_options(conn, data)))
+            rcpts = [b"RCPT TO:<" + recipient.encode("ascii") + b">" for recipient in recipients]
+            if conn.pipelining:
+                with self._lock:
                     self.stats.pipelined += 1
-                    reply = await pipelining.transact(
-                        smtp,
-                        sender=sender,
-                        options=self._mail_options(smtp, data),
-                        recipients=recipients,
-                        wire=wire,
-                        window=window,
-                        stage=at,
-                        timer=timer,
-                    )
-                else:
-                    timer(True)
-                    await _mail(smtp, sender, self._mail_options(smtp, data))
-                    stage = "rcpt"
-                    for recipient in recipients:
-                        timer(True)
-                        await _rcpt(smtp, recipient)
-                    stage = "data"
-                    if window is not None:
-                        timer(False)
-                        await window.acquire()
-                    timer(True)
-                    try:
-                        reply = await _data(smtp, data, wire)
-                    except BaseException:
-                        if window is not None:
-                            # No 250: the letter is recorded as refused or retried, not as sent.
-                            window.release()
-                        raise
-        except TimeoutError as exc:
-            # The relay did not answer in time: what aiosmtplib raises then, and a connection
-            # whose next reply nobody could pair with its command is closed.
+                self._write(conn, b"\r\n".join((mail, *rcpts, b"DATA")) + b"\r\n", deadline)
+                # Every reply is read, refused or not, so that the connection stays in step.
+                refusal: aiosmtplib.SMTPResponseException | None = None
+                code, text = self._reply(conn, deadline)
+                if code != SMTPStatus.completed:
+                    refusal = aiosmtplib.SMTPSenderRefused(code, text, sender)
+                stage = "rcpt"
+                for recipient in recipients:
+                    code, text = self._reply(conn, deadline)
+                    if refusal is None and code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+                        refusal = aiosmtplib.SMTPRecipientRefused(code, text, recipient)
+                stage = "data"
+                code, text = self._reply(conn, deadline)
+                if refusal is not None:
+                    if code == SMTPStatus.start_input:
+                        # It waits for a message we will not send: whatever came next would be one.
+                        self._drop(conn, "354 after a refusal")
+                    raise refusal  # (its class says which command was refused: classify.py)
+            else:
+                self._write(conn, mail + b"\r\n", deadline)
+                code, text = self._reply(conn, deadline)
+                if code != SMTPStatus.completed:
+                    raise aiosmtplib.SMTPSenderRefused(code, text, sender)
+                stage = "rcpt"
+                for recipient, rcpt in zip(recipients, rcpts, strict=True):
+                    self._write(conn, rcpt + b"\r\n", deadline)
+                    code, text = self._reply(conn, deadline)
+                    if code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+                        raise aiosmtplib.SMTPRecipientRefused(code, text, recipient)
+                stage = "data"
+                if window is not None:
+                    # From DATA on, the relay may accept the letter. (Waiting for the window
+                    # has no relay timeout: only the deadline bounds it.)
+                    _enter(window, deadline)
+                    entered = True
+                self._write(conn, b"DATA\r\n", deadline)
+                code, text = self._reply(conn, deadline)
+            if code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(code, text)
+            if window is not None and not entered:
+                # Pipelined, DATA went with the envelope: the message's closing dot is the step.
+                _enter(window, deadline)
+                entered = True
+            self._write(conn, wire_data(data) or _repaired_wire(data), deadline)
+            code, text = self._reply(conn, deadline)
+            if code != SMTPStatus.completed:
+                raise aiosmtplib.SMTPDataError(code, text)
+            accepted = True
+        except _DeadlinePassed as exc:
+            self._drop(conn, "deadline")
+            raise TimeoutError("the send's deadline passed") from exc
+        except _RelayTimedOut as exc:
+            # The relay did not answer in time: a connection whose next reply nobody could pair
+            # with its command is closed.
             self._drop(conn, "timeout")
             raise classify(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"), stage) from exc
         except aiosmtplib.SMTPServerDisconnected as exc:
@@ -275,194 +333,310 @@ class SmtpPool:
             raise classify(exc, stage) from exc
         except aiosmtplib.SMTPResponseException as exc:
             error = classify(exc, stage)
-            await self._after_refusal(conn, exc)
+            self._after_refusal(conn, exc, deadline)
             raise error from exc
         except _SMTP_FAILURES as exc:
             self._drop(conn, type(exc).__name__)
             raise classify(exc, stage) from exc
         except BaseException:
-            # Cancelled or a bug, possibly mid-DATA: nobody knows what the relay has seen.
+            # Given up on (the window's wait timed out, the ticket was closed) or a bug,
+            # possibly mid-message: nobody knows what the relay has seen.
             self._drop(conn, "interrupted")
             raise
+        finally:
+            if entered and not accepted and window is not None:
+                # No 250: the letter is recorded as refused or retried, not as sent.
+                window.release()
         self._checkin(conn)
-        return reply.code, reply.message
+        return code, text
 
-    def _mail_options(self, smtp: aiosmtplib.SMTP, data: bytes) -> list[str]:
-        options: list[str] = []
-        if smtp.supports_extension("size"):
+    def _mail_options(self, conn: _Connection, data: bytes) -> list[bytes]:
+        options: list[bytes] = []
+        if conn.smtp.has_extn("size"):
             # Lets the relay refuse an oversized letter before we upload it.
-            options.append(f"SIZE={len(data)}")
-        if not data.isascii() and smtp.supports_extension("8bitmime"):
+            options.append(b"SIZE=%d" % len(data))
+        if not data.isascii() and conn.smtp.has_extn("8bitmime"):
             # Our own messages are 7-bit (message.py); this is for anything else.
-            options.append("BODY=8BITMIME")
+            options.append(b"BODY=8BITMIME")
         return options
 
-    async def _after_refusal(self, conn: _Connection, exc: aiosmtplib.SMTPResponseException) -> None:
-        # aiosmtplib has already closed the transport on a 421.
-        if exc.code == 421 or not conn.smtp.is_connected:
+    def _after_refusal(self, conn: _Connection, exc: aiosmtplib.SMTPResponseException, deadline: float | None) -> None:
+        if conn.closed or exc.code == 421 or exc.code < 0:
+            # closing, or the relay says what is not SMTP: out of step
             self._drop(conn, f"reply {exc.code}")
             return
         try:
-            await conn.smtp.rset()
-        except _SMTP_FAILURES:
+            self._write(conn, b"RSET\r\n", deadline)
+            code, _ = self._reply(conn, deadline)
+        except (*_SMTP_FAILURES, _RelayTimedOut, _DeadlinePassed):
             self._drop(conn, "RSET failed")
             return
         except BaseException:
             self._drop(conn, "interrupted")
             raise
+        if code != SMTPStatus.completed:
+            self._drop(conn, f"RSET answered {code}")
+            return
         self._checkin(conn)
+
+    # ------------------------------------------------------------------ the wire
+
+    def _arm(self, conn: _Connection, deadline: float | None) -> None:
+        """The socket's timeout for the next read or write: the relay's, or less near the deadline."""
+        timeout = self.timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed
+            timeout = min(timeout, left)
+        if timeout != conn.timeout:
+            conn.sock.settimeout(timeout)
+            conn.timeout = timeout
+
+    def _write(self, conn: _Connection, data: bytes, deadline: float | None) -> None:
+        self._arm(conn, deadline)
+        try:
+            conn.sock.sendall(data)
+        except TimeoutError as exc:
+            raise _RelayTimedOut if not _past(deadline) else _DeadlinePassed from exc
+        except OSError as exc:
+            raise aiosmtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from exc
+
+    def _reply(self, conn: _Connection, deadline: float | None) -> tuple[int, str]:
+        self._arm(conn, deadline)
+        try:
+            return read_reply(conn.smtp)
+        except smtplib.SMTPServerDisconnected as exc:
+            if isinstance(exc.__context__, TimeoutError):
+                raise _RelayTimedOut if not _past(deadline) else _DeadlinePassed from exc.__context__
+            raise aiosmtplib.SMTPServerDisconnected(str(exc)) from exc.__context__
 
     # ------------------------------------------------------------------ connections
 
-    async def _checkout(self) -> tuple[_Connection, bool]:
+    def _checkout(self, deadline: float | None) -> tuple[_Connection, bool]:
         """A connection for one transaction, and whether it was reused from the pool."""
-        loop = asyncio.get_running_loop()
-        while self._idle:
-            conn = self._idle.pop()
-            conn.stop_timer()
-            if conn.smtp.is_connected and loop.time() - conn.last_used < self.idle_timeout:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if time.monotonic() - conn.last_used < self.idle_timeout and _quiet(conn.sock):
                 return conn, True
-            self._drop(conn, "dead or expired while idle")
-        return await self._open(), False
+            # (a relay that closed it, or said 421 first, while it sat idle)
+            self._drop(conn, "expired or closed while idle")
+        return self._open(deadline), False
 
-    async def _open(self) -> _Connection:
-        smtp = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            username=self._username,
-            password=self._password,
-            timeout=self.timeout,
-            use_tls=self.tls == "implicit",
-            # True makes STARTTLS mandatory: a relay that does not offer it is refused
-            # rather than silently used in clear text.
-            start_tls=self.tls == "starttls",
-            local_hostname=self._local_hostname,
-            tls_context=self._tls_context,
-        )
+    def _open(self, deadline: float | None) -> _Connection:
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, max(deadline - time.monotonic(), 0.001))
         try:
-            await smtp.connect()
-            if smtp.is_ehlo_or_helo_needed:
-                # Here rather than lazily at MAIL FROM, so a refused EHLO is a connect-stage
-                # failure (the relay refuses us), not a refused sender.
-                await smtp.ehlo()
-        except _SMTP_FAILURES as exc:
+            # (connected by the constructor: only it tells smtplib the name TLS is to verify)
+            if self.tls == "implicit":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, self._local_hostname, timeout=timeout, context=self._verifying_context()
+                )
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, self._local_hostname, timeout=timeout)
+        except smtplib.SMTPConnectError as exc:  # a greeting other than 220
+            refused = aiosmtplib.SMTPConnectResponseError(exc.smtp_code, _text(exc.smtp_error))
+            raise classify(refused, "connect") from exc
+        except (OSError, smtplib.SMTPServerDisconnected) as exc:
+            cause = exc.__context__ if isinstance(exc, smtplib.SMTPServerDisconnected) else exc
+            kind = (
+                aiosmtplib.SMTPConnectTimeoutError if isinstance(cause, TimeoutError) else aiosmtplib.SMTPConnectError
+            )
+            error = kind(f"Error connecting to {self.host} on port {self.port}: {cause or exc}")
+            error.__cause__ = cause or exc  # (classify.py reads a TLS failure or an unknown host there)
+            raise classify(error, "connect") from error
+        try:
+            self._ehlo(smtp)
+            if self.tls == "starttls":
+                # Mandatory: a relay that does not offer it is refused rather than used in clear.
+                smtp.starttls(context=self._verifying_context())
+                self._ehlo(smtp)
+            if self._username is not None and self._password is not None:
+                smtp.login(self._username, self._password)
+        except BaseException as exc:
             smtp.close()
-            raise classify(exc, "connect") from exc
-        except BaseException:
-            smtp.close()
+            if isinstance(exc, _SMTP_FAILURES):
+                raise classify(_library_error(exc), "connect") from exc
             raise
-        self.stats.connections_opened += 1
+        assert smtp.sock is not None
+        with self._lock:
+            self.stats.connections_opened += 1
         log.debug("smtp.connection_opened", relay=f"{self.host}:{self.port}")
-        return _Connection(smtp=smtp, last_used=asyncio.get_running_loop().time())
+        return _Connection(
+            smtp=smtp,
+            sock=smtp.sock,
+            last_used=time.monotonic(),
+            pipelining=smtp.has_extn("pipelining"),
+            timeout=timeout,
+        )
+
+    def _ehlo(self, smtp: smtplib.SMTP) -> None:
+        # Here rather than lazily at MAIL FROM, so a refused EHLO is a connect-stage failure
+        # (the relay refuses us), not a refused sender.
+        code, text = smtp.ehlo()
+        if code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPHeloError(code, _text(text))
+
+    def _verifying_context(self) -> ssl.SSLContext:
+        return self._tls_context or _default_context()
 
     def _checkin(self, conn: _Connection) -> None:
-        if self._closed or conn.transactions >= self.max_messages_per_connection or not conn.smtp.is_connected:
-            self._retire(conn)
+        if conn.closed:
             return
-        loop = asyncio.get_running_loop()
-        conn.last_used = loop.time()
-        conn.idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
-        self._idle.append(conn)
+        with self._lock:
+            keep = not self._closed and conn.transactions < self.max_messages_per_connection
+            if keep:
+                conn.last_used = time.monotonic()
+                self._idle.append(conn)
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name=f"smtp-reaper-{self.port}", daemon=True)
+                    self._reaper.start()
+        if not keep:
+            self._quit(conn)
 
-    def _expire(self, conn: _Connection) -> None:
-        if conn in self._idle:
-            self._idle.remove(conn)
-            conn.idle_timer = None
-            self._retire(conn)
+    def _reap(self) -> None:
+        """Close connections idle for ``idle_timeout`` (the reaper thread, one per pool).
 
-    def _retire(self, conn: _Connection) -> None:
-        """Close politely (QUIT) in the background."""
-        task = asyncio.get_running_loop().create_task(self._quit(conn))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        It sleeps until the oldest idle connection's time is up, or ``idle_timeout`` when none
+        is idle, rather than being woken by every check-in: a connection so gets closed between
+        ``idle_timeout`` and twice that after its last use, and a send never pays for a wake."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = [c for c in self._idle if now - c.last_used >= self.idle_timeout]
+                for conn in expired:
+                    self._idle.remove(conn)
+                if not expired:
+                    oldest = min((c.last_used for c in self._idle), default=now)
+                    self._reaper_wake.wait(oldest + self.idle_timeout - now)
+                    continue
+            for conn in expired:
+                self._quit(conn)
 
-    async def _quit(self, conn: _Connection) -> None:
-        try:
-            if conn.smtp.is_connected:
-                with contextlib.suppress(*_SMTP_FAILURES):
-                    await conn.smtp.quit(timeout=min(self.timeout, _QUIT_TIMEOUT))
-        finally:
-            self._drop(conn, None)
+    def _quit(self, conn: _Connection) -> None:
+        """Close politely (QUIT, its reply awaited for a moment)."""
+        if not conn.closed:
+            with contextlib.suppress(*_SMTP_FAILURES):
+                conn.sock.settimeout(min(self.timeout, _QUIT_TIMEOUT))
+                conn.sock.sendall(b"QUIT\r\n")
+                conn.smtp.getreply()
+        self._drop(conn, None)
 
     def _drop(self, conn: _Connection, reason: str | None) -> None:
         """Close at once, without QUIT; safe to call twice."""
-        conn.stop_timer()
-        if conn.closed:
-            return
-        conn.closed = True
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            self.stats.connections_closed += 1
         conn.smtp.close()
-        self.stats.connections_closed += 1
         if reason is not None:
             log.debug("smtp.connection_dropped", relay=f"{self.host}:{self.port}", reason=reason)
 
 
-async def _mail(smtp: aiosmtplib.SMTP, sender: str, options: list[str]) -> None:
-    """``smtp.mail(sender, options=options)`` for an address :func:`_check_address` accepted.
-
-    Why not aiosmtplib's own: it runs every address through ``email.utils.parseaddr`` (pure
-    Python, about a tenth of the event loop's CPU per letter) only to find the bare address it
-    was given; ours are checked to be exactly that, once per address (cached). Same command,
-    same replies, same errors."""
-    if smtp.is_ehlo_or_helo_needed:
-        await smtp.mail(sender, options=options)  # the library's own path says EHLO first
-        return
-    response = await smtp.execute_command(
-        b"MAIL",
-        b"FROM:<" + sender.encode("ascii") + b">",
-        *(option.encode("ascii") for option in options),
-        timeout=None,  # the transaction's own (SmtpPool._transact)
-    )
-    if response.code != SMTPStatus.completed:
-        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
-
-
-async def _rcpt(smtp: aiosmtplib.SMTP, recipient: str) -> None:
-    """``smtp.rcpt(recipient)`` for an address :func:`_check_address` accepted (see :func:`_mail`)."""
-    if smtp.is_ehlo_or_helo_needed:
-        await smtp.rcpt(recipient)
-        return
-    response = await smtp.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">", timeout=None)
-    if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
-
-
-async def _data(smtp: aiosmtplib.SMTP, data: bytes, wire: bytes | None) -> aiosmtplib.SMTPResponse:
-    """``smtp.data(data)``: DATA, then the message and its reply, on the same connection.
-
-    Why not aiosmtplib's own: before sending it runs two regular expressions over the whole
-    message, one making every line end CRLF and one doubling each line's leading dot, and a
-    letter we wrote already ends every line in CRLF. :func:`wire_data` checks that with byte
-    counts, and bytes.replace does the dot-stuffing; anything else goes through the library as
-    before. The same bytes reach the relay, and the same replies raise the same errors. The
-    worker path's instructions per letter fell by 14 % (callgrind), its CPU in process by 6-8 %
-    (bench/worker_path.py). ``wire``: :func:`wire_data` of ``data``."""
-    protocol = smtp.protocol
-    if wire is None or protocol is None or smtp.is_ehlo_or_helo_needed:
-        return await smtp.data(data, timeout=None)
-    start = await smtp.execute_command(b"DATA", timeout=None)
-    if start.code != SMTPStatus.start_input:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    # One transaction at a time on a pooled connection: nothing else waits for this reply.
-    protocol.write(wire)
-    reply = await protocol.read_response(timeout=None)
-    if reply.code != SMTPStatus.completed:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    return reply
+def read_reply(smtp: smtplib.SMTP) -> tuple[int, str]:
+    """The next reply on ``smtp``'s connection, read from its buffer when it came with others
+    (PIPELINING): code and text as aiosmtplib reads them. A reply that is not SMTP raises
+    aiosmtplib.SMTPResponseException (-1); a lost connection, smtplib.SMTPServerDisconnected
+    (its context says why: a TimeoutError when the relay was too slow)."""
+    try:
+        code, text = smtp.getreply()
+    except smtplib.SMTPResponseException as exc:  # a line too long
+        raise aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response, _text(exc.smtp_error)) from None
+    if code < 0:
+        raise aiosmtplib.SMTPResponseException(
+            SMTPStatus.invalid_response, f"Malformed SMTP response line: {_text(text)}"
+        )
+    # (aiosmtplib joins a reply's lines leaving out empty ones before the first with text)
+    return code, _text(text.lstrip(b"\n"))
 
 
 def wire_data(data: bytes) -> bytes | None:
-    """What aiosmtplib writes after DATA for ``data`` (line ends made CRLF, a final CRLF, each
-    line's leading dot doubled, the closing dot), when every line of ``data`` already ends in
-    CRLF; None otherwise."""
+    """What goes after DATA for ``data`` (line ends made CRLF, a final CRLF, each line's leading
+    dot doubled, the closing dot), when every line of ``data`` already ends in CRLF; None
+    otherwise. The same bytes aiosmtplib's ``data()`` sends, without its two regular
+    expressions over the whole message: byte counts check the line ends, bytes.replace stuffs
+    the dots (a fifth of the worker path's instructions per letter, callgrind)."""
     crlf = data.count(b"\r\n")
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-        return None  # a lone CR or LF: the library's regex makes it CRLF
+        return None  # a lone CR or LF: made CRLF by _repaired_wire
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     stuffed = data.replace(b"\n.", b"\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n"
+
+
+def _repaired_wire(data: bytes) -> bytes:
+    """:func:`wire_data` of a message with lone CRs or LFs, made CRLF as aiosmtplib makes them."""
+    wire = wire_data(normalize_message_line_endings(data))
+    assert wire is not None
+    return wire
+
+
+def _enter(window: DataWindow, deadline: float | None) -> None:
+    try:
+        window.acquire(_remaining(deadline, default=None))
+    except TimeoutError as exc:  # (an OSError: not to be taken for the relay's)
+        raise _DeadlinePassed from exc
+
+
+def _remaining(deadline: float | None, *, default: float | None) -> float | None:
+    """Seconds to ``deadline`` (never negative), or ``default`` without one."""
+    return default if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Nothing to read on an idle connection: neither an EOF nor a reply nobody asked for."""
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):  # (closed: no file descriptor any more)
+        return False
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+@functools.lru_cache(maxsize=1)
+def _default_context() -> ssl.SSLContext:
+    # The system's CAs, hostname checked; made once (reading the bundle costs milliseconds).
+    return ssl.create_default_context()
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
+
+
+def _library_error(exc: BaseException) -> BaseException:
+    """aiosmtplib's class for an error smtplib raised, so classify.py reads both alike."""
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return aiosmtplib.SMTPAuthenticationError(exc.smtp_code, _text(exc.smtp_error))
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return aiosmtplib.SMTPResponseException(exc.smtp_code, _text(exc.smtp_error))
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        error = aiosmtplib.SMTPServerDisconnected(str(exc) or "Connection lost")
+        error.__cause__ = exc.__context__  # (a TLS failure shows in the chain: classify.py)
+        return error
+    if isinstance(exc, smtplib.SMTPException):
+        # STARTTLS or AUTH not offered
+        return aiosmtplib.SMTPException(str(exc))
+    return exc
+
+
+class _DeadlinePassed(DispatchError):
+    """The send's deadline passed before or while talking to the relay."""
+
+
+class _RelayTimedOut(DispatchError):
+    """The relay took longer than its timeout to take or answer a command."""
 
 
 class _StaleConnection(DispatchError):
@@ -475,7 +649,7 @@ class _StaleConnection(DispatchError):
 
 def _check_address(address: str, what: str, error: type[PermanentError | OperationalError]) -> None:
     # Checked before taking a connection, so a bad address never costs a transaction. Strict:
-    # aiosmtplib would quietly send whatever parseaddr() makes of "a@b.org> NOTIFY=NEVER".
+    # a bare address, nothing that could add to the command line ("a@b.org> NOTIFY=NEVER").
     if not address.isascii():
         raise error(f"{what} is not ASCII (SMTPUTF8 is not used)")
     if not _is_bare_address(address):
@@ -485,7 +659,7 @@ def _check_address(address: str, what: str, error: type[PermanentError | Operati
 @functools.lru_cache(maxsize=4096)
 def _is_bare_address(address: str) -> bool:
     # Cached: a target's address and the envelope sender come back letter after letter, and
-    # parseaddr is pure Python (about a tenth of the event loop's CPU per letter without this).
+    # parseaddr is pure Python.
     try:
         parsed = parse_address(address)
     except ValueError:
