@@ -5,7 +5,8 @@ exactly as ``dispatcher worker`` builds it, on a fresh SQLite ledger (or a fresh
 database with ``--database-url``), a private ``redis-server`` for the caps and the send window
 of the gate, and the bench's SMTP sink (bench/smtp_sink.py) in sandbox mode. The appeals go in
 through intake first; then this process calls the processor once per delivery, in one thread,
-as a dramatiq worker thread would (the event loop thread sends).
+as a dramatiq worker thread would (it sends too: the email channel is blocking; the event loop
+thread, which sent until session 13, is still profiled for whatever else runs there).
 
 Two passes over fresh letters: one plain, timed (CPU of the whole process per letter, wall time
 per letter), and one under cProfile with a per-thread CPU clock in the calling thread and in
@@ -68,7 +69,7 @@ COMPONENTS: list[tuple[str, str, str, str]] = [
     ("parked reports", "main", "dispatcher/queue/reports.py", "apply_parked"),
     ("controls / suppressions", "main", "dispatcher/queue/deliver.py", "_suppressed"),
     ("fallback.record", "main", "dispatcher/queue/fallback.py", "record"),
-    ("send on the loop (aiosmtplib)", "loop", "dispatcher/channels/email/channel.py", "send"),
+    ("send (SMTP pool, in the thread)", "main", "dispatcher/channels/email/channel.py", "send"),
 ]
 
 
