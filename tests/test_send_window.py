@@ -45,7 +45,7 @@ def processor(service: Any) -> Iterator[Any]:
     """The worker's DeliveryProcessor (its loop thread, email channel and window), no dramatiq."""
     handle = service.worker(threads=1)
     yield handle.processor
-    handle.loop.run(handle.channels.get("email").aclose(), timeout=10)
+    handle.channels.get("email").close()
     handle.loop.stop()
 
 
@@ -126,6 +126,18 @@ def in_thread(fn: Any, *args: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the worker
+
+
+@sqlite_only
+def test_the_worker_thread_sends_email_itself_without_the_event_loop(service, smtp, processor):
+    # The email channel is blocking: a letter goes out from the worker's thread even with the
+    # process's event loop stopped (the loop serves the fax gateways, not the SMTP pool).
+    processor.loop.stop()
+    [letter] = email_letters(service, 1)
+    in_thread(processor, letter)
+    assert service.ledger.views.state_of(letter) == "sent"
+    assert [str(m.message["X-Dispatch-Delivery"]) for m in smtp.messages] == [letter]
+    assert not processor.window.occupied
 
 
 @sqlite_only
