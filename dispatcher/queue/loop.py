@@ -1,7 +1,9 @@
 """One asyncio event loop per worker process, on its own thread.
 
-dramatiq runs actors on plain threads; the channels (aiosmtplib, httpx) are async and keep
-connection pools that belong to one loop. Actors hand their coroutines to this loop.
+dramatiq runs actors on plain threads; the fax gateways' clients (httpx) are async and keep
+connection pools that belong to one loop. Actors hand their coroutines to this loop. (Email does
+not: its SMTP pool is blocking and each worker thread sends its own letters, see
+dispatcher/channels/email/pool.py.)
 """
 
 from __future__ import annotations

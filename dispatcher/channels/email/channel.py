@@ -216,8 +216,8 @@ class EmailChannel(BaseChannel):
         first = time.monotonic()
         try:
             # The first try outside tenacity: a retrying object and its per-try machinery built
-            # for every letter cost about a sixth of the event loop's CPU per letter
-            # (bench/worker_path.py); only a letter that blipped pays for them.
+            # for every letter cost about a sixth of the send's CPU per letter when it ran on the
+            # event loop (bench/worker_path.py); only a letter that blipped pays for them.
             code, text = pool.send(message, sender, [recipient], window=window, deadline=deadline)
         except BlipError as blip:
             code, text = self._retry_blips(
