@@ -1,6 +1,5 @@
 """The worker's event loop thread (dispatcher/queue/loop.py): what a worker thread gets back from
-the coroutines it hands over. (Cancelling a coroutine whose caller stopped waiting:
-tests/test_send_window.py.)"""
+the coroutines it hands over, and what happens to one whose caller stopped waiting."""
 
 from __future__ import annotations
 
@@ -55,6 +54,23 @@ def test_threads_waiting_together_each_get_their_own_result(loop: LoopThread) ->
     for t in threads:
         t.join(5)
     assert results == {n: n for n in range(8)}
+
+
+def test_a_coroutine_whose_caller_stopped_waiting_is_cancelled(loop: LoopThread) -> None:
+    """The worker thread's send timeout (a fax gateway's send): the coroutine must not go on
+    after its caller recorded the letter as a retry."""
+    cancelled = threading.Event()
+
+    async def stalled_send() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        loop.run(stalled_send(), timeout=0.2)
+    assert cancelled.wait(2)
 
 
 def test_a_coroutine_cancelled_on_the_loop_is_an_ordinary_error_for_the_caller(loop: LoopThread) -> None:
