@@ -322,6 +322,10 @@ class EmailChannel(BaseChannel):
         )
         return Report(Status.ACCEPTED, sent.remote_id, tag=letter.tag, code=sent.code, text=sent.text)
 
+    async def deliver(self, letter: Outgoing) -> Report:
+        # (the worker calls deliver_blocking; this is for callers on an event loop)
+        return await asyncio.to_thread(self.deliver_blocking, letter, timeout=self.send_timeout)
+
     # ------------------------------------------------------------------ bounces
 
     def envelope_sender(self, section: Section, tag: str) -> str:
@@ -372,9 +376,6 @@ class EmailChannel(BaseChannel):
         if verp is None:
             verp = self._verps[key] = Verp(self.settings.verp_secret(), domains=key[0], local_parts=key[1])
         return verp
-
-    async def deliver(self, letter: Outgoing) -> Report:
-        return await asyncio.to_thread(self.deliver_blocking, letter, timeout=self.send_timeout)
 
     def close(self) -> None:
         """Close the pools' idle connections (QUIT); busy ones close as their sends finish."""

@@ -266,47 +266,40 @@ class SmtpPool:
         entered = accepted = False
         try:
             mail = b" ".join((b"MAIL FROM:<" + sender.encode("ascii") + b">", *self._mail_options(conn, data)))
-            rcpts = [b"RCPT TO:<" + recipient.encode("ascii") + b">" for recipient in recipients]
-            if conn.pipelining:
+            envelope: list[tuple[Stage, bytes, str]] = [("mail", mail, sender)]
+            envelope += [("rcpt", b"RCPT TO:<" + r.encode("ascii") + b">", r) for r in recipients]
+            pipelined = conn.pipelining
+            if pipelined:
                 with self._lock:
                     self.stats.pipelined += 1
-                self._write(conn, b"\r\n".join((mail, *rcpts, b"DATA")) + b"\r\n", deadline)
-                # Every reply is read, refused or not, so that the connection stays in step.
-                refusal: aiosmtplib.SMTPResponseException | None = None
+                self._write(conn, b"\r\n".join([command for _, command, _ in envelope] + [b"DATA\r\n"]), deadline)
+            # Pipelined, every reply is read, refused or not, so that the connection stays in
+            # step; one command at a time, the first refusal ends the transaction.
+            refusal: aiosmtplib.SMTPResponseException | None = None
+            for stage, command, address in envelope:
+                if not pipelined:
+                    self._write(conn, command + b"\r\n", deadline)
                 code, text = self._reply(conn, deadline)
-                if code != SMTPStatus.completed:
-                    refusal = aiosmtplib.SMTPSenderRefused(code, text, sender)
-                stage = "rcpt"
-                for recipient in recipients:
-                    code, text = self._reply(conn, deadline)
-                    if refusal is None and code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-                        refusal = aiosmtplib.SMTPRecipientRefused(code, text, recipient)
-                stage = "data"
-                code, text = self._reply(conn, deadline)
-                if refusal is not None:
-                    if code == SMTPStatus.start_input:
-                        # It waits for a message we will not send: whatever came next would be one.
-                        self._drop(conn, "354 after a refusal")
-                    raise refusal  # (its class says which command was refused: classify.py)
-            else:
-                self._write(conn, mail + b"\r\n", deadline)
-                code, text = self._reply(conn, deadline)
-                if code != SMTPStatus.completed:
-                    raise aiosmtplib.SMTPSenderRefused(code, text, sender)
-                stage = "rcpt"
-                for recipient, rcpt in zip(recipients, rcpts, strict=True):
-                    self._write(conn, rcpt + b"\r\n", deadline)
-                    code, text = self._reply(conn, deadline)
-                    if code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-                        raise aiosmtplib.SMTPRecipientRefused(code, text, recipient)
-                stage = "data"
+                if refusal is None and stage == "mail" and code != SMTPStatus.completed:
+                    refusal = aiosmtplib.SMTPSenderRefused(code, text, address)
+                elif refusal is None and code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+                    refusal = aiosmtplib.SMTPRecipientRefused(code, text, address)
+                if refusal is not None and not pipelined:
+                    raise refusal
+            stage = "data"
+            if not pipelined:
                 if window is not None:
                     # From DATA on, the relay may accept the letter. (Waiting for the window
                     # has no relay timeout: only the deadline bounds it.)
                     _enter(window, deadline)
                     entered = True
                 self._write(conn, b"DATA\r\n", deadline)
-                code, text = self._reply(conn, deadline)
+            code, text = self._reply(conn, deadline)
+            if refusal is not None:
+                if code == SMTPStatus.start_input:
+                    # It waits for a message we will not send: whatever came next would be one.
+                    self._drop(conn, "354 after a refusal")
+                raise refusal  # (its class says which command was refused: classify.py)
             if code != SMTPStatus.start_input:
                 raise aiosmtplib.SMTPDataError(code, text)
             if window is not None and not entered:
@@ -398,7 +391,7 @@ class SmtpPool:
         try:
             conn.sock.sendall(data)
         except TimeoutError as exc:
-            raise _RelayTimedOut if not _past(deadline) else _DeadlinePassed from exc
+            raise _too_slow(deadline) from exc
         except OSError as exc:
             raise aiosmtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from exc
 
@@ -408,7 +401,7 @@ class SmtpPool:
             return read_reply(conn.smtp)
         except smtplib.SMTPServerDisconnected as exc:
             if isinstance(exc.__context__, TimeoutError):
-                raise _RelayTimedOut if not _past(deadline) else _DeadlinePassed from exc.__context__
+                raise _too_slow(deadline) from exc.__context__
             raise aiosmtplib.SMTPServerDisconnected(str(exc)) from exc.__context__
 
     # ------------------------------------------------------------------ connections
@@ -603,6 +596,11 @@ def _quiet(sock: socket.socket) -> bool:
 
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _too_slow(deadline: float | None) -> DispatchError:
+    """A read or write timed out: the deadline passed, or else the relay was too slow."""
+    return _DeadlinePassed() if _past(deadline) else _RelayTimedOut()
 
 
 @functools.lru_cache(maxsize=1)
